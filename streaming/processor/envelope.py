@@ -1,0 +1,105 @@
+"""Decode what the ingestion rule put on Kinesis into readings, or say precisely why not.
+
+The IoT topic rule wraps every MQTT message as
+`{"payload": base64(message bytes), "zone_id": topic(3), "gateway_id": topic(4),
+"client_id": clientid(), "received_at": timestamp()}` so that even a binary or broken
+payload reaches the processor and is quarantined with a reason, rather than failing
+inside the rule where nobody counts it. The message itself is either a gateway batch
+(`{"gateway_id", "zone_id", "readings": [...]}`) or a single reading object.
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from streaming.contract import SCHEMA_VERSION, ContractError, is_plain_id, parse_ts_ms
+
+# IoT Core caps a message at 128 KB; a reading is ~200 bytes, so ~650 fit. Anything far
+# beyond is not a gateway we built.
+MAX_READINGS_PER_MESSAGE = 2_000
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One MQTT message as the rule delivered it, decoded down to the message object."""
+
+    zone_id: str
+    gateway_id: str
+    received_at_ms: int
+    payload: bytes
+
+
+def _plain_id(value: Any, name: str) -> str:
+    if not is_plain_id(value):
+        raise ContractError("bad_envelope", f"envelope {name}={value!r:.40} is not a plain id")
+    return value
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Kinesis record data → Envelope, or ContractError naming what is wrong with the message."""
+    try:
+        env = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ContractError("bad_envelope", f"record is not the rule's JSON envelope: {exc}") from exc
+    if not isinstance(env, dict):
+        raise ContractError("bad_envelope", "record is not the rule's JSON envelope object")
+    zone_id = _plain_id(env.get("zone_id"), "zone_id")
+    gateway_id = _plain_id(env.get("gateway_id"), "gateway_id")
+    received_at = env.get("received_at")
+    if type(received_at) is not int or received_at <= 0:
+        raise ContractError("bad_envelope", f"envelope received_at={received_at!r:.40} is not epoch ms")
+    encoded = env.get("payload")
+    if not isinstance(encoded, str):
+        raise ContractError("bad_envelope", "envelope has no base64 payload")
+    try:
+        payload = binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ContractError("bad_envelope", f"envelope payload is not base64: {exc}") from exc
+    return Envelope(zone_id, gateway_id, received_at, payload)
+
+
+def parse_readings(env: Envelope) -> tuple[list[Any], int | None]:
+    """Parse the message bytes into its raw reading objects (each validated later on its own)
+    and the gateway's `sent_at` (epoch ms) when the message is a gateway batch that has one.
+
+    Raises ContractError for the message as a whole: bad JSON, wrong shape, forged gateway
+    id, too large."""
+    if len(env.payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError("too_large", f"message of {len(env.payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        msg = orjson.loads(env.payload)
+    except orjson.JSONDecodeError as exc:
+        # orjson also rejects NaN/Infinity literals and invalid UTF-8 here.
+        raise ContractError("bad_json", f"message from {env.gateway_id} is not valid JSON: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise ContractError("not_an_object", f"message from {env.gateway_id} is {type(msg).__name__}, "
+                                             "not a JSON object")
+    if "readings" not in msg:
+        return [msg], None
+    version = msg.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ContractError("unsupported_version", f"message from {env.gateway_id} has schema_version="
+                                                   f"{version!r:.20}; this processor reads {SCHEMA_VERSION}")
+    if msg.get("gateway_id") != env.gateway_id:
+        raise ContractError("gateway_mismatch", f"message claims gateway_id={msg.get('gateway_id')!r:.40} "
+                                                f"but was published by {env.gateway_id}")
+    if msg.get("zone_id") != env.zone_id:
+        raise ContractError("zone_mismatch", f"message claims zone_id={msg.get('zone_id')!r:.40} but was "
+                                             f"published on zone topic {env.zone_id}")
+    readings = msg["readings"]
+    if not isinstance(readings, list):
+        raise ContractError("wrong_type", f"message from {env.gateway_id}: readings is not a list")
+    if len(readings) > MAX_READINGS_PER_MESSAGE:
+        raise ContractError("too_large", f"message from {env.gateway_id} has {len(readings)} readings, "
+                                         f"more than {MAX_READINGS_PER_MESSAGE}")
+    sent_at = msg.get("sent_at")
+    try:
+        sent_at_ms = parse_ts_ms(sent_at, "sent_at") if sent_at is not None else None
+    except ContractError:
+        sent_at_ms = None  # only used to measure latency; a bad value must not cost the readings
+    return readings, sent_at_ms

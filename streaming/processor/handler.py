@@ -1,0 +1,159 @@
+"""The processor Lambda: a thin adapter from a Kinesis event to the pure core and back.
+
+Kinesis → (this handler) → DynamoDB live state + S3 lake + EventBridge alerts. The
+event-source mapping calls it per shard with up to 10,000 records; it answers with
+`batchItemFailures` (ReportBatchItemFailures). Bad input never fails a batch — it is
+quarantined by the core. Only infrastructure failures (a store still failing after
+retries) do, and then the whole batch is reported failed from its first record: every
+write is idempotent, so redelivery is safe and nothing is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.config import Config
+
+from streaming.processor.core import DetectorSettings, Record, apply_batch, decode_batch
+from streaming.processor.store import AlertPublisher, LakeWriter, StateStore
+from streaming.registry import Sensor, load_registry
+
+logger = Logger(service="citypulse-processor")
+metrics = Metrics(namespace="citypulse", service="processor")
+
+# Latency histogram buckets (ms, upper bounds) logged per batch so that percentiles can
+# be merged exactly across batches; CloudWatch gets the same values through EMF.
+LATENCY_BUCKETS_MS = (*range(50, 1000, 50), *range(1000, 10000, 250), *range(10000, 60001, 5000))
+
+
+@dataclass(frozen=True)
+class Settings:
+    lake_bucket: str
+    processor_table: str
+    metrics_table: str
+    event_bus: str
+    registry_key: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        return cls(
+            lake_bucket=env["CITYPULSE_LAKE_BUCKET"],
+            processor_table=env["CITYPULSE_PROCESSOR_STATE_TABLE"],
+            metrics_table=env["CITYPULSE_ZONE_METRICS_TABLE"],
+            event_bus=env["CITYPULSE_EVENT_BUS"],
+            registry_key=env.get("CITYPULSE_REGISTRY_KEY", "registry/sensor_registry.csv"),
+        )
+
+
+@dataclass
+class Processor:
+    """The processor with its clients and registry: built once per Lambda container."""
+
+    settings: Settings
+    store: StateStore
+    lake: LakeWriter
+    alerts: AlertPublisher
+    registry: dict[str, Sensor]
+    zones: set[str]
+    detectors: DetectorSettings = field(default_factory=DetectorSettings)
+
+    @classmethod
+    def from_env(cls) -> Processor:
+        settings = Settings.from_env()
+        config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=32)
+        lake = LakeWriter(boto3.client("s3", config=config), settings.lake_bucket)
+        registry = load_registry(lake.read_bytes(settings.registry_key))
+        return cls(
+            settings=settings,
+            store=StateStore(boto3.client("dynamodb", config=config), settings.processor_table,
+                             settings.metrics_table),
+            lake=lake,
+            alerts=AlertPublisher(boto3.client("events", config=config), settings.event_bus),
+            registry=registry,
+            zones={s.zone_id for s in registry.values()},
+        )
+
+    def process(self, records: list[Record]) -> dict[str, Any]:
+        """Run one batch end to end; returns counts and a latency histogram for the log."""
+        started = time.time()
+        decoded = decode_batch(records, self.registry, self.zones)
+        zone_states = self.store.load_zone_states(decoded.by_zone)
+        minutes = self.store.load_minutes(decoded.minute_keys())
+        shard_counters = self.store.load_shard_counters({r.shard_id for r, *_ in decoded.unattributed})
+        now_ms = int(time.time() * 1000)
+        out = apply_batch(decoded, zone_states, minutes, shard_counters, now_ms, self.detectors)
+
+        first, last = records[0], records[-1]
+        batch_name = f"{first.shard_id}-{first.sequence_number}-{last.sequence_number}"
+        self.lake.write_readings(out.lake, batch_name)
+        self.lake.write_quarantine(out.quarantine, batch_name)
+        self.store.save_minutes(out.minutes)
+        self.alerts.publish(out.alerts)
+        self.store.save_zone_states(out.zone_states, now_ms)  # the commit point
+        self.store.save_shard_counters(out.shard_counters)
+
+        committed_ms = int(time.time() * 1000)
+        histogram: dict[int, int] = {}
+        for sent in decoded.sent_at:
+            latency = committed_ms - sent
+            bucket = next((b for b in LATENCY_BUCKETS_MS if latency <= b), LATENCY_BUCKETS_MS[-1] + 1)
+            histogram[bucket] = histogram.get(bucket, 0) + 1
+        return {
+            "records": len(records),
+            "counts": dict(out.counts),
+            "alerts": len(out.alerts),
+            "alert_types": [a.detail_type for a in out.alerts],
+            "latency_ms_histogram": histogram,
+            "duration_ms": round((time.time() - started) * 1000, 1),
+        }
+
+
+@cache
+def _processor() -> Processor:
+    return Processor.from_env()
+
+
+def records_from_event(event: dict[str, Any]) -> list[Record]:
+    """Kinesis event records → core Records (base64 decoded; shard from the event id)."""
+    out = []
+    for r in event["Records"]:
+        shard_id = r["eventID"].split(":", 1)[0]
+        k = r["kinesis"]
+        out.append(Record(shard_id, int(k["sequenceNumber"]), binascii.a2b_base64(k["data"])))
+    return out
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Lambda entry point for the Kinesis event-source mapping."""
+    records = records_from_event(event)
+    if not records:
+        return {"batchItemFailures": []}
+    try:
+        summary = _processor().process(records)
+    except Exception:
+        # Infrastructure failure after retries: report the batch from its first record;
+        # redelivery is idempotent.
+        logger.exception("batch failed; reporting it for retry", extra={"records": len(records)})
+        metrics.add_metric(name="BatchFailures", unit=MetricUnit.Count, value=1)
+        return {"batchItemFailures": [{"itemIdentifier": str(records[0].sequence_number)}]}
+    counts = summary["counts"]
+    for name, metric in (("received", "ReadingsReceived"), ("stored", "ReadingsStored"),
+                         ("quarantined", "ReadingsQuarantined"), ("quarantined_messages", "MessagesQuarantined"),
+                         ("duplicates", "Duplicates"), ("late", "LateReadings"),
+                         ("redelivered_records", "RedeliveredRecords")):
+        metrics.add_metric(name=metric, unit=MetricUnit.Count, value=counts.get(name, 0))
+    metrics.add_metric(name="AlertsRaised", unit=MetricUnit.Count, value=summary["alerts"])
+    metrics.add_metric(name="BatchDurationMs", unit=MetricUnit.Milliseconds, value=summary["duration_ms"])
+    logger.info("batch processed", extra=summary)
+    return {"batchItemFailures": []}

@@ -1,0 +1,156 @@
+"""Per-zone processor state: dedupe windows, live sensor values, congestion, counters.
+
+The stream is partitioned by zone, so one zone's readings always travel through one
+shard and one processor at a time. All of a zone's state therefore lives in one
+DynamoDB item written once per batch: the item is the unit of exactly-once. It carries
+a marker — the shard and the Kinesis sequence number of the last record applied — and
+a redelivered record at or below the marker is skipped, whatever order or grouping the
+redelivery arrives in. Within the marker, readings are deduplicated on
+(`sensor_id`, `seq`) with a sliding bitmap window per sensor, so duplicate publishes
+and out-of-order delivery are told apart in O(1) per reading.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import orjson
+
+# How many sequence numbers below a sensor's highest one are remembered. At one reading
+# a minute this is an hour of out-of-order tolerance; older readings are "late".
+DEDUPE_WINDOW = 64
+_WINDOW_MASK = (1 << DEDUPE_WINDOW) - 1
+
+NEW, DUPLICATE, BEYOND_WINDOW = 0, 1, 2
+
+
+@dataclass(slots=True)
+class SensorState:
+    """What the processor remembers about one sensor (also its live value for dashboards)."""
+
+    hwm: int = -1  # highest seq seen
+    window: int = 0  # bit i set = seq (hwm - i) seen
+    last_ts_ms: int = 0
+    last_received_ms: int = 0
+    vehicle_count: int = 0
+    avg_speed_kmh: float | None = None
+    occupancy_pct: float | None = None
+    congestion_index: float = 0.0
+    silent: bool = False
+
+    def admit(self, seq: int) -> int:
+        """Record `seq` as seen; say whether it was NEW, a DUPLICATE, or BEYOND_WINDOW."""
+        if seq > self.hwm:
+            shift = seq - self.hwm
+            self.window = ((self.window << shift) | 1) & _WINDOW_MASK if shift < DEDUPE_WINDOW else 1
+            self.hwm = seq
+            return NEW
+        distance = self.hwm - seq
+        if distance >= DEDUPE_WINDOW:
+            return BEYOND_WINDOW
+        bit = 1 << distance
+        if self.window & bit:
+            return DUPLICATE
+        self.window |= bit
+        return NEW
+
+
+@dataclass(slots=True)
+class Congestion:
+    """Hysteresis state of one zone: raise above one threshold, clear below a lower one,
+    each only after the condition held for a minimum number of closed minutes."""
+
+    congested: bool = False
+    streak: int = 0  # consecutive closed minutes pointing at the other state
+    episode_start_minute: int | None = None
+    peak_index: float = 0.0
+
+
+@dataclass(slots=True)
+class ZoneState:
+    zone_id: str
+    marker_shard: str | None = None
+    marker_seq: int = -1
+    watermark_ms: int = 0  # highest event time applied
+    evaluated_minute: int = -1  # last closed minute the congestion detector looked at
+    open_minutes: dict[int, list[float]] = field(default_factory=dict)  # minute → [readings, cong_sum]
+    congestion: Congestion = field(default_factory=Congestion)
+    sensors: dict[str, SensorState] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def already_applied(self, shard_id: str, seq: int) -> bool:
+        """True if the record (shard, seq) was applied to this state before (a redelivery).
+
+        Lambda finishes a parent shard before its children, so a record from a different
+        shard than the marker's is always new."""
+        return shard_id == self.marker_shard and seq <= self.marker_seq
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # -- serialisation: one compact binary attribute, cheap to write and to decode -------
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "z": self.zone_id,
+            "ms": self.marker_shard,
+            "mq": str(self.marker_seq),
+            "wm": self.watermark_ms,
+            "ev": self.evaluated_minute,
+            "om": {str(k): v for k, v in self.open_minutes.items()},
+            "cg": [self.congestion.congested, self.congestion.streak,
+                   self.congestion.episode_start_minute, self.congestion.peak_index],
+            "s": {sid: [s.hwm, s.window, s.last_ts_ms, s.last_received_ms, s.vehicle_count,
+                        s.avg_speed_kmh, s.occupancy_pct, s.congestion_index, s.silent]
+                  for sid, s in self.sensors.items()},
+            "c": self.counters,
+        }
+        return zlib.compress(orjson.dumps(doc), 1)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ZoneState:
+        doc = orjson.loads(zlib.decompress(data))
+        congested, streak, start, peak = doc["cg"]
+        return cls(
+            zone_id=doc["z"],
+            marker_shard=doc["ms"],
+            marker_seq=int(doc["mq"]),
+            watermark_ms=doc["wm"],
+            evaluated_minute=doc["ev"],
+            open_minutes={int(k): v for k, v in doc["om"].items()},
+            congestion=Congestion(congested, streak, start, peak),
+            sensors={sid: SensorState(*v) for sid, v in doc["s"].items()},
+            counters=doc["c"],
+        )
+
+
+@dataclass(slots=True)
+class MinuteAggregate:
+    """One zone-minute of traffic, summed so that partial aggregates add up exactly."""
+
+    readings: int = 0
+    vehicles: int = 0
+    speed_sum: float = 0.0
+    speed_n: int = 0
+    occupancy_sum: float = 0.0
+    occupancy_n: int = 0
+    congestion_sum: float = 0.0
+    marker_shard: str | None = None
+    marker_seq: int = -1
+
+    def already_applied(self, shard_id: str, seq: int) -> bool:
+        return shard_id == self.marker_shard and seq <= self.marker_seq
+
+
+@dataclass(slots=True)
+class ShardCounters:
+    """Counts for messages that cannot be attributed to a known zone (broken envelopes,
+    unknown zones). Kept per shard, with the same redelivery marker as zone state."""
+
+    shard_id: str
+    marker_seq: int = -1
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n

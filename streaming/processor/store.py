@@ -1,0 +1,258 @@
+"""The processor's AWS side: load and save state in DynamoDB, land Parquet in the S3 lake,
+publish alerts on EventBridge. Plain boto3; endpoints come from the environment
+(`AWS_ENDPOINT_URL_<SERVICE>`), so the same code talks to AWS or to the local emulators.
+
+Write order per batch is what makes a crash harmless: lake files, then zone-minute
+aggregates, then alerts, then the zone state (the commit point), then shard counters.
+Anything written before a crash is either overwritten identically or skipped by a
+marker when the batch is delivered again.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
+from streaming.processor.core import HOUR_MS, MINUTE_MS, Alert, LakeColumns, QuarantineColumns
+from streaming.processor.state import MinuteAggregate, ShardCounters, ZoneState
+
+# Live zone-minute metrics are for dashboards and alerts; the lake and warehouse keep history.
+METRICS_TTL_S = 7 * 24 * 3600
+_T = TypeVar("_T")
+
+
+class StoreError(RuntimeError):
+    """A write that still failed after its retries; the batch must be retried as a whole."""
+
+
+def _retry(call: Callable[[], _T], what: str, attempts: int = 8) -> _T:
+    """Retry `call` with capped exponential back-off and full jitter. botocore already
+    retries throttling per request; this covers the unprocessed items of batch calls."""
+    delay = 0.05
+    for attempt in range(attempts):
+        result = call()
+        if result is not None:
+            return result
+        if attempt < attempts - 1:
+            time.sleep(random.uniform(0, delay))  # back-off between retries, not synchronisation
+            delay = min(delay * 2, 2.0)
+    raise StoreError(f"{what}: still unprocessed after {attempts} attempts")
+
+
+def minute_bucket(minute: int) -> str:
+    """Sort key of a zone-minute item: `m#2026-11-23T18:05`."""
+    return "m#" + datetime.fromtimestamp(minute * 60, UTC).strftime("%Y-%m-%dT%H:%M")
+
+
+def _n(value: float | int) -> dict[str, str]:
+    return {"N": repr(value) if isinstance(value, float) else str(value)}
+
+
+@dataclass
+class StateStore:
+    """DynamoDB tables: `processor_table` (pk/sk: zone state, shard counters) and
+    `metrics_table` (zone_id/bucket: zone-minute aggregates)."""
+
+    dynamodb: Any
+    processor_table: str
+    metrics_table: str
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _batch_get(self, table: str, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        for start in range(0, len(keys), 100):
+            pending: dict[str, Any] = {table: {"Keys": keys[start:start + 100], "ConsistentRead": True}}
+
+            def call(pending: dict[str, Any] = pending) -> bool | None:
+                resp = self.dynamodb.batch_get_item(RequestItems=pending)
+                items.extend(resp.get("Responses", {}).get(table, []))
+                left = resp.get("UnprocessedKeys") or {}
+                if not left:
+                    return True
+                pending.clear()
+                pending.update(left)
+                return None
+
+            _retry(call, f"BatchGetItem {table}")
+        return items
+
+    def load_zone_states(self, zone_ids: Iterable[str]) -> dict[str, ZoneState]:
+        keys = [{"pk": {"S": f"zone#{z}"}, "sk": {"S": "state"}} for z in zone_ids]
+        states = (ZoneState.from_bytes(item["state"]["B"]) for item in self._batch_get(self.processor_table, keys))
+        return {s.zone_id: s for s in states}
+
+    def load_shard_counters(self, shard_ids: Iterable[str]) -> dict[str, ShardCounters]:
+        keys = [{"pk": {"S": f"shard#{s}"}, "sk": {"S": "counters"}} for s in shard_ids]
+        out: dict[str, ShardCounters] = {}
+        for item in self._batch_get(self.processor_table, keys):
+            shard_id = item["pk"]["S"].removeprefix("shard#")
+            counters = {k: int(v["N"]) for k, v in item.get("counters", {}).get("M", {}).items()}
+            out[shard_id] = ShardCounters(shard_id, int(item["marker_seq"]["N"]), counters)
+        return out
+
+    def load_minutes(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], MinuteAggregate]:
+        by_bucket = {(zone, minute_bucket(minute)): (zone, minute) for zone, minute in keys}
+        request = [{"zone_id": {"S": z}, "bucket": {"S": b}} for z, b in by_bucket]
+        out: dict[tuple[str, int], MinuteAggregate] = {}
+        for item in self._batch_get(self.metrics_table, request):
+            key = by_bucket[(item["zone_id"]["S"], item["bucket"]["S"])]
+            out[key] = MinuteAggregate(
+                readings=int(item["readings"]["N"]),
+                vehicles=int(item["vehicles"]["N"]),
+                speed_sum=float(item["speed_sum"]["N"]),
+                speed_n=int(item["speed_n"]["N"]),
+                occupancy_sum=float(item["occupancy_sum"]["N"]),
+                occupancy_n=int(item["occupancy_n"]["N"]),
+                congestion_sum=float(item["congestion_sum"]["N"]),
+                marker_shard=item["marker_shard"]["S"],
+                marker_seq=int(item["marker_seq"]["N"]),
+            )
+        return out
+
+    # -- writes -----------------------------------------------------------------------
+
+    def _batch_write(self, table: str, items: list[dict[str, Any]]) -> None:
+        for start in range(0, len(items), 25):
+            pending: dict[str, Any] = {table: [{"PutRequest": {"Item": i}} for i in items[start:start + 25]]}
+
+            def call(pending: dict[str, Any] = pending) -> bool | None:
+                resp = self.dynamodb.batch_write_item(RequestItems=pending)
+                left = resp.get("UnprocessedItems") or {}
+                if not left:
+                    return True
+                pending.clear()
+                pending.update(left)
+                return None
+
+            _retry(call, f"BatchWriteItem {table}")
+
+    def save_minutes(self, minutes: Mapping[tuple[str, int], MinuteAggregate]) -> None:
+        items = []
+        for (zone, minute), a in minutes.items():
+            items.append({
+                "zone_id": {"S": zone},
+                "bucket": {"S": minute_bucket(minute)},
+                "minute_start": _n(minute * MINUTE_MS),
+                "readings": _n(a.readings),
+                "vehicles": _n(a.vehicles),
+                "speed_sum": _n(a.speed_sum),
+                "speed_n": _n(a.speed_n),
+                "occupancy_sum": _n(a.occupancy_sum),
+                "occupancy_n": _n(a.occupancy_n),
+                "congestion_sum": _n(a.congestion_sum),
+                "marker_shard": {"S": a.marker_shard or ""},
+                "marker_seq": _n(a.marker_seq),
+                "expires_at": _n(minute * 60 + METRICS_TTL_S),
+            })
+        self._batch_write(self.metrics_table, items)
+
+    def save_zone_states(self, states: Mapping[str, ZoneState], now_ms: int) -> None:
+        items = [{
+            "pk": {"S": f"zone#{zone}"},
+            "sk": {"S": "state"},
+            "zone_id": {"S": zone},
+            "state": {"B": s.to_bytes()},
+            "congested": {"BOOL": s.congestion.congested},
+            "marker_seq": _n(s.marker_seq),
+            "updated_at": _n(now_ms),
+        } for zone, s in states.items()]
+        self._batch_write(self.processor_table, items)
+
+    def save_shard_counters(self, counters: Mapping[str, ShardCounters]) -> None:
+        items = [{
+            "pk": {"S": f"shard#{shard}"},
+            "sk": {"S": "counters"},
+            "marker_seq": _n(c.marker_seq),
+            "counters": {"M": {k: _n(v) for k, v in c.counters.items()}},
+        } for shard, c in counters.items()]
+        self._batch_write(self.processor_table, items)
+
+    def scan_zone_states(self) -> list[ZoneState]:
+        """Every zone's state (dashboards and the accounting report; not on the hot path)."""
+        paginator = self.dynamodb.get_paginator("scan")
+        out = []
+        for page in paginator.paginate(TableName=self.processor_table):
+            out.extend(ZoneState.from_bytes(i["state"]["B"]) for i in page["Items"] if i["sk"]["S"] == "state")
+        return out
+
+
+def _hour_path(hour: int) -> str:
+    t = datetime.fromtimestamp(hour * HOUR_MS / 1000, UTC)
+    return f"dt={t:%Y-%m-%d}/hour={t:%H}"
+
+
+@dataclass
+class LakeWriter:
+    """Parquet files in the lake: one per event-time hour per batch, named after the
+    batch's shard and sequence range so that a retried batch overwrites its own file."""
+
+    s3: Any
+    bucket: str
+
+    def _put(self, key: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue())
+
+    def write_readings(self, by_hour: Mapping[int, LakeColumns], batch_name: str) -> list[str]:
+        schema = lake_arrow_schema()
+        keys = []
+        for hour, cols in by_hour.items():
+            if len(cols):
+                key = f"raw/readings/{_hour_path(hour)}/{batch_name}.parquet"
+                self._put(key, pa.Table.from_pydict(cols.columns, schema=schema))
+                keys.append(key)
+        return keys
+
+    def write_quarantine(self, by_hour: Mapping[int, QuarantineColumns], batch_name: str) -> list[str]:
+        schema = quarantine_arrow_schema()
+        keys = []
+        for hour, cols in by_hour.items():
+            if len(cols):
+                key = f"quarantine/{_hour_path(hour)}/{batch_name}.parquet"
+                self._put(key, pa.Table.from_pydict(cols.columns, schema=schema))
+                keys.append(key)
+        return keys
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+@dataclass
+class AlertPublisher:
+    """Alerts on the EventBridge bus; rules there fan out to SNS, Slack and the alert feed."""
+
+    events: Any
+    bus_name: str
+    source: str = "citypulse.processor"
+
+    def publish(self, alerts: list[Alert]) -> None:
+        for start in range(0, len(alerts), 10):
+            entries = [{
+                "Source": self.source,
+                "DetailType": a.detail_type,
+                "Detail": orjson.dumps({**a.detail, "event_id": a.event_id}).decode(),
+                "EventBusName": self.bus_name,
+            } for a in alerts[start:start + 10]]
+            pending = entries
+
+            def call() -> bool | None:
+                nonlocal pending
+                resp = self.events.put_events(Entries=pending)
+                if not resp.get("FailedEntryCount"):
+                    return True
+                pending = [e for e, r in zip(pending, resp["Entries"], strict=True) if r.get("ErrorCode")]
+                return None
+
+            _retry(call, "PutEvents")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
@@ -123,6 +123,8 @@ class Reading:
 _ID_RE = re.compile(_ID_PATTERN)
 # Strict ISO-8601 in UTC: date, time with optional fraction (at most microseconds), Z or +00:00.
 _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 _EARLIEST_MS = int(EARLIEST_TS.timestamp() * 1000)
 _LATEST_MS = int(LATEST_TS.timestamp() * 1000)
 
@@ -136,7 +138,7 @@ def parse_ts_ms(value: Any, field: str = "ts") -> int:
         dt = datetime.fromisoformat(value)
     except ValueError as exc:
         raise ContractError("bad_timestamp", f"{field}={_show(value)} is not a valid date/time") from exc
-    ms = int(dt.timestamp() * 1000)
+    ms = (dt - _EPOCH) // _ONE_MS  # integer arithmetic: float timestamps drift by a millisecond
     if not _EARLIEST_MS <= ms < _LATEST_MS:
         raise ContractError("out_of_range", f"{field}={value} is outside {EARLIEST_TS:%Y}-{LATEST_TS:%Y}")
     return ms
@@ -144,7 +146,7 @@ def parse_ts_ms(value: Any, field: str = "ts") -> int:
 
 def format_ts(ms: int) -> str:
     """Epoch milliseconds → the contract's timestamp string."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return (_EPOCH + timedelta(seconds=ms // 1000)).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _show(value: Any) -> str:

@@ -21,13 +21,15 @@ BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary 
 
 def envelope(payload: bytes, zone_id: str, gateway_id: str, received_at_ms: int) -> bytes:
     """The rule's projection of one MQTT message (see the topic rule's SQL)."""
-    return orjson.dumps({
-        "payload": base64.b64encode(payload).decode(),
-        "zone_id": zone_id,
-        "gateway_id": gateway_id,
-        "client_id": gateway_id,
-        "received_at": received_at_ms,
-    })
+    return orjson.dumps(
+        {
+            "payload": base64.b64encode(payload).decode(),
+            "zone_id": zone_id,
+            "gateway_id": gateway_id,
+            "client_id": gateway_id,
+            "received_at": received_at_ms,
+        }
+    )
 
 
 def reading(sensor: Sensor, seq: int, ts_ms: int, congestion: float = 0.2, **over: Any) -> dict[str, Any]:
@@ -57,15 +59,17 @@ class StreamBuilder:
         self.next_seq += 1
         return Record(self.shard_id, self.next_seq, data)
 
-    def gateway_record(self, sensors: list[Sensor], readings: list[dict[str, Any]], received_at_ms: int,
-                       sent_at_ms: int | None = None) -> Record:
+    def gateway_record(
+        self, sensors: list[Sensor], readings: list[dict[str, Any]], received_at_ms: int, sent_at_ms: int | None = None
+    ) -> Record:
         gw, zone = sensors[0].gateway_id, sensors[0].zone_id
         msg = gateway_message(gw, zone, sent_at_ms or received_at_ms, readings)
         return self.record(envelope(orjson.dumps(msg), zone, gw, received_at_ms))
 
 
-def city_minutes(city: City, minutes: int, start_ms: int = BASE_MS, congestion: float = 0.2,
-                 builder: StreamBuilder | None = None) -> Iterator[Record]:
+def city_minutes(
+    city: City, minutes: int, start_ms: int = BASE_MS, congestion: float = 0.2, builder: StreamBuilder | None = None
+) -> Iterator[Record]:
     """One gateway message per gateway per minute, seq = minute index."""
     b = builder or StreamBuilder()
     gateways = city.gateways()

@@ -102,7 +102,7 @@ def test_any_redelivery_schedule_gives_the_clean_totals(schedule: list[tuple[int
     clean = Store()
     clean.run(records)
     store = Store()
-    chunks = [records[i:i + 7] for i in range(0, len(records), 7)]
+    chunks = [records[i : i + 7] for i in range(0, len(records), 7)]
     position = 0
     for back, crash in schedule:
         # Lambda redelivers from the last checkpoint: restart somewhere at or before `position`.
@@ -112,7 +112,7 @@ def test_any_redelivery_schedule_gives_the_clean_totals(schedule: list[tuple[int
         store.run(batch, commit_state=not crash)
         if not crash:
             position = end
-    store.run(records[sum(len(c) for c in chunks[:position]):])  # the rest, cleanly
+    store.run(records[sum(len(c) for c in chunks[:position]) :])  # the rest, cleanly
     assert store.totals() == clean.totals()
 
 
@@ -172,8 +172,15 @@ def test_broken_envelopes_and_messages_are_quarantined_and_counted() -> None:
     records = [
         b.record(b"not json at all"),
         b.record(envelope(b"{broken", s0.zone_id, s0.gateway_id, BASE_MS)),
-        b.record(envelope(b'{"readings": 5, "schema_version": 1, "gateway_id": "%s", "zone_id": "%s"}'
-                          % (s0.gateway_id.encode(), s0.zone_id.encode()), s0.zone_id, s0.gateway_id, BASE_MS)),
+        b.record(
+            envelope(
+                b'{"readings": 5, "schema_version": 1, "gateway_id": "%s", "zone_id": "%s"}'
+                % (s0.gateway_id.encode(), s0.zone_id.encode()),
+                s0.zone_id,
+                s0.gateway_id,
+                BASE_MS,
+            )
+        ),
         b.record(envelope(b"{}", "Z-NOPE", s0.gateway_id, BASE_MS)),
     ]
     out = store.run(records)
@@ -268,7 +275,8 @@ def test_every_reading_is_accounted_for(city: City) -> None:
     records = list(city_minutes(city, 2))
     records += records[:5]  # device-level duplicates arrive as new records
     bad = StreamBuilder().gateway_record(
-        city.sensors[:1], [reading(city.sensors[0], 99, BASE_MS, congestion=7.0)], BASE_MS)
+        city.sensors[:1], [reading(city.sensors[0], 99, BASE_MS, congestion=7.0)], BASE_MS
+    )
     records.append(bad)
     records = [Record(r.shard_id, i, r.data) for i, r in enumerate(records)]
     c = apply_batch(decode_batch(records, registry, zones), {}, {}, {}, BASE_MS).counts

@@ -55,6 +55,7 @@ def minute_bucket(minute: int) -> str:
 
 
 def _n(value: float | int) -> dict[str, str]:
+    # Kinesis sequence numbers have up to 56 digits, beyond DynamoDB's 38: markers are strings.
     return {"N": repr(value) if isinstance(value, float) else str(value)}
 
 
@@ -98,7 +99,7 @@ class StateStore:
         for item in self._batch_get(self.processor_table, keys):
             shard_id = item["pk"]["S"].removeprefix("shard#")
             counters = {k: int(v["N"]) for k, v in item.get("counters", {}).get("M", {}).items()}
-            out[shard_id] = ShardCounters(shard_id, int(item["marker_seq"]["N"]), counters)
+            out[shard_id] = ShardCounters(shard_id, int(item["marker_seq"]["S"]), counters)
         return out
 
     def load_minutes(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], MinuteAggregate]:
@@ -116,7 +117,7 @@ class StateStore:
                 occupancy_n=int(item["occupancy_n"]["N"]),
                 congestion_sum=float(item["congestion_sum"]["N"]),
                 marker_shard=item["marker_shard"]["S"],
-                marker_seq=int(item["marker_seq"]["N"]),
+                marker_seq=int(item["marker_seq"]["S"]),
             )
         return out
 
@@ -152,7 +153,7 @@ class StateStore:
                 "occupancy_n": _n(a.occupancy_n),
                 "congestion_sum": _n(a.congestion_sum),
                 "marker_shard": {"S": a.marker_shard or ""},
-                "marker_seq": _n(a.marker_seq),
+                "marker_seq": {"S": str(a.marker_seq)},
                 "expires_at": _n(minute * 60 + METRICS_TTL_S),
             })
         self._batch_write(self.metrics_table, items)
@@ -164,7 +165,7 @@ class StateStore:
             "zone_id": {"S": zone},
             "state": {"B": s.to_bytes()},
             "congested": {"BOOL": s.congestion.congested},
-            "marker_seq": _n(s.marker_seq),
+            "marker_seq": {"S": str(s.marker_seq)},
             "updated_at": _n(now_ms),
         } for zone, s in states.items()]
         self._batch_write(self.processor_table, items)
@@ -173,7 +174,7 @@ class StateStore:
         items = [{
             "pk": {"S": f"shard#{shard}"},
             "sk": {"S": "counters"},
-            "marker_seq": _n(c.marker_seq),
+            "marker_seq": {"S": str(c.marker_seq)},
             "counters": {"M": {k: _n(v) for k, v in c.counters.items()}},
         } for shard, c in counters.items()]
         self._batch_write(self.processor_table, items)

@@ -204,6 +204,19 @@ def run_demo(state_dir: Path, *, sensors: int, duration_s: float, seed: int, ech
     )
 
 
+def _dag_lines(run: Any) -> list[str]:
+    states = ", ".join(f"{task}={state}" for task, state in run.task_states.items())
+    lines = [f"dag        citypulse_hourly {run.interval_start:%Y-%m-%d %H:%M}Z: {run.state} in {run.seconds:.0f} s",
+             f"           tasks: {states}"]
+    report = run.report or {}
+    for key in ("load", "dbt", "expectations"):
+        if key in report:
+            part = report[key]
+            text = ", ".join(f"{k}={v}" for k, v in part.items()) if isinstance(part, dict) else str(part)
+            lines.append(f"           {key}: {text}")
+    return lines
+
+
 def render_summary(r: DemoResult, state_dir: Path) -> str:
     sim, acc = r.simulation, r.accounting
     lines = ["", "=" * 72, "citypulse demo summary", "=" * 72]
@@ -222,7 +235,7 @@ def render_summary(r: DemoResult, state_dir: Path) -> str:
     alerts = ", ".join(f"{k}={v}" for k, v in sorted(r.alerts.items())) or "none"
     lines.append(f"alerts     delivered through EventBridge to the alert feed: {alerts}")
     if r.dag is not None:
-        lines += r.dag.summary_lines()
+        lines += _dag_lines(r.dag)
     lines += [
         f"platform   still running for inspection (state in {state_dir}); stop it with `citypulse down`",
         f"           AWS emulator {r.info.endpoints.get('ministack')}, MQTT {r.info.endpoints.get('mqtt')}",

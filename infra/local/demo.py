@@ -205,15 +205,21 @@ def run_demo(state_dir: Path, *, sensors: int, duration_s: float, seed: int, ech
 
 
 def _dag_lines(run: Any) -> list[str]:
-    states = ", ".join(f"{task}={state}" for task, state in run.task_states.items())
-    lines = [f"dag        citypulse_hourly {run.interval_start:%Y-%m-%d %H:%M}Z: {run.state} in {run.seconds:.0f} s",
-             f"           tasks: {states}"]
-    report = run.report or {}
-    for key in ("load", "dbt", "expectations"):
-        if key in report:
-            part = report[key]
-            text = ", ".join(f"{k}={v}" for k, v in part.items()) if isinstance(part, dict) else str(part)
-            lines.append(f"           {key}: {text}")
+    failed = sorted(t for t, state in run.task_states.items() if state in ("failed", "upstream_failed"))
+    done = sum(1 for state in run.task_states.values() if state == "success")
+    lines = [f"dag        citypulse_hourly {run.interval_start:%Y-%m-%d %H:%M}Z: {run.state} in {run.seconds:.0f} s "
+             f"({done} tasks succeeded, {len(run.task_states) - done - len(failed)} skipped"
+             + (f", failed: {', '.join(failed)})" if failed else ")")]
+    steps = (run.report or {}).get("steps", {})
+    if load := steps.get("load"):
+        lines.append(f"warehouse  {load['engine']}: {load['rows_loaded']:,} rows loaded from {load['reading_files']} "
+                     f"lake files ({load['duplicates_dropped']} duplicates dropped), {load['sensors']:,} sensors")
+    if dbt := steps.get("dbt"):
+        lines.append(f"dbt        target {dbt['target']}: models {dbt['models_passed']} passed, {dbt['models_failed']} "
+                     f"failed; tests {dbt['tests_passed']} passed, {dbt['tests_failed']} failed")
+    if gx := steps.get("expectations"):
+        lines.append(f"checks     Great Expectations suite {gx['suite']}: {gx['passed']} of {gx['evaluated']} "
+                     f"expectations passed on {gx['rows']:,} rows")
     return lines
 
 

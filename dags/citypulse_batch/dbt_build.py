@@ -1,0 +1,148 @@
+"""Build the warehouse marts for one interval: `dbt build` through dbt's programmatic runner.
+
+Place in the flow: fourth step of the hourly DAG, after the raw load and before the quality
+checkpoint. It runs the affected models and their tests (`--select source:lake+ ...`) with
+the interval as `--vars`, so incremental marts replace exactly the interval's buckets.
+
+Why `dbtRunner` in one task rather than astronomer-cosmos: Cosmos renders one Airflow task
+per model, which means parsing the dbt project (or a manifest) every time the scheduler
+parses the DAG file; our DAG must parse instantly with no I/O, and on MWAA dbt may live in its
+own virtualenv. One task calling `dbtRunner` keeps the DAG parse free of dbt, keeps the
+model graph in dbt (which already orders and skips), and still reports per-node results
+(counted in the summary and the run report). The price is coarser retries: a retry rebuilds
+the whole selection, which the interval-scoped incremental models make idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from citypulse_batch.lake import Interval
+
+_MAX_FAILURES = 10
+
+
+@dataclass(slots=True)
+class DbtSummary:
+    """What `dbt build` did, counted per node type; small enough for XCom and the run report."""
+
+    success: bool
+    target: str
+    select: str
+    models_passed: int = 0
+    models_failed: int = 0
+    models_skipped: int = 0
+    tests_passed: int = 0
+    tests_warned: int = 0
+    tests_failed: int = 0
+    tests_skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_project_dir(configured: str = "") -> Path:
+    """The dbt project: the configured directory, else `dbt_project/` next to the DAGs folder
+    (MWAA: deployed inside dags/) or at the repository root (local)."""
+    if configured:
+        candidates = [Path(configured)]
+    else:
+        package = Path(__file__).resolve().parent  # dags/citypulse_batch
+        candidates = [package.parent / "dbt_project", package.parent.parent / "dbt_project"]
+    for candidate in candidates:
+        if (candidate / "dbt_project.yml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no dbt project (dbt_project.yml) in {', '.join(map(str, candidates))}; "
+                            "set CITYPULSE_DBT_PROJECT_DIR")
+
+
+@contextmanager
+def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
+    # dbt's profile reads env_var() from this process's environment; restore it afterwards
+    # because `airflow dags test` runs every task in one process.
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def build_args(project_dir: Path, target: str, interval: Interval | None, select: str,
+               work_dir: Path) -> list[str]:
+    """The `dbt build` command line (without the leading `dbt`)."""
+    args = [
+        "build",
+        "--project-dir", str(project_dir),
+        "--profiles-dir", str(project_dir),
+        "--target", target,
+        # The project directory may be read-only (MWAA syncs it from S3): artefacts go elsewhere.
+        "--target-path", str(work_dir / "target"),
+        "--log-path", str(work_dir / "logs"),
+        "--no-use-colors",
+        "--select", *select.split(),
+    ]
+    if interval is not None:
+        bounds = {"interval_start": interval.start.strftime("%Y-%m-%d %H:%M:%S"),
+                  "interval_end": interval.end.strftime("%Y-%m-%d %H:%M:%S")}
+        args += ["--vars", json.dumps(bounds)]
+    return args
+
+
+def _value(status: Any) -> str:
+    return str(getattr(status, "value", status))
+
+
+def run_dbt_build(project_dir: Path, target: str, interval: Interval | None, env: Mapping[str, str],
+                  select: str = "source:lake+ source:registry+") -> DbtSummary:
+    """Run `dbt build` in this process and count what passed; never raises for failed nodes."""
+    from dbt.cli.main import dbtRunner
+
+    started = time.monotonic()
+    summary = DbtSummary(success=False, target=target, select=select)
+    with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work, _environment(env):
+        args = build_args(project_dir, target, interval, select, Path(work))
+        result = dbtRunner().invoke(args)
+    summary.seconds = round(time.monotonic() - started, 2)
+    if result.exception is not None:
+        summary.error = f"{type(result.exception).__name__}: {result.exception}"
+    for node_result in getattr(result.result, "results", None) or ():
+        node = node_result.node
+        kind = _value(node.resource_type)
+        status = _value(node_result.status)
+        if kind == "model":
+            if status == "success":
+                summary.models_passed += 1
+            elif status == "skipped":
+                summary.models_skipped += 1
+            else:
+                summary.models_failed += 1
+        elif kind in ("test", "unit_test"):
+            if status == "pass":
+                summary.tests_passed += 1
+            elif status == "warn":
+                summary.tests_warned += 1
+            elif status == "skipped":
+                summary.tests_skipped += 1
+            else:
+                summary.tests_failed += 1
+        if status in ("error", "fail") and len(summary.failures) < _MAX_FAILURES:
+            message = (node_result.message or "").strip().splitlines()
+            summary.failures.append(f"{node.unique_id}: {status}" + (f" - {message[0]}" if message else ""))
+    summary.success = bool(result.success) and summary.error is None
+    return summary

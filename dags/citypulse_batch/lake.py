@@ -1,0 +1,146 @@
+"""The S3 lake as the batch path sees it: partition layout, intervals, and a small S3 accessor.
+
+Place in the flow: the streaming processor writes `raw/readings/` (partitioned by event time),
+`quarantine/` (by receive time) and `registry/`; the hourly DAG waits for an interval's
+partition, loads it into the warehouse and writes its run report under `reports/hourly/`.
+The key layout is defined here once; the processor's writer and these readers are tested
+against each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+READINGS_PREFIX = "raw/readings/"
+QUARANTINE_PREFIX = "quarantine/"
+SENSOR_REGISTRY_KEY = "registry/sensor_registry.csv"
+ZONES_KEY = "registry/zones.csv"
+REPORTS_PREFIX = "reports/hourly/"
+
+_HOUR = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A half-open interval [start, end) of whole UTC hours: the unit every batch task works on."""
+
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value.tzinfo is None:
+                raise ValueError(f"interval {name}={value.isoformat()} has no time zone; pass UTC")
+            # Airflow hands out pendulum datetimes; normalise to plain UTC datetimes.
+            value = datetime.fromtimestamp(value.timestamp(), UTC)
+            if value.minute or value.second or value.microsecond:
+                raise ValueError(
+                    f"interval {name}={value.isoformat()} is not on the hour: lake partitions are hourly"
+                )
+            object.__setattr__(self, name, value)
+        if self.start >= self.end:
+            raise ValueError(f"empty interval [{self.start.isoformat()}, {self.end.isoformat()})")
+
+    @classmethod
+    def hour(cls, start: datetime) -> Interval:
+        return cls(start, start + _HOUR)
+
+    def hours(self) -> Iterator[datetime]:
+        hour = self.start
+        while hour < self.end:
+            yield hour
+            hour += _HOUR
+
+    def sql_bounds(self) -> tuple[str, str]:
+        """Start and end as SQL timestamp literals (UTC, no zone) that Redshift, PostgreSQL and
+        DuckDB all read. Built from datetimes, never from user text."""
+        fmt = "timestamp '%Y-%m-%d %H:%M:%S'"
+        return self.start.strftime(fmt), self.end.strftime(fmt)
+
+    def to_json(self) -> dict[str, str]:
+        return {"start": _iso(self.start), "end": _iso(self.end)}
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def partition(hour: datetime) -> str:
+    """`dt=YYYY-MM-DD/hour=HH/` of a UTC hour."""
+    hour = hour.astimezone(UTC)
+    return f"dt={hour:%Y-%m-%d}/hour={hour:%H}/"
+
+
+def readings_prefixes(interval: Interval) -> list[str]:
+    return [READINGS_PREFIX + partition(hour) for hour in interval.hours()]
+
+
+def quarantine_prefixes(interval: Interval) -> list[str]:
+    return [QUARANTINE_PREFIX + partition(hour) for hour in interval.hours()]
+
+
+def readings_wildcard(hour: datetime) -> str:
+    """Wildcard key of an hour's reading files, for the partition sensor."""
+    return READINGS_PREFIX + partition(hour) + "*.parquet"
+
+
+def report_key(interval: Interval) -> str:
+    return REPORTS_PREFIX + partition(interval.start) + "report.json"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str
+    token: str | None = None
+
+
+class Lake:
+    """One lake bucket through a boto3 S3 client (the provider's hook hands one out in Airflow).
+
+    The credentials are kept for engines that read S3 themselves (DuckDB's httpfs, Redshift COPY
+    with keys): they must see the lake exactly as the client does, endpoint included.
+    """
+
+    def __init__(self, bucket: str, client: Any, credentials: S3Credentials | None = None) -> None:
+        self.bucket = bucket
+        self.client = client
+        self.credentials = credentials
+
+    @property
+    def endpoint_url(self) -> str:
+        return str(self.client.meta.endpoint_url)
+
+    @property
+    def region(self) -> str:
+        return str(self.client.meta.region_name or "us-east-1")
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def list_keys(self, prefix: str, suffix: str = "") -> list[str]:
+        """Keys under a prefix ending in `suffix`, sorted (S3 lists in key order anyway)."""
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
+        return sorted(keys)
+
+    def read(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+    def write_json(self, key: str, document: dict[str, Any]) -> None:
+        body = json.dumps(document, indent=2, sort_keys=True).encode()
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
+
+    def read_json(self, key: str) -> dict[str, Any] | None:
+        """The JSON document at `key`, or None if there is none."""
+        try:
+            body = self.read(key)
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return dict(json.loads(body))

@@ -1,0 +1,52 @@
+"""The hourly run report: one small JSON document per interval, written to the lake.
+
+Place in the flow: the last step of every hourly run, whatever happened before it, writes
+`reports/hourly/dt=…/hour=…/report.json`. The platform's CLI summary and the completion
+event read it, in AWS and locally alike, instead of scraping Airflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from citypulse_batch.lake import Interval
+
+REPORT_VERSION = 1
+STEPS = ("load", "dbt", "expectations")
+
+
+def build_report(interval: Interval, dag_id: str, run_id: str,
+                 steps: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """The run report from the step summaries (None for a step that did not get to report).
+
+    Deterministic for the same inputs: no wall-clock time, so a re-run of an unchanged
+    interval rewrites an identical document.
+    """
+    load = steps.get("load") or {}
+    dbt = steps.get("dbt") or {}
+    quality = steps.get("expectations") or {}
+    failed_step = next((name for name in STEPS if not _succeeded(steps.get(name))), None)
+    return {
+        "report_version": REPORT_VERSION,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "interval": interval.to_json(),
+        "status": "succeeded" if failed_step is None else "failed",
+        "failed_step": failed_step,
+        "rows_loaded": load.get("rows_loaded"),
+        "duplicates_dropped": load.get("duplicates_dropped"),
+        "rows_outside_interval": load.get("rows_outside_interval"),
+        "quarantined": load.get("quarantined"),
+        "dbt_models_passed": dbt.get("models_passed"),
+        "dbt_models_failed": dbt.get("models_failed"),
+        "dbt_tests_passed": dbt.get("tests_passed"),
+        "dbt_tests_failed": dbt.get("tests_failed"),
+        "expectations_evaluated": quality.get("evaluated"),
+        "expectations_passed": quality.get("passed"),
+        "steps": {name: steps.get(name) for name in STEPS},
+    }
+
+
+def _succeeded(summary: dict[str, Any] | None) -> bool:
+    # A step that never reported did not succeed; the load has no verdict of its own.
+    return summary is not None and summary.get("success", True) is True

@@ -1,0 +1,123 @@
+"""The hourly DAG's task bodies: an interval in, a small JSON-able summary out.
+
+Place in the flow: `dags/citypulse_hourly.py` wraps each function here in a task. They wire
+the Airflow side (connections, Variables, the provider's hooks) to the plain modules that do
+the work (`warehouse`, `dbt_build`, `expectations.runner`, `report`), which tests call
+directly with emulator clients.
+
+A step whose data is wrong raises `StepFailed` carrying its summary, so the run report can
+still say what was evaluated; `retryable` tells the DAG whether a retry could help.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from citypulse_batch.lake import Interval, Lake, S3Credentials, report_key
+from citypulse_batch.settings import AWS_CONN_ID, WAREHOUSE_CONN_ID, setting
+
+
+class StepFailed(RuntimeError):
+    """A step finished with a verdict of failure; `summary` says what it found."""
+
+    def __init__(self, message: str, summary: dict[str, Any], *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.summary = summary
+        self.retryable = retryable
+
+
+def crawler_config() -> dict[str, Any]:
+    """Glue crawler over the lake's raw readings, as templated operator config.
+
+    New partitions only (`CRAWL_NEW_FOLDERS_ONLY`, which requires LOG change policies): each
+    hour adds one `dt=/hour=` folder and a full re-crawl would re-read the whole lake.
+    """
+    return {
+        "Name": "{{ citypulse_setting('glue_crawler') }}",
+        "Role": "{{ citypulse_setting('glue_crawler_role') }}",
+        "DatabaseName": "{{ citypulse_setting('glue_database') }}",
+        "Targets": {"S3Targets": [{"Path": "s3://{{ citypulse_setting('lake_bucket') }}/raw/readings/"}]},
+        "SchemaChangePolicy": {"UpdateBehavior": "LOG", "DeleteBehavior": "LOG"},
+        "RecrawlPolicy": {"RecrawlBehavior": "CRAWL_NEW_FOLDERS_ONLY"},
+        "Configuration": json.dumps({"Version": 1.0,
+                                     "Grouping": {"TableGroupingPolicy": "CombineCompatibleSchemas"}}),
+    }
+
+
+def crawler_exists() -> bool:
+    from airflow.providers.amazon.aws.hooks.glue_crawler import GlueCrawlerHook
+
+    return bool(GlueCrawlerHook(aws_conn_id=AWS_CONN_ID).has_crawler(setting("glue_crawler")))
+
+
+def lake() -> Lake:
+    """The lake bucket through the provider's S3 hook (`aws_default`: region, endpoint, keys)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    hook = S3Hook(aws_conn_id=AWS_CONN_ID)
+    credentials = hook.get_credentials()
+    return Lake(setting("lake_bucket"), hook.get_conn(),
+                S3Credentials(credentials.access_key, credentials.secret_key, credentials.token))
+
+
+def warehouse() -> Any:
+    """The warehouse adapter the `citypulse_warehouse` connection's type selects."""
+    from airflow.sdk import BaseHook
+
+    from citypulse_batch.warehouse import warehouse_from_connection
+
+    return warehouse_from_connection(BaseHook.get_connection(WAREHOUSE_CONN_ID))
+
+
+def load(interval: Interval) -> dict[str, Any]:
+    """Load the interval into warehouse raw (one transaction, idempotent)."""
+    return warehouse().load(interval, lake()).to_json()
+
+
+def build(interval: Interval) -> dict[str, Any]:
+    """`dbt build` of the affected models for the interval, on the warehouse's dbt target."""
+    from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
+
+    engine = warehouse()
+    summary = run_dbt_build(
+        project_dir=find_project_dir(setting("dbt_project_dir")),
+        target=setting("dbt_target") or engine.dbt_target,
+        interval=interval,
+        env=engine.dbt_env(),
+        select=setting("dbt_select"),
+    ).to_json()
+    if not summary["success"]:
+        failed = summary["models_failed"] + summary["tests_failed"]
+        # Failed models or tests are a verdict on the data; an error before any node ran
+        # (connection, profile) may be transient.
+        raise StepFailed(f"dbt build failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
+                         summary, retryable=failed == 0)
+    return summary
+
+
+def check(interval: Interval) -> dict[str, Any]:
+    """The Great Expectations checkpoint on the interval's rows of `raw.readings`."""
+    from expectations.runner import run_readings_checkpoint
+
+    rows = warehouse().read_readings(interval)
+    summary = run_readings_checkpoint(rows, interval.start, interval.end).to_json()
+    if not summary["success"]:
+        failed = [f"{f['expectation']}({f['column']})" for f in summary["failures"]]
+        raise StepFailed(f"checkpoint failed: {summary['evaluated'] - summary['passed']} of "
+                         f"{summary['evaluated']} expectations: {', '.join(failed)}", summary)
+    return summary
+
+
+def write_report(interval: Interval, dag_id: str, run_id: str,
+                 steps: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """Write the run report to the lake; return it without the per-step detail (the event)."""
+    from citypulse_batch.report import build_report
+
+    report = build_report(interval, dag_id, run_id, steps)
+    the_lake = lake()
+    key = report_key(interval)
+    the_lake.write_json(key, report)
+    event = {k: v for k, v in report.items() if k != "steps"}
+    event["report_uri"] = the_lake.uri(key)
+    return event

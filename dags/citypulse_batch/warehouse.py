@@ -1,0 +1,481 @@
+"""The warehouse's raw layer: load one interval of the lake, idempotently, into any engine.
+
+Place in the flow: third step of the hourly DAG, after the partition sensor and the Glue
+crawler, before `dbt build`. One adapter per engine, chosen by the type of the Airflow
+connection `citypulse_warehouse` (configuration, not code paths):
+
+* ``duckdb``  - local default; reads the lake's Parquet and CSV straight from S3 with httpfs,
+  configured from the same boto3 client the provider uses (endpoint, keys, path-style).
+* ``postgres`` - option; Parquet read with pyarrow through that client, `COPY FROM STDIN`.
+* ``redshift`` - AWS; `COPY ... FORMAT AS PARQUET` from the lake with the cluster's IAM role,
+  through the Amazon provider's `RedshiftSQLHook`.
+
+Whatever the engine, a load is one transaction: stage the interval's files in temporary
+tables, delete exactly `[start, end)` by `ts` from `raw.readings`, insert the staged rows
+deduplicated on (`sensor_id`, `seq`), replace the registry tables and the interval's
+quarantine counts. Running it twice leaves the same tables. The DDL of `raw.readings` comes
+from `streaming.contract.warehouse_columns()`, the registry's from `streaming.registry`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from citypulse_batch.lake import (
+    SENSOR_REGISTRY_KEY,
+    ZONES_KEY,
+    Interval,
+    Lake,
+    quarantine_prefixes,
+    readings_prefixes,
+)
+from streaming.contract import KEY_FIELDS, QUARANTINE_FIELDS, lake_arrow_schema, warehouse_columns
+from streaming.registry import Sensor, Zone
+
+RAW_SCHEMA = "raw"
+
+Column = tuple[str, str, bool]  # name, SQL type, nullable
+
+_PY_SQL_TYPES = {"str": "varchar(256)", "int": "bigint", "float": "double precision"}
+
+
+def registry_columns(record: type) -> list[Column]:
+    """Columns of a registry table, from the registry's record dataclass (the CSV header)."""
+    return [(f.name, _PY_SQL_TYPES[str(f.type)], False) for f in dataclasses.fields(record)]
+
+
+READINGS_COLUMNS: list[Column] = warehouse_columns()
+# Quarantine keeps the original bytes (a whole gateway message, base64, can be kilobytes):
+# staged in the widest varchar all three engines accept, and only counted afterwards.
+QUARANTINE_STAGE_COLUMNS: list[Column] = [
+    (name, "varchar(65535)" if sql_type.startswith("varchar") else sql_type, nullable)
+    for name, sql_type, nullable in warehouse_columns(QUARANTINE_FIELDS)
+]
+QUARANTINE_COUNTS_COLUMNS: list[Column] = [
+    ("received_hour", "timestamp", False),
+    ("reason_code", "varchar(256)", False),
+    ("quarantined_count", "bigint", False),
+]
+RAW_TABLES: dict[str, list[Column]] = {
+    "readings": READINGS_COLUMNS,
+    "sensor_registry": registry_columns(Sensor),
+    "zones": registry_columns(Zone),
+    "quarantine_counts": QUARANTINE_COUNTS_COLUMNS,
+}
+
+
+def create_table_sql(name: str, columns: Sequence[Column], *, temporary: bool = False) -> str:
+    body = ",\n    ".join(f"{col} {sql_type}{'' if nullable else ' not null'}"
+                          for col, sql_type, nullable in columns)
+    kind = "temporary table" if temporary else "table if not exists"
+    return f"create {kind} {name} (\n    {body}\n)"
+
+
+def _names(columns: Sequence[Column]) -> str:
+    return ", ".join(col for col, _, _ in columns)
+
+
+@dataclass(slots=True)
+class LoadSummary:
+    """What one interval's load did; small enough for XCom and the run report."""
+
+    interval: dict[str, str]
+    engine: str
+    reading_files: int
+    rows_in_files: int
+    rows_outside_interval: int
+    rows_loaded: int
+    duplicates_dropped: int
+    quarantine_files: int
+    quarantined: int
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    sensors: int = 0
+    zones: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Warehouse(ABC):
+    """One warehouse engine. Subclasses stage lake files; the merge SQL is shared."""
+
+    engine: ClassVar[str]
+
+    @property
+    def dbt_target(self) -> str:
+        return self.engine
+
+    @abstractmethod
+    def dbt_env(self) -> dict[str, str]:
+        """Environment the dbt profile (dbt_project/profiles.yml) reads for this engine."""
+
+    @abstractmethod
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A DB-API cursor inside one transaction: committed on success, rolled back on error."""
+
+    @abstractmethod
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
+                       columns: Sequence[Column]) -> None:
+        """Append the rows of the lake's Parquet files to a staging table."""
+
+    @abstractmethod
+    def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
+        """Append the rows of a lake CSV file (with header) to a staging table."""
+
+    def _staging_table(self, cur: Any, name: str, columns: Sequence[Column]) -> None:
+        cur.execute(f"drop table if exists {name}")
+        cur.execute(create_table_sql(name, columns, temporary=True))
+
+    def ensure_raw_tables(self, cur: Any) -> None:
+        cur.execute(f"create schema if not exists {RAW_SCHEMA}")
+        for table, columns in RAW_TABLES.items():
+            cur.execute(create_table_sql(f"{RAW_SCHEMA}.{table}", columns))
+
+    def load(self, interval: Interval, lake: Lake) -> LoadSummary:
+        """Replace the interval in `raw.readings` and `raw.quarantine_counts`, and the registry."""
+        reading_keys = [k for p in readings_prefixes(interval) for k in lake.list_keys(p, ".parquet")]
+        quarantine_keys = [k for p in quarantine_prefixes(interval) for k in lake.list_keys(p, ".parquet")]
+        start, end = interval.sql_bounds()
+        in_interval = f"ts >= {start} and ts < {end}"
+        cols = _names(READINGS_COLUMNS)
+        key = ", ".join(KEY_FIELDS)
+
+        with self.transaction() as cur:
+            self.ensure_raw_tables(cur)
+            self._staging_table(cur, "stage_readings", READINGS_COLUMNS)
+            self._staging_table(cur, "stage_quarantine", QUARANTINE_STAGE_COLUMNS)
+            self._staging_table(cur, "stage_sensor_registry", RAW_TABLES["sensor_registry"])
+            self._staging_table(cur, "stage_zones", RAW_TABLES["zones"])
+            if reading_keys:
+                self._stage_parquet(cur, "stage_readings", lake, reading_keys, READINGS_COLUMNS)
+            if quarantine_keys:
+                self._stage_parquet(cur, "stage_quarantine", lake, quarantine_keys, QUARANTINE_STAGE_COLUMNS)
+            self._stage_csv(cur, "stage_sensor_registry", lake, SENSOR_REGISTRY_KEY,
+                            RAW_TABLES["sensor_registry"])
+            self._stage_csv(cur, "stage_zones", lake, ZONES_KEY, RAW_TABLES["zones"])
+
+            cur.execute(f"select count(*), coalesce(sum(case when {in_interval} then 1 else 0 end), 0) "
+                        "from stage_readings")
+            rows_in_files, rows_in_interval = (int(v) for v in cur.fetchone())
+
+            cur.execute(f"delete from {RAW_SCHEMA}.readings where {in_interval}")
+            # A redelivered Kinesis record lands twice: keep its first processing, deterministically.
+            cur.execute(
+                f"insert into {RAW_SCHEMA}.readings ({cols})\n"
+                f"select {cols} from (\n"
+                f"    select {cols}, row_number() over (\n"
+                f"        partition by {key} order by processed_at, received_at, gateway_id\n"
+                f"    ) as copy_rank\n"
+                f"    from stage_readings\n"
+                f"    where {in_interval}\n"
+                f") ranked\n"
+                f"where copy_rank = 1"
+            )
+            cur.execute(f"select count(*) from {RAW_SCHEMA}.readings where {in_interval}")
+            rows_loaded = int(cur.fetchone()[0])
+
+            received = f"received_at >= {start} and received_at < {end}"
+            cur.execute(f"delete from {RAW_SCHEMA}.quarantine_counts "
+                        f"where received_hour >= {start} and received_hour < {end}")
+            # Quarantine is partitioned by receive time; a redelivered record keeps its source_id.
+            cur.execute(
+                f"insert into {RAW_SCHEMA}.quarantine_counts ({_names(QUARANTINE_COUNTS_COLUMNS)})\n"
+                f"select date_trunc('hour', received_at), reason_code, count(distinct source_id)\n"
+                f"from stage_quarantine\n"
+                f"where {received}\n"
+                f"group by date_trunc('hour', received_at), reason_code"
+            )
+            cur.execute(f"select reason_code, sum(quarantined_count) from {RAW_SCHEMA}.quarantine_counts "
+                        f"where received_hour >= {start} and received_hour < {end} group by reason_code")
+            by_reason = {str(reason): int(count) for reason, count in cur.fetchall()}
+
+            counts = {}
+            for table in ("sensor_registry", "zones"):
+                names = _names(RAW_TABLES[table])
+                cur.execute(f"delete from {RAW_SCHEMA}.{table}")
+                cur.execute(f"insert into {RAW_SCHEMA}.{table} ({names}) select {names} from stage_{table}")
+                cur.execute(f"select count(*) from {RAW_SCHEMA}.{table}")
+                counts[table] = int(cur.fetchone()[0])
+
+        return LoadSummary(
+            interval=interval.to_json(),
+            engine=self.engine,
+            reading_files=len(reading_keys),
+            rows_in_files=rows_in_files,
+            rows_outside_interval=rows_in_files - rows_in_interval,
+            rows_loaded=rows_loaded,
+            duplicates_dropped=rows_in_interval - rows_loaded,
+            quarantine_files=len(quarantine_keys),
+            quarantined=sum(by_reason.values()),
+            quarantined_by_reason=dict(sorted(by_reason.items())),
+            sensors=counts["sensor_registry"],
+            zones=counts["zones"],
+        )
+
+    def read_readings(self, interval: Interval) -> Any:
+        """The interval's rows of `raw.readings` as a pyarrow Table, for the quality checkpoint."""
+        import pyarrow as pa
+
+        start, end = interval.sql_bounds()
+        with self.transaction() as cur:
+            cur.execute(f"select {_names(READINGS_COLUMNS)} from {RAW_SCHEMA}.readings "
+                        f"where ts >= {start} and ts < {end} order by sensor_id, seq")
+            rows = cur.fetchall()
+        # DB-API drivers return typed Python values (int, float, str, naive datetime); they
+        # become Arrow columns of the contract's types, timestamps UTC without zone as stored.
+        schema = pa.schema([
+            pa.field(f.name, pa.timestamp("ms") if pa.types.is_timestamp(f.type) else f.type)
+            for f in lake_arrow_schema()
+        ])
+        names = schema.names
+        return pa.Table.from_pylist([dict(zip(names, row, strict=True)) for row in rows], schema=schema)
+
+
+# --- DuckDB -------------------------------------------------------------------------------
+
+def _httpfs_extension() -> str:
+    """Path of the httpfs extension shipped as a wheel: DuckDB's own download would need network."""
+    import importlib.resources
+
+    import duckdb
+
+    path = (importlib.resources.files("duckdb_extension_httpfs") / "extensions"
+            / f"v{duckdb.__version__}" / "httpfs.duckdb_extension")
+    return str(path)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def duckdb_s3_secret_sql(lake: Lake) -> str:
+    """`CREATE SECRET` giving DuckDB the lake exactly as the boto3 client sees it."""
+    endpoint = urlsplit(lake.endpoint_url)
+    options = {
+        "type": "s3",
+        "region": _quote(lake.region),
+        "endpoint": _quote(endpoint.netloc),
+        "use_ssl": "true" if endpoint.scheme == "https" else "false",
+        # Emulators and IP endpoints cannot serve virtual-hosted buckets; AWS can.
+        "url_style": _quote("vhost" if endpoint.hostname and endpoint.hostname.endswith(".amazonaws.com")
+                            else "path"),
+    }
+    if lake.credentials is not None:
+        options["key_id"] = _quote(lake.credentials.access_key)
+        options["secret"] = _quote(lake.credentials.secret_key)
+        if lake.credentials.token:
+            options["session_token"] = _quote(lake.credentials.token)
+    body = ", ".join(f"{k} {v}" for k, v in options.items())
+    return f"create or replace temporary secret citypulse_lake ({body})"
+
+
+class DuckDBWarehouse(Warehouse):
+    engine = "duckdb"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def dbt_env(self) -> dict[str, str]:
+        return {"CITYPULSE_DUCKDB_PATH": str(self.path)}
+
+    def connect(self) -> Any:
+        import duckdb
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(self.path))
+        # Parquet timestamps are UTC instants; the warehouse stores them as UTC without zone.
+        con.execute("set TimeZone = 'UTC'")
+        return con
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        con = self.connect()
+        try:
+            con.execute("begin transaction")
+            try:
+                yield con
+            except BaseException:
+                con.execute("rollback")
+                raise
+            con.execute("commit")
+        finally:
+            con.close()
+
+    def _with_s3(self, cur: Any, lake: Lake) -> None:
+        cur.execute(f"load {_quote(_httpfs_extension())}")
+        cur.execute(duckdb_s3_secret_sql(lake))
+
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
+                       columns: Sequence[Column]) -> None:
+        self._with_s3(cur, lake)
+        files = ", ".join(_quote(lake.uri(k)) for k in keys)
+        names = _names(columns)
+        cur.execute(f"insert into {table} ({names}) select {names} from read_parquet([{files}])")
+
+    def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
+        self._with_s3(cur, lake)
+        types = ", ".join(f"{_quote(col)}: {_quote(sql_type)}" for col, sql_type, _ in columns)
+        names = _names(columns)
+        cur.execute(f"insert into {table} ({names}) select {names} from "
+                    f"read_csv({_quote(lake.uri(key))}, header = true, columns = {{{types}}})")
+
+    def read_readings(self, interval: Interval) -> Any:
+        # DuckDB hands Arrow over natively, with the table's own column types.
+        start, end = interval.sql_bounds()
+        with self.transaction() as con:
+            return con.execute(f"select {_names(READINGS_COLUMNS)} from {RAW_SCHEMA}.readings "
+                               f"where ts >= {start} and ts < {end} order by sensor_id, seq").to_arrow_table()
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+class PostgresWarehouse(Warehouse):
+    engine = "postgres"
+
+    def __init__(self, host: str, port: int, user: str, password: str, dbname: str) -> None:
+        self.params = {"host": host, "port": port, "user": user, "password": password, "dbname": dbname}
+
+    def dbt_env(self) -> dict[str, str]:
+        p = self.params
+        return {"CITYPULSE_PG_HOST": str(p["host"]), "CITYPULSE_PG_PORT": str(p["port"]),
+                "CITYPULSE_PG_USER": str(p["user"]), "CITYPULSE_PG_PASSWORD": str(p["password"]),
+                "CITYPULSE_PG_DBNAME": str(p["dbname"])}
+
+    def connect(self) -> Any:
+        import psycopg2
+
+        con = psycopg2.connect(**self.params, connect_timeout=10, options="-c TimeZone=UTC")
+        return con
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        con = self.connect()
+        try:
+            # psycopg2's connection context manager commits or rolls back (it does not close).
+            with con, con.cursor() as cur:
+                yield cur
+        finally:
+            con.close()
+
+    def _copy_csv(self, cur: Any, table: str, columns: Sequence[Column], data: bytes) -> None:
+        cur.copy_expert(f"copy {table} ({_names(columns)}) from stdin with (format csv, header true)",
+                        io.BytesIO(data))
+
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
+                       columns: Sequence[Column]) -> None:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        names = [col for col, _, _ in columns]
+        for key in keys:
+            data = pq.read_table(io.BytesIO(lake.read(key)), columns=names)
+            buf = io.BytesIO()
+            # Timestamps print as UTC ("...Z"); PostgreSQL drops the zone for `timestamp` columns.
+            pacsv.write_csv(data, buf)
+            self._copy_csv(cur, table, columns, buf.getvalue())
+
+    def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
+        self._copy_csv(cur, table, columns, lake.read(key))
+
+
+# --- Redshift -----------------------------------------------------------------------------
+
+class RedshiftWarehouse(Warehouse):
+    """Redshift through the Amazon provider's hook; the lake is read by COPY with an IAM role.
+
+    The role ARN comes from the connection's extra `copy_iam_role` (the cluster must have it
+    attached); COPY maps Parquet columns by position, and the staging tables share the
+    contract's column order with the lake files.
+    """
+
+    engine = "redshift"
+
+    def __init__(self, conn_id: str, copy_iam_role: str, dbt_params: dict[str, str]) -> None:
+        self.conn_id = conn_id
+        self.copy_iam_role = copy_iam_role
+        self.dbt_params = dbt_params
+
+    def dbt_env(self) -> dict[str, str]:
+        return {f"CITYPULSE_REDSHIFT_{k.upper()}": v for k, v in self.dbt_params.items()}
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        from airflow.providers.amazon.aws.hooks.redshift_sql import RedshiftSQLHook
+
+        con = RedshiftSQLHook(redshift_conn_id=self.conn_id).get_conn()
+        try:
+            cur = con.cursor()
+            try:
+                yield cur
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+        finally:
+            con.close()
+
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
+                       columns: Sequence[Column]) -> None:
+        # One COPY per listed file rather than per prefix: a prefix would also pick up any
+        # stray object, and the list is what the summary counts.
+        for key in keys:
+            cur.execute(f"copy {table} from {_quote(lake.uri(key))} "
+                        f"iam_role {_quote(self.copy_iam_role)} format as parquet")
+
+    def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
+        cur.execute(f"copy {table} ({_names(columns)}) from {_quote(lake.uri(key))} "
+                    f"iam_role {_quote(self.copy_iam_role)} format as csv ignoreheader 1")
+
+
+# --- selection by connection type -----------------------------------------------------------
+
+def _duckdb(conn: Any) -> Warehouse:
+    # `duckdb:///abs/path.duckdb` parses to schema "abs/path.duckdb"; extra {"path": ...} also works.
+    path = conn.extra_dejson.get("path") or conn.schema
+    if not path:
+        raise ValueError(f"connection {conn.conn_id!r}: give the DuckDB file as duckdb:///<absolute path> "
+                         "or extra {\"path\": ...}")
+    return DuckDBWarehouse(Path("/" + str(path).lstrip("/")))
+
+
+def _postgres(conn: Any) -> Warehouse:
+    return PostgresWarehouse(host=conn.host or "127.0.0.1", port=int(conn.port or 5432),
+                             user=conn.login or "postgres", password=conn.password or "",
+                             dbname=conn.schema or "postgres")
+
+
+def _redshift(conn: Any) -> Warehouse:
+    role = conn.extra_dejson.get("copy_iam_role")
+    if not role:
+        raise ValueError(f"connection {conn.conn_id!r}: extra 'copy_iam_role' (the COPY role ARN) is missing")
+    params = {"host": conn.host or "", "port": str(conn.port or 5439), "user": conn.login or "",
+              "password": conn.password or "", "dbname": conn.schema or ""}
+    return RedshiftWarehouse(conn.conn_id, role, params)
+
+
+ADAPTERS: dict[str, Callable[[Any], Warehouse]] = {
+    "duckdb": _duckdb,
+    "postgres": _postgres,
+    "postgresql": _postgres,
+    "redshift": _redshift,
+}
+
+
+def warehouse_from_connection(conn: Any) -> Warehouse:
+    """The adapter for an Airflow connection (anything with conn_type, host, schema, login, ...)."""
+    conn_type = (conn.conn_type or "").lower()
+    try:
+        factory = ADAPTERS[conn_type]
+    except KeyError:
+        raise ValueError(f"connection {conn.conn_id!r} has type {conn_type!r}; the warehouse needs one of "
+                         f"{sorted(ADAPTERS)}") from None
+    return factory(conn)

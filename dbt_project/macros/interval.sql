@@ -1,0 +1,64 @@
+{#
+    The half-open interval [interval_start, interval_end) a build covers, from --vars.
+
+    The hourly DAG passes the interval it loaded; incremental marts replace exactly the
+    buckets inside it (delete, then insert, in the model's transaction), so re-running an
+    hour changes nothing. Without vars an incremental build replaces everything.
+#}
+
+{% macro interval_bounds() -%}
+    {%- set start = var('interval_start', none) -%}
+    {%- set end = var('interval_end', none) -%}
+    {%- if start is none and end is none -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- if start is none or end is none -%}
+        {{ exceptions.raise_compiler_error("pass both interval_start and interval_end, or neither") }}
+    {%- endif -%}
+    {%- set parsed = [] -%}
+    {%- for value in [start, end] -%}
+        {%- set moment = modules.datetime.datetime.fromisoformat(value | string | replace('Z', '+00:00')) -%}
+        {#- Warehouse timestamps are UTC without a zone: bring an aware bound to UTC first. -#}
+        {%- if moment.tzinfo is not none -%}
+            {%- set moment = moment.astimezone(modules.datetime.timezone.utc) -%}
+        {%- endif -%}
+        {#- Buckets are 15 minutes: an unaligned bound would split one and duplicate its key. -#}
+        {%- if moment.minute % 15 != 0 or moment.second != 0 or moment.microsecond != 0 -%}
+            {{ exceptions.raise_compiler_error("interval bound " ~ value ~ " is not aligned to 15 minutes") }}
+        {%- endif -%}
+        {%- do parsed.append(moment.strftime('%Y-%m-%d %H:%M:%S')) -%}
+    {%- endfor -%}
+    {%- if parsed[0] >= parsed[1] -%}
+        {{ exceptions.raise_compiler_error("empty interval: " ~ parsed[0] ~ " >= " ~ parsed[1]) }}
+    {%- endif -%}
+    {{ return(parsed) }}
+{%- endmacro %}
+
+
+{% macro interval_window(column) -%}
+    {%- set bounds = interval_bounds() -%}
+    {%- if bounds is none -%}
+        1 = 1
+    {%- else -%}
+        {{ column }} >= cast('{{ bounds[0] }}' as timestamp)
+        and {{ column }} < cast('{{ bounds[1] }}' as timestamp)
+    {%- endif -%}
+{%- endmacro %}
+
+
+{#- Pre-hook of incremental marts: clear the interval's buckets before they are re-inserted. -#}
+{% macro delete_interval(column) -%}
+    {%- if is_incremental() -%}
+        delete from {{ this }} where {{ interval_window(column) }}
+    {%- endif -%}
+{%- endmacro %}
+
+
+{#- Start of the 15-minute bucket holding a timestamp, with cross-database macros only. -#}
+{% macro bucket_15min(column) -%}
+    {{ dbt.dateadd(
+        'minute',
+        '15 * cast(floor(extract(minute from ' ~ column ~ ') / 15) as integer)',
+        dbt.date_trunc('hour', column)
+    ) }}
+{%- endmacro %}

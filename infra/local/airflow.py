@@ -1,0 +1,273 @@
+"""Run the real `citypulse_hourly` DAG locally, for one interval, with `airflow dags test`.
+
+Place in the flow: the local platform's CLI calls `run_hourly` once the streaming path has
+landed an hour of readings in the (emulated) S3 lake. Airflow runs the same DAG file as
+MWAA; only configuration differs: a SQLite metadata DB under `airflow_home`, connections
+from `AIRFLOW_CONN_*` variables (DuckDB warehouse, `aws_default` reaching the emulators via
+the `AWS_ENDPOINT_URL_*` variables in `env`), settings from `CITYPULSE_*` variables.
+
+`airflow dags test` runs every task in one process, no scheduler or executor; the metadata
+DB is migrated once per `airflow_home` (cached by a marker file, ~11 s). The run's output
+goes to a log file; task states are read back from the metadata DB, and the run report
+from the lake, so the summary is the same one AWS runs produce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = REPO_ROOT / "dags"
+DAG_ID = "citypulse_hourly"
+# Locally the crawler's role is never assumed (the emulator does not check it), but the
+# Glue API requires one.
+LOCAL_CRAWLER_ROLE = "arn:aws:iam::000000000000:role/citypulse-glue-crawler"
+
+_MIGRATED_MARKER = ".citypulse-db-migrated"
+_TAIL_LINES = 60
+
+log = logging.getLogger(__name__)
+
+
+class AirflowRunError(RuntimeError):
+    """Airflow could not run the DAG at all (no DAG run recorded); the message has the log tail."""
+
+
+@dataclass(frozen=True)
+class HourlyRun:
+    """One local run of `citypulse_hourly`: its DAG run state, task states and run report."""
+
+    interval_start: datetime
+    interval_end: datetime
+    run_id: str
+    state: str
+    task_states: dict[str, str]
+    report: dict[str, Any] | None
+    log_path: Path
+    seconds: float
+    returncode: int
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "success"
+
+    def log_tail(self, lines: int = _TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
+
+
+def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def airflow_environment(env: Mapping[str, str], airflow_home: Path) -> dict[str, str]:
+    """The environment of the Airflow subprocesses: this process's, minus any Airflow
+    configuration it carries, plus `env`, plus the local Airflow settings."""
+    airflow_home = Path(airflow_home).resolve()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")) and k != "AIRFLOW_HOME"}
+    merged = {**base, **env}
+    region = merged.get("AWS_DEFAULT_REGION") or merged.get("AWS_REGION") or "us-east-1"
+    duckdb_path = merged.get("CITYPULSE_DUCKDB_PATH") or str(airflow_home / "warehouse.duckdb")
+    merged.setdefault("CITYPULSE_DUCKDB_PATH", duckdb_path)
+    merged.setdefault("CITYPULSE_GLUE_CRAWLER_ROLE", LOCAL_CRAWLER_ROLE)
+    # Connections as JSON: unambiguous for a file path, and no URI escaping of extras.
+    merged.setdefault("AIRFLOW_CONN_CITYPULSE_WAREHOUSE",
+                      json.dumps({"conn_type": "duckdb", "extra": {"path": duckdb_path}}))
+    merged.setdefault("AIRFLOW_CONN_AWS_DEFAULT",
+                      json.dumps({"conn_type": "aws", "extra": {"region_name": region}}))
+    python_path = [str(REPO_ROOT), str(DAGS_FOLDER)]
+    if merged.get("PYTHONPATH"):
+        python_path.append(merged["PYTHONPATH"])
+    merged.update({
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
+        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "False",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(airflow_home / "logs"),
+        "PYTHONPATH": os.pathsep.join(python_path),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return merged
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_logged(argv: list[str], env: Mapping[str, str], log_path: Path, timeout: float) -> int:
+    """Run a command with its output in `log_path`; kill its whole session on timeout."""
+    with log_path.open("w") as out:
+        out.write(f"$ {' '.join(argv)}\n")
+        out.flush()
+        process = subprocess.Popen(argv, env=dict(env), cwd=env["AIRFLOW_HOME"], stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C): leave no Airflow process behind.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+
+
+def ensure_metadata_db(airflow_home: Path, env: Mapping[str, str] | None = None, *,
+                       seed_from: Path | None = None, timeout: float = 300) -> None:
+    """`airflow db migrate` once per airflow_home and Airflow version (a marker file caches it).
+
+    `seed_from`: another airflow_home already migrated by this Airflow version; its database
+    (best right after its own migration, before it holds runs) is copied instead of migrating
+    again, which saves the ~11 s migration.
+    """
+    airflow_home = Path(airflow_home).resolve()
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    stamp = importlib.metadata.version("apache-airflow")
+    marker = airflow_home / _MIGRATED_MARKER
+    with _locked(airflow_home / ".citypulse-db.lock"):
+        if (airflow_home / "airflow.db").exists() and marker.exists() and marker.read_text() == stamp:
+            return
+        if seed_from is not None:
+            seed = Path(seed_from).resolve()
+            if (seed / _MIGRATED_MARKER).exists() and (seed / _MIGRATED_MARKER).read_text() == stamp:
+                with _locked(seed / ".citypulse-db.lock"):
+                    shutil.copyfile(seed / "airflow.db", airflow_home / "airflow.db")
+                marker.write_text(stamp)
+                return
+        full_env = airflow_environment(env or {}, airflow_home)
+        log_path = airflow_home / "db-migrate.log"
+        code = _run_logged([sys.executable, "-m", "airflow", "db", "migrate"], full_env, log_path, timeout)
+        if code != 0:
+            raise AirflowRunError(f"airflow db migrate failed (exit {code}); {log_path}:\n{_tail(log_path)}")
+        marker.write_text(stamp)
+
+
+def _parse_db_time(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(str(value))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def read_run_states(airflow_home: Path, interval_start: datetime) -> tuple[str, str, dict[str, str]] | None:
+    """(run_id, DAG run state, task states) of the latest run of the interval, from the metadata DB.
+
+    Mapped task instances are keyed `task_id[map_index]`; None if there is no such run.
+    """
+    db = Path(airflow_home).resolve() / "airflow.db"
+    if not db.exists():
+        return None
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        runs = con.execute("select run_id, state, data_interval_start from dag_run where dag_id = ? "
+                           "order by id desc", (DAG_ID,)).fetchall()
+        match = next((r for r in runs if _parse_db_time(r[2]) == interval_start), None)
+        if match is None:
+            return None
+        run_id, state, _ = match
+        rows = con.execute("select task_id, map_index, state from task_instance "
+                           "where dag_id = ? and run_id = ? order by task_id, map_index",
+                           (DAG_ID, run_id)).fetchall()
+    finally:
+        con.close()
+    tasks = {(task_id if map_index < 0 else f"{task_id}[{map_index}]"): state or "none"
+             for task_id, map_index, state in rows}
+    return str(run_id), str(state), tasks
+
+
+def read_report(env: Mapping[str, str], interval_start: datetime) -> dict[str, Any] | None:
+    """The run report the DAG wrote to the lake for this interval (None if it wrote none)."""
+    import boto3
+
+    from citypulse_batch.lake import Interval, Lake, report_key
+
+    bucket = env.get("CITYPULSE_LAKE_BUCKET")
+    if not bucket:
+        return None
+    client = boto3.client(
+        "s3",
+        endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        region_name=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=env.get("AWS_SESSION_TOKEN"),
+    )
+    return Lake(bucket, client).read_json(report_key(Interval.hour(interval_start)))
+
+
+def run_hourly(interval_start: datetime, env: Mapping[str, str], airflow_home: Path,
+               *, timeout: float = 900) -> HourlyRun:
+    """Run `citypulse_hourly` for the hour starting at `interval_start` (UTC) and report on it.
+
+    `env` carries the emulator endpoints and credentials (`AWS_*`), `CITYPULSE_LAKE_BUCKET`
+    and the other `CITYPULSE_*` settings, and optionally `AIRFLOW_CONN_*` / `AIRFLOW_VAR_*`
+    overrides. A failed DAG run is returned, not raised (its task states say what failed;
+    the log tail is logged); AirflowRunError means Airflow recorded no run at all.
+    """
+    if interval_start.tzinfo is None:
+        raise ValueError("interval_start must be timezone-aware (UTC)")
+    interval_start = interval_start.astimezone(UTC)
+    interval_end = interval_start + timedelta(hours=1)
+    airflow_home = Path(airflow_home).resolve()
+    ensure_metadata_db(airflow_home, env)
+    full_env = airflow_environment(env, airflow_home)
+
+    runs_dir = airflow_home / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    log_path = runs_dir / f"{DAG_ID}-{interval_start:%Y%m%dT%H%M}.log"
+    # For a data-interval timetable `dags test` infers the interval that ENDS at the given
+    # date ("the last complete period"), so pass the end to run [start, end).
+    argv = [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, interval_end.isoformat()]
+    started = time.monotonic()
+    try:
+        code = _run_logged(argv, full_env, log_path, timeout)
+    except subprocess.TimeoutExpired:
+        raise AirflowRunError(f"`airflow dags test` for {interval_start.isoformat()} did not finish within "
+                              f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}") from None
+    seconds = round(time.monotonic() - started, 1)
+
+    found = read_run_states(airflow_home, interval_start)
+    if found is None:
+        raise AirflowRunError(f"`airflow dags test` (exit {code}) recorded no run of {DAG_ID} for "
+                              f"{interval_start.isoformat()}; {log_path}:\n{_tail(log_path)}")
+    run_id, state, tasks = found
+    run = HourlyRun(interval_start, interval_end, run_id, state, tasks, read_report(full_env, interval_start),
+                    log_path, seconds, code)
+    if not run.succeeded:
+        failed = sorted(t for t, s in tasks.items() if s in ("failed", "upstream_failed"))
+        log.warning("%s %s: DAG run %s (%s); log %s, tail:\n%s", DAG_ID, interval_start.isoformat(), state,
+                    ", ".join(failed), log_path, run.log_tail())
+    return run

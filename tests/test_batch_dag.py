@@ -1,0 +1,176 @@
+"""DAG integrity of `citypulse_hourly`: parses fast with no I/O, and has the promised shape.
+
+Unit tests (no servers). The parse check runs in a fresh interpreter with sockets, SQLite
+and AWS clients refused, exactly as `python dags/citypulse_hourly.py` would run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DAGS = REPO / "dags"
+DAG_FILE = DAGS / "citypulse_hourly.py"
+
+_PARSE_PROBE = r"""
+import json, runpy, socket, sqlite3, sys, time
+
+import airflow.sdk  # the framework a DAG processor has loaded before it parses files
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("I/O while parsing the DAG file")
+
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+sqlite3.connect = refuse
+import botocore.session
+botocore.session.Session.create_client = refuse
+
+before = set(sys.modules)
+started = time.perf_counter()
+namespace = runpy.run_path(sys.argv[1], run_name="__main__")
+seconds = time.perf_counter() - started
+heavy = ("duckdb", "great_expectations", "dbt", "psycopg2", "pyarrow", "redshift_connector")
+print(json.dumps({
+    "seconds": seconds,
+    "dag_id": namespace["hourly_dag"].dag_id,
+    "heavy": sorted(m for m in set(sys.modules) - before if m.split(".")[0] in heavy),
+}))
+"""
+
+
+def test_dag_file_parses_in_under_two_seconds_without_io_or_heavy_imports(tmp_path: Path) -> None:
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)])}
+    done = subprocess.run([sys.executable, "-c", _PARSE_PROBE, str(DAG_FILE)], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["dag_id"] == "citypulse_hourly"
+    assert probe["heavy"] == []
+    assert probe["seconds"] < 2.0
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with pytest.MonkeyPatch.context() as patch:
+        # Airflow reads its home at import: keep its files out of the developer's ~/airflow.
+        patch.setenv("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow-home")))
+        patch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+        from airflow.dag_processing.dagbag import DagBag
+
+        bag = DagBag(dag_folder=str(DAGS))
+        assert bag.import_errors == {}
+        yield bag.dags["citypulse_hourly"]
+
+
+def _upstream_closure(dag: Any, task_id: str) -> set[str]:
+    seen: set[str] = set()
+    stack = [task_id]
+    while stack:
+        for up in dag.get_task(stack.pop()).upstream_task_ids:
+            if up not in seen:
+                seen.add(up)
+                stack.append(up)
+    return seen
+
+
+def test_dag_is_acyclic_and_only_the_dags_folder_dag_is_found(dag: Any) -> None:
+    state: dict[str, str] = {}
+
+    def visit(task_id: str) -> None:
+        if state.get(task_id) == "done":
+            return
+        assert state.get(task_id) != "open", f"cycle through {task_id}"
+        state[task_id] = "open"
+        for down in dag.get_task(task_id).downstream_task_ids:
+            visit(down)
+        state[task_id] = "done"
+
+    for task_id in dag.task_ids:
+        visit(task_id)
+    assert len(state) == len(dag.task_ids) == 12
+
+
+def test_every_task_has_owner_retries_backoff_timeout_and_failure_alert(dag: Any) -> None:
+    from citypulse_batch.events import on_task_failure
+
+    assert dag.owner == "citypulse-data"
+    assert {"citypulse", "batch", "hourly"} <= set(dag.tags)
+    assert dag.max_active_runs == 1
+    for task in dag.tasks:
+        assert task.owner == "citypulse-data"
+        assert task.retries >= 1, task.task_id
+        assert task.retry_exponential_backoff > 1, task.task_id
+        assert task.execution_timeout is not None and task.execution_timeout <= timedelta(hours=1), task.task_id
+        callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) \
+            else [task.on_failure_callback]
+        assert on_task_failure in callbacks, task.task_id
+
+
+def test_schedule_gives_hourly_data_intervals(dag: Any) -> None:
+    import pendulum
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    timetable = coerce_to_core_timetable(dag.timetable)
+    interval = timetable.infer_manual_data_interval(run_after=pendulum.datetime(2026, 3, 2, 11, tz="UTC"))
+    assert (interval.start, interval.end) == (datetime(2026, 3, 2, 10, tzinfo=UTC),
+                                              datetime(2026, 3, 2, 11, tzinfo=UTC))
+
+
+def test_steps_run_in_the_promised_order(dag: Any) -> None:
+    order = ["wait_for_partition", "crawler_exists", "run_crawler", "load_warehouse", "dbt_build",
+             "quality_check", "quicksight_datasets", "publish", "notify"]
+    for earlier, later in itertools.pairwise(order):
+        assert earlier in _upstream_closure(dag, later), f"{earlier} must run before {later}"
+    assert {"create_crawler", "update_crawler"} == set(dag.get_task("run_crawler").upstream_task_ids)
+
+
+def test_failed_checkpoint_blocks_publish_and_notify_but_not_the_report(dag: Any) -> None:
+    assert dag.get_task("publish").trigger_rule == "all_success"
+    assert dag.get_task("quicksight_datasets").trigger_rule == "all_success"
+    # Nothing to publish (no datasets configured) must not block the completion event ...
+    assert dag.get_task("notify").trigger_rule == "none_failed"
+    # ... and the report explains failed hours too.
+    report = dag.get_task("write_report")
+    assert report.trigger_rule == "all_done"
+    assert {"load_warehouse", "dbt_build", "quality_check"} == set(report.upstream_task_ids)
+    assert "quality_check" not in _upstream_closure(dag, "write_report") - set(report.upstream_task_ids)
+    assert dag.get_task("run_crawler").trigger_rule == "none_failed_min_one_success"
+
+
+def test_publish_is_mapped_over_the_configured_datasets(dag: Any) -> None:
+    publish = dag.get_task("publish")
+    assert publish.operator_name == "QuickSightCreateIngestionOperator"
+    assert publish.expand_input.value["data_set_id"].operator.task_id == "quicksight_datasets"
+    assert dag.get_task("notify").operator_name == "EventBridgePutEventsOperator"
+    assert dag.get_task("wait_for_partition").mode == "reschedule"
+
+
+def test_settings_come_from_variables_then_environment_and_missing_ones_say_where(
+        monkeypatch: pytest.MonkeyPatch, dag: Any) -> None:
+    from citypulse_batch.settings import MissingSettingError, setting, setting_list
+
+    monkeypatch.setenv("CITYPULSE_EVENT_BUS", "from-env")
+    assert setting("event_bus") == "from-env"
+    monkeypatch.setenv("AIRFLOW_VAR_CITYPULSE_EVENT_BUS", "from-variable")
+    assert setting("event_bus") == "from-variable"
+
+    monkeypatch.delenv("CITYPULSE_QUICKSIGHT_DATASET_IDS", raising=False)
+    assert setting_list("quicksight_dataset_ids") == []
+    monkeypatch.setenv("CITYPULSE_QUICKSIGHT_DATASET_IDS", " traffic-15min, ,zones ")
+    assert setting_list("quicksight_dataset_ids") == ["traffic-15min", "zones"]
+
+    monkeypatch.delenv("CITYPULSE_LAKE_BUCKET", raising=False)
+    with pytest.raises(MissingSettingError, match=r"citypulse_lake_bucket.*CITYPULSE_LAKE_BUCKET"):
+        setting("lake_bucket")

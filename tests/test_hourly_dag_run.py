@@ -1,0 +1,216 @@
+"""The real thing: `airflow dags test citypulse_hourly` against ministack S3/Glue/EventBridge.
+
+Integration tests. One module fixture runs Airflow three times through
+`infra.local.airflow.run_hourly` (the local CLI's entry point), two scenarios in parallel,
+each with its own bucket, crawler, bus, DuckDB warehouse and Airflow home:
+
+* good: the fixture lake interval, run twice - the second run must change nothing;
+* bad:  the same interval with one out-of-range speed written straight to the lake - the
+  checkpoint must fail, the publish must not run, and `PipelineFailed` must reach the bus.
+
+Events are observed the way an operator's subscriber would: an SQS queue behind a rule on
+the scenario's bus.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import duckdb
+import pytest
+from batch_lake import (
+    FixtureLake,
+    assert_zone_mart,
+    ministack_env,
+    s3_client,
+    unique_name,
+    write_fixture_lake,
+)
+
+from infra.local.airflow import HourlyRun, ensure_metadata_db, run_hourly
+from infra.local.emulators import Emulator
+
+pytestmark = pytest.mark.integration
+
+TABLES = ["raw.readings", "raw.sensor_registry", "raw.zones", "raw.quarantine_counts",
+          "marts.fct_zone_traffic_15min", "marts.dim_sensors"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    lake: FixtureLake
+    env: dict[str, str]
+    home: Path
+    queue_url: str
+    runs: list[HourlyRun] = field(default_factory=list)
+    snapshots: list[dict[str, list[tuple[Any, ...]]]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def warehouse(self) -> Path:
+        return Path(self.env["CITYPULSE_DUCKDB_PATH"])
+
+
+def _client(service: str, env: dict[str, str]) -> Any:
+    return boto3.client(service, endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id="test", aws_secret_access_key="test")
+
+
+def _scenario(name: str, base_env: dict[str, str], tmp: Path, bad_row: dict[str, Any] | None) -> Scenario:
+    bucket = unique_name(f"lake-{name}")
+    lake = write_fixture_lake(s3_client(base_env), bucket, bad_row=bad_row)
+    bus = unique_name(f"bus-{name}")
+    events, sqs = _client("events", base_env), _client("sqs", base_env)
+    events.create_event_bus(Name=bus)
+    queue_url = sqs.create_queue(QueueName=unique_name(f"events-{name}"))["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="batch-events", EventBusName=bus, EventPattern=json.dumps({"source": ["citypulse.batch"]}))
+    events.put_targets(Rule="batch-events", EventBusName=bus, Targets=[{"Id": "queue", "Arn": queue_arn}])
+    env = {
+        **base_env,
+        "CITYPULSE_LAKE_BUCKET": bucket,
+        "CITYPULSE_EVENT_BUS": bus,
+        "CITYPULSE_GLUE_CRAWLER": unique_name(f"crawler-{name}"),
+        "CITYPULSE_DUCKDB_PATH": str(tmp / f"{name}.duckdb"),
+    }
+    return Scenario(name, lake, env, tmp / f"airflow-{name}", queue_url)
+
+
+def _snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {t: con.execute(f"select * from {t} order by all").fetchall() for t in TABLES}
+    finally:
+        con.close()
+
+
+def _drain(scenario: Scenario) -> list[dict[str, Any]]:
+    sqs = _client("sqs", scenario.env)
+    out: list[dict[str, Any]] = []
+    while True:
+        # Long polling: the emulator answers as soon as a message is there, or after 1 s empty.
+        got = sqs.receive_message(QueueUrl=scenario.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        messages = got.get("Messages", [])
+        if not messages:
+            return out
+        for message in messages:
+            out.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=scenario.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _good(scenario: Scenario) -> None:
+    for _ in range(2):
+        scenario.runs.append(run_hourly(scenario.lake.start, scenario.env, scenario.home))
+        scenario.snapshots.append(_snapshot(scenario.warehouse))
+
+
+def _bad(scenario: Scenario) -> None:
+    scenario.runs.append(run_hourly(scenario.lake.start, scenario.env, scenario.home))
+
+
+@pytest.fixture(scope="module")
+def scenarios(ministack: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Scenario]]:
+    tmp = tmp_path_factory.mktemp("hourly")
+    base_env = ministack_env(ministack)
+    good = _scenario("good", base_env, tmp, None)
+    bad = _scenario("bad", base_env, tmp, {"avg_speed_kmh": 400.0})
+    ensure_metadata_db(good.home, good.env)
+    ensure_metadata_db(bad.home, bad.env, seed_from=good.home)
+    # Two Airflow homes, two processes: the scenarios share nothing but the emulator.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(_good, good), pool.submit(_bad, bad)]
+        for future in futures:
+            future.result()
+    for scenario in (good, bad):
+        scenario.events = _drain(scenario)
+    yield {"good": good, "bad": bad}
+
+
+def _explain(run: HourlyRun) -> str:
+    return f"{run.state} {run.task_states}\n{run.log_tail()}"
+
+
+def test_hourly_run_succeeds_and_publishes_nothing_when_no_datasets_are_configured(scenarios) -> None:
+    first, second = scenarios["good"].runs
+    for run in (first, second):
+        assert run.succeeded, _explain(run)
+        for task in ("wait_for_partition", "crawler_exists", "run_crawler", "load_warehouse", "dbt_build",
+                     "quality_check", "quicksight_datasets", "write_report", "notify"):
+            assert run.task_states[task] == "success", (task, _explain(run))
+        assert run.task_states["publish"] == "skipped"  # mapped over an empty list
+    # The crawler is created once, then updated: re-runs do not fail on an existing crawler.
+    assert (first.task_states["create_crawler"], first.task_states["update_crawler"]) == ("success", "skipped")
+    assert (second.task_states["create_crawler"], second.task_states["update_crawler"]) == ("skipped", "success")
+
+
+def test_warehouse_holds_exactly_the_lakes_distinct_interval_rows(scenarios) -> None:
+    good = scenarios["good"]
+    readings = good.snapshots[0]["raw.readings"]
+    assert set(readings) == good.lake.expected_rows()
+    assert len(readings) == len(good.lake.expected_rows()) == 60
+
+
+def test_mart_is_built_from_the_loaded_interval(scenarios) -> None:
+    good = scenarios["good"]
+    mart = good.snapshots[0]["marts.fct_zone_traffic_15min"]
+    assert_zone_mart(mart, good.lake)
+    assert sum(row[3] for row in mart) == 60  # reading_count over all buckets
+    assert len(good.snapshots[0]["marts.dim_sensors"]) == 12
+
+
+def test_report_says_checkpoint_passed_with_the_load_counts(scenarios) -> None:
+    report = scenarios["good"].runs[0].report
+    assert report is not None
+    assert (report["status"], report["failed_step"]) == ("succeeded", None)
+    assert report["interval"] == {"start": "2026-03-02T10:00:00Z", "end": "2026-03-02T11:00:00Z"}
+    assert (report["rows_loaded"], report["duplicates_dropped"], report["quarantined"]) == (60, 1, 3)
+    assert report["expectations_evaluated"] == report["expectations_passed"] > 40
+    assert (report["dbt_models_passed"], report["dbt_models_failed"], report["dbt_tests_failed"]) == (6, 0, 0)
+
+
+def test_second_run_of_the_same_interval_changes_nothing(scenarios) -> None:
+    first, second = scenarios["good"].snapshots
+    assert first == second
+    assert scenarios["good"].runs[1].report["rows_loaded"] == 60
+
+
+def test_each_completed_run_puts_hourly_load_completed_on_the_bus(scenarios) -> None:
+    events = scenarios["good"].events
+    assert [e["detail-type"] for e in events] == ["HourlyLoadCompleted", "HourlyLoadCompleted"]
+    detail = events[0]["detail"]
+    assert (detail["status"], detail["rows_loaded"], detail["interval"]["start"]) == \
+        ("succeeded", 60, "2026-03-02T10:00:00Z")
+    assert detail["report_uri"].endswith("reports/hourly/dt=2026-03-02/hour=10/report.json")
+
+
+def test_out_of_range_row_fails_the_checkpoint_so_nothing_is_published(scenarios) -> None:
+    bad = scenarios["bad"]
+    (run,) = bad.runs
+    assert run.state == "failed", _explain(run)
+    assert run.task_states["dbt_build"] == "success"
+    assert run.task_states["quality_check"] == "failed"
+    for task in ("quicksight_datasets", "publish", "notify"):
+        assert run.task_states[task] == "upstream_failed", (task, _explain(run))
+    assert run.task_states["write_report"] == "success"
+
+    report = run.report
+    assert (report["status"], report["failed_step"]) == ("failed", "expectations")
+    assert report["expectations_passed"] == report["expectations_evaluated"] - 1
+    (failure,) = report["steps"]["expectations"]["failures"]
+    assert (failure["column"], failure["unexpected_sample"]) == ("avg_speed_kmh", [400.0])
+
+
+def test_failed_checkpoint_alerts_pipeline_failed_and_never_completed(scenarios) -> None:
+    events = scenarios["bad"].events
+    assert [e["detail-type"] for e in events] == ["PipelineFailed"]
+    detail = events[0]["detail"]
+    assert (detail["dag_id"], detail["task_id"]) == ("citypulse_hourly", "quality_check")
+    assert "avg_speed_kmh" in detail["error"]
+    assert detail["interval"]["start"].startswith("2026-03-02T10:00:00")

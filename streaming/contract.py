@@ -51,21 +51,27 @@ EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
 READING_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("sensor_id", "string", True, "Detector id from the sensor registry.",
-              max_length=64, pattern=_ID_PATTERN),
-    FieldSpec("zone_id", "string", True, "Zone the detector reports for.",
-              max_length=32, pattern=_ID_PATTERN),
+    FieldSpec("sensor_id", "string", True, "Detector id from the sensor registry.", max_length=64, pattern=_ID_PATTERN),
+    FieldSpec("zone_id", "string", True, "Zone the detector reports for.", max_length=32, pattern=_ID_PATTERN),
     FieldSpec("ts", "timestamp", True, "End of the measuring interval, UTC, ISO-8601 with milliseconds."),
-    FieldSpec("seq", "integer", True, "Per-sensor monotonic sequence number; (sensor_id, seq) is unique.",
-              minimum=0, maximum=MAX_SEQ),
-    FieldSpec("vehicle_count", "integer", True, "Vehicles counted in the interval.",
-              minimum=0, maximum=MAX_VEHICLE_COUNT),
-    FieldSpec("avg_speed_kmh", "number", False, "Mean speed in km/h; absent on count-only detectors.",
-              minimum=0, maximum=250),
-    FieldSpec("occupancy_pct", "number", False, "Share of the interval the detector was occupied, %.",
-              minimum=0, maximum=100),
-    FieldSpec("congestion_index", "number", True, "0 = free flow, 1 = standstill.",
-              minimum=0, maximum=1),
+    FieldSpec(
+        "seq",
+        "integer",
+        True,
+        "Per-sensor monotonic sequence number; (sensor_id, seq) is unique.",
+        minimum=0,
+        maximum=MAX_SEQ,
+    ),
+    FieldSpec(
+        "vehicle_count", "integer", True, "Vehicles counted in the interval.", minimum=0, maximum=MAX_VEHICLE_COUNT
+    ),
+    FieldSpec(
+        "avg_speed_kmh", "number", False, "Mean speed in km/h; absent on count-only detectors.", minimum=0, maximum=250
+    ),
+    FieldSpec(
+        "occupancy_pct", "number", False, "Share of the interval the detector was occupied, %.", minimum=0, maximum=100
+    ),
+    FieldSpec("congestion_index", "number", True, "0 = free flow, 1 = standstill.", minimum=0, maximum=1),
     FieldSpec("lane", "integer", True, "Lane number, 1 = kerbside.", minimum=1, maximum=16),
 )
 
@@ -75,8 +81,14 @@ KEY_FIELDS: tuple[str, str] = ("sensor_id", "seq")
 # Columns the processor adds when it lands a reading in the lake. Event time (`ts`)
 # decides the lake partition (dt=/hour=), so an hourly load reads exactly its interval.
 LAKE_EXTRA_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("gateway_id", "string", True, "Gateway (MQTT client) that delivered the reading.",
-              max_length=64, pattern=_ID_PATTERN),
+    FieldSpec(
+        "gateway_id",
+        "string",
+        True,
+        "Gateway (MQTT client) that delivered the reading.",
+        max_length=64,
+        pattern=_ID_PATTERN,
+    ),
     FieldSpec("received_at", "timestamp", True, "When the ingestion rule received the message."),
     FieldSpec("processed_at", "timestamp", True, "When the processor validated the reading."),
 )
@@ -132,8 +144,9 @@ _LATEST_MS = int(LATEST_TS.timestamp() * 1000)
 def parse_ts_ms(value: Any, field: str = "ts") -> int:
     """Parse a contract timestamp to epoch milliseconds, or raise ContractError."""
     if not isinstance(value, str) or not _TS_RE.fullmatch(value):
-        raise ContractError("bad_timestamp", f"{field}={_show(value)} is not ISO-8601 UTC like "
-                                             "2026-11-23T18:00:00.000Z")
+        raise ContractError(
+            "bad_timestamp", f"{field}={_show(value)} is not ISO-8601 UTC like 2026-11-23T18:00:00.000Z"
+        )
     try:
         dt = datetime.fromisoformat(value)
     except ValueError as exc:
@@ -166,8 +179,10 @@ def _identifier(obj: dict[str, Any], spec: FieldSpec, who: str) -> str:
     if not isinstance(value, str):
         raise ContractError("wrong_type", f"{who}: {spec.name}={_show(value)} is not a string")
     if not is_plain_id(value, spec.max_length or 0):
-        raise ContractError("bad_identifier", f"{who}: {spec.name}={_show(value)} is not a plain id of "
-                                              f"at most {spec.max_length} characters")
+        raise ContractError(
+            "bad_identifier",
+            f"{who}: {spec.name}={_show(value)} is not a plain id of at most {spec.max_length} characters",
+        )
     return value
 
 
@@ -189,8 +204,7 @@ def _integer(obj: dict[str, Any], spec: FieldSpec, who: str) -> int:
         else:
             raise ContractError("wrong_type", f"{who}: {spec.name}={_show(value)} is not an integer")
     if not spec.minimum <= value <= spec.maximum:  # type: ignore[operator]
-        raise ContractError("out_of_range", f"{who}: {spec.name}={value} is outside "
-                                            f"{spec.minimum:g}..{spec.maximum:g}")
+        raise ContractError("out_of_range", f"{who}: {spec.name}={value} is outside {spec.minimum:g}..{spec.maximum:g}")
     return value
 
 
@@ -205,8 +219,9 @@ def _number(obj: dict[str, Any], spec: FieldSpec, who: str) -> float | None:
     if not math.isfinite(value):
         raise ContractError("not_finite", f"{who}: {spec.name}={value} is not finite")
     if not spec.minimum <= value <= spec.maximum:  # type: ignore[operator]
-        raise ContractError("out_of_range", f"{who}: {spec.name}={value:g} is outside "
-                                            f"{spec.minimum:g}..{spec.maximum:g}")
+        raise ContractError(
+            "out_of_range", f"{who}: {spec.name}={value:g} is outside {spec.minimum:g}..{spec.maximum:g}"
+        )
     return float(value)
 
 
@@ -268,6 +283,7 @@ def gateway_message(gateway_id: str, zone_id: str, sent_at_ms: int, readings: li
 
 
 # --- derived artefacts ------------------------------------------------------------------
+
 
 def json_schema() -> dict[str, Any]:
     """The reading contract as JSON Schema (draft 2020-12), for devices and partners."""

@@ -29,9 +29,36 @@ _BLOCKS_PER_ZONE = 4  # streets every 250 m
 _ORIGIN = (52.3000, 4.8000)  # south-west corner of the synthetic city
 _KM_PER_DEG_LAT = 111.32
 _STREET_NAMES = (
-    "Oak", "Maple", "Cedar", "Elm", "Pine", "Birch", "Willow", "Ash", "Linden", "Poplar",
-    "Chestnut", "Alder", "Hazel", "Rowan", "Juniper", "Beech", "Spruce", "Laurel", "Holly", "Cypress",
-    "Magnolia", "Sycamore", "Hawthorn", "Larch", "Yew", "Aspen", "Fir", "Hemlock", "Walnut", "Olive",
+    "Oak",
+    "Maple",
+    "Cedar",
+    "Elm",
+    "Pine",
+    "Birch",
+    "Willow",
+    "Ash",
+    "Linden",
+    "Poplar",
+    "Chestnut",
+    "Alder",
+    "Hazel",
+    "Rowan",
+    "Juniper",
+    "Beech",
+    "Spruce",
+    "Laurel",
+    "Holly",
+    "Cypress",
+    "Magnolia",
+    "Sycamore",
+    "Hawthorn",
+    "Larch",
+    "Yew",
+    "Aspen",
+    "Fir",
+    "Hemlock",
+    "Walnut",
+    "Olive",
 )
 
 
@@ -115,8 +142,7 @@ def generate_city(sensors: int = 50_000, zones: int = 256, seed: int = 7) -> Cit
         row, col = divmod(index, side)
         ztype = _zone_type(row, col, side)
         lat, lon = coords((col + 0.5) * _ZONE_KM, (row + 0.5) * _ZONE_KM)
-        zone_list.append(Zone(f"Z-{index:03d}", f"{ztype.title()} {row:02d}-{col:02d}", ztype,
-                              row, col, lat, lon))
+        zone_list.append(Zone(f"Z-{index:03d}", f"{ztype.title()} {row:02d}-{col:02d}", ztype, row, col, lat, lon))
 
     counts = _apportion(sensors, [_DENSITY[z.zone_type] for z in zone_list])
     sensor_list: list[Sensor] = []
@@ -142,19 +168,21 @@ def generate_city(sensors: int = 50_000, zones: int = 256, seed: int = 7) -> Cit
             road = f"{name}{suffix}" if zone.zone_type != "highway" else f"A{10 + global_street % 3} Ring"
             lanes = rng.randint(lo, hi)
             lat, lon = coords(x, y)
-            sensor_list.append(Sensor(
-                sensor_id=f"S-{len(sensor_list):06d}",
-                zone_id=zone.zone_id,
-                gateway_id=f"gw-{zindex:03d}-{k // SENSORS_PER_GATEWAY:02d}",
-                zone_type=zone.zone_type,
-                road=road,
-                direction=direction,
-                lane=rng.randint(1, lanes),
-                lanes=lanes,
-                speed_limit_kmh=_SPEED_LIMIT[zone.zone_type],
-                lat=lat,
-                lon=lon,
-            ))
+            sensor_list.append(
+                Sensor(
+                    sensor_id=f"S-{len(sensor_list):06d}",
+                    zone_id=zone.zone_id,
+                    gateway_id=f"gw-{zindex:03d}-{k // SENSORS_PER_GATEWAY:02d}",
+                    zone_type=zone.zone_type,
+                    road=road,
+                    direction=direction,
+                    lane=rng.randint(1, lanes),
+                    lanes=lanes,
+                    speed_limit_kmh=_SPEED_LIMIT[zone.zone_type],
+                    lat=lat,
+                    lon=lon,
+                )
+            )
     return City(seed=seed, zones=tuple(zone_list), sensors=tuple(sensor_list))
 
 
@@ -189,6 +217,7 @@ def load_registry(data: bytes) -> dict[str, Sensor]:
     out: dict[str, Sensor] = {}
     for row in reader:
         sid, zone, gw, ztype, road, direction, lane, lanes, limit, lat, lon = row
-        out[sid] = Sensor(sid, zone, gw, ztype, road, direction, int(lane), int(lanes), int(limit),
-                          float(lat), float(lon))
+        out[sid] = Sensor(
+            sid, zone, gw, ztype, road, direction, int(lane), int(lanes), int(limit), float(lat), float(lon)
+        )
     return out

@@ -82,8 +82,12 @@ def test_missing_required_field_is_named() -> None:
 
 
 _values = st.one_of(
-    st.none(), st.booleans(), st.integers(-10, 300), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["S-1", "Z-2", "2026-11-23T18:00:00.000Z", "2026-11-23T18:00:00Z"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["S-1", "Z-2", "2026-11-23T18:00:00.000Z", "2026-11-23T18:00:00Z"]),
 )
 
 

@@ -54,8 +54,13 @@ def test_demo_accounts_for_every_reading_and_down_leaves_nothing(tmp_path: Path)
     state = tmp_path / "state"
     cli = [sys.executable, "-m", "infra.local.cli", "--state-dir", str(state)]
     try:
-        demo = subprocess.run([*cli, "demo", "--sensors", "400", "--duration", "20", "--seed", "11"],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+        demo = subprocess.run(
+            [*cli, "demo", "--sensors", "400", "--duration", "20", "--seed", "11"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         output = demo.stdout + demo.stderr
         assert demo.returncode == 0, output[-6000:]
         info = PlatformInfo.load(state)
@@ -67,8 +72,10 @@ def test_demo_accounts_for_every_reading_and_down_leaves_nothing(tmp_path: Path)
         assert listening, "the platform's servers should be listening"
         assert all(_is_loopback(a) for a in listening.values()), listening
 
-        counts = {k: int(v.replace(",", "")) for k, v in
-                  re.findall(r"(published|stored|quarantined|duplicates)=([\d,]+)", output)}
+        counts = {
+            k: int(v.replace(",", ""))
+            for k, v in re.findall(r"(published|stored|quarantined|duplicates)=([\d,]+)", output)
+        }
         assert counts["published"] == counts["stored"] + counts["quarantined"], output[-3000:]
         assert counts["published"] == 60 * 400  # one reading per sensor per simulated minute
         assert counts["quarantined"] > 0 and counts["duplicates"] > 0  # the faults were injected

@@ -66,10 +66,16 @@ def _poller(stream: str, handler: Any, tmp_path: Path, **config: Any) -> ShardPo
     k = boto3.client("kinesis")
     shard = k.list_shards(StreamName=stream)["Shards"][0]["ShardId"]
     failures: list[dict[str, Any]] = []
-    p = ShardPoller(kinesis=k, stream_name=stream, shard_id=shard, handler=handler, function_name="test",
-                    checkpoint=Checkpoint(tmp_path / f"{shard}.seq"),
-                    config=MappingConfig(**{"batching_window_s": 0.05, "batch_size": 500, **config}),
-                    on_failure=failures.append)
+    p = ShardPoller(
+        kinesis=k,
+        stream_name=stream,
+        shard_id=shard,
+        handler=handler,
+        function_name="test",
+        checkpoint=Checkpoint(tmp_path / f"{shard}.seq"),
+        config=MappingConfig(**{"batching_window_s": 0.05, "batch_size": 500, **config}),
+        on_failure=failures.append,
+    )
     p.failures = failures  # type: ignore[attr-defined]
     return p
 
@@ -162,9 +168,23 @@ def test_a_killed_poller_resumes_and_misses_nothing(stream: str, tmp_path: Path,
     import boto3
 
     shard = boto3.client("kinesis").list_shards(StreamName=stream)["Shards"][0]["ShardId"]
-    argv = [sys.executable, "-m", "infra.local.poller", "--stream", stream, "--shard", shard,
-            "--handler", "recording_handler.handler", "--checkpoint-dir", str(tmp_path / "cp"),
-            "--batch-size", "200", "--batching-window", "0"]
+    argv = [
+        sys.executable,
+        "-m",
+        "infra.local.poller",
+        "--stream",
+        stream,
+        "--shard",
+        shard,
+        "--handler",
+        "recording_handler.handler",
+        "--checkpoint-dir",
+        str(tmp_path / "cp"),
+        "--batch-size",
+        "200",
+        "--batching-window",
+        "0",
+    ]
 
     def lines() -> list[bytes]:
         return out.read_bytes().splitlines() if out.exists() else []

@@ -1,10 +1,10 @@
 """`citypulse`: the command line of the local platform.
 
-    citypulse demo     start everything, play a city-hour through the real flow, run the
-                       hourly DAG, print the accounting (the platform's main job)
-    citypulse up       start the local platform (emulators, broker, rule bridge, pollers)
-    citypulse status   what is running, where
-    citypulse down     stop everything `up` started
+citypulse demo     start everything, play a city-hour through the real flow, run the
+                   hourly DAG, print the accounting (the platform's main job)
+citypulse up       start the local platform (emulators, broker, rule bridge, pollers)
+citypulse status   what is running, where
+citypulse down     stop everything `up` started
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def _state_dir(args: argparse.Namespace) -> Path:
 def cmd_up(args: argparse.Namespace) -> int:
     info = up(_state_dir(args), sensors=args.sensors, seed=args.seed, fresh=not args.keep)
     print(info.provision_report)
-    print(f"ready: AWS emulator {info.endpoints['ministack']}, Kinesis {info.endpoints['kinesis']}, "
-          f"MQTT {info.endpoints['mqtt']}")
+    print(
+        f"ready: AWS emulator {info.endpoints['ministack']}, Kinesis {info.endpoints['kinesis']}, "
+        f"MQTT {info.endpoints['mqtt']}"
+    )
     return 0
 
 
@@ -41,8 +43,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("the local platform has never been started here")
         return 1
     running = info.state == "ready" and pid_alive(info.supervisor_pid)
-    print(f"platform: {info.state if running or info.state != 'ready' else 'not running (stale)'}"
-          f" (state in {info.state_dir})")
+    print(
+        f"platform: {info.state if running or info.state != 'ready' else 'not running (stale)'}"
+        f" (state in {info.state_dir})"
+    )
     if info.error:
         print(f"error: {info.error}")
     for name, pid in info.pids.items():
@@ -62,8 +66,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="citypulse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="citypulse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--state-dir", help="where the local platform keeps its state (default: ./.citypulse)")
     sub = parser.add_subparsers(dest="command", required=True)
 

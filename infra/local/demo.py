@@ -42,8 +42,11 @@ def read_accounting() -> Accounting:
 
     from streaming.processor.store import StateStore
 
-    store = StateStore(boto3.client("dynamodb"), os.environ["CITYPULSE_PROCESSOR_STATE_TABLE"],
-                       os.environ["CITYPULSE_ZONE_METRICS_TABLE"])
+    store = StateStore(
+        boto3.client("dynamodb"),
+        os.environ["CITYPULSE_PROCESSOR_STATE_TABLE"],
+        os.environ["CITYPULSE_ZONE_METRICS_TABLE"],
+    )
     totals: dict[str, int] = {}
     for zone in store.scan_zone_states():
         for k, v in zone.counters.items():
@@ -58,8 +61,11 @@ def read_accounting() -> Accounting:
         duplicates=totals.get("duplicates", 0),
         late=totals.get("late", 0),
         quarantined_messages=totals.get("quarantined_messages", 0),
-        reasons={k.removeprefix("quarantined_"): v for k, v in sorted(totals.items())
-                 if k.startswith("quarantined_") and k != "quarantined_messages"},
+        reasons={
+            k.removeprefix("quarantined_"): v
+            for k, v in sorted(totals.items())
+            if k.startswith("quarantined_") and k != "quarantined_messages"
+        },
     )
 
 
@@ -146,17 +152,26 @@ class DemoResult:
     @property
     def balanced(self) -> bool:
         sim, acc = self.simulation, self.accounting
-        return (sim.readings == acc.stored + acc.quarantined
-                and acc.received == sim.readings + sim.duplicate_readings
-                and acc.duplicates == sim.duplicate_readings)
+        return (
+            sim.readings == acc.stored + acc.quarantined
+            and acc.received == sim.readings + sim.duplicate_readings
+            and acc.duplicates == sim.duplicate_readings
+        )
 
     @property
     def ok(self) -> bool:
         return self.balanced and self.dag is not None and self.dag.succeeded
 
 
-def run_demo(state_dir: Path, *, sensors: int, duration_s: float, seed: int, echo: Callable[[str], None] = print,
-             drain_timeout_s: float = 180.0) -> DemoResult:
+def run_demo(
+    state_dir: Path,
+    *,
+    sensors: int,
+    duration_s: float,
+    seed: int,
+    echo: Callable[[str], None] = print,
+    drain_timeout_s: float = 180.0,
+) -> DemoResult:
     """The main job. Raises PlatformError if the platform cannot start."""
     from infra.local.airflow import run_hourly
     from infra.local.certs import LocalCA
@@ -177,15 +192,23 @@ def run_demo(state_dir: Path, *, sensors: int, duration_s: float, seed: int, ech
 
     def connect(gateway_id: str) -> Gateway:
         identity = ca.device_identity(gateway_id)  # one X.509 certificate per device
-        gateway = Gateway(gateway_id, endpoint=host, port=port, cert_path=identity.cert_path,
-                          key_path=identity.key_path, ca_path=ca.cert_path)
+        gateway = Gateway(
+            gateway_id,
+            endpoint=host,
+            port=port,
+            cert_path=identity.cert_path,
+            key_path=identity.key_path,
+            ca_path=ca.cert_path,
+        )
         gateway.connect()
         return gateway
 
     def progress(minute: int, sim: Any) -> None:
         if minute % 10 == 9 or minute == 0:
-            echo(f"  simulated {minute + 1:2d} of 60 minutes: {sim.readings:,} readings in {sim.messages:,} "
-                 f"gateway messages ({sim.duplicate_messages} resent)")
+            echo(
+                f"  simulated {minute + 1:2d} of 60 minutes: {sim.readings:,} readings in {sim.messages:,} "
+                f"gateway messages ({sim.duplicate_messages} resent)"
+            )
 
     hour_label = time.strftime("%Y-%m-%d %H:00 UTC", time.gmtime(hour_start / 1000))
     echo(f"publishing the city-hour {hour_label} from {len(city.gateways())} gateways over MQTT + mutual TLS")
@@ -198,28 +221,42 @@ def run_demo(state_dir: Path, *, sensors: int, duration_s: float, seed: int, ech
 
     dag = run_hourly(datetime.fromtimestamp(hour_start / 1000, UTC), info.env, state_dir / "airflow")
     return DemoResult(
-        sensors=sensors, hour_start_ms=hour_start, simulation=sim, accounting=acc,
-        latency=latency_percentiles(state_dir / "logs"), alerts=read_alert_feed(), dag=dag,
-        seconds=time.monotonic() - started, info=info,
+        sensors=sensors,
+        hour_start_ms=hour_start,
+        simulation=sim,
+        accounting=acc,
+        latency=latency_percentiles(state_dir / "logs"),
+        alerts=read_alert_feed(),
+        dag=dag,
+        seconds=time.monotonic() - started,
+        info=info,
     )
 
 
 def _dag_lines(run: Any) -> list[str]:
     failed = sorted(t for t, state in run.task_states.items() if state in ("failed", "upstream_failed"))
     done = sum(1 for state in run.task_states.values() if state == "success")
-    lines = [f"dag        citypulse_hourly {run.interval_start:%Y-%m-%d %H:%M}Z: {run.state} in {run.seconds:.0f} s "
-             f"({done} tasks succeeded, {len(run.task_states) - done - len(failed)} skipped"
-             + (f", failed: {', '.join(failed)})" if failed else ")")]
+    lines = [
+        f"dag        citypulse_hourly {run.interval_start:%Y-%m-%d %H:%M}Z: {run.state} in {run.seconds:.0f} s "
+        f"({done} tasks succeeded, {len(run.task_states) - done - len(failed)} skipped"
+        + (f", failed: {', '.join(failed)})" if failed else ")")
+    ]
     steps = (run.report or {}).get("steps", {})
     if load := steps.get("load"):
-        lines.append(f"warehouse  {load['engine']}: {load['rows_loaded']:,} rows loaded from {load['reading_files']} "
-                     f"lake files ({load['duplicates_dropped']} duplicates dropped), {load['sensors']:,} sensors")
+        lines.append(
+            f"warehouse  {load['engine']}: {load['rows_loaded']:,} rows loaded from {load['reading_files']} "
+            f"lake files ({load['duplicates_dropped']} duplicates dropped), {load['sensors']:,} sensors"
+        )
     if dbt := steps.get("dbt"):
-        lines.append(f"dbt        target {dbt['target']}: models {dbt['models_passed']} passed, {dbt['models_failed']} "
-                     f"failed; tests {dbt['tests_passed']} passed, {dbt['tests_failed']} failed")
+        lines.append(
+            f"dbt        target {dbt['target']}: models {dbt['models_passed']} passed, {dbt['models_failed']} "
+            f"failed; tests {dbt['tests_passed']} passed, {dbt['tests_failed']} failed"
+        )
     if gx := steps.get("expectations"):
-        lines.append(f"checks     Great Expectations suite {gx['suite']}: {gx['passed']} of {gx['evaluated']} "
-                     f"expectations passed on {gx['rows']:,} rows")
+        lines.append(
+            f"checks     Great Expectations suite {gx['suite']}: {gx['passed']} of {gx['evaluated']} "
+            f"expectations passed on {gx['rows']:,} rows"
+        )
     return lines
 
 
@@ -236,8 +273,10 @@ def render_summary(r: DemoResult, state_dir: Path) -> str:
         lines.append("           quarantine reasons: " + ", ".join(f"{k}={v}" for k, v in acc.reasons.items()))
     lat = r.latency
     if "p50" in lat:
-        lines.append(f"latency    publish -> queryable in the live store: p50 {lat['p50']:.2f} s, "
-                     f"p99 {lat['p99']:.2f} s over {int(lat['messages']):,} gateway messages")
+        lines.append(
+            f"latency    publish -> queryable in the live store: p50 {lat['p50']:.2f} s, "
+            f"p99 {lat['p99']:.2f} s over {int(lat['messages']):,} gateway messages"
+        )
     alerts = ", ".join(f"{k}={v}" for k, v in sorted(r.alerts.items())) or "none"
     lines.append(f"alerts     delivered through EventBridge to the alert feed: {alerts}")
     if r.dag is not None:

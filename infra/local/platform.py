@@ -101,8 +101,15 @@ def pid_alive(pid: int) -> bool:
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
     log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=REPO_ROOT, start_new_session=True)
+    return subprocess.Popen(
+        argv,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
 
 
 def _wait_for_line(proc: subprocess.Popen[bytes], log: Path, marker: bytes, timeout: float) -> None:
@@ -142,8 +149,9 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
 
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    info = PlatformInfo(state="starting", supervisor_pid=os.getpid(), state_dir=str(state_dir),
-                        sensors=sensors, seed=seed)
+    info = PlatformInfo(
+        state="starting", supervisor_pid=os.getpid(), state_dir=str(state_dir), sensors=sensors, seed=seed
+    )
     info.save(state_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -171,8 +179,12 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         env.update(report.processor_env)
         # What the local tools (CLI, DAG connections, dashboard) need from the stack outputs.
         out = report.outputs
-        env.update(CITYPULSE_STREAM=out["TelemetryStreamName"], CITYPULSE_ALERT_FEED_QUEUE_URL=out["AlertFeedQueueUrl"],
-                   CITYPULSE_GLUE_DATABASE=out["GlueDatabaseName"], CITYPULSE_CRAWLER=out["RawReadingsCrawlerName"])
+        env.update(
+            CITYPULSE_STREAM=out["TelemetryStreamName"],
+            CITYPULSE_ALERT_FEED_QUEUE_URL=out["AlertFeedQueueUrl"],
+            CITYPULSE_GLUE_DATABASE=out["GlueDatabaseName"],
+            CITYPULSE_CRAWLER=out["RawReadingsCrawlerName"],
+        )
         esm = report.event_source_mappings[0]
         rule = report.topic_rule
         stream = next(s for s in report.streams if s.name == esm.stream_name)
@@ -182,8 +194,11 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         city = demo_city(sensors, seed)
         s3 = boto3.client("s3")
         bucket = env["CITYPULSE_LAKE_BUCKET"]
-        s3.put_object(Bucket=bucket, Key=env.get("CITYPULSE_REGISTRY_KEY", "registry/sensor_registry.csv"),
-                      Body=registry_csv(city))
+        s3.put_object(
+            Bucket=bucket,
+            Key=env.get("CITYPULSE_REGISTRY_KEY", "registry/sensor_registry.csv"),
+            Body=registry_csv(city),
+        )
         s3.put_object(Bucket=bucket, Key="registry/zones.csv", Body=zones_csv(city))
 
         step("starting Mosquitto with mutual TLS and per-device ACLs")
@@ -192,16 +207,41 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         stoppers.append(broker)
         info.pids["mosquitto"] = broker.process.pid
         info.endpoints.update(mqtt=f"mqtts://localhost:{broker.port}")
-        env.update(CITYPULSE_MQTT_HOST="localhost", CITYPULSE_MQTT_PORT=str(broker.port),
-                   CITYPULSE_CA=str(broker.ca_path), CITYPULSE_PKI_DIR=str(state_dir / "pki"))
+        env.update(
+            CITYPULSE_MQTT_HOST="localhost",
+            CITYPULSE_MQTT_PORT=str(broker.port),
+            CITYPULSE_CA=str(broker.ca_path),
+            CITYPULSE_PKI_DIR=str(state_dir / "pki"),
+        )
 
         step(f"starting the rule bridge for IoT rule {rule.name}")
         bridge_id = ca.bridge_identity()
-        bridge = _spawn("rule-bridge", [
-            sys.executable, "-m", "infra.local.rule_bridge", "--sql", rule.sql, "--partition-key",
-            rule.partition_key, "--stream", rule.stream_name, "--broker-host", "localhost", "--broker-port",
-            str(broker.port), "--ca", str(broker.ca_path), "--cert", str(bridge_id.cert_path), "--key",
-            str(bridge_id.key_path)], env, logs)
+        bridge = _spawn(
+            "rule-bridge",
+            [
+                sys.executable,
+                "-m",
+                "infra.local.rule_bridge",
+                "--sql",
+                rule.sql,
+                "--partition-key",
+                rule.partition_key,
+                "--stream",
+                rule.stream_name,
+                "--broker-host",
+                "localhost",
+                "--broker-port",
+                str(broker.port),
+                "--ca",
+                str(broker.ca_path),
+                "--cert",
+                str(bridge_id.cert_path),
+                "--key",
+                str(bridge_id.key_path),
+            ],
+            env,
+            logs,
+        )
         children.append(bridge)
         info.pids["rule-bridge"] = bridge.pid
         # Until the bridge has subscribed, the broker drops what devices publish (nobody is
@@ -214,11 +254,25 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         step(f"starting {len(shards)} event-source pollers (one per shard) with the real handler")
         dlq = esm.on_failure_destination
         for shard in shards:
-            argv = [sys.executable, "-m", "infra.local.poller", "--stream", stream.name, "--shard", shard,
-                    "--function-name", esm.function_name, "--checkpoint-dir", str(state_dir / "poller"),
-                    "--batch-size", str(esm.batch_size), "--batching-window", str(esm.maximum_batching_window_s),
-                    "--max-retries", str(esm.maximum_retry_attempts if esm.maximum_retry_attempts is not None
-                                         else 10_000)]
+            argv = [
+                sys.executable,
+                "-m",
+                "infra.local.poller",
+                "--stream",
+                stream.name,
+                "--shard",
+                shard,
+                "--function-name",
+                esm.function_name,
+                "--checkpoint-dir",
+                str(state_dir / "poller"),
+                "--batch-size",
+                str(esm.batch_size),
+                "--batching-window",
+                str(esm.maximum_batching_window_s),
+                "--max-retries",
+                str(esm.maximum_retry_attempts if esm.maximum_retry_attempts is not None else 10_000),
+            ]
             if not esm.bisect_batch_on_function_error:
                 argv.append("--no-bisect")
             if dlq:
@@ -234,8 +288,9 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         while not stop.wait(1.0):
             for proc in children:
                 if proc.poll() is not None:
-                    raise PlatformError(f"a platform process exited with {proc.returncode}: {proc.args[:4]} "
-                                        f"(see {logs})")
+                    raise PlatformError(
+                        f"a platform process exited with {proc.returncode}: {proc.args[:4]} (see {logs})"
+                    )
     except Exception as exc:
         info.state = "failed"
         info.error = f"{exc}"
@@ -264,8 +319,10 @@ def _queue_url(arn: str) -> str:
 
 # --- client side: what the CLI calls ---------------------------------------------------------
 
-def up(state_dir: Path, *, sensors: int, seed: int, fresh: bool = True, timeout: float = 180.0,
-       echo: Any = print) -> PlatformInfo:
+
+def up(
+    state_dir: Path, *, sensors: int, seed: int, fresh: bool = True, timeout: float = 180.0, echo: Any = print
+) -> PlatformInfo:
     """Start the supervisor detached and wait until it reports ready (or failed)."""
     current = PlatformInfo.load(state_dir)
     if current and current.state in ("starting", "ready") and pid_alive(current.supervisor_pid):
@@ -280,9 +337,23 @@ def up(state_dir: Path, *, sensors: int, seed: int, fresh: bool = True, timeout:
     (state_dir / "logs").mkdir(exist_ok=True)
     log = open(state_dir / "logs" / "platform.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.local.platform", "--state-dir", str(state_dir), "--sensors", str(sensors),
-         "--seed", str(seed)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "infra.local.platform",
+            "--state-dir",
+            str(state_dir),
+            "--sensors",
+            str(sensors),
+            "--seed",
+            str(seed),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     shown = 0
     while time.monotonic() < deadline:
@@ -297,11 +368,13 @@ def up(state_dir: Path, *, sensors: int, seed: int, fresh: bool = True, timeout:
                 return info
             if info.state == "failed":
                 proc.wait(30)
-                raise PlatformError(f"the local platform failed to start: {info.error}\n"
-                                    f"see {state_dir / 'logs' / 'platform.log'}")
+                raise PlatformError(
+                    f"the local platform failed to start: {info.error}\nsee {state_dir / 'logs' / 'platform.log'}"
+                )
         if proc.poll() is not None:
-            raise PlatformError(f"the platform supervisor exited with {proc.returncode}; "
-                                f"see {state_dir / 'logs' / 'platform.log'}")
+            raise PlatformError(
+                f"the platform supervisor exited with {proc.returncode}; see {state_dir / 'logs' / 'platform.log'}"
+            )
         time.sleep(0.2)  # polling a file another process writes; no event to wait on
     down(state_dir, echo=echo)
     raise PlatformError(f"the local platform was not ready within {timeout:.0f} s")

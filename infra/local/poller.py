@@ -89,9 +89,19 @@ class Checkpoint:
 class ShardPoller:
     """Feeds one shard to the handler, exactly like the managed event-source mapping."""
 
-    def __init__(self, *, kinesis: Any, stream_name: str, shard_id: str, handler: Handler, function_name: str,
-                 checkpoint: Checkpoint, config: MappingConfig, on_failure: Callable[[dict[str, Any]], None],
-                 region: str = "us-east-1") -> None:
+    def __init__(
+        self,
+        *,
+        kinesis: Any,
+        stream_name: str,
+        shard_id: str,
+        handler: Handler,
+        function_name: str,
+        checkpoint: Checkpoint,
+        config: MappingConfig,
+        on_failure: Callable[[dict[str, Any]], None],
+        region: str = "us-east-1",
+    ) -> None:
         self.kinesis = kinesis
         self.stream_name = stream_name
         self.shard_id = shard_id
@@ -110,29 +120,36 @@ class ShardPoller:
         return resume_iterator(self.kinesis, self.stream_name, self.shard_id, self.checkpoint.load())
 
     def _event(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"Records": [{
-            "kinesis": {
-                "kinesisSchemaVersion": "1.0",
-                "partitionKey": r["PartitionKey"],
-                "sequenceNumber": r["SequenceNumber"],
-                "data": base64.b64encode(r["Data"]).decode(),
-                "approximateArrivalTimestamp": r["ApproximateArrivalTimestamp"].timestamp(),
-            },
-            "eventSource": "aws:kinesis",
-            "eventVersion": "1.0",
-            "eventID": f"{self.shard_id}:{r['SequenceNumber']}",
-            "eventName": "aws:kinesis:record",
-            "invokeIdentityArn": f"arn:aws:iam::000000000000:role/{self.function_name}",
-            "awsRegion": self.region,
-            "eventSourceARN": self.stream_arn,
-        } for r in records]}
+        return {
+            "Records": [
+                {
+                    "kinesis": {
+                        "kinesisSchemaVersion": "1.0",
+                        "partitionKey": r["PartitionKey"],
+                        "sequenceNumber": r["SequenceNumber"],
+                        "data": base64.b64encode(r["Data"]).decode(),
+                        "approximateArrivalTimestamp": r["ApproximateArrivalTimestamp"].timestamp(),
+                    },
+                    "eventSource": "aws:kinesis",
+                    "eventVersion": "1.0",
+                    "eventID": f"{self.shard_id}:{r['SequenceNumber']}",
+                    "eventName": "aws:kinesis:record",
+                    "invokeIdentityArn": f"arn:aws:iam::000000000000:role/{self.function_name}",
+                    "awsRegion": self.region,
+                    "eventSourceARN": self.stream_arn,
+                }
+                for r in records
+            ]
+        }
 
     def _invoke(self, records: list[dict[str, Any]]) -> str | None:
         """Invoke once; return the sequence number to retry from, or None on success."""
         self.invocations += 1
-        context = LambdaContext(self.function_name, str(uuid.uuid4()),
-                                invoked_function_arn=f"arn:aws:lambda:{self.region}:000000000000:function:"
-                                                     f"{self.function_name}")
+        context = LambdaContext(
+            self.function_name,
+            str(uuid.uuid4()),
+            invoked_function_arn=f"arn:aws:lambda:{self.region}:000000000000:function:{self.function_name}",
+        )
         response = self.handler(self._event(records), context) or {}
         failures = response.get("batchItemFailures") or []
         if not failures:
@@ -168,16 +185,18 @@ class ShardPoller:
             batch = [r for r in batch if int(r["SequenceNumber"]) >= int(failed_from)]
             attempts += 1
             if attempts > self.config.max_retry_attempts:
-                self.on_failure({
-                    "requestContext": {"condition": "RetryAttemptsExhausted", "functionArn": self.function_name},
-                    "KinesisBatchInfo": {
-                        "shardId": self.shard_id,
-                        "startSequenceNumber": batch[0]["SequenceNumber"],
-                        "endSequenceNumber": batch[-1]["SequenceNumber"],
-                        "batchSize": len(batch),
-                        "streamArn": self.stream_arn,
-                    },
-                })
+                self.on_failure(
+                    {
+                        "requestContext": {"condition": "RetryAttemptsExhausted", "functionArn": self.function_name},
+                        "KinesisBatchInfo": {
+                            "shardId": self.shard_id,
+                            "startSequenceNumber": batch[0]["SequenceNumber"],
+                            "endSequenceNumber": batch[-1]["SequenceNumber"],
+                            "batchSize": len(batch),
+                            "streamArn": self.stream_arn,
+                        },
+                    }
+                )
                 return True
 
     def run(self, stop: threading.Event) -> None:
@@ -233,10 +252,18 @@ def main(argv: list[str] | None = None) -> None:
 
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     poller = ShardPoller(
-        kinesis=boto3.client("kinesis"), stream_name=args.stream, shard_id=args.shard, handler=handler,
-        function_name=args.function_name, checkpoint=Checkpoint(args.checkpoint_dir / f"{args.shard}.seq"),
-        config=MappingConfig(batch_size=args.batch_size, batching_window_s=args.batching_window,
-                             max_retry_attempts=args.max_retries, bisect_on_error=not args.no_bisect),
+        kinesis=boto3.client("kinesis"),
+        stream_name=args.stream,
+        shard_id=args.shard,
+        handler=handler,
+        function_name=args.function_name,
+        checkpoint=Checkpoint(args.checkpoint_dir / f"{args.shard}.seq"),
+        config=MappingConfig(
+            batch_size=args.batch_size,
+            batching_window_s=args.batching_window,
+            max_retry_attempts=args.max_retries,
+            bisect_on_error=not args.no_bisect,
+        ),
         on_failure=on_failure,
     )
     stop = threading.Event()

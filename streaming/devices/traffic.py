@@ -55,8 +55,9 @@ class TrafficModel:
     faults: Faults = field(default_factory=Faults)
 
     @classmethod
-    def with_random_incidents(cls, city: City, seed: int, start_ms: int, minutes: int, count: int = 2,
-                              faults: Faults | None = None) -> TrafficModel:
+    def with_random_incidents(
+        cls, city: City, seed: int, start_ms: int, minutes: int, count: int = 2, faults: Faults | None = None
+    ) -> TrafficModel:
         """A model with `count` incidents in distinct zones, placed within the run."""
         rng = random.Random(f"{seed}:incidents")
         zones = rng.sample([z.zone_id for z in city.zones], k=min(count, len(city.zones)))

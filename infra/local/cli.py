@@ -65,6 +65,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from infra.capacity import Workload, naive_plan, plan, render
+
+    w = Workload(
+        sensors=args.sensors,
+        rate_hz=args.rate,
+        gateway_batch=args.gateway_batch,
+        zones=args.zones,
+        basic_ingest=not args.no_basic_ingest,
+    )
+    print(render(plan(w), naive_plan(w)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="citypulse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,6 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the previous state instead of starting fresh")
     p.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show what is running").set_defaults(func=cmd_status)
+    p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")
+    p.add_argument("--sensors", type=int, default=50_000)
+    p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second (default 1)")
+    p.add_argument("--gateway-batch", type=int, default=32, help="readings per gateway message (default 32)")
+    p.add_argument("--zones", type=int, default=256)
+    p.add_argument("--no-basic-ingest", action="store_true", help="publish on normal topics (billed messaging)")
+    p.set_defaults(func=cmd_plan)
     sub.add_parser("down", help="stop the local platform").set_defaults(func=cmd_down)
 
     args = parser.parse_args(argv)

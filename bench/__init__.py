@@ -1,0 +1,1 @@
+"""Benchmarks of citypulse's hot paths; run each as `python -m bench.<name>` (docs/performance.md)."""

@@ -1,0 +1,135 @@
+"""Processor throughput on one core: the naive tutorial handler, the decode floor, citypulse's core.
+
+Run: `python -m bench.processor_bench [--repeat N] [--records N]` (docs/performance.md, "Processor").
+
+Each contender gets the same Lambda events (10,000 Kinesis records as the event-source mapping
+delivers them, base64 data) of two kinds: gateway messages (~32 readings each, the production
+shape) and single-reading messages. The core is measured as the handler runs it minus AWS I/O:
+event → records → `decode_batch` → `apply_batch`, against the zone state the previous batch left
+(the steady state of a running stream), so dedupe windows and live values are warm.
+Reported: readings/s (median of the repetitions) and ratios against the naive handler and the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from bench.records import BASE_MS, kinesis_events
+from streaming.processor import core
+from streaming.processor.handler import records_from_event
+from streaming.registry import generate_city
+
+
+def naive(event: dict[str, Any]) -> int:
+    """The tutorial handler: per record base64 → json.loads → dict → json.dumps → base64."""
+    n = 0
+    for rec in event["Records"]:
+        env = json.loads(base64.b64decode(rec["kinesis"]["data"]))
+        msg = json.loads(base64.b64decode(env["payload"]))
+        readings = msg.get("readings", [msg])
+        for r in readings:
+            out = dict(r, gateway_id=env["gateway_id"], received_at=env["received_at"])
+            base64.b64encode(json.dumps(out).encode())
+            n += 1
+    return n
+
+
+def floor(event: dict[str, Any]) -> int:
+    """The least any processor must do to see the readings: two base64 layers, two orjson parses."""
+    n = 0
+    for rec in event["Records"]:
+        env = orjson.loads(binascii.a2b_base64(rec["kinesis"]["data"]))
+        msg = orjson.loads(binascii.a2b_base64(env["payload"]))
+        n += len(msg["readings"]) if "readings" in msg else 1
+    return n
+
+
+def make_core(
+    decode: Callable[..., Any], apply: Callable[..., Any], registry: dict, zones: set[str], prior: dict
+) -> Callable[[dict[str, Any]], int]:
+    def run(event: dict[str, Any]) -> int:
+        decoded = decode(records_from_event(event), registry, zones)
+        out = apply(decoded, prior, {}, {}, BASE_MS)
+        return out.counts["received"]
+
+    return run
+
+
+def measure(fn: Callable[[dict[str, Any]], int], event: dict[str, Any], repeat: int) -> tuple[float, int]:
+    """Median seconds per event over `repeat` runs, and the readings one run saw."""
+    times = []
+    readings = 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        readings = fn(event)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), readings
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return platform.processor() or "?"
+
+
+def contenders(registry: dict, zones: set[str], prior: dict) -> dict[str, Callable[[dict[str, Any]], int]]:
+    out = {"naive handler": naive, "floor (a2b_base64 + orjson)": floor}
+    if hasattr(core, "decode_batch_reference"):
+        out["core, reference path"] = make_core(
+            core.decode_batch_reference, core.apply_batch_reference, registry, zones, prior
+        )
+    out["core (decode_batch + apply_batch)"] = make_core(core.decode_batch, core.apply_batch, registry, zones, prior)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=10_000, help="Kinesis records per batch")
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions per contender (median reported)")
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as a Lambda with 1,769 MB
+
+    city = generate_city()
+    registry = {s.sensor_id: s for s in city.sensors}
+    zones = {z.zone_id for z in city.zones}
+    print(
+        f"citypulse processor bench — Python {platform.python_version()}, {cpu_model()}, "
+        f"nproc={os.cpu_count()}, pinned to one core; {args.records:,} records per batch, "
+        f"median of {args.repeat}"
+    )
+    for kind in ("gateway", "single"):
+        warm, event = kinesis_events(city, kind, args.records, 2)
+        # The zone state the previous batch left: the benchmark batch meets warm dedupe windows.
+        warm_out = core.apply_batch(core.decode_batch(records_from_event(warm), registry, zones), {}, {}, {}, BASE_MS)
+        prior = warm_out.zone_states
+        results = {}
+        for name, fn in contenders(registry, zones, prior).items():
+            seconds, readings = measure(fn, event, args.repeat)
+            results[name] = (readings / seconds, seconds, readings)
+        base = results["naive handler"][0]
+        flo = results["floor (a2b_base64 + orjson)"][0]
+        print(f"\n{kind} records ({results['floor (a2b_base64 + orjson)'][2]:,} readings per batch)")
+        print(f"| {'contender':<36} | {'readings/s':>12} | {'ms/batch':>9} | {'x naive':>8} | {'of floor':>8} |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (rate, seconds, _) in results.items():
+            print(
+                f"| {name:<36} | {rate:>12,.0f} | {seconds * 1000:>9.1f} | {rate / base:>8.2f} | {rate / flo:>8.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

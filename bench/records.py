@@ -1,0 +1,111 @@
+"""Kinesis events as the processor Lambda receives them, built without a broker, for benchmarks.
+
+The shapes follow the ingestion rule (docs/architecture.md §6): each Kinesis record's data is
+the rule's JSON envelope around the base64 MQTT payload, and the Lambda event carries that
+data base64-encoded again. The unit tests keep their own helper (tests/kinesis_records.py);
+both build the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from streaming.contract import format_ts, gateway_message
+from streaming.registry import City, Sensor
+
+BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary in 2026
+SHARD_ID = "shardId-000000000000"
+FIRST_SEQUENCE = 49_000_000_000_000_000_000
+
+
+def envelope(payload: bytes, zone_id: str, gateway_id: str, received_at_ms: int) -> bytes:
+    """The rule's projection of one MQTT message (see the topic rule's SQL)."""
+    return orjson.dumps(
+        {
+            "payload": base64.b64encode(payload).decode(),
+            "zone_id": zone_id,
+            "gateway_id": gateway_id,
+            "client_id": gateway_id,
+            "received_at": received_at_ms,
+        }
+    )
+
+
+def reading(sensor: Sensor, seq: int, ts_ms: int, congestion: float = 0.2) -> dict[str, Any]:
+    """A valid reading as a detector reports it; values vary a little so aggregates are not trivial."""
+    return {
+        "sensor_id": sensor.sensor_id,
+        "zone_id": sensor.zone_id,
+        "ts": format_ts(ts_ms),
+        "seq": seq,
+        "vehicle_count": 10 + seq % 7,
+        "avg_speed_kmh": 42.5 + seq % 5,
+        "occupancy_pct": 12.0 + seq % 3,
+        "congestion_index": congestion,
+        "lane": sensor.lane,
+    }
+
+
+def _event_record(data: bytes, sequence: int, partition_key: str) -> dict[str, Any]:
+    return {
+        "kinesis": {
+            "kinesisSchemaVersion": "1.0",
+            "partitionKey": partition_key,
+            "sequenceNumber": str(sequence),
+            "data": base64.b64encode(data).decode(),
+            "approximateArrivalTimestamp": 1_795_000_000.0,
+        },
+        "eventSource": "aws:kinesis",
+        "eventVersion": "1.0",
+        "eventID": f"{SHARD_ID}:{sequence}",
+        "eventName": "aws:kinesis:record",
+        "invokeIdentityArn": "arn:aws:iam::000000000000:role/citypulse-processor",
+        "awsRegion": "eu-west-1",
+        "eventSourceARN": "arn:aws:kinesis:eu-west-1:000000000000:stream/citypulse-telemetry",
+    }
+
+
+def _gateway_payloads(city: City, start_ms: int, first_minute: int) -> Iterator[tuple[bytes, Sensor, int]]:
+    """One gateway message per gateway per minute, forever (seq = minute index)."""
+    gateways = list(city.gateways().values())
+    minute = first_minute
+    while True:
+        ts = start_ms + (minute + 1) * 60_000 - 1
+        for sensors in gateways:
+            msg = gateway_message(
+                sensors[0].gateway_id, sensors[0].zone_id, ts, [reading(s, minute, ts) for s in sensors]
+            )
+            yield orjson.dumps(msg), sensors[0], ts + 500
+        minute += 1
+
+
+def _single_payloads(city: City, start_ms: int, first_minute: int) -> Iterator[tuple[bytes, Sensor, int]]:
+    """One MQTT message per reading: every sensor once per minute."""
+    minute = first_minute
+    while True:
+        ts = start_ms + (minute + 1) * 60_000 - 1
+        for s in city.sensors:
+            yield orjson.dumps(reading(s, minute, ts)), s, ts + 500
+        minute += 1
+
+
+def kinesis_events(city: City, kind: str, records: int, batches: int) -> list[dict[str, Any]]:
+    """`batches` consecutive Lambda events of `records` records each, of `kind` "gateway" or
+    "single", continuing one stream (sequence numbers and event time keep increasing)."""
+    source = _gateway_payloads if kind == "gateway" else _single_payloads
+    payloads = source(city, BASE_MS, 0)
+    sequence = FIRST_SEQUENCE
+    events = []
+    for _ in range(batches):
+        event_records = []
+        for _ in range(records):
+            payload, sensor, received = next(payloads)
+            sequence += 1
+            data = envelope(payload, sensor.zone_id, sensor.gateway_id, received)
+            event_records.append(_event_record(data, sequence, sensor.zone_id))
+        events.append({"Records": event_records})
+    return events

@@ -192,6 +192,7 @@ def run_demo(
 
     def connect(gateway_id: str) -> Gateway:
         identity = ca.device_identity(gateway_id)  # one X.509 certificate per device
+        # Basic Ingest: messages go straight to the rule (no IoT Core messaging charge in AWS).
         gateway = Gateway(
             gateway_id,
             endpoint=host,
@@ -199,6 +200,7 @@ def run_demo(
             cert_path=identity.cert_path,
             key_path=identity.key_path,
             ca_path=ca.cert_path,
+            basic_ingest_rule=info.env["CITYPULSE_TOPIC_RULE"],
         )
         gateway.connect()
         return gateway

@@ -186,7 +186,6 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
             CITYPULSE_CRAWLER=out["RawReadingsCrawlerName"],
         )
         esm = report.event_source_mappings[0]
-        rule = report.topic_rule
         stream = next(s for s in report.streams if s.name == esm.stream_name)
         info.stream = stream.name
 
@@ -203,7 +202,9 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
 
         step("starting Mosquitto with mutual TLS and per-device ACLs")
         ca = LocalCA.load_or_create(state_dir / "pki")
-        broker = start_broker(state_dir / "broker", ca)
+        rule = report.topic_rule
+        # Devices may also publish through Basic Ingest ($aws/rules/<rule>/...), as the IoT policy allows.
+        broker = start_broker(state_dir / "broker", ca, basic_ingest_rule=rule.name)
         stoppers.append(broker)
         info.pids["mosquitto"] = broker.process.pid
         info.endpoints.update(mqtt=f"mqtts://localhost:{broker.port}")
@@ -212,6 +213,7 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
             CITYPULSE_MQTT_PORT=str(broker.port),
             CITYPULSE_CA=str(broker.ca_path),
             CITYPULSE_PKI_DIR=str(state_dir / "pki"),
+            CITYPULSE_TOPIC_RULE=rule.name,
         )
 
         step(f"starting the rule bridge for IoT rule {rule.name}")
@@ -238,6 +240,8 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
                 str(bridge_id.cert_path),
                 "--key",
                 str(bridge_id.key_path),
+                "--rule-name",
+                rule.name,
             ],
             env,
             logs,

@@ -15,6 +15,11 @@ use and refuses anything else at startup (``UnsupportedRuleSql``) rather than gu
 
     partition key template: literal text and ${topic(n)}, ${topic()}, ${clientid()}, ${newuuid()}
 
+Basic Ingest: given the rule's name, the bridge also reads
+``$aws/rules/<rule name>/<the rule's topic filter>`` and, as IoT Core does, strips the
+``$aws/rules/<rule name>/`` prefix before the rule sees the topic, so ``topic(n)``, the
+partition key and the record are the same as for the ordinary topic.
+
 Known difference from IoT Core: MQTT does not tell a subscriber who published, so
 ``clientid()`` is the topic's last level. The broker makes that exact for our topics: the
 client id is forced to the certificate CN (``use_username_as_clientid``) and the ACL lets a
@@ -50,6 +55,8 @@ from typing import Any, Literal
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from streaming.devices.topics import basic_ingest_prefix
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +394,19 @@ class RuleBridge:
         max_batch_bytes: int = MAX_BATCH_BYTES,
         concurrency: int = DEFAULT_CONCURRENCY,
         keepalive_s: int = 30,
+        rule_name: str | None = None,
     ) -> None:
         # Parsed first so a rule we cannot evaluate fails before anything connects.
         self.rule = parse_rule_sql(sql)
         self.partition_key = PartitionKeyTemplate.parse(partition_key)
+        # With the rule's name, its Basic Ingest topics are read too.
+        try:
+            self.basic_ingest_prefix = basic_ingest_prefix(rule_name) if rule_name is not None else None
+        except ValueError as exc:
+            raise UnsupportedRuleSql(str(exc)) from exc
+        self.topic_filters = [self.rule.topic_filter]
+        if self.basic_ingest_prefix is not None:
+            self.topic_filters.append(self.basic_ingest_prefix + self.rule.topic_filter)
         self.stream_name = stream_name
         self.broker_host = broker_host
         self.broker_port = broker_port
@@ -458,10 +474,10 @@ class RuleBridge:
         if not self._subscribed.wait(timeout):
             self._abort()
             raise TimeoutError(
-                f"rule bridge not subscribed to {self.rule.topic_filter!r} on "
+                f"rule bridge not subscribed to {self.topic_filters!r} on "
                 f"{self.broker_host}:{self.broker_port} within {timeout}s ({self._connect_error or 'no CONNACK'})"
             )
-        log.info("rule bridge forwarding %r to Kinesis stream %s", self.rule.topic_filter, self.stream_name)
+        log.info("rule bridge forwarding %r to Kinesis stream %s", self.topic_filters, self.stream_name)
 
     def stop(self, timeout: float = 15.0) -> BridgeStats:
         """Forward and acknowledge what is buffered, then disconnect.
@@ -525,12 +541,12 @@ class RuleBridge:
             self._generation += 1
         # Subscribing again on every connect keeps the bridge working after a broker restart
         # that lost its session (persistence off).
-        client.subscribe(self.rule.topic_filter, qos=1)
+        client.subscribe([(f, 1) for f in self.topic_filters])
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if any(r.is_failure for r in reasons):
             self._connect_error = f"subscription refused: {reasons}"
-            log.error("rule bridge subscription to %r refused: %s", self.rule.topic_filter, reasons)
+            log.error("rule bridge subscription to %r refused: %s", self.topic_filters, reasons)
             return
         self._subscribed.set()
 
@@ -548,9 +564,13 @@ class RuleBridge:
             self._received += 1
             if msg.dup:
                 self._redelivered += 1
-        ctx = MessageContext(topic=msg.topic, client_id=client_id_from_topic(msg.topic), received_at_ms=received_at_ms)
+        topic = msg.topic
+        if self.basic_ingest_prefix is not None and topic.startswith(self.basic_ingest_prefix):
+            # IoT Core strips the Basic Ingest prefix: the rule sees the topic behind it.
+            topic = topic[len(self.basic_ingest_prefix) :]
+        ctx = MessageContext(topic=topic, client_id=client_id_from_topic(topic), received_at_ms=received_at_ms)
         try:
-            if not self.rule.matches(msg.topic):
+            if not self.rule.matches(topic):
                 raise RuleEvaluationError(f"topic {msg.topic!r} does not match {self.rule.topic_filter!r}")
             data = self.rule.evaluate(msg.payload, ctx)
             key = self.partition_key.render(ctx)
@@ -698,6 +718,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sql", required=True, help="the rule's IoT SQL (supported subset only)")
     ap.add_argument("--partition-key", required=True, help="e.g. '${topic(3)}'")
     ap.add_argument("--stream", required=True, help="Kinesis stream name")
+    ap.add_argument("--rule-name", help="the rule's name: also read its Basic Ingest topics ($aws/rules/<name>/...)")
     ap.add_argument("--broker-host", default="localhost")
     ap.add_argument("--broker-port", type=int, required=True)
     ap.add_argument("--ca", required=True, type=Path)
@@ -733,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             key_path=args.key,
             linger_s=args.linger_ms / 1000,
             concurrency=args.concurrency,
+            rule_name=args.rule_name,
         )
     except UnsupportedRuleSql as e:
         print(f"rule_bridge: unsupported rule: {e}", file=sys.stderr)
@@ -745,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TimeoutError, OSError) as e:
         print(f"rule_bridge: cannot start: {e}", file=sys.stderr)
         return 1
-    _emit("ready", topic_filter=bridge.rule.topic_filter, stream=args.stream)
+    _emit("ready", topic_filter=bridge.rule.topic_filter, topic_filters=bridge.topic_filters, stream=args.stream)
     interval = args.stats_interval if args.stats_interval > 0 else None
     while not stop.wait(interval):
         _emit("stats", **dataclasses.asdict(bridge.stats))

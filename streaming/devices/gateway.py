@@ -7,6 +7,10 @@ Built on awsiotsdk/awscrt, the SDK real devices use, so the same code talks to
 ``<account>-ats.iot.<region>.amazonaws.com:8883`` with a certificate from
 ``CreateKeysAndCertificate`` and to ``localhost:<port>`` with one from the local CA.
 
+With ``basic_ingest_rule`` the gateway publishes on the Basic Ingest form of its topic,
+``$aws/rules/<rule>/citypulse/telemetry/<zone>/<gateway>``: IoT Core hands such a message to
+that rule directly (no message-broker charge) and the rule sees the topic without the prefix.
+
 Payloads are opaque bytes here: the message envelope (schema version, readings) belongs to
 the data contract (streaming/contract.py) and whoever builds messages from it.
 ``chunk_by_budget`` only helps keep each message under a byte budget.
@@ -32,7 +36,10 @@ from awscrt import mqtt
 from awscrt.exceptions import AwsCrtError
 from awsiot import mqtt_connection_builder
 
-TOPIC_TEMPLATE = "citypulse/telemetry/{zone_id}/{gateway_id}"
+from streaming.devices.topics import basic_ingest_topic, telemetry_topic
+
+# Basic Ingest: IoT Core hands a message on $aws/rules/<rule>/<topic> straight to that rule,
+# skipping the message broker and its per-message charge; the rule sees <topic>.
 # IoT Core's limit is 128 KiB per message; the default budget leaves headroom for the topic.
 DEFAULT_MAX_MESSAGE_BYTES = 100_000
 DEFAULT_MAX_IN_FLIGHT = 100
@@ -60,14 +67,6 @@ class GatewayStats:
     @property
     def in_flight(self) -> int:
         return self.published - self.acked - self.failed
-
-
-def telemetry_topic(zone_id: str, gateway_id: str) -> str:
-    """The topic a gateway publishes a zone's readings on (the broker/IoT policy enforces the last level)."""
-    for part in (zone_id, gateway_id):
-        if not part or any(c in part for c in "/+#"):
-            raise ValueError(f"invalid topic level {part!r}")
-    return TOPIC_TEMPLATE.format(zone_id=zone_id, gateway_id=gateway_id)
 
 
 def chunk_by_budget(
@@ -121,10 +120,14 @@ class Gateway:
         clean_session: bool = False,
         reconnect_min_timeout_secs: int = 1,
         reconnect_max_timeout_secs: int = 30,
+        basic_ingest_rule: str | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if basic_ingest_rule is not None:
+            basic_ingest_topic(basic_ingest_rule, "z", gateway_id)  # fail now on a bad rule name
         self.gateway_id = gateway_id
+        self.basic_ingest_rule = basic_ingest_rule
         self.endpoint = endpoint
         self.port = port
         self._window = threading.BoundedSemaphore(max_in_flight)
@@ -208,7 +211,9 @@ class Gateway:
         return future
 
     def publish_telemetry(self, zone_id: str, payload: bytes, timeout: float | None = None) -> Future[None]:
-        """Publish on this gateway's telemetry topic for ``zone_id``."""
+        """Publish on this gateway's telemetry topic for ``zone_id`` (its Basic Ingest form if configured)."""
+        if self.basic_ingest_rule is not None:
+            return self.publish(basic_ingest_topic(self.basic_ingest_rule, zone_id, self.gateway_id), payload, timeout)
         return self.publish(telemetry_topic(zone_id, self.gateway_id), payload, timeout)
 
     def flush(self, timeout: float | None = 60.0) -> GatewayStats:

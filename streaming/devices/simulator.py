@@ -1,5 +1,9 @@
 """Run the simulated city: every gateway publishes its sensors' readings, minute by minute.
 
+Each gateway follows the model's send plan (`TrafficModel.send_plan`): normally one
+message per minute, but a faulty gateway may hold minutes back and deliver them late and
+shuffled, or resend its last messages byte for byte (duplicates, bursts).
+
 Time can be accelerated: `minutes` simulated minutes are spread over `duration_s` real
 seconds (the demo plays a whole city-hour in a minute). Event time (`ts`) is simulated;
 `sent_at` is the wall clock at publish, which is what latency is measured from.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +28,8 @@ from streaming.devices.traffic import TrafficModel
 @dataclass
 class SimulationResult:
     """What the devices did, for the accounting check: readings published (each once,
-    however often its message was resent), of which invalid, and the resends."""
+    however often its message was resent), of which invalid, and the resends (all readings
+    of a resent message, invalid ones included)."""
 
     minutes: int = 0
     messages: int = 0
@@ -31,6 +37,7 @@ class SimulationResult:
     invalid_readings: int = 0
     duplicate_messages: int = 0
     duplicate_readings: int = 0
+    late_messages: int = 0  # delivered in a later minute than their readings' (buffered by the gateway)
     failed_publishes: int = 0
     gateways: int = 0
     started_at: float = 0.0
@@ -62,32 +69,50 @@ def run_simulation(
     # TLS handshakes dominate start-up with hundreds of devices: connect them in parallel.
     with ThreadPoolExecutor(max_workers=32) as pool:
         connections = dict(zip(gateways, pool.map(connect, gateways), strict=True))
+    plans = {gw: model.send_plan(gw, minutes) for gw in gateways}
+    # The last messages each gateway sent, byte for byte, for duplicates and bursts to resend.
+    keep = max(1, model.faults.burst_messages[1])
+    recent: dict[str, OrderedDict[int, tuple[bytes, int] | None]] = {gw: OrderedDict() for gw in gateways}
     futures: list[Future[None]] = []
     try:
         t0 = time.monotonic()
-        for minute in range(minutes):
+        for slot in range(minutes):
             if stop.is_set():
                 break
             published = 0
             for gw, sensors in gateways.items():
-                readings = model.gateway_minute(gw, sensors, minute)
-                payload = orjson.dumps(gateway_message(gw, sensors[0].zone_id, int(time.time() * 1000), readings))
+                zone_id = sensors[0].zone_id
                 conn = connections[gw]
-                futures.append(conn.publish_telemetry(sensors[0].zone_id, payload))
-                result.messages += 1
-                result.readings += len(readings)
-                result.invalid_readings += _count_invalid(readings)
-                published += len(readings)
-                if model.duplicate(gw, minute):
-                    futures.append(conn.publish_telemetry(sensors[0].zone_id, payload))
-                    result.duplicate_messages += 1
-                    result.duplicate_readings += len(readings)
+                sent = recent[gw]
+                for send in plans[gw][slot]:
+                    if send.resend is None:
+                        readings = model.gateway_minute(gw, sensors, send.minute)
+                        # A gateway whose sensors are all silent has nothing to send.
+                        entry = None
+                        if readings:
+                            message = gateway_message(gw, zone_id, int(time.time() * 1000), readings)
+                            entry = (orjson.dumps(message), len(readings))
+                            result.messages += 1
+                            result.readings += len(readings)
+                            result.invalid_readings += _count_invalid(readings)
+                            result.late_messages += send.minute != slot
+                            published += len(readings)
+                        sent[send.minute] = entry
+                        while len(sent) > keep:
+                            sent.popitem(last=False)
+                    else:
+                        entry = sent.get(send.minute)
+                        if entry is not None:
+                            result.duplicate_messages += 1
+                            result.duplicate_readings += entry[1]
+                    if entry is not None:
+                        futures.append(conn.publish_telemetry(zone_id, entry[0]))
             result.minutes += 1
             result.per_minute_readings.append(published)
             if on_minute:
-                on_minute(minute, result)
+                on_minute(slot, result)
             # Pace the simulated clock against the wall clock.
-            stop.wait(max(0.0, t0 + (minute + 1) * duration_s / minutes - time.monotonic()))
+            stop.wait(max(0.0, t0 + (slot + 1) * duration_s / minutes - time.monotonic()))
         for conn in connections.values():
             conn.flush(timeout=120)
     finally:

@@ -1,0 +1,341 @@
+"""Replay recorded detector data through the real device path, instead of the simulator.
+
+Flow: **a CSV or Parquet file of detector readings** ──(this module)──▶ gateways
+(streaming/devices/gateway.py, MQTT + mutual TLS, QoS 1) ──▶ IoT Core / the local broker ──▶
+rule ──▶ Kinesis ──▶ processor. Only the source of the readings differs from the simulator.
+
+1. ``read_rows``: the file's columns are mapped onto the contract's fields
+   (``ColumnMap.parse("ts=timestamp,sensor_id=det_id,vehicle_count=flow")``); ``ts``,
+   ``sensor_id`` and ``vehicle_count`` are required, ``avg_speed_kmh``, ``occupancy_pct``,
+   ``congestion_index`` and ``lane`` optional. A field not mapped is read from a column of
+   its own name when the file has one.
+2. ``plan_replay``: each row becomes a contract reading of the registry sensor with that id,
+   and readings are grouped per gateway per minute into gateway messages, as the roadside
+   gateway would send them. A detector id that is not in the registry is published anyway
+   (by the gateway ``gw-replay``, in a zone of the registry), and the processor quarantines
+   it as ``unknown_sensor``: the replay shows what the platform makes of the file, it does
+   not clean it. Each message gets a send time offset: the recorded time since the first
+   minute divided by ``speed`` (1 = real time, 60 = an hour a minute, ``inf`` = at once).
+3. ``run_replay``: connects one ``Gateway`` per gateway id and publishes on the schedule.
+
+``seq`` (per-sensor monotonic) is the reading's epoch minute, as for the simulator, or its
+epoch second when a detector reports more often than once a minute. ``congestion_index``,
+required by the contract, is derived when the file has none: from occupancy (the traffic
+model's diagram: occupancy 97.5 % = jam density), else from speed against the sensor's speed
+limit, else 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from streaming.contract import format_ts, gateway_message
+from streaming.devices.gateway import Gateway
+from streaming.registry import Sensor
+
+REPLAY_GATEWAY = "gw-replay"  # delivers the readings of detectors the registry does not know
+MINUTE_MS = 60_000
+# Occupancy at jam density in the traffic model's diagram (150 veh/km x 6.5 m).
+JAM_OCCUPANCY_PCT = 97.5
+MAX_READINGS_PER_MESSAGE = 500
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class ReplayError(ValueError):
+    """The file or the column mapping cannot be replayed; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which column of the file holds each contract field (None: not in the file)."""
+
+    ts: str = "ts"
+    sensor_id: str = "sensor_id"
+    vehicle_count: str = "vehicle_count"
+    avg_speed_kmh: str | None = None
+    occupancy_pct: str | None = None
+    congestion_index: str | None = None
+    lane: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ColumnMap:
+        """``field=column,field=column`` (contract field names on the left)."""
+        known = {f.name for f in fields(cls)}
+        mapping: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, column = (s.strip() for s in part.partition("="))
+            if not sep or not column:
+                raise ReplayError(f"--map entry {part!r} is not field=column")
+            if name not in known:
+                raise ReplayError(f"--map names unknown field {name!r}; fields are {', '.join(sorted(known))}")
+            if name in mapping:
+                raise ReplayError(f"--map maps {name!r} twice")
+            mapping[name] = column
+        return cls(**mapping)
+
+    def resolve(self, columns: Iterable[str]) -> dict[str, str]:
+        """Field → column present in the file; raises ReplayError for a missing required one."""
+        present = set(columns)
+        out: dict[str, str] = {}
+        for f in fields(self):
+            column = getattr(self, f.name)
+            if column is None:
+                if f.name in present:  # an unmapped optional field read from its own name
+                    out[f.name] = f.name
+                continue
+            if column not in present:
+                raise ReplayError(f"column {column!r} (for {f.name}) is not in the file; it has {sorted(present)}")
+            out[f.name] = column
+        return out
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recorded detector reading, with the contract's names and units."""
+
+    sensor_id: str
+    ts_ms: int
+    vehicle_count: int
+    avg_speed_kmh: float | None = None
+    occupancy_pct: float | None = None
+    congestion_index: float | None = None
+    lane: int | None = None
+
+
+def read_rows(path: Path | str, mapping: ColumnMap) -> list[Row]:
+    """The file's rows (CSV, or Parquet by the .parquet/.pq suffix), mapped onto the contract."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    first_row = 1
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        columns = mapping.resolve(pq.read_schema(path).names)
+        records: list[dict[str, Any]] = pq.read_table(path, columns=sorted(set(columns.values()))).to_pylist()
+    elif suffix in (".csv", ".txt"):
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = mapping.resolve(reader.fieldnames or [])
+            records = list(reader)
+        first_row = 2  # line 1 is the header
+    else:
+        raise ReplayError(f"{path}: cannot tell the format from {suffix!r}; use .csv or .parquet")
+    out: list[Row] = []
+    for number, record in enumerate(records, start=first_row):
+        try:
+            out.append(_row(record, columns))
+        except (ValueError, TypeError) as e:
+            raise ReplayError(f"{path.name} row {number}: {e}") from e
+    return out
+
+
+def _row(record: Mapping[str, Any], columns: Mapping[str, str]) -> Row:
+    def value(name: str) -> Any:
+        column = columns.get(name)
+        v = record.get(column) if column is not None else None
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    sensor_id, ts, count = value("sensor_id"), value("ts"), value("vehicle_count")
+    for name, v in (("sensor_id", sensor_id), ("ts", ts), ("vehicle_count", count)):
+        if v is None:
+            raise ValueError(f"{name} (column {columns[name]!r}) is empty")
+    return Row(
+        sensor_id=str(sensor_id).strip(),
+        ts_ms=parse_time_ms(ts),
+        vehicle_count=_integral(count, "vehicle_count"),
+        avg_speed_kmh=_number(value("avg_speed_kmh")),
+        occupancy_pct=_number(value("occupancy_pct")),
+        congestion_index=_number(value("congestion_index")),
+        lane=_integral(value("lane"), "lane") if value("lane") is not None else None,
+    )
+
+
+def _number(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _integral(v: Any, name: str) -> int:
+    f = float(v)
+    if not f.is_integer():
+        raise ValueError(f"{name}={v!r} is not a whole number")
+    return int(f)
+
+
+def parse_time_ms(value: Any) -> int:
+    """A recorded time → epoch ms: ISO-8601 (no zone = UTC), a datetime, or epoch seconds/milliseconds."""
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        # Epoch milliseconds from 1973 on are > 1e11; epoch seconds stay below until year 5138.
+        return int(value) if abs(value) >= 1e11 else round(value * 1000)
+    else:
+        text = str(value).strip()
+        try:
+            return parse_time_ms(float(text))
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as e:
+            raise ValueError(f"time {text!r} is neither ISO-8601 nor epoch seconds/milliseconds") from e
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    # Integer arithmetic: a float timestamp can be off by a millisecond.
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True)
+class ScheduledMessage:
+    """One gateway message of the replay, due `offset_s` seconds after the replay starts."""
+
+    offset_s: float
+    gateway_id: str
+    zone_id: str
+    minute_ms: int
+    readings: tuple[dict[str, Any], ...]
+
+
+@dataclass
+class ReplayPlan:
+    messages: list[ScheduledMessage]
+    rows: int
+    unknown_sensors: set[str] = field(default_factory=set)
+    seq_unit_s: int = 60
+    speed: float = 1.0
+
+    @property
+    def recorded_span_s(self) -> float:
+        if not self.messages:
+            return 0.0
+        return (self.messages[-1].minute_ms - self.messages[0].minute_ms) / 1000
+
+
+def congestion_from(row: Row, speed_limit_kmh: float | None) -> float:
+    """The contract's congestion index for a recorded row that may not carry one."""
+    if row.congestion_index is not None:
+        return row.congestion_index
+    if row.occupancy_pct is not None:
+        return round(min(1.0, max(0.0, row.occupancy_pct / JAM_OCCUPANCY_PCT)), 4)
+    if row.avg_speed_kmh is not None and speed_limit_kmh:
+        return round(min(1.0, max(0.0, 1 - row.avg_speed_kmh / speed_limit_kmh)), 4)
+    return 0.0
+
+
+def plan_replay(
+    rows: list[Row],
+    registry: Mapping[str, Sensor],
+    *,
+    speed: float = 1.0,
+    unknown_zone: str,
+    max_readings: int = MAX_READINGS_PER_MESSAGE,
+) -> ReplayPlan:
+    """Group `rows` into gateway messages per gateway per minute, with send offsets for `speed`."""
+    if not speed > 0:
+        raise ReplayError(f"--speed must be > 0 (1 = real time), not {speed}")
+    seq_unit_s = _seq_unit(rows)
+    groups: dict[tuple[int, str], list[tuple[int, dict[str, Any]]]] = {}
+    zones: dict[str, str] = {}
+    unknown: set[str] = set()
+    for row in rows:
+        sensor = registry.get(row.sensor_id)
+        if sensor is None:
+            unknown.add(row.sensor_id)
+        gateway_id = sensor.gateway_id if sensor else REPLAY_GATEWAY
+        zone_id = sensor.zone_id if sensor else unknown_zone
+        reading: dict[str, Any] = {
+            "sensor_id": row.sensor_id,
+            "zone_id": zone_id,
+            "ts": format_ts(row.ts_ms),
+            "seq": row.ts_ms // (seq_unit_s * 1000),
+            "vehicle_count": row.vehicle_count,
+            "congestion_index": congestion_from(row, sensor.speed_limit_kmh if sensor else None),
+            "lane": row.lane if row.lane is not None else (sensor.lane if sensor else 1),
+        }
+        if row.avg_speed_kmh is not None:
+            reading["avg_speed_kmh"] = row.avg_speed_kmh
+        if row.occupancy_pct is not None:
+            reading["occupancy_pct"] = row.occupancy_pct
+        minute_ms = row.ts_ms // MINUTE_MS * MINUTE_MS
+        groups.setdefault((minute_ms, gateway_id), []).append((row.ts_ms, reading))
+        zones[gateway_id] = zone_id
+    messages: list[ScheduledMessage] = []
+    first = min((m for m, _ in groups), default=0)
+    for (minute_ms, gateway_id), items in sorted(groups.items()):
+        items.sort(key=lambda item: (item[0], item[1]["sensor_id"]))
+        offset = 0.0 if math.isinf(speed) else (minute_ms - first) / 1000 / speed
+        for i in range(0, len(items), max_readings):
+            chunk = tuple(r for _, r in items[i : i + max_readings])
+            messages.append(ScheduledMessage(offset, gateway_id, zones[gateway_id], minute_ms, chunk))
+    return ReplayPlan(messages, len(rows), unknown, seq_unit_s, speed)
+
+
+def _seq_unit(rows: list[Row]) -> int:
+    """Seconds per seq step: a minute if no detector reports twice in a minute, else a second."""
+    for unit in (60, 1):
+        seen: set[tuple[str, int]] = set()
+        if all(not ((key := (r.sensor_id, r.ts_ms // (unit * 1000))) in seen or seen.add(key)) for r in rows):
+            return unit
+    raise ReplayError("a detector has two rows in the same second: (sensor_id, seq) would not be unique")
+
+
+@dataclass
+class ReplayResult:
+    messages: int = 0
+    readings: int = 0
+    failed_publishes: int = 0
+    gateways: int = 0
+    seconds: float = 0.0
+
+    @property
+    def readings_per_s(self) -> float:
+        return self.readings / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_replay(
+    plan: ReplayPlan,
+    connect: Callable[[str], Gateway],
+    *,
+    stop: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    on_message: Callable[[ScheduledMessage, ReplayResult], None] | None = None,
+) -> ReplayResult:
+    """Publish the plan's messages on its schedule; returns once every publish is acknowledged (or failed)."""
+    stop = stop or threading.Event()
+    gateway_ids = sorted({m.gateway_id for m in plan.messages})
+    result = ReplayResult(gateways=len(gateway_ids))
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        connections = dict(zip(gateway_ids, pool.map(connect, gateway_ids), strict=True))
+    futures: list[Future[None]] = []
+    started = clock()
+    try:
+        for message in plan.messages:
+            # Waiting on the stop event, so an interrupted replay ends at once.
+            if stop.wait(max(0.0, started + message.offset_s - clock())):
+                break
+            payload = gateway_message(
+                message.gateway_id, message.zone_id, int(time.time() * 1000), list(message.readings)
+            )
+            futures.append(connections[message.gateway_id].publish_telemetry(message.zone_id, orjson.dumps(payload)))
+            result.messages += 1
+            result.readings += len(message.readings)
+            if on_message:
+                on_message(message, result)
+        for conn in connections.values():
+            conn.flush(timeout=120)
+    finally:
+        for conn in connections.values():
+            conn.disconnect()
+    result.failed_publishes = sum(1 for f in futures if f.exception() is not None)
+    result.seconds = clock() - started
+    return result

@@ -9,7 +9,7 @@ VENV := .venv
 SENSORS ?= 2000
 DURATION ?= 60
 
-.PHONY: install demo test lint format down clean
+.PHONY: install browser demo test lint format down clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,11 @@ $(VENV)/.installed: pyproject.toml uv.lock infra/local/package-lock.json | $(UV)
 demo: install  ## the main job: the whole flow once, with a summary
 	$(VENV)/bin/citypulse demo --sensors $(SENSORS) --duration $(DURATION)
 
-test: install  ## lint, then every test (unit, integration against real servers, end to end)
+# Headless Chromium for the dashboard's browser test (Debian's package; never a downloaded build).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+test: install browser  ## lint, then every test (unit, integration against real servers, end to end)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest

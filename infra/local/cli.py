@@ -124,6 +124,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if result.failed_publishes == 0 else 1
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from infra.local.dashboard_server import serve
+
+    serve(_state_dir(args), port=args.port)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from infra.capacity import Workload, naive_plan, plan, render
 
@@ -158,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the previous state instead of starting fresh")
     p.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show what is running").set_defaults(func=cmd_status)
+    p = sub.add_parser("dashboard", help="serve the live operator dashboard on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8050, help="loopback port (default 8050)")
+    p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")
     p.add_argument("--sensors", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second (default 1)")

@@ -1,0 +1,237 @@
+"""The alert log the read API serves: alerts as operators see them, newest first.
+
+The processor publishes alerts on EventBridge; the alert rule fans them out to SNS and to the
+SQS alert feed. A queue is not a log (reading consumes it, and each message goes to one
+reader), so the API reads a log instead:
+
+* in AWS the alert rule gets one more target, `store_alert_handler` (a small Lambda), which
+  writes each alert into a DynamoDB **alerts table** (`pk="feed"`, `sk=<alert time>#<event id>`,
+  TTL 7 days). Alert ids are deterministic, so a redelivered event overwrites its own item.
+* locally the dashboard server drains the SQS feed into a `MemoryAlertLog` (one process, one
+  reader), through the same `alert_from_event`.
+
+Both logs answer `page(...)` the same way, so the handler does not know which one it reads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from streaming.readapi.params import format_ts
+
+ALERT_TTL_S = 7 * 24 * 3600
+ALERT_STATES = {"CongestionDetected": "raised", "CongestionCleared": "cleared", "SensorSilent": "raised"}
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    event_id: str
+    detail_type: str
+    at_ms: int  # when the condition was established (event time of the deciding minute)
+    zone_id: str | None
+    sensor_id: str | None
+    detail: dict[str, Any]
+
+    @property
+    def sort_key(self) -> str:
+        return f"{format_ts(self.at_ms)}#{self.event_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "type": self.detail_type,
+            "state": ALERT_STATES.get(self.detail_type, "info"),
+            "at": format_ts(self.at_ms),
+            "zone_id": self.zone_id,
+            "sensor_id": self.sensor_id,
+            "detail": self.detail,
+        }
+
+
+def _ms(text: Any) -> int | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return int(parsed.replace(tzinfo=parsed.tzinfo or UTC).timestamp() * 1000)
+
+
+def alert_from_event(event: dict[str, Any]) -> AlertRecord | None:
+    """An EventBridge event (as the rule delivers it) → an alert record; None if it is not one.
+
+    The alert time comes from the detail, not from the envelope's `time`: a redelivered alert
+    then sorts (and, in the table, is stored) exactly where its first copy is."""
+    detail = event.get("detail")
+    kind = event.get("detail-type")
+    if not isinstance(detail, dict) or not isinstance(kind, str):
+        return None
+    event_id = detail.get("event_id") or event.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        return None
+    if kind == "CongestionCleared":
+        at = _ms(detail.get("cleared_at"))
+    elif kind == "CongestionDetected":
+        at = _ms(detail.get("minute"))
+        at = at + 60_000 if at is not None else None  # the deciding minute has closed
+    elif kind == "SensorSilent":
+        received = _ms(detail.get("last_received_at"))
+        silent_for = detail.get("silent_for_s")
+        at = received + int(silent_for) * 1000 if received is not None and isinstance(silent_for, int) else received
+    else:
+        at = None
+    at = at if at is not None else _ms(event.get("time"))
+    if at is None:
+        return None
+    zone = detail.get("zone_id")
+    sensor = detail.get("sensor_id")
+    return AlertRecord(
+        event_id=event_id,
+        detail_type=kind,
+        at_ms=at,
+        zone_id=zone if isinstance(zone, str) else None,
+        sensor_id=sensor if isinstance(sensor, str) else None,
+        detail={k: v for k, v in detail.items() if k != "event_id"},
+    )
+
+
+class AlertLog(Protocol):
+    def page(
+        self, *, since_ms: int, before_key: str | None, limit: int, detail_type: str | None, zone_id: str | None
+    ) -> tuple[list[AlertRecord], str | None]:
+        """Alerts at or after `since_ms`, newest first, strictly before `before_key` (a sort key)
+        if given; at most `limit`; and the sort key to continue from, or None at the end."""
+        ...
+
+
+def _matches(a: AlertRecord, detail_type: str | None, zone_id: str | None) -> bool:
+    return (detail_type is None or a.detail_type == detail_type) and (zone_id is None or a.zone_id == zone_id)
+
+
+class MemoryAlertLog:
+    """The local alert log: the newest `capacity` alerts, deduplicated by event id."""
+
+    def __init__(self, capacity: int = 5000) -> None:
+        self._capacity = capacity
+        self._by_id: dict[str, AlertRecord] = {}
+        self._lock = threading.Lock()
+
+    def add(self, alert: AlertRecord) -> bool:
+        """Add an alert; False if it was already there (a redelivered copy)."""
+        with self._lock:
+            if alert.event_id in self._by_id:
+                return False
+            self._by_id[alert.event_id] = alert
+            if len(self._by_id) > self._capacity:
+                oldest = min(self._by_id.values(), key=lambda a: a.sort_key)
+                del self._by_id[oldest.event_id]
+            return True
+
+    def page(
+        self, *, since_ms: int, before_key: str | None, limit: int, detail_type: str | None, zone_id: str | None
+    ) -> tuple[list[AlertRecord], str | None]:
+        with self._lock:
+            alerts = sorted(self._by_id.values(), key=lambda a: a.sort_key, reverse=True)
+        chosen = [
+            a
+            for a in alerts
+            if a.at_ms >= since_ms
+            and (before_key is None or a.sort_key < before_key)
+            and _matches(a, detail_type, zone_id)
+        ]
+        more = len(chosen) > limit
+        chosen = chosen[:limit]
+        return chosen, (chosen[-1].sort_key if more else None)
+
+
+@dataclass
+class DynamoAlertLog:
+    """The alert log in AWS: the alerts table written by `store_alert_handler`."""
+
+    dynamodb: Any
+    table: str
+
+    def page(
+        self, *, since_ms: int, before_key: str | None, limit: int, detail_type: str | None, zone_id: str | None
+    ) -> tuple[list[AlertRecord], str | None]:
+        out: list[AlertRecord] = []
+        upper = before_key or "~"  # '~' sorts after every ISO timestamp
+        lower = format_ts(since_ms)
+        start_key: dict[str, Any] | None = None
+        while len(out) <= limit:
+            kwargs: dict[str, Any] = {
+                "TableName": self.table,
+                "KeyConditionExpression": "pk = :pk AND sk BETWEEN :lo AND :hi",
+                "ExpressionAttributeValues": {":pk": {"S": "feed"}, ":lo": {"S": lower}, ":hi": {"S": upper}},
+                "ScanIndexForward": False,
+                "Limit": max(limit + 1, 25),
+            }
+            if start_key:
+                kwargs["ExclusiveStartKey"] = start_key
+            resp = self.dynamodb.query(**kwargs)
+            for item in resp.get("Items", []):
+                alert = _from_item(item)
+                if alert.sort_key != before_key and _matches(alert, detail_type, zone_id):
+                    out.append(alert)
+            start_key = resp.get("LastEvaluatedKey")
+            if not start_key:
+                break
+        more = len(out) > limit
+        out = out[:limit]
+        return out, (out[-1].sort_key if more else None)
+
+
+def _to_item(alert: AlertRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "pk": {"S": "feed"},
+        "sk": {"S": alert.sort_key},
+        "event_id": {"S": alert.event_id},
+        "detail_type": {"S": alert.detail_type},
+        "at_ms": {"N": str(alert.at_ms)},
+        "detail": {"S": orjson.dumps(alert.detail).decode()},
+        "expires_at": {"N": str(alert.at_ms // 1000 + ALERT_TTL_S)},
+    }
+    if alert.zone_id:
+        item["zone_id"] = {"S": alert.zone_id}
+    if alert.sensor_id:
+        item["sensor_id"] = {"S": alert.sensor_id}
+    return item
+
+
+def _from_item(item: dict[str, Any]) -> AlertRecord:
+    return AlertRecord(
+        event_id=item["event_id"]["S"],
+        detail_type=item["detail_type"]["S"],
+        at_ms=int(item["at_ms"]["N"]),
+        zone_id=item.get("zone_id", {}).get("S"),
+        sensor_id=item.get("sensor_id", {}).get("S"),
+        detail=orjson.loads(item["detail"]["S"]),
+    )
+
+
+def store_alert(dynamodb: Any, table: str, event: dict[str, Any]) -> AlertRecord | None:
+    """Write one EventBridge alert event into the alerts table (idempotent: same id, same item)."""
+    alert = alert_from_event(event)
+    if alert is not None:
+        dynamodb.put_item(TableName=table, Item=_to_item(alert))
+    return alert
+
+
+_clients: dict[str, Any] = {}
+
+
+def store_alert_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Lambda target of the alert rule: keep the alert log the read API serves."""
+    if "dynamodb" not in _clients:
+        import boto3
+
+        _clients["dynamodb"] = boto3.client("dynamodb")
+    alert = store_alert(_clients["dynamodb"], os.environ["CITYPULSE_ALERTS_TABLE"], event)
+    return {"stored": alert.event_id if alert else None}

@@ -1,0 +1,110 @@
+"""Unit tests of the read API's pure parts: parameters, cursors, aggregation, the alert log."""
+
+from __future__ import annotations
+
+import pytest
+
+from streaming.readapi.alerts import MemoryAlertLog, alert_from_event
+from streaming.readapi.handler import check_query
+from streaming.readapi.params import ApiError, decode_cursor, encode_cursor, parse_time
+from streaming.readapi.views import MinuteRow, aggregate_minutes, congestion_level
+
+
+def test_times_parse_from_iso_with_offset_or_epoch_ms() -> None:
+    assert parse_time("from", "2026-11-23T18:05:00Z") == parse_time("from", "1795457100000")
+    assert parse_time("from", "2026-11-23T19:05:00+01:00") == 1795457100000
+
+
+@pytest.mark.parametrize(
+    "value", ["2026-11-23T18:05:00", "yesterday", "1" * 41, "-5", "99999999999999", "\uff11\uff12\uff13"]
+)  # full-width digits
+def test_bad_times_are_400_naming_the_parameter(value: str) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_time("since", value)
+    assert err.value.status == 400 and err.value.parameter == "since"
+
+
+def test_a_cursor_round_trips_only_for_its_own_query() -> None:
+    cursor = encode_cursor("zones", {"level": None}, ["Z-004"])
+    assert decode_cursor(cursor, "zones", {"level": None}) == ["Z-004"]
+    for route, query in (("zones", {"level": "free"}), ("sensors", {"level": None})):
+        with pytest.raises(ApiError):
+            decode_cursor(cursor, route, query)
+    for garbage in ("", "!!", "e30", "A" * 600, cursor[:-3]):
+        with pytest.raises(ApiError):
+            decode_cursor(garbage, "zones", {"level": None})
+
+
+def test_aggregation_averages_from_sums_not_from_averages() -> None:
+    rows = [
+        MinuteRow(
+            10,
+            readings=10,
+            vehicles=100,
+            speed_sum=500.0,
+            speed_n=10,
+            occupancy_sum=100.0,
+            occupancy_n=10,
+            congestion_sum=1.0,
+        ),
+        MinuteRow(
+            11,
+            readings=30,
+            vehicles=300,
+            speed_sum=300.0,
+            speed_n=30,
+            occupancy_sum=300.0,
+            occupancy_n=30,
+            congestion_sum=27.0,
+        ),
+        MinuteRow(
+            15, readings=5, vehicles=5, speed_sum=0.0, speed_n=0, occupancy_sum=0.0, occupancy_n=0, congestion_sum=0.5
+        ),
+    ]
+    five = aggregate_minutes(rows, 5)
+    assert [r["minutes_with_data"] for r in five] == [2, 1]
+    assert five[0]["avg_speed_kmh"] == 20.0  # 800 / 40, not mean(50, 10) = 30
+    assert five[0]["avg_congestion_index"] == 0.7
+    assert five[1]["avg_speed_kmh"] is None  # count-only detectors: no speed, not zero
+
+
+def test_levels_follow_the_detector_thresholds() -> None:
+    assert congestion_level(True, 0.1) == "congested"
+    assert [congestion_level(False, i) for i in (None, 0.2, 0.5, 0.8)] == ["unknown", "free", "busy", "heavy"]
+
+
+def test_alert_log_dedupes_redelivered_alerts_and_pages_newest_first() -> None:
+    log = MemoryAlertLog()
+    events = [
+        {
+            "detail-type": "CongestionDetected",
+            "detail": {
+                "event_id": f"CongestionDetected/Z-{i}/x",
+                "zone_id": f"Z-{i}",
+                "minute": f"2026-11-23T18:0{i}:00.000Z",
+            },
+        }
+        for i in range(5)
+    ]
+    for e in events + events[:2]:  # a replay sends two again
+        alert = alert_from_event(e)
+        assert alert is not None
+        log.add(alert)
+    page1, key = log.page(since_ms=0, before_key=None, limit=3, detail_type=None, zone_id=None)
+    page2, end = log.page(since_ms=0, before_key=key, limit=3, detail_type=None, zone_id=None)
+    assert [a.zone_id for a in page1 + page2] == ["Z-4", "Z-3", "Z-2", "Z-1", "Z-0"] and end is None
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "code"),
+    [
+        ("/zones", {"limit": ["1", "2"]}, "repeated_parameter"),
+        ("/zones", {"drop": ["1"]}, "unknown_parameter"),
+        ("/zones/Z 1", {}, "invalid_parameter"),
+        ("/sensors/S-1\x00", {}, "invalid_parameter"),
+    ],
+)
+def test_query_precheck_refuses_before_routing(path: str, query: dict[str, list[str]], code: str) -> None:
+    with pytest.raises(ApiError) as err:
+        check_query(path, query, 10)
+    assert err.value.code == code

@@ -6,6 +6,9 @@ PYTHON ?= python3.11
 UV_VERSION := 0.13.8
 UV := .cache/uv/bin/uv
 VENV := .venv
+# checkov conflicts with Airflow 3 (termcolor, packaging, cachetools, boto3): its own environment,
+# installed from hash-pinned requirements (infra/tools/requirements.in says how to re-pin).
+CHECKOV_VENV := .cache/checkov-venv
 SENSORS ?= 2000
 DURATION ?= 60
 
@@ -20,6 +23,14 @@ $(UV):
 $(VENV)/.installed: pyproject.toml uv.lock infra/local/package-lock.json | $(UV)
 	$(UV) sync --frozen --python $(PYTHON)
 	cd infra/local && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+tools: $(CHECKOV_VENV)/.installed  ## the IaC scanners' own environment (checkov)
+
+$(CHECKOV_VENV)/.installed: infra/tools/requirements.txt | $(UV)
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(UV) pip install --quiet --python $(CHECKOV_VENV)/bin/python --require-hashes -r infra/tools/requirements.txt
 	touch $@
 
 demo: install  ## the main job: the whole flow once, with a summary
@@ -39,6 +50,9 @@ lint: install
 
 format: install
 	$(VENV)/bin/ruff format .
+
+mwaa-bundle: install  ## dist/mwaa-bundle.zip: dags/ + streaming, expectations, dbt_project + requirements, startup.sh
+	$(VENV)/bin/python -m infra.mwaa.bundle dist/mwaa-bundle.zip
 
 down: install
 	$(VENV)/bin/citypulse down

@@ -158,9 +158,10 @@ def citypulse_hourly() -> None:
         from citypulse_batch.lake import Interval
 
         ti = context["ti"]
-        summaries = {name: ti.xcom_pull(task_ids=task_id, key="summary")
-                     for name, task_id in (("load", "load_warehouse"), ("dbt", "dbt_build"),
-                                           ("expectations", "quality_check"))}
+        summaries = {
+            name: ti.xcom_pull(task_ids=task_id, key="summary")
+            for name, task_id in (("load", "load_warehouse"), ("dbt", "dbt_build"), ("expectations", "quality_check"))
+        }
         interval = Interval(context["data_interval_start"], context["data_interval_end"])
         return steps.write_report(interval, ti.dag_id, ti.run_id, summaries)
 
@@ -174,12 +175,14 @@ def citypulse_hourly() -> None:
 
     notify = EventBridgePutEventsOperator(
         task_id="notify",
-        entries=[{
-            "Source": SOURCE,
-            "DetailType": HOURLY_LOAD_COMPLETED,
-            "Detail": "{{ ti.xcom_pull(task_ids='write_report') | tojson }}",
-            "EventBusName": "{{ citypulse_setting('event_bus') }}",
-        }],
+        entries=[
+            {
+                "Source": SOURCE,
+                "DetailType": HOURLY_LOAD_COMPLETED,
+                "Detail": "{{ ti.xcom_pull(task_ids='write_report') | tojson }}",
+                "EventBusName": "{{ citypulse_setting('event_bus') }}",
+            }
+        ],
         # Publishing nothing (no datasets configured) is fine; a failed quality gate is not.
         trigger_rule="none_failed",
         execution_timeout=timedelta(minutes=5),

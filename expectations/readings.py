@@ -53,39 +53,63 @@ def field_expectations(spec: FieldSpec) -> list[ExpectationSpec]:
     column = spec.name
     out = [
         ExpectationSpec("ExpectColumnToExist", {"column": column}),
-        ExpectationSpec("ExpectColumnValuesToBeInTypeList",
-                        {"column": column, "type_list": PANDAS_TYPES[spec.kind]}),
+        ExpectationSpec("ExpectColumnValuesToBeInTypeList", {"column": column, "type_list": PANDAS_TYPES[spec.kind]}),
     ]
     if spec.required:
         out.append(ExpectationSpec("ExpectColumnValuesToNotBeNull", {"column": column}))
     if spec.minimum is not None or spec.maximum is not None:
-        out.append(ExpectationSpec("ExpectColumnValuesToBeBetween",
-                                   {"column": column, "min_value": spec.minimum, "max_value": spec.maximum}))
+        out.append(
+            ExpectationSpec(
+                "ExpectColumnValuesToBeBetween",
+                {"column": column, "min_value": spec.minimum, "max_value": spec.maximum},
+            )
+        )
     if spec.kind == "timestamp":
-        out.append(ExpectationSpec("ExpectColumnValuesToBeBetween",
-                                   {"column": column, "min_value": _naive_utc(EARLIEST_TS),
-                                    "max_value": _naive_utc(LATEST_TS), "strict_max": True}))
+        out.append(
+            ExpectationSpec(
+                "ExpectColumnValuesToBeBetween",
+                {
+                    "column": column,
+                    "min_value": _naive_utc(EARLIEST_TS),
+                    "max_value": _naive_utc(LATEST_TS),
+                    "strict_max": True,
+                },
+            )
+        )
     if spec.max_length is not None:
-        out.append(ExpectationSpec("ExpectColumnValueLengthsToBeBetween",
-                                   {"column": column, "min_value": 1, "max_value": spec.max_length}))
+        out.append(
+            ExpectationSpec(
+                "ExpectColumnValueLengthsToBeBetween", {"column": column, "min_value": 1, "max_value": spec.max_length}
+            )
+        )
     if spec.pattern is not None:
         out.append(ExpectationSpec("ExpectColumnValuesToMatchRegex", {"column": column, "regex": spec.pattern}))
     return out
 
 
-def reading_expectations(interval_start: datetime | None = None,
-                         interval_end: datetime | None = None) -> list[ExpectationSpec]:
+def reading_expectations(
+    interval_start: datetime | None = None, interval_end: datetime | None = None
+) -> list[ExpectationSpec]:
     """The suite for a batch of lake readings; with an interval, every `ts` must lie inside it."""
     specs = [
         ExpectationSpec("ExpectTableRowCountToBeBetween", {"min_value": 1}),
-        ExpectationSpec("ExpectTableColumnsToMatchSet",
-                        {"column_set": [f.name for f in LAKE_FIELDS], "exact_match": True}),
+        ExpectationSpec(
+            "ExpectTableColumnsToMatchSet", {"column_set": [f.name for f in LAKE_FIELDS], "exact_match": True}
+        ),
         ExpectationSpec("ExpectCompoundColumnsToBeUnique", {"column_list": list(KEY_FIELDS)}),
     ]
     for spec in LAKE_FIELDS:
         specs.extend(field_expectations(spec))
     if interval_start is not None and interval_end is not None:
-        specs.append(ExpectationSpec("ExpectColumnValuesToBeBetween",
-                                     {"column": "ts", "min_value": _naive_utc(interval_start),
-                                      "max_value": _naive_utc(interval_end), "strict_max": True}))
+        specs.append(
+            ExpectationSpec(
+                "ExpectColumnValuesToBeBetween",
+                {
+                    "column": "ts",
+                    "min_value": _naive_utc(interval_start),
+                    "max_value": _naive_utc(interval_end),
+                    "strict_max": True,
+                },
+            )
+        )
     return specs

@@ -91,17 +91,25 @@ def run_checkpoint(data: Any, specs: list[ExpectationSpec], suite_name: str = SU
             progress_bars=ProgressBarsConfig(globally=False),
         ),
     )
-    batch = (context.data_sources.add_pandas("warehouse")
-             .add_dataframe_asset("readings")
-             .add_batch_definition_whole_dataframe("interval"))
+    batch = (
+        context.data_sources.add_pandas("warehouse")
+        .add_dataframe_asset("readings")
+        .add_batch_definition_whole_dataframe("interval")
+    )
     suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
     for spec in specs:
         suite.add_expectation(getattr(gxe, spec.expectation)(**spec.kwargs))
     validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{suite_name}_interval", data=batch, suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name=f"{suite_name}_checkpoint", validation_definitions=[validation], actions=[],
-        result_format={"result_format": "SUMMARY"}))
+        gx.ValidationDefinition(name=f"{suite_name}_interval", data=batch, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=f"{suite_name}_checkpoint",
+            validation_definitions=[validation],
+            actions=[],
+            result_format={"result_format": "SUMMARY"},
+        )
+    )
     result = checkpoint.run(batch_parameters={"dataframe": frame})
 
     evaluated = passed = 0

@@ -58,8 +58,16 @@ def ms(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-def reading(sensor_id: str, zone_id: str, seq: int, ts: datetime, *, gateway_id: str = "gw-000-00",
-            processed_delay: timedelta = timedelta(seconds=2), **values: Any) -> dict[str, Any]:
+def reading(
+    sensor_id: str,
+    zone_id: str,
+    seq: int,
+    ts: datetime,
+    *,
+    gateway_id: str = "gw-000-00",
+    processed_delay: timedelta = timedelta(seconds=2),
+    **values: Any,
+) -> dict[str, Any]:
     row = {
         "sensor_id": sensor_id,
         "zone_id": zone_id,
@@ -152,8 +160,11 @@ def assert_zone_mart(rows: Iterable[tuple[Any, ...]], lake: FixtureLake) -> None
     assert got.keys() == expected.keys()
     for key, want in expected.items():
         readings, vehicles, speed, sensors = got[key]
-        assert (readings, vehicles, sensors) == (want["reading_count"], want["vehicle_count"],
-                                                 want["active_sensor_count"]), key
+        assert (readings, vehicles, sensors) == (
+            want["reading_count"],
+            want["vehicle_count"],
+            want["active_sensor_count"],
+        ), key
         # The mart keeps 3 decimals of mean speed.
         assert speed is not None and abs(speed - want["avg_speed_kmh"]) <= 0.0005, key
 
@@ -166,8 +177,9 @@ def warehouse_tuple(row: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def write_fixture_lake(s3: Any, bucket: str, start: datetime = INTERVAL_START,
-                       bad_row: dict[str, Any] | None = None) -> FixtureLake:
+def write_fixture_lake(
+    s3: Any, bucket: str, start: datetime = INTERVAL_START, bad_row: dict[str, Any] | None = None
+) -> FixtureLake:
     """Create the bucket and write one interval of lake (plus neighbours) as the processor would.
 
     `bad_row` overrides values of one reading (e.g. an out-of-range speed written straight to
@@ -182,8 +194,11 @@ def write_fixture_lake(s3: Any, bucket: str, start: datetime = INTERVAL_START,
     for n, sensor in enumerate(city.sensors):
         for k, minute in enumerate((2, 17, 31, 46, 59)):
             ts = start + timedelta(minutes=minute, seconds=n, milliseconds=123 * k)
-            inside.append(reading(sensor.sensor_id, sensor.zone_id, 100 + k, ms(ts),
-                                  gateway_id=sensor.gateway_id, lane=sensor.lane))
+            inside.append(
+                reading(
+                    sensor.sensor_id, sensor.zone_id, 100 + k, ms(ts), gateway_id=sensor.gateway_id, lane=sensor.lane
+                )
+            )
     # A count-only detector reports no speed or occupancy.
     inside[1].update(avg_speed_kmh=None, occupancy_pct=None)
     if bad_row is not None:
@@ -210,10 +225,17 @@ def write_fixture_lake(s3: Any, bucket: str, start: datetime = INTERVAL_START,
         put_parquet(s3, bucket, key, rows, schema)
 
     def quarantined(received_at: datetime, reason: str, source: str) -> dict[str, Any]:
-        return {"received_at": received_at, "processed_at": received_at + timedelta(seconds=1),
-                "reason_code": reason, "reason": f"{reason} in fixture", "sensor_id": s0.sensor_id,
-                "gateway_id": s0.gateway_id, "zone_id": s0.zone_id, "source_id": source,
-                "raw": "eyJzZW5zb3JfaWQiOiAiUy0wMDAwMDAifQ=="}
+        return {
+            "received_at": received_at,
+            "processed_at": received_at + timedelta(seconds=1),
+            "reason_code": reason,
+            "reason": f"{reason} in fixture",
+            "sensor_id": s0.sensor_id,
+            "gateway_id": s0.gateway_id,
+            "zone_id": s0.zone_id,
+            "source_id": source,
+            "raw": "eyJzZW5zb3JfaWQiOiAiUy0wMDAwMDAifQ==",
+        }
 
     q_rows = [
         quarantined(start + timedelta(minutes=5), "out_of_range", "shardId-0:1:0"),
@@ -225,8 +247,13 @@ def write_fixture_lake(s3: Any, bucket: str, start: datetime = INTERVAL_START,
     q_rows[3]["raw"] = "eyJyZWFkaW5ncyI6IFt" * 200
     later = [quarantined(start + timedelta(hours=1, minutes=1), "out_of_range", "shardId-0:9:0")]
     put_parquet(s3, bucket, f"quarantine/{partition(start)}part-0.parquet", q_rows, quarantine_arrow_schema())
-    put_parquet(s3, bucket, f"quarantine/{partition(start + timedelta(hours=1))}part-0.parquet", later,
-                quarantine_arrow_schema())
+    put_parquet(
+        s3,
+        bucket,
+        f"quarantine/{partition(start + timedelta(hours=1))}part-0.parquet",
+        later,
+        quarantine_arrow_schema(),
+    )
     return FixtureLake(bucket, city, start, files, q_rows + later)
 
 

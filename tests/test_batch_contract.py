@@ -26,8 +26,11 @@ DBT_PROJECT = Path(__file__).resolve().parents[1] / "dbt_project"
 
 def _source_columns() -> dict[tuple[str, str], list[str]]:
     doc = yaml.safe_load((DBT_PROJECT / "models/staging/lake/_lake__sources.yml").read_text())
-    return {(source["name"], table["name"]): [c["name"] for c in table.get("columns", [])]
-            for source in doc["sources"] for table in source["tables"]}
+    return {
+        (source["name"], table["name"]): [c["name"] for c in table.get("columns", [])]
+        for source in doc["sources"]
+        for table in source["tables"]
+    }
 
 
 def test_raw_readings_ddl_is_the_contracts_warehouse_columns() -> None:
@@ -77,5 +80,9 @@ def test_suite_bounds_ts_to_the_interval_in_naive_utc() -> None:
     end = datetime(2026, 3, 2, 11, tzinfo=UTC)
     last = reading_expectations(start, end)[-1]
     assert last.expectation == "ExpectColumnValuesToBeBetween"
-    assert last.kwargs == {"column": "ts", "min_value": datetime(2026, 3, 2, 10),
-                           "max_value": datetime(2026, 3, 2, 11), "strict_max": True}
+    assert last.kwargs == {
+        "column": "ts",
+        "min_value": datetime(2026, 3, 2, 10),
+        "max_value": datetime(2026, 3, 2, 11),
+        "strict_max": True,
+    }

@@ -50,10 +50,20 @@ print(json.dumps({
 
 
 def test_dag_file_parses_in_under_two_seconds_without_io_or_heavy_imports(tmp_path: Path) -> None:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)])}
-    done = subprocess.run([sys.executable, "-c", _PARSE_PROBE, str(DAG_FILE)], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _PARSE_PROBE, str(DAG_FILE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["dag_id"] == "citypulse_hourly"
@@ -113,8 +123,9 @@ def test_every_task_has_owner_retries_backoff_timeout_and_failure_alert(dag: Any
         assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff > 1, task.task_id
         assert task.execution_timeout is not None and task.execution_timeout <= timedelta(hours=1), task.task_id
-        callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) \
-            else [task.on_failure_callback]
+        callbacks = (
+            task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
+        )
         assert on_task_failure in callbacks, task.task_id
 
 
@@ -124,13 +135,24 @@ def test_schedule_gives_hourly_data_intervals(dag: Any) -> None:
 
     timetable = coerce_to_core_timetable(dag.timetable)
     interval = timetable.infer_manual_data_interval(run_after=pendulum.datetime(2026, 3, 2, 11, tz="UTC"))
-    assert (interval.start, interval.end) == (datetime(2026, 3, 2, 10, tzinfo=UTC),
-                                              datetime(2026, 3, 2, 11, tzinfo=UTC))
+    assert (interval.start, interval.end) == (
+        datetime(2026, 3, 2, 10, tzinfo=UTC),
+        datetime(2026, 3, 2, 11, tzinfo=UTC),
+    )
 
 
 def test_steps_run_in_the_promised_order(dag: Any) -> None:
-    order = ["wait_for_partition", "crawler_exists", "run_crawler", "load_warehouse", "dbt_build",
-             "quality_check", "quicksight_datasets", "publish", "notify"]
+    order = [
+        "wait_for_partition",
+        "crawler_exists",
+        "run_crawler",
+        "load_warehouse",
+        "dbt_build",
+        "quality_check",
+        "quicksight_datasets",
+        "publish",
+        "notify",
+    ]
     for earlier, later in itertools.pairwise(order):
         assert earlier in _upstream_closure(dag, later), f"{earlier} must run before {later}"
     assert {"create_crawler", "update_crawler"} == set(dag.get_task("run_crawler").upstream_task_ids)
@@ -158,7 +180,8 @@ def test_publish_is_mapped_over_the_configured_datasets(dag: Any) -> None:
 
 
 def test_settings_come_from_variables_then_environment_and_missing_ones_say_where(
-        monkeypatch: pytest.MonkeyPatch, dag: Any) -> None:
+    monkeypatch: pytest.MonkeyPatch, dag: Any
+) -> None:
     from citypulse_batch.settings import MissingSettingError, setting, setting_list
 
     monkeypatch.setenv("CITYPULSE_EVENT_BUS", "from-env")

@@ -18,20 +18,31 @@ START = datetime(2026, 3, 2, 10, tzinfo=UTC)
 END = START + timedelta(hours=1)
 
 # The warehouse's shape: the lake schema with timestamps stored as UTC without zone.
-SCHEMA = pa.schema([pa.field(f.name, pa.timestamp("us") if pa.types.is_timestamp(f.type) else f.type)
-                    for f in lake_arrow_schema()])
+SCHEMA = pa.schema(
+    [pa.field(f.name, pa.timestamp("us") if pa.types.is_timestamp(f.type) else f.type) for f in lake_arrow_schema()]
+)
 
 
 def _rows() -> list[dict[str, Any]]:
     rows = []
     for seq in range(6):
         ts = datetime(2026, 3, 2, 10, 5 + seq * 9)
-        rows.append({
-            "sensor_id": f"S-00000{seq % 3}", "zone_id": "Z-001", "ts": ts, "seq": seq,
-            "vehicle_count": 4, "avg_speed_kmh": 42.5, "occupancy_pct": None if seq == 2 else 12.0,
-            "congestion_index": 0.3, "lane": 2, "gateway_id": "gw-001-00",
-            "received_at": ts + timedelta(seconds=1), "processed_at": ts + timedelta(seconds=2),
-        })
+        rows.append(
+            {
+                "sensor_id": f"S-00000{seq % 3}",
+                "zone_id": "Z-001",
+                "ts": ts,
+                "seq": seq,
+                "vehicle_count": 4,
+                "avg_speed_kmh": 42.5,
+                "occupancy_pct": None if seq == 2 else 12.0,
+                "congestion_index": 0.3,
+                "lane": 2,
+                "gateway_id": "gw-001-00",
+                "received_at": ts + timedelta(seconds=1),
+                "processed_at": ts + timedelta(seconds=2),
+            }
+        )
     return rows
 
 
@@ -50,13 +61,13 @@ def test_every_broken_row_fails_the_checkpoint_and_is_named() -> None:
     import pandas as pd
 
     rows = _rows()
-    rows[4]["avg_speed_kmh"] = 251.0                                               # above 250
-    rows[5]["sensor_id"], rows[5]["seq"] = rows[0]["sensor_id"], rows[0]["seq"]    # redelivered key
-    rows[1]["congestion_index"] = None                                             # required
-    rows[3]["ts"] = datetime(2026, 3, 2, 11, 0)                                    # interval end
-    rows[2]["zone_id"] = "Z 001; drop"                                             # not an id
+    rows[4]["avg_speed_kmh"] = 251.0  # above 250
+    rows[5]["sensor_id"], rows[5]["seq"] = rows[0]["sensor_id"], rows[0]["seq"]  # redelivered key
+    rows[1]["congestion_index"] = None  # required
+    rows[3]["ts"] = datetime(2026, 3, 2, 11, 0)  # interval end
+    rows[2]["zone_id"] = "Z 001; drop"  # not an id
     frame = pa.Table.from_pylist(rows, schema=SCHEMA).to_pandas()
-    frame["gateway_id"] = pd.Series([7] * len(frame), dtype=object)                # not text
+    frame["gateway_id"] = pd.Series([7] * len(frame), dtype=object)  # not text
 
     result = run_readings_checkpoint(frame, START, END)
 

@@ -17,19 +17,24 @@ START = datetime(2026, 3, 2, 23, tzinfo=UTC)
 
 def test_interval_is_whole_utc_hours_and_normalises_other_zones() -> None:
     two_hours = Interval(START, START + timedelta(hours=2))
-    assert readings_prefixes(two_hours) == ["raw/readings/dt=2026-03-02/hour=23/",
-                                            "raw/readings/dt=2026-03-03/hour=00/"]
+    assert readings_prefixes(two_hours) == [
+        "raw/readings/dt=2026-03-02/hour=23/",
+        "raw/readings/dt=2026-03-03/hour=00/",
+    ]
     assert quarantine_prefixes(Interval.hour(START)) == ["quarantine/dt=2026-03-02/hour=23/"]
     cet = timezone(timedelta(hours=1))
     assert Interval.hour(datetime(2026, 3, 3, 0, tzinfo=cet)).start == START
     assert Interval.hour(START).sql_bounds() == ("timestamp '2026-03-02 23:00:00'", "timestamp '2026-03-03 00:00:00'")
 
 
-@pytest.mark.parametrize("start, end, message", [
-    (datetime(2026, 3, 2, 10), datetime(2026, 3, 2, 11), "no time zone"),
-    (START + timedelta(minutes=15), START + timedelta(hours=1), "not on the hour"),
-    (START, START, "empty interval"),
-])
+@pytest.mark.parametrize(
+    "start, end, message",
+    [
+        (datetime(2026, 3, 2, 10), datetime(2026, 3, 2, 11), "no time zone"),
+        (START + timedelta(minutes=15), START + timedelta(hours=1), "not on the hour"),
+        (START, START, "empty interval"),
+    ],
+)
 def test_interval_rejects_what_the_hourly_partitions_cannot_serve(start, end, message) -> None:
     with pytest.raises(ValueError, match=message):
         Interval(start, end)
@@ -45,9 +50,11 @@ def test_dbt_build_gets_the_interval_as_vars_and_writes_outside_the_project(tmp_
     args = build_args(project, "postgres", Interval.hour(START), "source:lake+ source:registry+", tmp_path)
     assert args[0] == "build"
     assert args[args.index("--target") + 1] == "postgres"
-    assert json.loads(args[args.index("--vars") + 1]) == {"interval_start": "2026-03-02 23:00:00",
-                                                          "interval_end": "2026-03-03 00:00:00"}
-    assert args[args.index("--select") + 1:args.index("--select") + 3] == ["source:lake+", "source:registry+"]
+    assert json.loads(args[args.index("--vars") + 1]) == {
+        "interval_start": "2026-03-02 23:00:00",
+        "interval_end": "2026-03-03 00:00:00",
+    }
+    assert args[args.index("--select") + 1 : args.index("--select") + 3] == ["source:lake+", "source:registry+"]
     assert Path(args[args.index("--target-path") + 1]).parent == tmp_path
 
 
@@ -55,12 +62,13 @@ def test_report_names_the_first_step_that_did_not_succeed() -> None:
     interval = Interval.hour(START)
     load = {"rows_loaded": 60, "duplicates_dropped": 1, "quarantined": 3}
     dbt = {"success": True, "models_passed": 6, "models_failed": 0, "tests_passed": 17, "tests_failed": 0}
-    ok = build_report(interval, "d", "r", {"load": load, "dbt": dbt,
-                                           "expectations": {"success": True, "evaluated": 5, "passed": 5}})
-    assert (ok["status"], ok["failed_step"], ok["rows_loaded"], ok["expectations_passed"]) == \
-        ("succeeded", None, 60, 5)
-    gx_failed = build_report(interval, "d", "r", {"load": load, "dbt": dbt,
-                                                  "expectations": {"success": False, "evaluated": 5, "passed": 4}})
+    ok = build_report(
+        interval, "d", "r", {"load": load, "dbt": dbt, "expectations": {"success": True, "evaluated": 5, "passed": 5}}
+    )
+    assert (ok["status"], ok["failed_step"], ok["rows_loaded"], ok["expectations_passed"]) == ("succeeded", None, 60, 5)
+    gx_failed = build_report(
+        interval, "d", "r", {"load": load, "dbt": dbt, "expectations": {"success": False, "evaluated": 5, "passed": 4}}
+    )
     assert (gx_failed["status"], gx_failed["failed_step"]) == ("failed", "expectations")
     never_loaded = build_report(interval, "d", "r", {"load": None, "dbt": None, "expectations": None})
     assert (never_loaded["failed_step"], never_loaded["rows_loaded"]) == ("load", None)

@@ -59,8 +59,9 @@ def fixture_lake(s3_env: dict[str, str]) -> FixtureLake:
 def lake(fixture_lake: FixtureLake, s3_env: dict[str, str]) -> Lake:
     session = boto3.Session()
     frozen = session.get_credentials().get_frozen_credentials()
-    return Lake(fixture_lake.bucket, session.client("s3"),
-                S3Credentials(frozen.access_key, frozen.secret_key, frozen.token))
+    return Lake(
+        fixture_lake.bucket, session.client("s3"), S3Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +100,21 @@ def _snapshot(warehouse: Warehouse, tables: list[str]) -> dict[str, list[tuple[A
 RAW = [f"raw.{t}" for t in RAW_TABLES]
 
 
-def _assert_interval_loaded(warehouse: Warehouse, fixture_lake: FixtureLake, interval: Interval,
-                            summary: Any) -> None:
+def _assert_interval_loaded(warehouse: Warehouse, fixture_lake: FixtureLake, interval: Interval, summary: Any) -> None:
     rows = {tuple(r.values()) for r in warehouse.read_readings(interval).to_pylist()}
     assert rows == fixture_lake.expected_rows()
     assert summary.rows_loaded == len(rows) == 60
     assert (summary.reading_files, summary.rows_in_files) == (2, 62)
     assert (summary.duplicates_dropped, summary.rows_outside_interval) == (1, 1)
-    assert summary.quarantined_by_reason == fixture_lake.expected_quarantine() == \
-        {"out_of_range": 2, "bad_timestamp": 1}
+    assert (
+        summary.quarantined_by_reason == fixture_lake.expected_quarantine() == {"out_of_range": 2, "bad_timestamp": 1}
+    )
     assert (summary.sensors, summary.zones) == (12, 4)
 
 
 def test_duckdb_load_holds_exactly_the_intervals_distinct_rows_and_reruns_identically(
-        tmp_path: Path, fixture_lake: FixtureLake, lake: Lake, interval: Interval) -> None:
+    tmp_path: Path, fixture_lake: FixtureLake, lake: Lake, interval: Interval
+) -> None:
     warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
     first = warehouse.load(interval, lake)
     _assert_interval_loaded(warehouse, fixture_lake, interval, first)
@@ -125,7 +127,8 @@ def test_duckdb_load_holds_exactly_the_intervals_distinct_rows_and_reruns_identi
 
 
 def test_loading_the_next_hour_leaves_this_hour_untouched(
-        tmp_path: Path, fixture_lake: FixtureLake, lake: Lake, interval: Interval) -> None:
+    tmp_path: Path, fixture_lake: FixtureLake, lake: Lake, interval: Interval
+) -> None:
     warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
     warehouse.load(interval, lake)
     this_hour = warehouse.read_readings(interval).to_pylist()
@@ -159,15 +162,17 @@ def _mart_rows(warehouse: Warehouse) -> list[tuple[Any, ...]]:
 
 
 def test_postgres_load_and_dbt_build_give_the_same_warehouse_and_reruns_change_nothing(
-        postgres_db: str, fixture_lake: FixtureLake, lake: Lake, interval: Interval) -> None:
+    postgres_db: str, fixture_lake: FixtureLake, lake: Lake, interval: Interval
+) -> None:
     # DuckDB gets the same treatment end to end in test_hourly_dag_run.py (the real DAG).
     warehouse = PostgresWarehouse(dbname=postgres_db, **PG)
     summary = warehouse.load(interval, lake)
     _assert_interval_loaded(warehouse, fixture_lake, interval, summary)
 
-    first = run_dbt_build(find_project_dir(), warehouse.dbt_target, interval, warehouse.dbt_env())
+    build = {"exclude": "tag:daily"}  # as the hourly DAG builds (settings: dbt_exclude)
+    first = run_dbt_build(find_project_dir(), warehouse.dbt_target, interval, warehouse.dbt_env(), **build)
     assert first.success, first.failures or first.error
-    assert (first.models_passed, first.models_failed, first.tests_failed) == (6, 0, 0)
+    assert (first.models_passed, first.models_failed, first.tests_failed) == (13, 0, 0)
     assert first.tests_passed >= 15
     assert_zone_mart(_mart_rows(warehouse), fixture_lake)
     tables = [*RAW, "marts.fct_zone_traffic_15min", "marts.dim_sensors"]
@@ -175,7 +180,7 @@ def test_postgres_load_and_dbt_build_give_the_same_warehouse_and_reruns_change_n
     assert len(before["marts.dim_sensors"]) == 12
 
     warehouse.load(interval, lake)
-    again = run_dbt_build(find_project_dir(), warehouse.dbt_target, interval, warehouse.dbt_env())
+    again = run_dbt_build(find_project_dir(), warehouse.dbt_target, interval, warehouse.dbt_env(), **build)
 
     assert again.success, again.failures or again.error
     assert _snapshot(warehouse, tables) == before

@@ -33,13 +33,24 @@ from batch_lake import (
     write_fixture_lake,
 )
 
-from infra.local.airflow import HourlyRun, ensure_metadata_db, run_hourly
+from infra.local.airflow import DailyRun, HourlyRun, ensure_metadata_db, run_daily, run_hourly
 from infra.local.emulators import Emulator
 
 pytestmark = pytest.mark.integration
 
-TABLES = ["raw.readings", "raw.sensor_registry", "raw.zones", "raw.quarantine_counts",
-          "marts.fct_zone_traffic_15min", "marts.dim_sensors"]
+TABLES = [
+    "raw.readings",
+    "raw.sensor_registry",
+    "raw.zones",
+    "raw.quarantine_counts",
+    "marts.fct_zone_traffic_15min",
+    "marts.fct_sensor_traffic_15min",
+    "marts.fct_zone_traffic_hourly",
+    "marts.fct_sensor_traffic_hourly",
+    "marts.fct_congestion_episodes",
+    "marts.dim_sensors",
+    "marts.dim_zones",
+]
 
 
 @dataclass
@@ -50,6 +61,8 @@ class Scenario:
     home: Path
     queue_url: str
     runs: list[HourlyRun] = field(default_factory=list)
+    daily: DailyRun | None = None
+    after_daily: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     snapshots: list[dict[str, list[tuple[Any, ...]]]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -59,8 +72,13 @@ class Scenario:
 
 
 def _client(service: str, env: dict[str, str]) -> Any:
-    return boto3.client(service, endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id="test", aws_secret_access_key="test")
+    return boto3.client(
+        service,
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
 
 
 def _scenario(name: str, base_env: dict[str, str], tmp: Path, bad_row: dict[str, Any] | None) -> Scenario:
@@ -79,14 +97,16 @@ def _scenario(name: str, base_env: dict[str, str], tmp: Path, bad_row: dict[str,
         "CITYPULSE_EVENT_BUS": bus,
         "CITYPULSE_GLUE_CRAWLER": unique_name(f"crawler-{name}"),
         "CITYPULSE_DUCKDB_PATH": str(tmp / f"{name}.duckdb"),
+        "CITYPULSE_DOCS_DIR": str(tmp / f"docs-{name}"),
+        "CITYPULSE_RETENTION_DAYS": "7",
     }
     return Scenario(name, lake, env, tmp / f"airflow-{name}", queue_url)
 
 
-def _snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+def _snapshot(path: Path, tables: list[str] = TABLES) -> dict[str, list[tuple[Any, ...]]]:
     con = duckdb.connect(str(path), read_only=True)
     try:
-        return {t: con.execute(f"select * from {t} order by all").fetchall() for t in TABLES}
+        return {t: con.execute(f"select * from {t} order by all").fetchall() for t in tables}
     finally:
         con.close()
 
@@ -105,10 +125,27 @@ def _drain(scenario: Scenario) -> list[dict[str, Any]]:
             sqs.delete_message(QueueUrl=scenario.queue_url, ReceiptHandle=message["ReceiptHandle"])
 
 
+OLD_KEY = "raw/readings/dt=2026-02-01/hour=00/shardId-000000000000-1.parquet"
+DAILY_TABLES = ["marts.fct_sensor_health_daily", "marts.fct_corridor_rankings", "marts.fct_zone_peak_profiles"]
+
+
 def _good(scenario: Scenario) -> None:
     for _ in range(2):
         scenario.runs.append(run_hourly(scenario.lake.start, scenario.env, scenario.home))
         scenario.snapshots.append(_snapshot(scenario.warehouse))
+    # Something past retention (7 days before the day's end, 2026-03-03): a lake partition
+    # and a warehouse row from February; the daily run must delete both and nothing else.
+    s3_client(scenario.env).put_object(Bucket=scenario.lake.bucket, Key=OLD_KEY, Body=b"old")
+    con = duckdb.connect(str(scenario.warehouse))
+    try:
+        con.execute(
+            "insert into raw.readings select * replace (timestamp '2026-02-01 00:00:01' as ts, 1 as seq) "
+            "from raw.readings limit 1"
+        )
+    finally:
+        con.close()
+    scenario.daily = run_daily(scenario.lake.start.date(), scenario.env, scenario.home)
+    scenario.after_daily = _snapshot(scenario.warehouse, [*TABLES, *DAILY_TABLES])
 
 
 def _bad(scenario: Scenario) -> None:
@@ -141,8 +178,17 @@ def test_hourly_run_succeeds_and_publishes_nothing_when_no_datasets_are_configur
     first, second = scenarios["good"].runs
     for run in (first, second):
         assert run.succeeded, _explain(run)
-        for task in ("wait_for_partition", "crawler_exists", "run_crawler", "load_warehouse", "dbt_build",
-                     "quality_check", "quicksight_datasets", "write_report", "notify"):
+        for task in (
+            "wait_for_partition",
+            "crawler_exists",
+            "run_crawler",
+            "load_warehouse",
+            "dbt_build",
+            "quality_check",
+            "quicksight_datasets",
+            "write_report",
+            "notify",
+        ):
             assert run.task_states[task] == "success", (task, _explain(run))
         assert run.task_states["publish"] == "skipped"  # mapped over an empty list
     # The crawler is created once, then updated: re-runs do not fail on an existing crawler.
@@ -172,12 +218,14 @@ def test_report_says_checkpoint_passed_with_the_load_counts(scenarios) -> None:
     assert report["interval"] == {"start": "2026-03-02T10:00:00Z", "end": "2026-03-02T11:00:00Z"}
     assert (report["rows_loaded"], report["duplicates_dropped"], report["quarantined"]) == (60, 1, 3)
     assert report["expectations_evaluated"] == report["expectations_passed"] > 40
-    assert (report["dbt_models_passed"], report["dbt_models_failed"], report["dbt_tests_failed"]) == (6, 0, 0)
+    assert (report["dbt_models_passed"], report["dbt_models_failed"], report["dbt_tests_failed"]) == (13, 0, 0)
 
 
 def test_second_run_of_the_same_interval_changes_nothing(scenarios) -> None:
     first, second = scenarios["good"].snapshots
     assert first == second
+    # ... in every hourly mart, which the first run filled (the fixture hour has no congestion).
+    assert [table for table in TABLES if not first[table]] == ["marts.fct_congestion_episodes"]
     assert scenarios["good"].runs[1].report["rows_loaded"] == 60
 
 
@@ -185,8 +233,11 @@ def test_each_completed_run_puts_hourly_load_completed_on_the_bus(scenarios) -> 
     events = scenarios["good"].events
     assert [e["detail-type"] for e in events] == ["HourlyLoadCompleted", "HourlyLoadCompleted"]
     detail = events[0]["detail"]
-    assert (detail["status"], detail["rows_loaded"], detail["interval"]["start"]) == \
-        ("succeeded", 60, "2026-03-02T10:00:00Z")
+    assert (detail["status"], detail["rows_loaded"], detail["interval"]["start"]) == (
+        "succeeded",
+        60,
+        "2026-03-02T10:00:00Z",
+    )
     assert detail["report_uri"].endswith("reports/hourly/dt=2026-03-02/hour=10/report.json")
 
 
@@ -214,3 +265,39 @@ def test_failed_checkpoint_alerts_pipeline_failed_and_never_completed(scenarios)
     assert (detail["dag_id"], detail["task_id"]) == ("citypulse_hourly", "quality_check")
     assert "avg_speed_kmh" in detail["error"]
     assert detail["interval"]["start"].startswith("2026-03-02T10:00:00")
+
+
+def test_daily_run_builds_sensor_health_for_every_registered_sensor(scenarios) -> None:
+    good = scenarios["good"]
+    run = good.daily
+    assert run is not None and run.succeeded, f"{run.state} {run.task_states}\n{run.log_tail()}"
+    assert run.task_states == {"dbt_build_daily": "success", "retention": "success", "dbt_docs": "success"}
+    build = run.summaries["dbt_build_daily"]
+    assert (build["models_passed"], build["models_failed"], build["tests_failed"]) == (3, 0, 0)
+    health = good.after_daily["marts.fct_sensor_health_daily"]
+    # 12 registered sensors x 2026-03-02; 5 readings each in the loaded hour.
+    assert len(health) == 12
+    assert {row[1].isoformat() for row in health} == {"2026-03-02"}
+    assert sum(row[3] for row in health) == 60
+    assert len(good.after_daily["marts.fct_zone_peak_profiles"]) == 4  # 4 zones x Monday 10:00
+
+
+def test_daily_retention_deletes_only_what_is_past_the_horizon(scenarios) -> None:
+    good = scenarios["good"]
+    summary = good.daily.summaries["retention"]
+    assert summary["cutoff"] == "2026-02-24T00:00:00Z"
+    assert summary["lake_objects_deleted"] == 1
+    assert summary["rows_deleted"]["raw.readings"] == 1
+    assert summary["vacuumed"] is True
+    keys = {o["Key"] for o in s3_client(good.env).list_objects_v2(Bucket=good.lake.bucket)["Contents"]}
+    assert OLD_KEY not in keys
+    assert set(good.lake.files) <= keys
+    # Everything the hourly runs built is still there, unchanged.
+    assert {t: good.after_daily[t] for t in TABLES} == good.snapshots[-1]
+
+
+def test_daily_run_writes_the_dbt_docs_as_a_static_site(scenarios) -> None:
+    docs = scenarios["good"].daily.dbt_docs
+    assert docs == Path(scenarios["good"].env["CITYPULSE_DOCS_DIR"]) / "dbt" / "index.html"
+    html = docs.read_text()
+    assert "fct_congestion_episodes" in html and "fct_sensor_health_daily" in html

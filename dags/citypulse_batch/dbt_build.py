@@ -63,8 +63,9 @@ def find_project_dir(configured: str = "") -> Path:
     for candidate in candidates:
         if (candidate / "dbt_project.yml").is_file():
             return candidate
-    raise FileNotFoundError(f"no dbt project (dbt_project.yml) in {', '.join(map(str, candidates))}; "
-                            "set CITYPULSE_DBT_PROJECT_DIR")
+    raise FileNotFoundError(
+        f"no dbt project (dbt_project.yml) in {', '.join(map(str, candidates))}; set CITYPULSE_DBT_PROJECT_DIR"
+    )
 
 
 @contextmanager
@@ -83,23 +84,40 @@ def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def build_args(project_dir: Path, target: str, interval: Interval | None, select: str,
-               work_dir: Path) -> list[str]:
-    """The `dbt build` command line (without the leading `dbt`)."""
+def build_args(
+    project_dir: Path,
+    target: str,
+    interval: Interval | None,
+    select: str,
+    work_dir: Path,
+    exclude: str = "",
+    command: str = "build",
+) -> list[str]:
+    """The `dbt build` (or another command's) command line, without the leading `dbt`."""
     args = [
-        "build",
-        "--project-dir", str(project_dir),
-        "--profiles-dir", str(project_dir),
-        "--target", target,
+        command,
+        "--project-dir",
+        str(project_dir),
+        "--profiles-dir",
+        str(project_dir),
+        "--target",
+        target,
         # The project directory may be read-only (MWAA syncs it from S3): artefacts go elsewhere.
-        "--target-path", str(work_dir / "target"),
-        "--log-path", str(work_dir / "logs"),
+        "--target-path",
+        str(work_dir / "target"),
+        "--log-path",
+        str(work_dir / "logs"),
         "--no-use-colors",
-        "--select", *select.split(),
+        "--select",
+        *select.split(),
     ]
+    if exclude.strip():
+        args += ["--exclude", *exclude.split()]
     if interval is not None:
-        bounds = {"interval_start": interval.start.strftime("%Y-%m-%d %H:%M:%S"),
-                  "interval_end": interval.end.strftime("%Y-%m-%d %H:%M:%S")}
+        bounds = {
+            "interval_start": interval.start.strftime("%Y-%m-%d %H:%M:%S"),
+            "interval_end": interval.end.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         args += ["--vars", json.dumps(bounds)]
     return args
 
@@ -108,15 +126,21 @@ def _value(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
-def run_dbt_build(project_dir: Path, target: str, interval: Interval | None, env: Mapping[str, str],
-                  select: str = "source:lake+ source:registry+") -> DbtSummary:
+def run_dbt_build(
+    project_dir: Path,
+    target: str,
+    interval: Interval | None,
+    env: Mapping[str, str],
+    select: str = "source:lake+ source:registry+",
+    exclude: str = "",
+) -> DbtSummary:
     """Run `dbt build` in this process and count what passed; never raises for failed nodes."""
     from dbt.cli.main import dbtRunner
 
     started = time.monotonic()
     summary = DbtSummary(success=False, target=target, select=select)
     with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work, _environment(env):
-        args = build_args(project_dir, target, interval, select, Path(work))
+        args = build_args(project_dir, target, interval, select, Path(work), exclude)
         result = dbtRunner().invoke(args)
     summary.seconds = round(time.monotonic() - started, 2)
     if result.exception is not None:
@@ -125,7 +149,7 @@ def run_dbt_build(project_dir: Path, target: str, interval: Interval | None, env
         node = node_result.node
         kind = _value(node.resource_type)
         status = _value(node_result.status)
-        if kind == "model":
+        if kind in ("model", "snapshot"):
             if status == "success":
                 summary.models_passed += 1
             elif status == "skipped":
@@ -146,3 +170,32 @@ def run_dbt_build(project_dir: Path, target: str, interval: Interval | None, env
             summary.failures.append(f"{node.unique_id}: {status}" + (f" - {message[0]}" if message else ""))
     summary.success = bool(result.success) and summary.error is None
     return summary
+
+
+def generate_docs(project_dir: Path, target: str, env: Mapping[str, str], out_dir: Path) -> dict[str, Any]:
+    """`dbt docs generate --static` for the whole project into `out_dir` (replaced whole).
+
+    The static page (`static_index.html`, also copied to `index.html`) embeds the manifest
+    and catalog, so it opens from a file or any static host (S3, the demo's docs folder)
+    without `dbt docs serve`. Written to a fresh directory first, then swapped in.
+    """
+    import shutil
+
+    from dbt.cli.main import dbtRunner
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dbt-docs-", dir=out_dir.parent))
+    with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work, _environment(env):
+        args = build_args(project_dir, target, None, "fqn:*", Path(work), command="docs")
+        args[1:1] = ["generate", "--static"]
+        args[args.index("--target-path") + 1] = str(staging)
+        result = dbtRunner().invoke(args)
+    if not result.success:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"dbt docs generate failed: {result.exception}")
+    shutil.copyfile(staging / "static_index.html", staging / "index.html")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return {"path": str(out_dir), "index": str(out_dir / "index.html"), "seconds": round(time.monotonic() - started, 2)}

@@ -40,8 +40,7 @@ def failure_detail(context: dict[str, Any]) -> dict[str, Any]:
         "map_index": getattr(ti, "map_index", None),
         "run_id": getattr(ti, "run_id", None),
         "try_number": getattr(ti, "try_number", None),
-        "interval": {"start": _iso(context.get("data_interval_start")),
-                     "end": _iso(context.get("data_interval_end"))},
+        "interval": {"start": _iso(context.get("data_interval_start")), "end": _iso(context.get("data_interval_end"))},
         "error": error,
     }
 

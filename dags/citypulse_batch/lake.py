@@ -39,9 +39,7 @@ class Interval:
             # Airflow hands out pendulum datetimes; normalise to plain UTC datetimes.
             value = datetime.fromtimestamp(value.timestamp(), UTC)
             if value.minute or value.second or value.microsecond:
-                raise ValueError(
-                    f"interval {name}={value.isoformat()} is not on the hour: lake partitions are hourly"
-                )
+                raise ValueError(f"interval {name}={value.isoformat()} is not on the hour: lake partitions are hourly")
             object.__setattr__(self, name, value)
         if self.start >= self.end:
             raise ValueError(f"empty interval [{self.start.isoformat()}, {self.end.isoformat()})")

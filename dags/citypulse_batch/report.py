@@ -15,8 +15,9 @@ REPORT_VERSION = 1
 STEPS = ("load", "dbt", "expectations")
 
 
-def build_report(interval: Interval, dag_id: str, run_id: str,
-                 steps: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+def build_report(
+    interval: Interval, dag_id: str, run_id: str, steps: dict[str, dict[str, Any] | None]
+) -> dict[str, Any]:
     """The run report from the step summaries (None for a step that did not get to report).
 
     Deterministic for the same inputs: no wall-clock time, so a re-run of an unchanged

@@ -40,8 +40,7 @@ def crawler_config() -> dict[str, Any]:
         "Targets": {"S3Targets": [{"Path": "s3://{{ citypulse_setting('lake_bucket') }}/raw/readings/"}]},
         "SchemaChangePolicy": {"UpdateBehavior": "LOG", "DeleteBehavior": "LOG"},
         "RecrawlPolicy": {"RecrawlBehavior": "CRAWL_NEW_FOLDERS_ONLY"},
-        "Configuration": json.dumps({"Version": 1.0,
-                                     "Grouping": {"TableGroupingPolicy": "CombineCompatibleSchemas"}}),
+        "Configuration": json.dumps({"Version": 1.0, "Grouping": {"TableGroupingPolicy": "CombineCompatibleSchemas"}}),
     }
 
 
@@ -57,8 +56,11 @@ def lake() -> Lake:
 
     hook = S3Hook(aws_conn_id=AWS_CONN_ID)
     credentials = hook.get_credentials()
-    return Lake(setting("lake_bucket"), hook.get_conn(),
-                S3Credentials(credentials.access_key, credentials.secret_key, credentials.token))
+    return Lake(
+        setting("lake_bucket"),
+        hook.get_conn(),
+        S3Credentials(credentials.access_key, credentials.secret_key, credentials.token),
+    )
 
 
 def warehouse() -> Any:
@@ -86,13 +88,17 @@ def build(interval: Interval) -> dict[str, Any]:
         interval=interval,
         env=engine.dbt_env(),
         select=setting("dbt_select"),
+        exclude=setting("dbt_exclude"),
     ).to_json()
     if not summary["success"]:
         failed = summary["models_failed"] + summary["tests_failed"]
         # Failed models or tests are a verdict on the data; an error before any node ran
         # (connection, profile) may be transient.
-        raise StepFailed(f"dbt build failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
-                         summary, retryable=failed == 0)
+        raise StepFailed(
+            f"dbt build failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
+            summary,
+            retryable=failed == 0,
+        )
     return summary
 
 
@@ -104,13 +110,17 @@ def check(interval: Interval) -> dict[str, Any]:
     summary = run_readings_checkpoint(rows, interval.start, interval.end).to_json()
     if not summary["success"]:
         failed = [f"{f['expectation']}({f['column']})" for f in summary["failures"]]
-        raise StepFailed(f"checkpoint failed: {summary['evaluated'] - summary['passed']} of "
-                         f"{summary['evaluated']} expectations: {', '.join(failed)}", summary)
+        raise StepFailed(
+            f"checkpoint failed: {summary['evaluated'] - summary['passed']} of "
+            f"{summary['evaluated']} expectations: {', '.join(failed)}",
+            summary,
+        )
     return summary
 
 
-def write_report(interval: Interval, dag_id: str, run_id: str,
-                 steps: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+def write_report(
+    interval: Interval, dag_id: str, run_id: str, steps: dict[str, dict[str, Any] | None]
+) -> dict[str, Any]:
     """Write the run report to the lake; return it without the per-step detail (the event)."""
     from citypulse_batch.report import build_report
 
@@ -121,3 +131,79 @@ def write_report(interval: Interval, dag_id: str, run_id: str,
     event = {k: v for k, v in report.items() if k != "steps"}
     event["report_uri"] = the_lake.uri(key)
     return event
+
+
+# --- daily ---------------------------------------------------------------------------------
+
+
+def build_daily(interval: Interval) -> dict[str, Any]:
+    """`dbt build` of the daily marts (sensor health, corridors, peak profiles) for whole days."""
+    from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
+
+    engine = warehouse()
+    summary = run_dbt_build(
+        project_dir=find_project_dir(setting("dbt_project_dir")),
+        target=setting("dbt_target") or engine.dbt_target,
+        interval=interval,
+        env=engine.dbt_env(),
+        select=setting("dbt_daily_select"),
+    ).to_json()
+    if not summary["success"]:
+        failed = summary["models_failed"] + summary["tests_failed"]
+        raise StepFailed(
+            f"daily dbt build failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
+            summary,
+            retryable=failed == 0,
+        )
+    return summary
+
+
+def retention(interval: Interval) -> dict[str, Any]:
+    """Delete lake partitions and warehouse rows older than `retention_days` before the interval's end."""
+    from citypulse_batch.retention import apply_retention, cutoff_for
+
+    cutoff = cutoff_for(interval.end, int(setting("retention_days")))
+    return apply_retention(warehouse(), lake(), cutoff).to_json()
+
+
+def docs_dir() -> tuple[Any, bool]:
+    """Where docs are written: the configured directory (kept), or a temporary one (uploaded to the lake)."""
+    import tempfile
+    from pathlib import Path
+
+    configured = setting("docs_dir")
+    if configured:
+        return Path(configured), False
+    return Path(tempfile.mkdtemp(prefix="citypulse-docs-")), True
+
+
+def _upload_tree(root: Any, prefix: str) -> int:
+    the_lake = lake()
+    count = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        content_type = "text/html" if path.suffix == ".html" else "application/json"
+        key = prefix + path.relative_to(root).as_posix()
+        the_lake.client.put_object(Bucket=the_lake.bucket, Key=key, Body=path.read_bytes(), ContentType=content_type)
+        count += 1
+    return count
+
+
+def dbt_docs(interval: Interval) -> dict[str, Any]:
+    """`dbt docs generate --static` into `<docs_dir>/dbt/` (or the lake's `docs/dbt/`)."""
+    import shutil
+
+    from citypulse_batch.dbt_build import find_project_dir, generate_docs
+
+    engine = warehouse()
+    root, upload = docs_dir()
+    result = generate_docs(
+        find_project_dir(setting("dbt_project_dir")),
+        setting("dbt_target") or engine.dbt_target,
+        engine.dbt_env(),
+        root / "dbt",
+    )
+    if upload:
+        result["uploaded"] = _upload_tree(root / "dbt", "docs/dbt/")
+        result["index"] = lake().uri("docs/dbt/index.html")
+        shutil.rmtree(root, ignore_errors=True)
+    return result

@@ -73,8 +73,7 @@ RAW_TABLES: dict[str, list[Column]] = {
 
 
 def create_table_sql(name: str, columns: Sequence[Column], *, temporary: bool = False) -> str:
-    body = ",\n    ".join(f"{col} {sql_type}{'' if nullable else ' not null'}"
-                          for col, sql_type, nullable in columns)
+    body = ",\n    ".join(f"{col} {sql_type}{'' if nullable else ' not null'}" for col, sql_type, nullable in columns)
     kind = "temporary table" if temporary else "table if not exists"
     return f"create {kind} {name} (\n    {body}\n)"
 
@@ -123,8 +122,7 @@ class Warehouse(ABC):
         """A DB-API cursor inside one transaction: committed on success, rolled back on error."""
 
     @abstractmethod
-    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
-                       columns: Sequence[Column]) -> None:
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
         """Append the rows of the lake's Parquet files to a staging table."""
 
     @abstractmethod
@@ -134,6 +132,15 @@ class Warehouse(ABC):
     def _staging_table(self, cur: Any, name: str, columns: Sequence[Column]) -> None:
         cur.execute(f"drop table if exists {name}")
         cur.execute(create_table_sql(name, columns, temporary=True))
+
+    def existing_tables(self, cur: Any) -> set[str]:
+        """`schema.table` of every base table (information_schema: the same on all three engines)."""
+        cur.execute("select table_schema, table_name from information_schema.tables where table_type = 'BASE TABLE'")
+        return {f"{schema}.{name}" for schema, name in cur.fetchall()}
+
+    def reclaim(self, tables: list[str]) -> bool:
+        """Give back the space of deleted rows, where the engine needs telling; True if it did."""
+        return False
 
     def ensure_raw_tables(self, cur: Any) -> None:
         cur.execute(f"create schema if not exists {RAW_SCHEMA}")
@@ -159,12 +166,12 @@ class Warehouse(ABC):
                 self._stage_parquet(cur, "stage_readings", lake, reading_keys, READINGS_COLUMNS)
             if quarantine_keys:
                 self._stage_parquet(cur, "stage_quarantine", lake, quarantine_keys, QUARANTINE_STAGE_COLUMNS)
-            self._stage_csv(cur, "stage_sensor_registry", lake, SENSOR_REGISTRY_KEY,
-                            RAW_TABLES["sensor_registry"])
+            self._stage_csv(cur, "stage_sensor_registry", lake, SENSOR_REGISTRY_KEY, RAW_TABLES["sensor_registry"])
             self._stage_csv(cur, "stage_zones", lake, ZONES_KEY, RAW_TABLES["zones"])
 
-            cur.execute(f"select count(*), coalesce(sum(case when {in_interval} then 1 else 0 end), 0) "
-                        "from stage_readings")
+            cur.execute(
+                f"select count(*), coalesce(sum(case when {in_interval} then 1 else 0 end), 0) from stage_readings"
+            )
             rows_in_files, rows_in_interval = (int(v) for v in cur.fetchone())
 
             cur.execute(f"delete from {RAW_SCHEMA}.readings where {in_interval}")
@@ -184,8 +191,9 @@ class Warehouse(ABC):
             rows_loaded = int(cur.fetchone()[0])
 
             received = f"received_at >= {start} and received_at < {end}"
-            cur.execute(f"delete from {RAW_SCHEMA}.quarantine_counts "
-                        f"where received_hour >= {start} and received_hour < {end}")
+            cur.execute(
+                f"delete from {RAW_SCHEMA}.quarantine_counts where received_hour >= {start} and received_hour < {end}"
+            )
             # Quarantine is partitioned by receive time; a redelivered record keeps its source_id.
             cur.execute(
                 f"insert into {RAW_SCHEMA}.quarantine_counts ({_names(QUARANTINE_COUNTS_COLUMNS)})\n"
@@ -194,8 +202,10 @@ class Warehouse(ABC):
                 f"where {received}\n"
                 f"group by date_trunc('hour', received_at), reason_code"
             )
-            cur.execute(f"select reason_code, sum(quarantined_count) from {RAW_SCHEMA}.quarantine_counts "
-                        f"where received_hour >= {start} and received_hour < {end} group by reason_code")
+            cur.execute(
+                f"select reason_code, sum(quarantined_count) from {RAW_SCHEMA}.quarantine_counts "
+                f"where received_hour >= {start} and received_hour < {end} group by reason_code"
+            )
             by_reason = {str(reason): int(count) for reason, count in cur.fetchall()}
 
             counts = {}
@@ -227,20 +237,25 @@ class Warehouse(ABC):
 
         start, end = interval.sql_bounds()
         with self.transaction() as cur:
-            cur.execute(f"select {_names(READINGS_COLUMNS)} from {RAW_SCHEMA}.readings "
-                        f"where ts >= {start} and ts < {end} order by sensor_id, seq")
+            cur.execute(
+                f"select {_names(READINGS_COLUMNS)} from {RAW_SCHEMA}.readings "
+                f"where ts >= {start} and ts < {end} order by sensor_id, seq"
+            )
             rows = cur.fetchall()
         # DB-API drivers return typed Python values (int, float, str, naive datetime); they
         # become Arrow columns of the contract's types, timestamps UTC without zone as stored.
-        schema = pa.schema([
-            pa.field(f.name, pa.timestamp("ms") if pa.types.is_timestamp(f.type) else f.type)
-            for f in lake_arrow_schema()
-        ])
+        schema = pa.schema(
+            [
+                pa.field(f.name, pa.timestamp("ms") if pa.types.is_timestamp(f.type) else f.type)
+                for f in lake_arrow_schema()
+            ]
+        )
         names = schema.names
         return pa.Table.from_pylist([dict(zip(names, row, strict=True)) for row in rows], schema=schema)
 
 
 # --- DuckDB -------------------------------------------------------------------------------
+
 
 def _httpfs_extension() -> str:
     """Path of the httpfs extension shipped as a wheel: DuckDB's own download would need network."""
@@ -248,8 +263,12 @@ def _httpfs_extension() -> str:
 
     import duckdb
 
-    path = (importlib.resources.files("duckdb_extension_httpfs") / "extensions"
-            / f"v{duckdb.__version__}" / "httpfs.duckdb_extension")
+    path = (
+        importlib.resources.files("duckdb_extension_httpfs")
+        / "extensions"
+        / f"v{duckdb.__version__}"
+        / "httpfs.duckdb_extension"
+    )
     return str(path)
 
 
@@ -266,8 +285,7 @@ def duckdb_s3_secret_sql(lake: Lake) -> str:
         "endpoint": _quote(endpoint.netloc),
         "use_ssl": "true" if endpoint.scheme == "https" else "false",
         # Emulators and IP endpoints cannot serve virtual-hosted buckets; AWS can.
-        "url_style": _quote("vhost" if endpoint.hostname and endpoint.hostname.endswith(".amazonaws.com")
-                            else "path"),
+        "url_style": _quote("vhost" if endpoint.hostname and endpoint.hostname.endswith(".amazonaws.com") else "path"),
     }
     if lake.credentials is not None:
         options["key_id"] = _quote(lake.credentials.access_key)
@@ -310,12 +328,20 @@ class DuckDBWarehouse(Warehouse):
         finally:
             con.close()
 
+    def reclaim(self, tables: list[str]) -> bool:
+        # DuckDB reuses freed blocks; a checkpoint writes the deletions to the file.
+        con = self.connect()
+        try:
+            con.execute("checkpoint")
+        finally:
+            con.close()
+        return True
+
     def _with_s3(self, cur: Any, lake: Lake) -> None:
         cur.execute(f"load {_quote(_httpfs_extension())}")
         cur.execute(duckdb_s3_secret_sql(lake))
 
-    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
-                       columns: Sequence[Column]) -> None:
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
         self._with_s3(cur, lake)
         files = ", ".join(_quote(lake.uri(k)) for k in keys)
         names = _names(columns)
@@ -325,18 +351,23 @@ class DuckDBWarehouse(Warehouse):
         self._with_s3(cur, lake)
         types = ", ".join(f"{_quote(col)}: {_quote(sql_type)}" for col, sql_type, _ in columns)
         names = _names(columns)
-        cur.execute(f"insert into {table} ({names}) select {names} from "
-                    f"read_csv({_quote(lake.uri(key))}, header = true, columns = {{{types}}})")
+        cur.execute(
+            f"insert into {table} ({names}) select {names} from "
+            f"read_csv({_quote(lake.uri(key))}, header = true, columns = {{{types}}})"
+        )
 
     def read_readings(self, interval: Interval) -> Any:
         # DuckDB hands Arrow over natively, with the table's own column types.
         start, end = interval.sql_bounds()
         with self.transaction() as con:
-            return con.execute(f"select {_names(READINGS_COLUMNS)} from {RAW_SCHEMA}.readings "
-                               f"where ts >= {start} and ts < {end} order by sensor_id, seq").to_arrow_table()
+            return con.execute(
+                f"select {_names(READINGS_COLUMNS)} from {RAW_SCHEMA}.readings "
+                f"where ts >= {start} and ts < {end} order by sensor_id, seq"
+            ).to_arrow_table()
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
+
 
 class PostgresWarehouse(Warehouse):
     engine = "postgres"
@@ -346,9 +377,13 @@ class PostgresWarehouse(Warehouse):
 
     def dbt_env(self) -> dict[str, str]:
         p = self.params
-        return {"CITYPULSE_PG_HOST": str(p["host"]), "CITYPULSE_PG_PORT": str(p["port"]),
-                "CITYPULSE_PG_USER": str(p["user"]), "CITYPULSE_PG_PASSWORD": str(p["password"]),
-                "CITYPULSE_PG_DBNAME": str(p["dbname"])}
+        return {
+            "CITYPULSE_PG_HOST": str(p["host"]),
+            "CITYPULSE_PG_PORT": str(p["port"]),
+            "CITYPULSE_PG_USER": str(p["user"]),
+            "CITYPULSE_PG_PASSWORD": str(p["password"]),
+            "CITYPULSE_PG_DBNAME": str(p["dbname"]),
+        }
 
     def connect(self) -> Any:
         import psycopg2
@@ -366,12 +401,23 @@ class PostgresWarehouse(Warehouse):
         finally:
             con.close()
 
-    def _copy_csv(self, cur: Any, table: str, columns: Sequence[Column], data: bytes) -> None:
-        cur.copy_expert(f"copy {table} ({_names(columns)}) from stdin with (format csv, header true)",
-                        io.BytesIO(data))
+    def reclaim(self, tables: list[str]) -> bool:
+        if not tables:
+            return False
+        con = self.connect()
+        try:
+            con.autocommit = True  # VACUUM cannot run inside a transaction
+            with con.cursor() as cur:
+                for table in tables:
+                    cur.execute(f"vacuum analyze {table}")
+        finally:
+            con.close()
+        return True
 
-    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
-                       columns: Sequence[Column]) -> None:
+    def _copy_csv(self, cur: Any, table: str, columns: Sequence[Column], data: bytes) -> None:
+        cur.copy_expert(f"copy {table} ({_names(columns)}) from stdin with (format csv, header true)", io.BytesIO(data))
+
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
 
@@ -388,6 +434,7 @@ class PostgresWarehouse(Warehouse):
 
 
 # --- Redshift -----------------------------------------------------------------------------
+
 
 class RedshiftWarehouse(Warehouse):
     """Redshift through the Amazon provider's hook; the lake is read by COPY with an IAM role.
@@ -423,42 +470,65 @@ class RedshiftWarehouse(Warehouse):
         finally:
             con.close()
 
-    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str],
-                       columns: Sequence[Column]) -> None:
+    def reclaim(self, tables: list[str]) -> bool:
+        # Redshift reclaims in the background too; DELETE ONLY skips the re-sort. Untested here.
+        from airflow.providers.amazon.aws.hooks.redshift_sql import RedshiftSQLHook
+
+        if not tables:
+            return False
+        hook = RedshiftSQLHook(redshift_conn_id=self.conn_id)
+        hook.run([f"vacuum delete only {table}" for table in tables], autocommit=True)
+        return True
+
+    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
         # One COPY per listed file rather than per prefix: a prefix would also pick up any
         # stray object, and the list is what the summary counts.
         for key in keys:
-            cur.execute(f"copy {table} from {_quote(lake.uri(key))} "
-                        f"iam_role {_quote(self.copy_iam_role)} format as parquet")
+            cur.execute(
+                f"copy {table} from {_quote(lake.uri(key))} iam_role {_quote(self.copy_iam_role)} format as parquet"
+            )
 
     def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
-        cur.execute(f"copy {table} ({_names(columns)}) from {_quote(lake.uri(key))} "
-                    f"iam_role {_quote(self.copy_iam_role)} format as csv ignoreheader 1")
+        cur.execute(
+            f"copy {table} ({_names(columns)}) from {_quote(lake.uri(key))} "
+            f"iam_role {_quote(self.copy_iam_role)} format as csv ignoreheader 1"
+        )
 
 
 # --- selection by connection type -----------------------------------------------------------
+
 
 def _duckdb(conn: Any) -> Warehouse:
     # `duckdb:///abs/path.duckdb` parses to schema "abs/path.duckdb"; extra {"path": ...} also works.
     path = conn.extra_dejson.get("path") or conn.schema
     if not path:
-        raise ValueError(f"connection {conn.conn_id!r}: give the DuckDB file as duckdb:///<absolute path> "
-                         "or extra {\"path\": ...}")
+        raise ValueError(
+            f'connection {conn.conn_id!r}: give the DuckDB file as duckdb:///<absolute path> or extra {{"path": ...}}'
+        )
     return DuckDBWarehouse(Path("/" + str(path).lstrip("/")))
 
 
 def _postgres(conn: Any) -> Warehouse:
-    return PostgresWarehouse(host=conn.host or "127.0.0.1", port=int(conn.port or 5432),
-                             user=conn.login or "postgres", password=conn.password or "",
-                             dbname=conn.schema or "postgres")
+    return PostgresWarehouse(
+        host=conn.host or "127.0.0.1",
+        port=int(conn.port or 5432),
+        user=conn.login or "postgres",
+        password=conn.password or "",
+        dbname=conn.schema or "postgres",
+    )
 
 
 def _redshift(conn: Any) -> Warehouse:
     role = conn.extra_dejson.get("copy_iam_role")
     if not role:
         raise ValueError(f"connection {conn.conn_id!r}: extra 'copy_iam_role' (the COPY role ARN) is missing")
-    params = {"host": conn.host or "", "port": str(conn.port or 5439), "user": conn.login or "",
-              "password": conn.password or "", "dbname": conn.schema or ""}
+    params = {
+        "host": conn.host or "",
+        "port": str(conn.port or 5439),
+        "user": conn.login or "",
+        "password": conn.password or "",
+        "dbname": conn.schema or "",
+    }
     return RedshiftWarehouse(conn.conn_id, role, params)
 
 
@@ -476,6 +546,7 @@ def warehouse_from_connection(conn: Any) -> Warehouse:
     try:
         factory = ADAPTERS[conn_type]
     except KeyError:
-        raise ValueError(f"connection {conn.conn_id!r} has type {conn_type!r}; the warehouse needs one of "
-                         f"{sorted(ADAPTERS)}") from None
+        raise ValueError(
+            f"connection {conn.conn_id!r} has type {conn_type!r}; the warehouse needs one of {sorted(ADAPTERS)}"
+        ) from None
     return factory(conn)

@@ -6,7 +6,7 @@
     hour changes nothing. Without vars an incremental build replaces everything.
 #}
 
-{% macro interval_bounds() -%}
+{% macro interval_bounds(grain_minutes=15) -%}
     {%- set start = var('interval_start', none) -%}
     {%- set end = var('interval_end', none) -%}
     {%- if start is none and end is none -%}
@@ -22,9 +22,11 @@
         {%- if moment.tzinfo is not none -%}
             {%- set moment = moment.astimezone(modules.datetime.timezone.utc) -%}
         {%- endif -%}
-        {#- Buckets are 15 minutes: an unaligned bound would split one and duplicate its key. -#}
-        {%- if moment.minute % 15 != 0 or moment.second != 0 or moment.microsecond != 0 -%}
-            {{ exceptions.raise_compiler_error("interval bound " ~ value ~ " is not aligned to 15 minutes") }}
+        {#- A bound inside a bucket (15 min, hour, day) would split it and duplicate its key. -#}
+        {%- if (moment.hour * 60 + moment.minute) % grain_minutes != 0 or moment.second != 0
+               or moment.microsecond != 0 -%}
+            {{ exceptions.raise_compiler_error("interval bound " ~ value ~ " is not aligned to "
+                                               ~ grain_minutes ~ " minutes (" ~ this ~ ")") }}
         {%- endif -%}
         {%- do parsed.append(moment.strftime('%Y-%m-%d %H:%M:%S')) -%}
     {%- endfor -%}
@@ -35,8 +37,8 @@
 {%- endmacro %}
 
 
-{% macro interval_window(column) -%}
-    {%- set bounds = interval_bounds() -%}
+{% macro interval_window(column, grain_minutes=15) -%}
+    {%- set bounds = interval_bounds(grain_minutes) -%}
     {%- if bounds is none -%}
         1 = 1
     {%- else -%}
@@ -47,9 +49,9 @@
 
 
 {#- Pre-hook of incremental marts: clear the interval's buckets before they are re-inserted. -#}
-{% macro delete_interval(column) -%}
+{% macro delete_interval(column, grain_minutes=15) -%}
     {%- if is_incremental() -%}
-        delete from {{ this }} where {{ interval_window(column) }}
+        delete from {{ this }} where {{ interval_window(column, grain_minutes) }}
     {%- endif -%}
 {%- endmacro %}
 

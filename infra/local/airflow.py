@@ -28,13 +28,14 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO_ROOT / "dags"
 DAG_ID = "citypulse_hourly"
+DAILY_DAG_ID = "citypulse_daily"
 # Locally the crawler's role is never assumed (the emulator does not check it), but the
 # Glue API requires one.
 LOCAL_CRAWLER_ROLE = "arn:aws:iam::000000000000:role/citypulse-glue-crawler"
@@ -83,33 +84,38 @@ def airflow_environment(env: Mapping[str, str], airflow_home: Path) -> dict[str,
     """The environment of the Airflow subprocesses: this process's, minus any Airflow
     configuration it carries, plus `env`, plus the local Airflow settings."""
     airflow_home = Path(airflow_home).resolve()
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")) and k != "AIRFLOW_HOME"}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")) and k != "AIRFLOW_HOME"
+    }
     merged = {**base, **env}
     region = merged.get("AWS_DEFAULT_REGION") or merged.get("AWS_REGION") or "us-east-1"
     duckdb_path = merged.get("CITYPULSE_DUCKDB_PATH") or str(airflow_home / "warehouse.duckdb")
     merged.setdefault("CITYPULSE_DUCKDB_PATH", duckdb_path)
     merged.setdefault("CITYPULSE_GLUE_CRAWLER_ROLE", LOCAL_CRAWLER_ROLE)
     # Connections as JSON: unambiguous for a file path, and no URI escaping of extras.
-    merged.setdefault("AIRFLOW_CONN_CITYPULSE_WAREHOUSE",
-                      json.dumps({"conn_type": "duckdb", "extra": {"path": duckdb_path}}))
-    merged.setdefault("AIRFLOW_CONN_AWS_DEFAULT",
-                      json.dumps({"conn_type": "aws", "extra": {"region_name": region}}))
+    merged.setdefault(
+        "AIRFLOW_CONN_CITYPULSE_WAREHOUSE", json.dumps({"conn_type": "duckdb", "extra": {"path": duckdb_path}})
+    )
+    merged.setdefault("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {"region_name": region}}))
     python_path = [str(REPO_ROOT), str(DAGS_FOLDER)]
     if merged.get("PYTHONPATH"):
         python_path.append(merged["PYTHONPATH"])
-    merged.update({
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
-        "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
-        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "False",
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(airflow_home / "logs"),
-        "PYTHONPATH": os.pathsep.join(python_path),
-        "PYTHONUNBUFFERED": "1",
-    })
+    merged.update(
+        {
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
+            "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "False",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(airflow_home / "logs"),
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return merged
 
 
@@ -128,8 +134,15 @@ def _run_logged(argv: list[str], env: Mapping[str, str], log_path: Path, timeout
     with log_path.open("w") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
-        process = subprocess.Popen(argv, env=dict(env), cwd=env["AIRFLOW_HOME"], stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            env=dict(env),
+            cwd=env["AIRFLOW_HOME"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -145,8 +158,9 @@ def _run_logged(argv: list[str], env: Mapping[str, str], log_path: Path, timeout
             raise
 
 
-def ensure_metadata_db(airflow_home: Path, env: Mapping[str, str] | None = None, *,
-                       seed_from: Path | None = None, timeout: float = 300) -> None:
+def ensure_metadata_db(
+    airflow_home: Path, env: Mapping[str, str] | None = None, *, seed_from: Path | None = None, timeout: float = 300
+) -> None:
     """`airflow db migrate` once per airflow_home and Airflow version (a marker file caches it).
 
     `seed_from`: another airflow_home already migrated by this Airflow version; its database
@@ -182,7 +196,9 @@ def _parse_db_time(value: Any) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def read_run_states(airflow_home: Path, interval_start: datetime) -> tuple[str, str, dict[str, str]] | None:
+def read_run_states(
+    airflow_home: Path, interval_start: datetime, dag_id: str = DAG_ID
+) -> tuple[str, str, dict[str, str]] | None:
     """(run_id, DAG run state, task states) of the latest run of the interval, from the metadata DB.
 
     Mapped task instances are keyed `task_id[map_index]`; None if there is no such run.
@@ -192,19 +208,23 @@ def read_run_states(airflow_home: Path, interval_start: datetime) -> tuple[str, 
         return None
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        runs = con.execute("select run_id, state, data_interval_start from dag_run where dag_id = ? "
-                           "order by id desc", (DAG_ID,)).fetchall()
+        runs = con.execute(
+            "select run_id, state, data_interval_start from dag_run where dag_id = ? order by id desc", (dag_id,)
+        ).fetchall()
         match = next((r for r in runs if _parse_db_time(r[2]) == interval_start), None)
         if match is None:
             return None
         run_id, state, _ = match
-        rows = con.execute("select task_id, map_index, state from task_instance "
-                           "where dag_id = ? and run_id = ? order by task_id, map_index",
-                           (DAG_ID, run_id)).fetchall()
+        rows = con.execute(
+            "select task_id, map_index, state from task_instance "
+            "where dag_id = ? and run_id = ? order by task_id, map_index",
+            (dag_id, run_id),
+        ).fetchall()
     finally:
         con.close()
-    tasks = {(task_id if map_index < 0 else f"{task_id}[{map_index}]"): state or "none"
-             for task_id, map_index, state in rows}
+    tasks = {
+        (task_id if map_index < 0 else f"{task_id}[{map_index}]"): state or "none" for task_id, map_index, state in rows
+    }
     return str(run_id), str(state), tasks
 
 
@@ -228,8 +248,9 @@ def read_report(env: Mapping[str, str], interval_start: datetime) -> dict[str, A
     return Lake(bucket, client).read_json(report_key(Interval.hour(interval_start)))
 
 
-def run_hourly(interval_start: datetime, env: Mapping[str, str], airflow_home: Path,
-               *, timeout: float = 900) -> HourlyRun:
+def run_hourly(
+    interval_start: datetime, env: Mapping[str, str], airflow_home: Path, *, timeout: float = 900
+) -> HourlyRun:
     """Run `citypulse_hourly` for the hour starting at `interval_start` (UTC) and report on it.
 
     `env` carries the emulator endpoints and credentials (`AWS_*`), `CITYPULSE_LAKE_BUCKET`
@@ -255,19 +276,164 @@ def run_hourly(interval_start: datetime, env: Mapping[str, str], airflow_home: P
     try:
         code = _run_logged(argv, full_env, log_path, timeout)
     except subprocess.TimeoutExpired:
-        raise AirflowRunError(f"`airflow dags test` for {interval_start.isoformat()} did not finish within "
-                              f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}") from None
+        raise AirflowRunError(
+            f"`airflow dags test` for {interval_start.isoformat()} did not finish within "
+            f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}"
+        ) from None
     seconds = round(time.monotonic() - started, 1)
 
     found = read_run_states(airflow_home, interval_start)
     if found is None:
-        raise AirflowRunError(f"`airflow dags test` (exit {code}) recorded no run of {DAG_ID} for "
-                              f"{interval_start.isoformat()}; {log_path}:\n{_tail(log_path)}")
+        raise AirflowRunError(
+            f"`airflow dags test` (exit {code}) recorded no run of {DAG_ID} for "
+            f"{interval_start.isoformat()}; {log_path}:\n{_tail(log_path)}"
+        )
     run_id, state, tasks = found
-    run = HourlyRun(interval_start, interval_end, run_id, state, tasks, read_report(full_env, interval_start),
-                    log_path, seconds, code)
+    run = HourlyRun(
+        interval_start,
+        interval_end,
+        run_id,
+        state,
+        tasks,
+        read_report(full_env, interval_start),
+        log_path,
+        seconds,
+        code,
+    )
     if not run.succeeded:
         failed = sorted(t for t, s in tasks.items() if s in ("failed", "upstream_failed"))
-        log.warning("%s %s: DAG run %s (%s); log %s, tail:\n%s", DAG_ID, interval_start.isoformat(), state,
-                    ", ".join(failed), log_path, run.log_tail())
+        log.warning(
+            "%s %s: DAG run %s (%s); log %s, tail:\n%s",
+            DAG_ID,
+            interval_start.isoformat(),
+            state,
+            ", ".join(failed),
+            log_path,
+            run.log_tail(),
+        )
     return run
+
+
+@dataclass(frozen=True)
+class DailyRun:
+    """One local run of `citypulse_daily`: states, per-task summaries and where the docs landed."""
+
+    day: date
+    run_id: str
+    state: str
+    task_states: dict[str, str]
+    summaries: dict[str, Any]
+    dbt_docs: Path
+    log_path: Path
+    seconds: float
+    returncode: int
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "success"
+
+    def log_tail(self, lines: int = _TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
+
+
+def read_summaries(airflow_home: Path, dag_id: str, run_id: str) -> dict[str, Any]:
+    """task_id -> the `summary` XCom each task pushed (steps' JSON summaries)."""
+    db = Path(airflow_home).resolve() / "airflow.db"
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "select task_id, value from xcom where dag_id = ? and run_id = ? and key = 'summary'", (dag_id, run_id)
+        ).fetchall()
+    finally:
+        con.close()
+    out: dict[str, Any] = {}
+    for task_id, value in rows:
+        raw = value.decode() if isinstance(value, bytes) else value
+        try:
+            out[task_id] = json.loads(raw)
+        except (TypeError, ValueError):
+            out[task_id] = raw
+    return out
+
+
+def run_daily(day: date, env: Mapping[str, str], airflow_home: Path, *, timeout: float = 900) -> DailyRun:
+    """Run `citypulse_daily` for the UTC day `day`: daily marts, retention, dbt docs.
+
+    The docs land in `CITYPULSE_DOCS_DIR` (from `env`), by default `<airflow_home>/../docs`:
+    dbt's static site at `<docs>/dbt/index.html`. A failed run is returned, not raised.
+    """
+    airflow_home = Path(airflow_home).resolve()
+    docs = Path(env.get("CITYPULSE_DOCS_DIR") or airflow_home.parent / "docs")
+    env = {**env, "CITYPULSE_DOCS_DIR": str(docs)}
+    ensure_metadata_db(airflow_home, env)
+    full_env = airflow_environment(env, airflow_home)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    runs_dir = airflow_home / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    log_path = runs_dir / f"{DAILY_DAG_ID}-{day:%Y%m%d}.log"
+    # As for the hourly DAG: `dags test` runs the interval that ends at the given date.
+    argv = [sys.executable, "-m", "airflow", "dags", "test", DAILY_DAG_ID, (start + timedelta(days=1)).isoformat()]
+    started = time.monotonic()
+    try:
+        code = _run_logged(argv, full_env, log_path, timeout)
+    except subprocess.TimeoutExpired:
+        raise AirflowRunError(
+            f"`airflow dags test {DAILY_DAG_ID}` for {day} did not finish within "
+            f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}"
+        ) from None
+    seconds = round(time.monotonic() - started, 1)
+    found = read_run_states(airflow_home, start, DAILY_DAG_ID)
+    if found is None:
+        raise AirflowRunError(
+            f"`airflow dags test` (exit {code}) recorded no run of {DAILY_DAG_ID} for {day}; "
+            f"{log_path}:\n{_tail(log_path)}"
+        )
+    run_id, state, tasks = found
+    run = DailyRun(
+        day,
+        run_id,
+        state,
+        tasks,
+        read_summaries(airflow_home, DAILY_DAG_ID, run_id),
+        docs / "dbt" / "index.html",
+        log_path,
+        seconds,
+        code,
+    )
+    if not run.succeeded:
+        log.warning("%s %s: DAG run %s; log %s, tail:\n%s", DAILY_DAG_ID, day, state, log_path, run.log_tail())
+    return run
+
+
+def serve_ui(env: Mapping[str, str], airflow_home: Path, port: int = 8080) -> subprocess.Popen[bytes]:
+    """Start the Airflow UI (`airflow api-server`) on 127.0.0.1:`port` over this airflow_home.
+
+    Returns the process (its own session: stop it with `os.killpg(proc.pid, SIGTERM)`); output
+    goes to `<airflow_home>/api-server.log`. It shows the DAG runs `run_hourly`/`run_daily`
+    recorded; it does not start a scheduler. Airflow 3's UI login is the simple auth manager;
+    locally every user is admin (`all_admins`), on loopback only.
+    """
+    airflow_home = Path(airflow_home).resolve()
+    ensure_metadata_db(airflow_home, env)
+    full_env = airflow_environment(env, airflow_home)
+    full_env.update(
+        {
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        }
+    )
+    out = (airflow_home / "api-server.log").open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
+            env=full_env,
+            cwd=airflow_home,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        out.close()

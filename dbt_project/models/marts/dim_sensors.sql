@@ -1,8 +1,16 @@
+{#-
+    The sensor registry as a slowly changing dimension (type 2): one row per version of a
+    detector, from the snapshot `registry_sensors_snapshot`. `valid_from` / `valid_to` are
+    the snapshot times the version was first / last seen (the registry carries no change
+    time of its own); the current version has `valid_to` null and `is_current` true. A
+    detector removed from the registry keeps its history, closed.
+-#}
+
 with
 
-sensors as (
+sensor_versions as (
 
-    select * from {{ ref('stg_registry__sensors') }}
+    select * from {{ ref('registry_sensors_snapshot') }}
 
 ),
 
@@ -15,22 +23,26 @@ zones as (
 final as (
 
     select
-        sensors.sensor_id,
-        sensors.zone_id,
+        sensor_versions.dbt_scd_id as sensor_version_id,
+        sensor_versions.sensor_id,
+        sensor_versions.zone_id,
         zones.zone_name,
-        sensors.zone_type,
-        sensors.gateway_id,
-        sensors.road_name,
-        sensors.direction,
-        sensors.lane,
-        sensors.lane_count,
-        sensors.speed_limit_kmh,
-        sensors.latitude,
-        sensors.longitude
+        sensor_versions.zone_type,
+        sensor_versions.gateway_id,
+        sensor_versions.road_name,
+        sensor_versions.direction,
+        sensor_versions.lane,
+        sensor_versions.lane_count,
+        sensor_versions.speed_limit_kmh,
+        sensor_versions.latitude,
+        sensor_versions.longitude,
+        sensor_versions.dbt_valid_from as valid_from,
+        sensor_versions.dbt_valid_to as valid_to,
+        sensor_versions.dbt_valid_to is null as is_current
 
-    from sensors
+    from sensor_versions
     left join zones
-        on sensors.zone_id = zones.zone_id
+        on sensor_versions.zone_id = zones.zone_id
 
 )
 

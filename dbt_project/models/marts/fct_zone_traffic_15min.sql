@@ -4,6 +4,8 @@
         incremental_strategy='append',
         pre_hook="{{ delete_interval('bucket_start') }}",
         on_schema_change='fail',
+        dist='zone_id',
+        sort=['bucket_start', 'zone_id'],
     )
 }}
 
@@ -17,25 +19,10 @@ with
 
 readings as (
 
-    select * from {{ ref('stg_lake__readings') }}
+    select * from {{ ref('int_readings_bucketed') }}
     {% if is_incremental() %}
-    where {{ interval_window('measured_at') }}
+        where {{ interval_window('measured_at') }}
     {% endif %}
-
-),
-
-bucketed as (
-
-    select
-        zone_id,
-        sensor_id,
-        {{ bucket_15min('measured_at') }} as bucket_start,
-        vehicle_count,
-        avg_speed_kmh,
-        occupancy_pct,
-        congestion_index
-
-    from readings
 
 ),
 
@@ -44,15 +31,10 @@ aggregated as (
     select
         zone_id,
         bucket_start,
-        count(*) as reading_count,
-        cast(sum(vehicle_count) as bigint) as vehicle_count,
-        -- Fixed precision: float sums depend on row order, and a re-run must not change a bit.
-        cast(avg(avg_speed_kmh) as numeric(9, 3)) as avg_speed_kmh,
-        cast(avg(occupancy_pct) as numeric(9, 3)) as avg_occupancy_pct,
-        cast(avg(congestion_index) as numeric(9, 4)) as avg_congestion_index,
+        {{ traffic_measures() }},
         count(distinct sensor_id) as active_sensor_count
 
-    from bucketed
+    from readings
     group by
         zone_id,
         bucket_start

@@ -1,0 +1,100 @@
+"""citypulse_daily: one UTC day -> daily marts, retention, dbt docs.
+
+Place in the flow: the batch path's daily housekeeping, after the day's hourly runs. For the
+`data_interval` [00:00, 24:00) of a day it
+
+1. builds the daily marts (`tag:daily`: sensor health and completeness, corridor rankings,
+   peak-hour profiles) for the whole day, with their tests (`dbt build`),
+2. applies retention: lake partitions and warehouse rows older than `retention_days` before
+   the interval's end are deleted, then the engine vacuums where it supports it,
+3. writes the dbt docs as a static site (`dbt docs generate --static`) to
+   `<docs_dir>/dbt/index.html`, or to the lake's `docs/dbt/` when no directory is configured,
+
+and every task's failure puts `PipelineFailed` on the bus. The hourly DAG's last hour of the
+day may still be loading at midnight: the daily marts are replaced per day, so a rerun of
+the day (or the next backfill) brings them up to date.
+
+Thin like `citypulse_hourly`: task bodies are in `citypulse_batch.steps`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import dag, task
+
+from citypulse_batch.events import on_task_failure
+
+try:
+    from airflow.sdk import CronDataIntervalTimetable
+except ImportError:  # Airflow 3.0.x (MWAA) has it only in core
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "citypulse-data",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=2),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=30),
+    "execution_timeout": timedelta(minutes=45),
+    "on_failure_callback": on_task_failure,
+}
+
+
+def _fail(exc: Exception, retryable: bool) -> Exception:
+    """The exception that fails the task: a data verdict must not be retried."""
+    if retryable:
+        return exc
+    try:
+        from airflow.sdk.exceptions import AirflowFailException
+    except ImportError:  # Airflow 3.0.x
+        from airflow.exceptions import AirflowFailException
+    return AirflowFailException(str(exc))
+
+
+def _run(step_name: str, context: dict[str, Any]) -> None:
+    """Run `citypulse_batch.steps.<step_name>` for the day; its summary goes to XCom `summary`."""
+    from citypulse_batch import steps
+    from citypulse_batch.lake import Interval
+
+    interval = Interval(context["data_interval_start"], context["data_interval_end"])
+    ti = context["ti"]
+    try:
+        summary = getattr(steps, step_name)(interval)
+    except steps.StepFailed as exc:
+        ti.xcom_push(key="summary", value=exc.summary)
+        raise _fail(exc, exc.retryable) from exc
+    ti.xcom_push(key="summary", value=summary)
+
+
+@dag(
+    dag_id="citypulse_daily",
+    description="Day -> daily marts (sensor health, corridors, peak profiles) -> retention -> dbt docs",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=timedelta(hours=6),
+    default_args=DEFAULT_ARGS,
+    tags=["citypulse", "batch", "daily"],
+    doc_md=__doc__,
+)
+def citypulse_daily() -> None:
+    @task(task_id="dbt_build_daily", execution_timeout=timedelta(hours=1))
+    def dbt_build_daily(**context: Any) -> None:
+        _run("build_daily", context)
+
+    @task(task_id="retention")
+    def retention(**context: Any) -> None:
+        _run("retention", context)
+
+    @task(task_id="dbt_docs", execution_timeout=timedelta(minutes=20))
+    def dbt_docs(**context: Any) -> None:
+        _run("dbt_docs", context)
+
+    # Retention after the build (the build reads the day); docs last, describing what is left.
+    dbt_build_daily() >> retention() >> dbt_docs()
+
+
+daily_dag = citypulse_daily()

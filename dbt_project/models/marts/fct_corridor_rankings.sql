@@ -1,0 +1,83 @@
+{{
+    config(
+        materialized='incremental',
+        incremental_strategy='append',
+        pre_hook="{{ delete_interval('ranking_date', 1440) }}",
+        on_schema_change='fail',
+        tags=['daily'],
+        dist='all',
+        sort=['ranking_date', 'congestion_rank'],
+    )
+}}
+
+{#-
+    Roads (corridors) ranked per day: the most congested first (`congestion_rank` 1 = highest
+    mean congestion index) and the slowest first (`speed_rank` 1 = lowest mean speed). A road
+    is the registry's `road_name` across zones and directions. Ties break by road name, so
+    ranks are dense and stable on every engine. Daily, for whole UTC days.
+-#}
+
+with
+
+readings as (
+
+    select * from {{ ref('int_readings_bucketed') }}
+    {% if is_incremental() %}
+        where {{ interval_window('measured_at', 1440) }}
+    {% endif %}
+
+),
+
+sensors as (
+
+    select
+        sensor_id,
+        road_name
+
+    from {{ ref('dim_sensors') }}
+    where is_current
+
+),
+
+per_road as (
+
+    select
+        sensors.road_name,
+        readings.reading_date as ranking_date,
+        count(distinct readings.sensor_id) as sensor_count,
+        {{ traffic_measures() }}
+
+    from readings
+    inner join sensors
+        on readings.sensor_id = sensors.sensor_id
+    group by
+        sensors.road_name,
+        readings.reading_date
+
+),
+
+final as (
+
+    select
+        road_name,
+        ranking_date,
+        row_number() over (
+            partition by ranking_date
+            order by avg_congestion_index desc, road_name asc
+        ) as congestion_rank,
+        row_number() over (
+            partition by ranking_date
+            order by avg_speed_kmh is null, avg_speed_kmh, road_name
+        ) as speed_rank,
+        sensor_count,
+        reading_count,
+        vehicle_count,
+        avg_speed_kmh,
+        avg_occupancy_pct,
+        avg_congestion_index
+
+    from per_road
+
+)
+
+select * from final

@@ -1,0 +1,65 @@
+{{
+    config(
+        materialized='table',
+        tags=['daily'],
+        dist='zone_id',
+        sort=['zone_id', 'day_of_week', 'hour_of_day'],
+    )
+}}
+
+{#-
+    The typical week of each zone: per zone x weekday (0 = Sunday ... 6 = Saturday, UTC) x
+    hour of day, the mean over the observed hours of vehicles per hour, speed and congestion,
+    and whether this is the zone's peak hour of that weekday (most vehicles; ties to the
+    earlier hour). Rebuilt whole by the daily DAG from fct_zone_traffic_hourly.
+-#}
+
+with
+
+hours as (
+
+    select
+        zone_id,
+        cast(extract(dow from hour_start) as integer) as day_of_week,
+        cast(extract(hour from hour_start) as integer) as hour_of_day,
+        vehicle_count,
+        avg_speed_kmh,
+        avg_congestion_index
+
+    from {{ ref('fct_zone_traffic_hourly') }}
+
+),
+
+profiles as (
+
+    select
+        zone_id,
+        day_of_week,
+        hour_of_day,
+        count(*) as hours_observed,
+        cast(avg(vehicle_count) as numeric(12, 3)) as avg_vehicles_per_hour,
+        cast(avg(avg_speed_kmh) as numeric(9, 3)) as avg_speed_kmh,
+        cast(avg(avg_congestion_index) as numeric(9, 4)) as avg_congestion_index
+
+    from hours
+    group by
+        zone_id,
+        day_of_week,
+        hour_of_day
+
+),
+
+final as (
+
+    select
+        *,
+        row_number() over (
+            partition by zone_id, day_of_week
+            order by avg_vehicles_per_hour desc, hour_of_day asc
+        ) = 1 as is_peak_hour
+
+    from profiles
+
+)
+
+select * from final

@@ -1,0 +1,1 @@
+"""Packaging the batch path for Amazon MWAA (`make mwaa-bundle`)."""

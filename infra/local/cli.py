@@ -131,6 +131,25 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_airflow(args: argparse.Namespace) -> int:
+    import signal
+
+    from infra.local.airflow import serve_ui
+    from infra.local.platform import require_running
+
+    state_dir = _state_dir(args)
+    info = require_running(state_dir)
+    proc = serve_ui(info.env, state_dir / "airflow", port=args.port)
+    log = state_dir / "airflow" / "api-server.log"
+    print(f"Airflow UI on http://127.0.0.1:{args.port} (log: {log}); Ctrl-C stops it")
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from infra.capacity import Workload, naive_plan, plan, render
 
@@ -168,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("dashboard", help="serve the live operator dashboard on 127.0.0.1")
     p.add_argument("--port", type=int, default=8050, help="loopback port (default 8050)")
     p.set_defaults(func=cmd_dashboard)
+    p = sub.add_parser("airflow", help="serve the Airflow UI over the local DAG runs on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")
+    p.set_defaults(func=cmd_airflow)
     p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")
     p.add_argument("--sensors", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second (default 1)")

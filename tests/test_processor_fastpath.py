@@ -117,8 +117,18 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
     same_zone_other_gw = [s for g in GATEWAYS if g[0].zone_id == zone and g is not own for s in g]
     other_zone = [s for g in GATEWAYS if g[0].zone_id != zone for s in g]
     out: list[Any] = []
-    for _ in range(draw(st.integers(0, 8))):
-        pick = draw(st.sampled_from(["own"] * 8 + ["wrong_gateway", "other_zone", "not_object"]))
+    # Half the messages share one event time, as a gateway's do: the shape decode_batch marks as a
+    # block for apply_batch (with duplicates, late, beyond-window and future readings inside).
+    shared_minute = draw(st.one_of(st.none(), st.integers(0, 80)))
+    shared_offset = draw(st.sampled_from([0, 999, 30_500]))
+    # "clean": every reading plainly valid; "one_bad": all but one, whose mutation the block's
+    # column checks must catch. Both only with a shared event time (the block shape).
+    mode = draw(st.sampled_from(["clean", "one_bad", "mixed"])) if shared_minute is not None else "mixed"
+    clean = mode != "mixed"
+    count = draw(st.integers(0, 8))
+    bad_index = draw(st.integers(0, max(count - 1, 0))) if mode == "one_bad" else -1
+    for i in range(count):
+        pick = "own" if clean else draw(st.sampled_from(["own"] * 8 + ["wrong_gateway", "other_zone", "not_object"]))
         if pick == "not_object":
             out.append(draw(st.sampled_from(NOT_OBJECTS)))
             continue
@@ -126,11 +136,15 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
         sensor = draw(st.sampled_from(pool))
         # seq in a small range: duplicates, out of order, and beyond the 64-wide window.
         seq = draw(st.one_of(st.integers(0, 12), st.integers(60, 140)))
-        minute = draw(st.integers(0, 80))  # crosses an hour and the 15-minute lateness bound
+        if shared_minute is None:
+            minute = draw(st.integers(0, 80))  # crosses an hour and the 15-minute lateness bound
+            offset = draw(st.sampled_from([0, 999, 30_500]))
+        else:
+            minute, offset = shared_minute, shared_offset
         r: dict[str, Any] = {
             "sensor_id": sensor.sensor_id,
             "zone_id": sensor.zone_id,
-            "ts": format_ts(BASE_MS + minute * MINUTE_MS + draw(st.sampled_from([0, 999, 30_500]))),
+            "ts": format_ts(BASE_MS + minute * MINUTE_MS + offset),
             "seq": seq,
             "vehicle_count": draw(st.integers(0, 40)),
             "avg_speed_kmh": draw(st.sampled_from([42.5, 0.0, 250.0, 13.25])),
@@ -138,7 +152,7 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
             "congestion_index": draw(st.sampled_from([0.1, 0.3, 0.5, 0.75, 0.95, 1.0])),
             "lane": sensor.lane,
         }
-        if draw(st.integers(0, 3)) == 0:
+        if i == bad_index or (not clean and draw(st.integers(0, 3)) == 0):
             name, value = draw(st.sampled_from(MUTATIONS))
             if value is _MISSING:
                 r.pop(name, None)
@@ -310,3 +324,67 @@ def test_quarantine_keeps_the_original_reading_bytes() -> None:
     out = _both([b.gateway_record(sensors, [bad], BASE_MS)], {}, {}, {})
     (raw,) = [r for c in out.quarantine.values() for r in c.columns["raw"]]
     assert orjson.loads(base64.b64decode(raw)) == bad
+
+
+def test_block_lateness_boundary() -> None:
+    """A gateway message exactly at, and one millisecond past, the 15-minute lateness bound:
+    the block path's one lateness verdict per message must match the reference's per reading."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    watermark = BASE_MS + 40 * MINUTE_MS
+
+    def message(ts_ms: int, seq: int) -> Record:
+        rs = [
+            {
+                "sensor_id": s.sensor_id,
+                "zone_id": s.zone_id,
+                "ts": format_ts(ts_ms),
+                "seq": seq,
+                "vehicle_count": 4,
+                "avg_speed_kmh": 33.5,
+                "occupancy_pct": 7.25,
+                "congestion_index": 0.45,
+                "lane": s.lane,
+            }
+            for s in sensors
+        ]
+        return b.gateway_record(sensors, rs, watermark + 1000)
+
+    out = _both([message(watermark, 10)], {}, {}, {})
+    for seq, ts_ms in ((11, watermark - 15 * MINUTE_MS), (12, watermark - 15 * MINUTE_MS - 1)):
+        later = _both([message(ts_ms, seq)], out.zone_states, out.minutes, {})
+        assert later.counts["stored"] == len(sensors)
+    assert later.counts["late"] == len(sensors)  # the second one is late, the first was not
+
+
+def test_every_mutation_inside_an_otherwise_valid_gateway_message() -> None:
+    """Each mutation (and each non-object) as the one odd reading of a message whose other
+    readings are plainly valid and share its event time: the block shape, so the column checks
+    of decode_batch must send exactly these messages back to the per-reading path."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    ts = format_ts(BASE_MS + 3 * MINUTE_MS)
+    for position in (0, len(sensors) - 1):
+        for odd in [*MUTATIONS, *(("*", value) for value in NOT_OBJECTS)]:
+            rs: list[Any] = [
+                {
+                    "sensor_id": s.sensor_id,
+                    "zone_id": s.zone_id,
+                    "ts": ts,
+                    "seq": 5,
+                    "vehicle_count": 9,
+                    "avg_speed_kmh": 51.5,
+                    "occupancy_pct": 20.0,
+                    "congestion_index": 0.35,
+                    "lane": s.lane,
+                }
+                for s in sensors
+            ]
+            name, value = odd
+            if name == "*":
+                rs[position] = value
+            elif value is _MISSING:
+                del rs[position][name]
+            else:
+                rs[position][name] = value
+            _both([b.gateway_record(sensors, rs, BASE_MS + 4 * MINUTE_MS)], {}, {}, {})

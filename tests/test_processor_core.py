@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, city_minutes, envelope, reading
 
+from streaming.contract import format_ts
 from streaming.processor.core import (
     MINUTE_MS,
     BatchOutput,
@@ -284,3 +285,31 @@ def test_every_reading_is_accounted_for(city: City) -> None:
     assert c["duplicates"] == sum(len(city.gateways()[g]) for g in list(city.gateways())[:5])
     assert c["quarantined"] == 1
     assert c["received"] == c["stored"] + c["duplicates"] + c["quarantined"]
+
+
+def test_a_resent_message_with_an_invalid_reading_quarantines_it_once() -> None:
+    """A device resends a whole message; its invalid reading is a duplicate the second time,
+    so published == stored + quarantined holds at the device level."""
+    store = Store()
+    b = StreamBuilder()
+    sensors = CITY.gateways()[CITY.sensors[0].gateway_id]
+    readings = [reading(s, 3, BASE_MS + 1000) for s in sensors]
+    readings[0]["avg_speed_kmh"] = 900
+    readings[1]["ts"] = format_ts(BASE_MS + 3_600_000)  # an hour after receive time
+    first = store.run([b.gateway_record(sensors, readings, BASE_MS + 2000)]).counts
+    again = store.run([b.gateway_record(sensors, readings, BASE_MS + 3000)]).counts
+    assert (first["stored"], first["quarantined"]) == (len(sensors) - 2, 2)
+    assert again.get("quarantined", 0) == 0 and again.get("stored", 0) == 0
+    assert again["duplicates"] == len(sensors)
+
+
+def test_a_forged_invalid_reading_cannot_use_up_a_real_sensors_seq() -> None:
+    store = Store()
+    b = StreamBuilder()
+    gateways = list(CITY.gateways().values())
+    own = gateways[0]
+    other = next(g for g in gateways[1:] if g[0].zone_id == own[0].zone_id)
+    forged = reading(other[0], 5, BASE_MS + 1000, avg_speed_kmh=-1)
+    store.run([b.gateway_record(own, [forged], BASE_MS + 2000)])  # delivered by the wrong gateway
+    genuine = store.run([b.gateway_record(other, [reading(other[0], 5, BASE_MS + 1000)], BASE_MS + 3000)])
+    assert genuine.counts["stored"] == 1

@@ -32,6 +32,7 @@ import orjson
 
 from streaming.contract import (
     FIELDS_BY_NAME,
+    MAX_SEQ,
     ContractError,
     Reading,
     format_ts,
@@ -98,6 +99,9 @@ class _Item:
     # share one event time, so that `apply_batch` can take them as a block. Not part of the
     # semantics: 0 (the reference's value) only means "one item at a time".
     run: int = 0
+    # (sensor_id, seq) of an invalid reading whose identity is sound (a registry sensor of this
+    # zone, delivered by its own gateway): its resend is then a duplicate, not a second quarantine.
+    key: tuple[str, int] | None = None
 
 
 @dataclass
@@ -155,7 +159,7 @@ def decode_batch_reference(records: Iterable[Record], registry: Mapping[str, Sen
                 reading = validate_reading(raw)
                 _check_against_registry(reading, env, registry)
             except ContractError as exc:
-                items.append(_Item(rec, env, index, raw, None, exc))
+                items.append(_Item(rec, env, index, raw, None, exc, key=_dedupe_key(raw, env, registry)))
                 continue
             items.append(_Item(rec, env, index, raw, reading, None))
     return out
@@ -183,6 +187,22 @@ def _check_against_registry(r: Reading, env: Envelope, registry: Mapping[str, Se
             f"reading {r.sensor_id} seq {r.seq}: delivered by {env.gateway_id} "
             f"but the sensor belongs to {sensor.gateway_id}",
         )
+
+
+def _dedupe_key(raw: Any, env: Envelope, registry: Mapping[str, Sensor]) -> tuple[str, int] | None:
+    """The (sensor_id, seq) of an invalid reading, if its identity checks out against the
+    registry and the envelope; None otherwise (so a forger cannot use up a sensor's seq)."""
+    if not isinstance(raw, dict):
+        return None
+    sensor_id, seq = raw.get("sensor_id"), raw.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ or not isinstance(sensor_id, str):
+        return None
+    sensor = registry.get(sensor_id)
+    if sensor is None or raw.get("zone_id") != sensor.zone_id:
+        return None
+    if sensor.zone_id != env.zone_id or sensor.gateway_id != env.gateway_id:
+        return None
+    return sensor_id, seq
 
 
 def decode_batch(records: Iterable[Record], registry: Mapping[str, Sensor], zones: set[str]) -> DecodedBatch:
@@ -267,7 +287,7 @@ def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: se
                     reading = validate_reading(raw)
                     _check_against_registry(reading, env, registry)
                 except ContractError as exc:
-                    items.append(_Item(rec, env, index, raw, None, exc))
+                    items.append(_Item(rec, env, index, raw, None, exc, key=_dedupe_key(raw, env, registry)))
                     continue
             items.append(_Item(rec, env, index, raw, reading, None))
     return out
@@ -923,6 +943,14 @@ def _apply_block(
     return len(block), len(kept), n_late
 
 
+def _admit(state: ZoneState, sensor_id: str, seq: int) -> int:
+    """Record (sensor_id, seq) in the sensor's dedupe window: NEW, DUPLICATE or BEYOND_WINDOW."""
+    sensor = state.sensors.get(sensor_id)
+    if sensor is None:
+        sensor = state.sensors[sensor_id] = SensorState()
+    return sensor.admit(seq)
+
+
 def _apply_item(
     state: ZoneState,
     item: _Item,
@@ -943,6 +971,11 @@ def _apply_item(
         if item.index >= 0:
             state.count("received")
             counts["received"] += 1
+            if item.key is not None and _admit(state, *item.key) == DUPLICATE:
+                # The same invalid reading again (a resent message): quarantined once, counted once.
+                state.count("duplicates")
+                counts["duplicates"] += 1
+                return
         state.count(unit)
         state.count(f"quarantined_{err.code}")
         counts[unit] += 1
@@ -962,6 +995,11 @@ def _apply_item(
     r = item.reading
     state.count("received")
     counts["received"] += 1
+    verdict = _admit(state, r.sensor_id, r.seq)
+    if verdict == DUPLICATE:
+        state.count("duplicates")
+        counts["duplicates"] += 1
+        return
     if r.ts_ms > env.received_at_ms + settings.max_future_skew_ms:
         err = ContractError(
             "future_timestamp",
@@ -983,14 +1021,7 @@ def _apply_item(
             zone_id=zone_id,
         )
         return
-    sensor = state.sensors.get(r.sensor_id)
-    if sensor is None:
-        sensor = state.sensors[r.sensor_id] = SensorState()
-    verdict = sensor.admit(r.seq)
-    if verdict == DUPLICATE:
-        state.count("duplicates")
-        counts["duplicates"] += 1
-        return
+    sensor = state.sensors[r.sensor_id]
     out.lake[r.ts_ms // HOUR_MS].append(r, env.gateway_id, env.received_at_ms, processed_at_ms)
     state.count("stored")
     counts["stored"] += 1

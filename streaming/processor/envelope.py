@@ -77,26 +77,35 @@ def parse_readings(env: Envelope) -> tuple[list[Any], int | None]:
         # orjson also rejects NaN/Infinity literals and invalid UTF-8 here.
         raise ContractError("bad_json", f"message from {env.gateway_id} is not valid JSON: {exc}") from exc
     if not isinstance(msg, dict):
-        raise ContractError("not_an_object", f"message from {env.gateway_id} is {type(msg).__name__}, "
-                                             "not a JSON object")
+        raise ContractError(
+            "not_an_object", f"message from {env.gateway_id} is {type(msg).__name__}, not a JSON object"
+        )
     if "readings" not in msg:
         return [msg], None
     version = msg.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ContractError("unsupported_version", f"message from {env.gateway_id} has schema_version="
-                                                   f"{version!r:.20}; this processor reads {SCHEMA_VERSION}")
+        raise ContractError(
+            "unsupported_version",
+            f"message from {env.gateway_id} has schema_version={version!r:.20}; this processor reads {SCHEMA_VERSION}",
+        )
     if msg.get("gateway_id") != env.gateway_id:
-        raise ContractError("gateway_mismatch", f"message claims gateway_id={msg.get('gateway_id')!r:.40} "
-                                                f"but was published by {env.gateway_id}")
+        raise ContractError(
+            "gateway_mismatch",
+            f"message claims gateway_id={msg.get('gateway_id')!r:.40} but was published by {env.gateway_id}",
+        )
     if msg.get("zone_id") != env.zone_id:
-        raise ContractError("zone_mismatch", f"message claims zone_id={msg.get('zone_id')!r:.40} but was "
-                                             f"published on zone topic {env.zone_id}")
+        raise ContractError(
+            "zone_mismatch",
+            f"message claims zone_id={msg.get('zone_id')!r:.40} but was published on zone topic {env.zone_id}",
+        )
     readings = msg["readings"]
     if not isinstance(readings, list):
         raise ContractError("wrong_type", f"message from {env.gateway_id}: readings is not a list")
     if len(readings) > MAX_READINGS_PER_MESSAGE:
-        raise ContractError("too_large", f"message from {env.gateway_id} has {len(readings)} readings, "
-                                         f"more than {MAX_READINGS_PER_MESSAGE}")
+        raise ContractError(
+            "too_large",
+            f"message from {env.gateway_id} has {len(readings)} readings, more than {MAX_READINGS_PER_MESSAGE}",
+        )
     sent_at = msg.get("sent_at")
     try:
         sent_at_ms = parse_ts_ms(sent_at, "sent_at") if sent_at is not None else None

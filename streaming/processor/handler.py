@@ -74,8 +74,7 @@ class Processor:
         registry = load_registry(lake.read_bytes(settings.registry_key))
         return cls(
             settings=settings,
-            store=StateStore(boto3.client("dynamodb", config=config), settings.processor_table,
-                             settings.metrics_table),
+            store=StateStore(boto3.client("dynamodb", config=config), settings.processor_table, settings.metrics_table),
             lake=lake,
             alerts=AlertPublisher(boto3.client("events", config=config), settings.event_bus),
             registry=registry,
@@ -148,10 +147,15 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         metrics.add_metric(name="BatchFailures", unit=MetricUnit.Count, value=1)
         return {"batchItemFailures": [{"itemIdentifier": str(records[0].sequence_number)}]}
     counts = summary["counts"]
-    for name, metric in (("received", "ReadingsReceived"), ("stored", "ReadingsStored"),
-                         ("quarantined", "ReadingsQuarantined"), ("quarantined_messages", "MessagesQuarantined"),
-                         ("duplicates", "Duplicates"), ("late", "LateReadings"),
-                         ("redelivered_records", "RedeliveredRecords")):
+    for name, metric in (
+        ("received", "ReadingsReceived"),
+        ("stored", "ReadingsStored"),
+        ("quarantined", "ReadingsQuarantined"),
+        ("quarantined_messages", "MessagesQuarantined"),
+        ("duplicates", "Duplicates"),
+        ("late", "LateReadings"),
+        ("redelivered_records", "RedeliveredRecords"),
+    ):
         metrics.add_metric(name=metric, unit=MetricUnit.Count, value=counts.get(name, 0))
     metrics.add_metric(name="AlertsRaised", unit=MetricUnit.Count, value=summary["alerts"])
     metrics.add_metric(name="BatchDurationMs", unit=MetricUnit.Milliseconds, value=summary["duration_ms"])

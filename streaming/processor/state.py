@@ -99,11 +99,26 @@ class ZoneState:
             "wm": self.watermark_ms,
             "ev": self.evaluated_minute,
             "om": {str(k): v for k, v in self.open_minutes.items()},
-            "cg": [self.congestion.congested, self.congestion.streak,
-                   self.congestion.episode_start_minute, self.congestion.peak_index],
-            "s": {sid: [s.hwm, s.window, s.last_ts_ms, s.last_received_ms, s.vehicle_count,
-                        s.avg_speed_kmh, s.occupancy_pct, s.congestion_index, s.silent]
-                  for sid, s in self.sensors.items()},
+            "cg": [
+                self.congestion.congested,
+                self.congestion.streak,
+                self.congestion.episode_start_minute,
+                self.congestion.peak_index,
+            ],
+            "s": {
+                sid: [
+                    s.hwm,
+                    s.window,
+                    s.last_ts_ms,
+                    s.last_received_ms,
+                    s.vehicle_count,
+                    s.avg_speed_kmh,
+                    s.occupancy_pct,
+                    s.congestion_index,
+                    s.silent,
+                ]
+                for sid, s in self.sensors.items()
+            },
             "c": self.counters,
         }
         return zlib.compress(orjson.dumps(doc), 1)

@@ -73,7 +73,7 @@ class StateStore:
     def _batch_get(self, table: str, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         for start in range(0, len(keys), 100):
-            pending: dict[str, Any] = {table: {"Keys": keys[start:start + 100], "ConsistentRead": True}}
+            pending: dict[str, Any] = {table: {"Keys": keys[start : start + 100], "ConsistentRead": True}}
 
             def call(pending: dict[str, Any] = pending) -> bool | None:
                 resp = self.dynamodb.batch_get_item(RequestItems=pending)
@@ -125,7 +125,7 @@ class StateStore:
 
     def _batch_write(self, table: str, items: list[dict[str, Any]]) -> None:
         for start in range(0, len(items), 25):
-            pending: dict[str, Any] = {table: [{"PutRequest": {"Item": i}} for i in items[start:start + 25]]}
+            pending: dict[str, Any] = {table: [{"PutRequest": {"Item": i}} for i in items[start : start + 25]]}
 
             def call(pending: dict[str, Any] = pending) -> bool | None:
                 resp = self.dynamodb.batch_write_item(RequestItems=pending)
@@ -141,42 +141,50 @@ class StateStore:
     def save_minutes(self, minutes: Mapping[tuple[str, int], MinuteAggregate]) -> None:
         items = []
         for (zone, minute), a in minutes.items():
-            items.append({
-                "zone_id": {"S": zone},
-                "bucket": {"S": minute_bucket(minute)},
-                "minute_start": _n(minute * MINUTE_MS),
-                "readings": _n(a.readings),
-                "vehicles": _n(a.vehicles),
-                "speed_sum": _n(a.speed_sum),
-                "speed_n": _n(a.speed_n),
-                "occupancy_sum": _n(a.occupancy_sum),
-                "occupancy_n": _n(a.occupancy_n),
-                "congestion_sum": _n(a.congestion_sum),
-                "marker_shard": {"S": a.marker_shard or ""},
-                "marker_seq": {"S": str(a.marker_seq)},
-                "expires_at": _n(minute * 60 + METRICS_TTL_S),
-            })
+            items.append(
+                {
+                    "zone_id": {"S": zone},
+                    "bucket": {"S": minute_bucket(minute)},
+                    "minute_start": _n(minute * MINUTE_MS),
+                    "readings": _n(a.readings),
+                    "vehicles": _n(a.vehicles),
+                    "speed_sum": _n(a.speed_sum),
+                    "speed_n": _n(a.speed_n),
+                    "occupancy_sum": _n(a.occupancy_sum),
+                    "occupancy_n": _n(a.occupancy_n),
+                    "congestion_sum": _n(a.congestion_sum),
+                    "marker_shard": {"S": a.marker_shard or ""},
+                    "marker_seq": {"S": str(a.marker_seq)},
+                    "expires_at": _n(minute * 60 + METRICS_TTL_S),
+                }
+            )
         self._batch_write(self.metrics_table, items)
 
     def save_zone_states(self, states: Mapping[str, ZoneState], now_ms: int) -> None:
-        items = [{
-            "pk": {"S": f"zone#{zone}"},
-            "sk": {"S": "state"},
-            "zone_id": {"S": zone},
-            "state": {"B": s.to_bytes()},
-            "congested": {"BOOL": s.congestion.congested},
-            "marker_seq": {"S": str(s.marker_seq)},
-            "updated_at": _n(now_ms),
-        } for zone, s in states.items()]
+        items = [
+            {
+                "pk": {"S": f"zone#{zone}"},
+                "sk": {"S": "state"},
+                "zone_id": {"S": zone},
+                "state": {"B": s.to_bytes()},
+                "congested": {"BOOL": s.congestion.congested},
+                "marker_seq": {"S": str(s.marker_seq)},
+                "updated_at": _n(now_ms),
+            }
+            for zone, s in states.items()
+        ]
         self._batch_write(self.processor_table, items)
 
     def save_shard_counters(self, counters: Mapping[str, ShardCounters]) -> None:
-        items = [{
-            "pk": {"S": f"shard#{shard}"},
-            "sk": {"S": "counters"},
-            "marker_seq": {"S": str(c.marker_seq)},
-            "counters": {"M": {k: _n(v) for k, v in c.counters.items()}},
-        } for shard, c in counters.items()]
+        items = [
+            {
+                "pk": {"S": f"shard#{shard}"},
+                "sk": {"S": "counters"},
+                "marker_seq": {"S": str(c.marker_seq)},
+                "counters": {"M": {k: _n(v) for k, v in c.counters.items()}},
+            }
+            for shard, c in counters.items()
+        ]
         self._batch_write(self.processor_table, items)
 
     def scan_zone_states(self) -> list[ZoneState]:
@@ -240,12 +248,15 @@ class AlertPublisher:
 
     def publish(self, alerts: list[Alert]) -> None:
         for start in range(0, len(alerts), 10):
-            entries = [{
-                "Source": self.source,
-                "DetailType": a.detail_type,
-                "Detail": orjson.dumps({**a.detail, "event_id": a.event_id}).decode(),
-                "EventBusName": self.bus_name,
-            } for a in alerts[start:start + 10]]
+            entries = [
+                {
+                    "Source": self.source,
+                    "DetailType": a.detail_type,
+                    "Detail": orjson.dumps({**a.detail, "event_id": a.event_id}).decode(),
+                    "EventBusName": self.bus_name,
+                }
+                for a in alerts[start : start + 10]
+            ]
             pending = entries
 
             def call() -> bool | None:

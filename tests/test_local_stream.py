@@ -8,7 +8,6 @@ emulator is an error.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -72,18 +71,15 @@ def _read_shard(client: Any, stream: str, shard_id: str) -> list[dict[str, Any]]
 def test_concurrent_producers_every_record_exactly_once_in_key_order(kinesis: Emulator) -> None:
     client = kinesis_client(kinesis.endpoint_url)
     stream = _new_stream(client)
-    started = time.monotonic()
     barrier = threading.Barrier(PRODUCERS)
     with ThreadPoolExecutor(PRODUCERS) as pool:
         futures = [pool.submit(_produce, kinesis.endpoint_url, stream, p, barrier) for p in range(PRODUCERS)]
         sent = [data for future in futures for data in future.result(timeout=120)]
-    produced = time.monotonic()
 
     by_shard = {
         shard["ShardId"]: _read_shard(client, stream, shard["ShardId"])
         for shard in client.list_shards(StreamName=stream)["Shards"]
     }
-    consumed = time.monotonic()
 
     received = [r["Data"] for records in by_shard.values() for r in records]
     assert len(sent) == PRODUCERS * RECORDS_PER_PRODUCER
@@ -105,9 +101,6 @@ def test_concurrent_producers_every_record_exactly_once_in_key_order(kinesis: Em
             last_seq[key] = int(seq)
     assert all(len(shards) == 1 for shards in zone_shards.values()), zone_shards
     assert sum(1 for records in by_shard.values() if records) > 1, "partition keys did not spread over shards"
-    assert consumed - started < 30, (
-        f"produce {produced - started:.1f} s + consume {consumed - produced:.1f} s: too slow for the suite"
-    )
 
 
 def test_resume_after_checkpoint_continues_exactly_after_it(kinesis: Emulator) -> None:

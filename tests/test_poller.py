@@ -190,11 +190,13 @@ def test_a_killed_poller_resumes_and_misses_nothing(stream: str, tmp_path: Path,
         return out.read_bytes().splitlines() if out.exists() else []
 
     for _ in range(3):  # kill -9 it mid-stream, three times
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env)
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
         before = len(lines())
         deadline = time.monotonic() + TIMEOUT
         while len(lines()) < before + 500:
-            assert time.monotonic() < deadline and proc.poll() is None, "poller made no progress"
+            if proc.poll() is not None:
+                raise AssertionError(f"poller exited {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
+            assert time.monotonic() < deadline, "poller made no progress"
             time.sleep(0.02)  # watching another process's output
         proc.send_signal(signal.SIGKILL)
         proc.wait(TIMEOUT)

@@ -150,6 +150,12 @@ def cmd_airflow(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from infra.local.audit import cmd_audit as run
+
+    return run(args, _state_dir(args))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from infra.capacity import Workload, naive_plan, plan, render
 
@@ -190,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("airflow", help="serve the Airflow UI over the local DAG runs on 127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")
     p.set_defaults(func=cmd_airflow)
+    p = sub.add_parser("audit", help="reconcile received / stored / duplicates / quarantined for a time range")
+    from infra.local.audit import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")
     p.add_argument("--sensors", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second (default 1)")

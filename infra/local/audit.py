@@ -1,0 +1,375 @@
+"""`citypulse audit`: reconcile what the processor received with what the lake holds, for a time range.
+
+Sources, each read independently of the others:
+
+* the lake's raw Parquet (`raw/readings/`, partitioned by **event** time): readings stored,
+  counted as distinct (`sensor_id`, `seq`) per sensor — a bisected retry may write a reading
+  twice, the warehouse load dedupes it, and so does this count;
+* the lake's quarantine Parquet (`quarantine/`, partitioned by **receive** time): readings
+  and whole messages quarantined, by reason, deduplicated on their `source_id`
+  (shard/sequence/index: one row per rejected item, however often its batch was retried);
+* the processor's own counters (one DynamoDB item per zone and per shard, redelivery-proof):
+  received, stored, duplicates absorbed, quarantined, late.
+
+What the processor does **not** keep: per-sensor counters, and counters per time range (its
+counters are per zone, cumulative since the platform started). So duplicates and late
+readings are reported per zone, and the balance
+
+    received == stored + duplicates + quarantined
+
+is checked against the counters only when the range covers everything the lake holds
+(`covers_all`); for a narrower range the report gives the lake's side per sensor and says
+that the counters cannot be cut to it. The counters' own balance is checked per zone always.
+
+Readings the processor stored again because they arrived beyond the dedupe window (a resend
+more than 64 sequence numbers late: stored, counted late) are shown as `restored`: one more
+store decision for a (`sensor_id`, `seq`) the lake already had (a different receive time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+HOUR = timedelta(hours=1)
+RAW_PREFIX = "raw/readings/"
+QUARANTINE_PREFIX = "quarantine/"
+NO_SENSOR = "(none)"
+COUNTER_NAMES = ("received", "stored", "duplicates", "quarantined", "late", "quarantined_messages")
+
+
+@dataclass
+class SensorAudit:
+    sensor_id: str
+    zone_id: str | None = None
+    stored: int = 0  # distinct (sensor_id, seq) in the lake in range
+    restored: int = 0  # further store decisions for a seq already stored (beyond the dedupe window)
+    lake_rows: int = 0  # raw rows, retry copies included
+    quarantined: Counter[str] = field(default_factory=Counter)  # reason code → readings
+
+    @property
+    def received_distinct(self) -> int:
+        """Readings received once each (duplicates are not per sensor: see the zone rows)."""
+        return self.stored + self.restored + sum(self.quarantined.values())
+
+
+@dataclass
+class ZoneAudit:
+    zone_id: str
+    counters: dict[str, int] = field(default_factory=dict)  # the processor's, all time
+    lake_stored: int = 0
+    lake_restored: int = 0
+    lake_quarantined: int = 0  # readings
+    lake_quarantined_messages: int = 0
+
+    def counter(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
+    @property
+    def counters_balance(self) -> bool:
+        c = self.counter
+        return c("received") == c("stored") + c("duplicates") + c("quarantined")
+
+    @property
+    def lake_matches_counters(self) -> bool:
+        c = self.counter
+        return (
+            self.lake_stored + self.lake_restored == c("stored")
+            and self.lake_quarantined == c("quarantined")
+            and self.lake_quarantined_messages == c("quarantined_messages")
+        )
+
+
+@dataclass
+class AuditReport:
+    start: datetime
+    end: datetime
+    sensors: dict[str, SensorAudit]
+    zones: dict[str, ZoneAudit]
+    shard_counters: dict[str, int]  # messages no zone could be attributed to (all time)
+    reasons: Counter[str]  # readings quarantined in range, by reason
+    message_reasons: Counter[str]  # whole messages quarantined in range, by reason
+    covers_all: bool  # every lake partition and row lies in [start, end)
+    raw_files: int = 0
+    quarantine_files: int = 0
+
+    # -- totals -----------------------------------------------------------------------
+
+    def total(self, name: str) -> int:
+        return sum(z.counter(name) for z in self.zones.values()) + (
+            self.shard_counters.get(name, 0) if name == "quarantined_messages" else 0
+        )
+
+    @property
+    def stored(self) -> int:
+        return sum(s.stored for s in self.sensors.values())
+
+    @property
+    def restored(self) -> int:
+        return sum(s.restored for s in self.sensors.values())
+
+    @property
+    def quarantined(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def quarantined_messages(self) -> int:
+        return sum(self.message_reasons.values())
+
+    @property
+    def counters_balance(self) -> bool:
+        """The processor's counters: received == stored + duplicates + quarantined, every zone."""
+        return all(z.counters_balance for z in self.zones.values())
+
+    @property
+    def balanced(self) -> bool | None:
+        """received (counters) == stored + duplicates (counters) + quarantined, with stored and
+        quarantined read from the lake. None when the range does not cover the counters' span."""
+        if not self.covers_all:
+            return None
+        return (
+            self.counters_balance
+            and self.total("received") == self.stored + self.restored + self.total("duplicates") + self.quarantined
+            and self.total("stored") == self.stored + self.restored
+            and self.total("quarantined") == self.quarantined
+            and self.total("quarantined_messages") == self.quarantined_messages
+        )
+
+
+# -- reading the lake -------------------------------------------------------------------
+
+
+def _partition_hour(key: str) -> datetime | None:
+    """`.../dt=2026-11-23/hour=18/x.parquet` → 2026-11-23 18:00 UTC."""
+    parts = dict(p.split("=", 1) for p in key.split("/") if p.startswith(("dt=", "hour=")))
+    if "dt" not in parts or "hour" not in parts:
+        return None
+    return datetime.strptime(f"{parts['dt']} {parts['hour']}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+
+
+def _list(s3: Any, bucket: str, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", ()) if o["Key"].endswith(".parquet")]
+    return sorted(keys)
+
+
+def _read_range(s3: Any, bucket: str, prefix: str, start: datetime, end: datetime) -> tuple[Any, int, bool]:
+    """Concatenated Parquet of the partitions overlapping [start, end); files read; and whether
+    every partition under `prefix` lies inside the range (partition-level check)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables, inside = [], True
+    for key in _list(s3, bucket, prefix):
+        hour = _partition_hour(key)
+        if hour is None or hour + HOUR <= start or hour >= end:
+            inside = False
+            continue
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        tables.append(pq.read_table(io.BytesIO(body)))
+    if not tables:
+        return None, 0, inside
+    return pa.concat_tables(tables, promote_options="default"), len(tables), inside
+
+
+def _lake_side(s3: Any, bucket: str, start: datetime, end: datetime) -> dict[str, Any]:
+    import duckdb
+
+    raw, raw_files, raw_inside = _read_range(s3, bucket, RAW_PREFIX, start, end)
+    quarantine, q_files, q_inside = _read_range(s3, bucket, QUARANTINE_PREFIX, start, end)
+    con = duckdb.connect()
+    con.execute("set TimeZone = 'UTC'")
+    params = [start, end]
+    out: dict[str, Any] = {"raw_files": raw_files, "quarantine_files": q_files, "rows_outside": 0}
+    out["stored"] = []
+    if raw is not None:
+        con.register("raw_all", raw)
+        out["rows_outside"] += con.execute(
+            "select count(*) from raw_all where not (ts >= ? and ts < ?)", params
+        ).fetchone()[0]
+        # One store decision = one (sensor, seq, receive time); retry copies share all three.
+        out["stored"] = con.execute(
+            """
+            with decisions as (
+                select distinct sensor_id, seq, received_at, zone_id from raw_all where ts >= ? and ts < ?
+            ), rows as (select sensor_id, count(*) as n from raw_all where ts >= ? and ts < ? group by sensor_id)
+            select d.sensor_id, any_value(d.zone_id), count(distinct d.seq), count(*) - count(distinct d.seq),
+                   any_value(rows.n)
+            from decisions d join rows using (sensor_id) group by d.sensor_id order by d.sensor_id
+            """,
+            params + params,
+        ).fetchall()
+    out["quarantined"] = []
+    if quarantine is not None:
+        con.register("q_all", quarantine)
+        out["rows_outside"] += con.execute(
+            "select count(*) from q_all where not (received_at >= ? and received_at < ?)", params
+        ).fetchone()[0]
+        # source_id = shard/sequence/index, index -1 for a whole message.
+        out["quarantined"] = con.execute(
+            """
+            select coalesce(sensor_id, ?), zone_id, reason_code, source_id like '%/-1' as whole, count(*)
+            from (select distinct on (source_id) * from q_all where received_at >= ? and received_at < ?)
+            group by all order by all
+            """,
+            [NO_SENSOR, *params],
+        ).fetchall()
+    out["covers_all"] = raw_inside and q_inside and out["rows_outside"] == 0
+    return out
+
+
+# -- the audit --------------------------------------------------------------------------
+
+
+def _clients(env: dict[str, str]) -> tuple[Any, Any]:
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+    s3 = session.client("s3", endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
+    ddb = session.client("dynamodb", endpoint_url=env.get("AWS_ENDPOINT_URL_DYNAMODB") or env.get("AWS_ENDPOINT_URL"))
+    return s3, ddb
+
+
+def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
+    """Audit the running local platform in `state_dir` for [start, end) (UTC)."""
+    from infra.local.platform import require_running
+    from streaming.processor.store import StateStore
+
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware (UTC)")
+    if end <= start:
+        raise ValueError("end must be after start")
+    info = require_running(Path(state_dir))
+    env = info.env
+    s3, ddb = _clients(env)
+    lake = _lake_side(s3, env["CITYPULSE_LAKE_BUCKET"], start, end)
+
+    store = StateStore(ddb, env["CITYPULSE_PROCESSOR_STATE_TABLE"], env["CITYPULSE_ZONE_METRICS_TABLE"])
+    zones = {z.zone_id: ZoneAudit(z.zone_id, dict(z.counters)) for z in store.scan_zone_states()}
+    shard_counters: Counter[str] = Counter()
+    for shard in store.load_shard_counters(info.shards).values():
+        shard_counters.update(shard.counters)
+
+    def zone(zone_id: str | None) -> ZoneAudit:
+        key = zone_id or NO_SENSOR
+        return zones.setdefault(key, ZoneAudit(key))
+
+    sensors: dict[str, SensorAudit] = {}
+    for sensor_id, zone_id, stored, restored, rows in lake["stored"]:
+        sensors[sensor_id] = SensorAudit(sensor_id, zone_id, stored, restored, rows)
+        z = zone(zone_id)
+        z.lake_stored += stored
+        z.lake_restored += restored
+    reasons: Counter[str] = Counter()
+    message_reasons: Counter[str] = Counter()
+    for sensor_id, zone_id, code, whole, n in lake["quarantined"]:
+        if whole:
+            message_reasons[code] += n
+            if zone_id in zones:  # else counted by its shard, not a zone
+                zones[zone_id].lake_quarantined_messages += n
+            continue
+        reasons[code] += n
+        s = sensors.setdefault(sensor_id, SensorAudit(sensor_id, zone_id))
+        s.quarantined[code] += n
+        zone(zone_id).lake_quarantined += n
+    return AuditReport(
+        start=start,
+        end=end,
+        sensors=sensors,
+        zones=dict(sorted(zones.items())),
+        shard_counters=dict(shard_counters),
+        reasons=reasons,
+        message_reasons=message_reasons,
+        covers_all=lake["covers_all"],
+        raw_files=lake["raw_files"],
+        quarantine_files=lake["quarantine_files"],
+    )
+
+
+def render(report: AuditReport, *, max_sensors: int = 20) -> str:
+    r = report
+    lines = [
+        f"audit      {r.start:%Y-%m-%d %H:%M}Z .. {r.end:%Y-%m-%d %H:%M}Z: "
+        f"{r.raw_files} raw and {r.quarantine_files} quarantine lake files",
+        f"lake       stored={r.stored:,} (distinct sensor_id, seq)  quarantined={r.quarantined:,} readings, "
+        f"{r.quarantined_messages:,} whole messages"
+        + (f"  restored beyond window={r.restored:,}" if r.restored else ""),
+    ]
+    if r.reasons:
+        lines.append("           reading reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(r.reasons.items())))
+    if r.message_reasons:
+        lines.append(
+            "           message reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(r.message_reasons.items()))
+        )
+    lines.append(
+        f"counters   received={r.total('received'):,}  stored={r.total('stored'):,}  "
+        f"duplicates={r.total('duplicates'):,}  quarantined={r.total('quarantined'):,}  late={r.total('late'):,}  "
+        f"quarantined_messages={r.total('quarantined_messages'):,}  (processor, all time, per zone)"
+    )
+    lines.append(f"           every zone: received == stored + duplicates + quarantined: {r.counters_balance}")
+    if r.balanced is None:
+        lines.append(
+            "balance    not checked: the lake holds data outside this range and the processor's counters are "
+            "not kept per time range (widen the range to cover everything)"
+        )
+    else:
+        lines.append(
+            f"balance    received {r.total('received'):,} == stored {r.stored + r.restored:,} (lake) + duplicates "
+            f"{r.total('duplicates'):,} + quarantined {r.quarantined:,} (lake): {r.balanced}"
+        )
+        bad = [z.zone_id for z in r.zones.values() if not z.lake_matches_counters or not z.counters_balance]
+        lines.append(f"           zones where lake and counters disagree: {', '.join(bad) if bad else 'none'}")
+    lines.append(
+        f"zones      {'zone':<10} {'received':>9} {'stored':>8} {'dup':>6} {'quar':>6} {'late':>6} {'msgs':>5}"
+    )
+    for z in r.zones.values():
+        c = z.counter
+        lines.append(
+            f"           {z.zone_id:<10} {c('received'):>9,} {c('stored'):>8,} {c('duplicates'):>6,} "
+            f"{c('quarantined'):>6,} {c('late'):>6,} {c('quarantined_messages'):>5,}"
+        )
+    shown = sorted(r.sensors.values(), key=lambda s: (-sum(s.quarantined.values()), s.sensor_id))[:max_sensors]
+    lines.append(
+        f"sensors    {len(r.sensors):,} in range; {len(shown)} shown (most quarantined first); "
+        "received here = stored + quarantined (duplicates are per zone)"
+    )
+    for s in shown:
+        why = ", ".join(f"{k}={v}" for k, v in sorted(s.quarantined.items()))
+        lines.append(
+            f"           {s.sensor_id:<14} {s.zone_id or '':<8} received={s.received_distinct:<5} stored={s.stored:<5}"
+            + (f" quarantined: {why}" if why else "")
+        )
+    return "\n".join(lines)
+
+
+# -- command line (wired into infra/local/cli.py) ---------------------------------------
+
+
+def parse_time(text: str) -> datetime:
+    """`2026-11-23T18:00`, `2026-11-23T18:00Z`, `2026-11-23` → an aware UTC datetime."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--start", type=parse_time, default=None, help="UTC, e.g. 2026-11-23T18:00 (default: all)")
+    p.add_argument("--end", type=parse_time, default=None, help="UTC, exclusive (default: now + 1 h)")
+    p.add_argument("--sensors", type=int, default=20, help="how many sensors to list")
+
+
+def cmd_audit(args: argparse.Namespace, state_dir: Path) -> int:
+    start = args.start or datetime(1970, 1, 1, tzinfo=UTC)
+    end = args.end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + 2 * HOUR
+    report = run_audit(state_dir, start, end)
+    print(render(report, max_sensors=args.sensors))
+    return 0 if report.counters_balance and report.balanced is not False else 1

@@ -12,7 +12,7 @@ CHECKOV_VENV := .cache/checkov-venv
 SENSORS ?= 2000
 DURATION ?= 60
 
-.PHONY: install browser demo test lint format down clean
+.PHONY: install tools browser demo test lint format down clean
 
 install: $(VENV)/.installed
 
@@ -40,7 +40,7 @@ demo: install  ## the main job: the whole flow once, with a summary
 browser:
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
-test: install browser  ## lint, then every test (unit, integration against real servers, end to end)
+test: install tools browser  ## lint, then every test (unit, integration against real servers, end to end, IaC scans)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest

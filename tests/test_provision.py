@@ -6,6 +6,7 @@ session's emulators, so the stack's state is this module's alone).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,10 +17,20 @@ import boto3
 import pytest
 
 from infra.local.emulators import Emulator, aws_env, kinesis_client, start_kinesalite, start_ministack
-from infra.local.provision import DEFAULT_TEMPLATE, STAND_INS, ProvisionError, ProvisionReport, provision
+from infra.local.provision import (
+    DEFAULT_TEMPLATE,
+    ProvisionError,
+    ProvisionReport,
+    load_template,
+    provision,
+    stand_in_for,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# Conditions the default (local) parameters leave off.
+OFF_BY_DEFAULT = {"HasAlertEmail", "HasSlack", "QuickSightOn", "SyntheticOn", "HasInterfaceEndpoints"}
 
 EXPECTED_SQL = (
     "SELECT encode(*, 'base64') AS payload, topic(3) AS zone_id, topic(4) AS gateway_id, "
@@ -86,18 +97,24 @@ def test_provision_creates_every_resource_in_seconds(
     assert report.action == "created"
     assert report.seconds < 20, report.render()
 
-    from infra.local.provision import load_template
-
     template = load_template(DEFAULT_TEMPLATE)
     where = {line.logical_id: line.where for line in report.resources}
     assert set(where) == set(template["Resources"])
     for lid, resource in template["Resources"].items():
-        if lid == "AlertEmailSubscription":
-            assert where[lid].startswith("not created (condition HasAlertEmail"), where[lid]
-        elif resource["Type"] in STAND_INS:
-            assert STAND_INS[resource["Type"]].by in where[lid], where[lid]
+        stand_in = stand_in_for(lid, resource["Type"])
+        if resource.get("Condition") in OFF_BY_DEFAULT:
+            assert where[lid].startswith(f"not created (condition {resource['Condition']} is false)"), where[lid]
+        elif stand_in is not None:
+            assert stand_in.by in where[lid], where[lid]
         else:
             assert where[lid].startswith("ministack"), (lid, where[lid])
+    # The pieces the issue names, and what stands in for them.
+    assert "DuckDB/PostgreSQL warehouse" in where["RedshiftWorkgroup"]
+    assert "local Airflow" in where["MwaaEnvironment"]
+    assert "citypulse demo" in where["SyntheticTrafficFunction"]
+    assert "local dashboard" in where["ZoneTrafficDataSet"]
+    assert where["Vpc"] == where["S3GatewayEndpoint"] == where["AthenaWorkGroup"] == "ministack"
+    assert "loopback" in where["MwaaSecurityGroupSelfIngress"]
 
     rendered = report.render()
     for lid in template["Resources"]:
@@ -118,6 +135,69 @@ def test_provision_creates_every_resource_in_seconds(
         "CITYPULSE_EVENT_BUS": "citypulse-local-alerts",
         "CITYPULSE_REGISTRY_KEY": "registry/sensor_registry.csv",
     }
+
+
+@pytest.mark.integration
+def test_the_stand_in_report_matches_the_stack(
+    first_report: ProvisionReport, local_aws: tuple[Emulator, Emulator, dict[str, str]]
+) -> None:
+    """Every line says where a resource lives; the stack must agree, resource by resource."""
+    env = local_aws[2]
+    stack = _client(env, "cloudformation").describe_stack_resources(StackName=first_report.stack_name)
+    in_stack = {r["LogicalResourceId"]: r["ResourceStatus"] for r in stack["StackResources"]}
+    deployed = {line.logical_id for line in first_report.resources if line.where.startswith("ministack")}
+    assert deployed == set(in_stack)
+    assert set(in_stack.values()) == {"CREATE_COMPLETE"}
+    for line in first_report.resources:
+        if line.where.startswith("not deployed;"):
+            stand_in = stand_in_for(line.logical_id, line.resource_type)
+            assert stand_in is not None and stand_in.mode == "instead", line
+        elif line.where.startswith("not created"):
+            assert line.physical_id is None, line
+        else:
+            assert line.where.startswith("ministack"), line
+    stood_in = [x for x in first_report.resources if x.where.startswith("not deployed;")]
+    not_created = [x for x in first_report.resources if x.where.startswith("not created")]
+    assert len(deployed) + len(stood_in) + len(not_created) == len(load_template(DEFAULT_TEMPLATE)["Resources"])
+    assert len(deployed) >= 60 and len(stood_in) >= 10
+
+
+@pytest.mark.integration
+def test_every_optional_feature_provisions_with_placeholders_for_the_stand_ins(
+    local_aws: tuple[Emulator, Emulator, dict[str, str]], code_root: Path
+) -> None:
+    env = local_aws[2]
+    report = provision(
+        DEFAULT_TEMPLATE,
+        "full",
+        env,
+        code_root=code_root,
+        parameters={
+            "AlertEmail": "ops@example.com",
+            "QuickSightEnabled": "true",
+            "QuickSightPrincipalArn": "arn:aws:quicksight:us-east-1:000000000000:group/default/analysts",
+            "SyntheticTraffic": "enabled",
+            "SlackTokenSecretArn": "arn:aws:secretsmanager:us-east-1:000000000000:secret:slack-AbCdEf",
+            "SlackChannelId": "C0123456789",
+            "EgressMode": "endpoints",
+        },
+    )
+    where = {line.logical_id: line.where for line in report.resources}
+    resources = load_template(DEFAULT_TEMPLATE)["Resources"]
+    off = {lid for lid, w in where.items() if w.startswith("not created")}
+    assert off == {lid for lid, res in resources.items() if res.get("Condition") == "HasNat"}
+    assert where["SsmEndpoint"] == where["EndpointSecurityGroup"] == "ministack"
+    for lid in ("SlackConnection", "SlackAlertRule", "QuickSightDataSource", "SyntheticTrafficFunction"):
+        assert where[lid].startswith("not deployed; stand-in:"), (lid, where[lid])
+    for lid in ("QuickSightReaderSecret", "SyntheticTrafficRole", "OpsEmailSubscription"):
+        assert where[lid] == "ministack", (lid, where[lid])
+    assert where["SlackInvokeRole"] == "ministack (placeholders for stand-ins: SlackDestination)"
+    # The placeholder really reached ministack: the MWAA role names the warehouse's stand-in ARN.
+    policy = _client(env, "iam").get_role_policy(RoleName="citypulse-full-mwaa", PolicyName="citypulse-tasks")
+    assert "arn:aws:local-stand-in:us-east-1:000000000000:RedshiftWorkgroup/Workgroup.WorkgroupArn" in json.dumps(
+        policy["PolicyDocument"]
+    )
+    assert report.outputs["RedshiftWorkgroupName"] == "local-stand-in-RedshiftWorkgroup"
 
 
 @pytest.mark.integration

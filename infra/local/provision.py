@@ -9,9 +9,20 @@ deploy makes. What ministack cannot do for us gets a *stand-in*, declared in one
 * ``also``: the resource is deployed to ministack (so names, ARNs and policies resolve as in
   AWS) and something local does its work: Kinesis streams are created on kinesalite too,
   the IoT topic rule is run by the local rule bridge.
-* ``instead``: the resource is taken out of what ministack deploys and the report carries
-  its resolved properties for the local replacement (the Lambda event-source mapping ->
-  the local poller).
+* ``instead``: the resource is taken out of what ministack deploys. Either the report carries
+  its resolved properties for the local replacement (the Lambda event-source mapping -> the
+  local poller), or the table says what covers it locally (Redshift Serverless -> the
+  DuckDB/PostgreSQL warehouse, MWAA -> local Airflow, ...) or why nothing needs to.
+
+The table is keyed by resource type, or by logical id where one resource of a type is
+replaced and others of that type are not (the synthetic-traffic Lambda is, the processor
+Lambda is not).
+
+References from deployed resources to a removed one: a stand-in that declares
+``placeholders=True`` lets them be resolved to placeholder names and ARNs
+(``local-stand-in-<LogicalId>``, ``arn:<partition>:local-stand-in:<region>:<account>:<LogicalId>/<attribute>``),
+so an IAM policy naming the Redshift workgroup still deploys; the report lists which
+resources carry placeholders. Otherwise such a reference fails loudly before deploying.
 
 A resource type that neither ministack's CloudFormation nor the table handles fails the
 provisioning before anything is deployed, naming the resources. After deploying, every
@@ -60,12 +71,21 @@ TEMPLATE_BODY_LIMIT = 51_200
 
 @dataclass(frozen=True)
 class StandIn:
-    """How the local platform covers a resource type ministack cannot fully run."""
+    """How the local platform covers a resource ministack cannot fully run."""
 
     mode: Literal["also", "instead"]
     by: str
     why: str
+    # "instead" only: references from deployed resources resolve to placeholders (else: fail).
+    placeholders: bool = False
+    # "instead" only: resolve the resource's properties through ministack for the stand-in.
+    resolve: bool = False
 
+
+_NO_REDSHIFT = "ministack has no Redshift; the same dbt models run on the local warehouse"
+_NO_QUICKSIGHT = "ministack has no QuickSight"
+_LOOPBACK = "everything binds loopback locally: there is no network to segment"
+_NO_EGRESS = "no egress locally, everything binds loopback; ministack has no NAT gateways"
 
 STAND_INS: Mapping[str, StandIn] = {
     "AWS::Kinesis::Stream": StandIn(
@@ -78,26 +98,106 @@ STAND_INS: Mapping[str, StandIn] = {
         "instead",
         "infra/local/poller.py (local event-source poller on kinesalite)",
         "ministack would poll its own, unused Kinesis stream",
+        resolve=True,
     ),
     "AWS::IoT::TopicRule": StandIn(
         "also",
         "infra/local/rule_bridge.py (MQTT -> Kinesis)",
         "ministack stores the rule and accepts its Kinesis action but never runs it",
     ),
-    # Not in the template yet; declared so growing it needs no change here.
     "AWS::RedshiftServerless::Namespace": StandIn(
-        "instead", "local DuckDB/PostgreSQL warehouse", "ministack has no Redshift"
+        "instead", "the local DuckDB/PostgreSQL warehouse", _NO_REDSHIFT, placeholders=True
     ),
     "AWS::RedshiftServerless::Workgroup": StandIn(
-        "instead", "local DuckDB/PostgreSQL warehouse", "ministack has no Redshift"
+        "instead", "the local DuckDB/PostgreSQL warehouse", _NO_REDSHIFT, placeholders=True
     ),
     "AWS::MWAA::Environment": StandIn(
-        "instead", "local Airflow running the same dags/", "ministack has no MWAA runtime"
+        "instead",
+        "local Airflow running the same dags/ (infra/local/airflow.py)",
+        "ministack has no MWAA runtime",
+        placeholders=True,
     ),
-    "AWS::QuickSight::DataSource": StandIn("instead", "local dashboard", "ministack has no QuickSight"),
-    "AWS::QuickSight::DataSet": StandIn("instead", "local dashboard", "ministack has no QuickSight"),
-    "AWS::QuickSight::Dashboard": StandIn("instead", "local dashboard", "ministack has no QuickSight"),
+    "AWS::QuickSight::DataSource": StandIn(
+        "instead", "the local dashboard (issue 6)", _NO_QUICKSIGHT, placeholders=True
+    ),
+    "AWS::QuickSight::DataSet": StandIn("instead", "the local dashboard (issue 6)", _NO_QUICKSIGHT, placeholders=True),
+    "AWS::QuickSight::Dashboard": StandIn(
+        "instead", "the local dashboard (issue 6)", _NO_QUICKSIGHT, placeholders=True
+    ),
+    "AWS::QuickSight::VPCConnection": StandIn("instead", "no stand-in needed", _LOOPBACK, placeholders=True),
+    "AWS::Events::Connection": StandIn(
+        "instead",
+        "the alert feed queue (alerts stay local)",
+        "no outbound network locally: Slack is never called; ministack has no API destinations",
+        placeholders=True,
+    ),
+    "AWS::Events::ApiDestination": StandIn(
+        "instead",
+        "the alert feed queue (alerts stay local)",
+        "no outbound network locally: Slack is never called; ministack has no API destinations",
+        placeholders=True,
+    ),
+    # The rule whose only target is the Slack API destination.
+    "SlackAlertRule": StandIn(
+        "instead",
+        "the alert feed queue (alerts stay local)",
+        "its only target, the Slack API destination, is not deployed locally",
+        placeholders=True,
+    ),
+    "AWS::Athena::NamedQuery": StandIn(
+        "instead",
+        "DuckDB over the local lake (the same SQL, read_parquet instead of the catalog)",
+        "ministack's CloudFormation has no Athena named queries",
+        placeholders=True,
+    ),
+    "AWS::Glue::SecurityConfiguration": StandIn(
+        "instead",
+        "no stand-in needed: the local crawler writes no logs or bookmarks to encrypt",
+        "ministack's CloudFormation has no Glue security configurations",
+        placeholders=True,
+    ),
+    "AWS::EC2::SecurityGroupIngress": StandIn("instead", "no stand-in needed", _LOOPBACK, placeholders=True),
+    # The NAT path to the internet (EgressMode nat): nothing local talks beyond loopback.
+    "AWS::EC2::EIP": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),
+    "AWS::EC2::NatGateway": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),
+    "PrivateNatRoute": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),
+    "AWS::EC2::SecurityGroupEgress": StandIn("instead", "no stand-in needed", _LOOPBACK, placeholders=True),
+    # github-oidc.yaml (CI's deploy identity) is never provisioned locally; declared so the
+    # table covers every type in infra/cloudformation/.
+    "AWS::IAM::OIDCProvider": StandIn(
+        "instead", "no stand-in needed", "no CI deploys into the local platform: it needs no federation"
+    ),
+    # Filters the task log group that MWAA creates; locally the DAG's task states are reported directly.
+    "DagTaskFailuresMetricFilter": StandIn(
+        "instead",
+        "local Airflow's task states (printed in the citypulse demo summary)",
+        "the log group it filters is created by MWAA, which does not run locally",
+    ),
+    # The synthetic-traffic generator (a scheduled Lambda) is played locally by the simulator.
+    "SyntheticTrafficFunction": StandIn(
+        "instead",
+        "the local simulator (citypulse demo, streaming/devices/simulator.py)",
+        "the simulator publishes the same gateway messages over MQTT with mutual TLS",
+        placeholders=True,
+    ),
+    "SyntheticTrafficSchedule": StandIn(
+        "instead",
+        "the local simulator (citypulse demo, streaming/devices/simulator.py)",
+        "the simulator paces itself; ministack would invoke a function that is not deployed",
+        placeholders=True,
+    ),
+    "SyntheticTrafficInvokePermission": StandIn(
+        "instead",
+        "the local simulator (citypulse demo, streaming/devices/simulator.py)",
+        "grants the schedule a function that is not deployed locally",
+        placeholders=True,
+    ),
 }
+
+
+def stand_in_for(logical_id: str, resource_type: str) -> StandIn | None:
+    """The stand-in for a resource: by its logical id first, else by its type."""
+    return STAND_INS.get(logical_id) or STAND_INS.get(resource_type)
 
 
 class ProvisionError(RuntimeError):
@@ -281,25 +381,72 @@ class _Plan:
     leaf_probes: dict[str, tuple[str, tuple[str | int, ...]]]
     # output key -> condition name
     condition_probes: dict[str, str]
+    # deployed resource or output -> the removed resources its placeholders stand for
+    placeholders: dict[str, list[str]] = field(default_factory=dict)
+
+
+def placeholder_ref(logical_id: str) -> str:
+    """What a Ref to a removed stand-in resolves to locally."""
+    return f"local-stand-in-{logical_id}"
+
+
+def placeholder_att(logical_id: str, attribute: str) -> str:
+    """What a GetAtt of a removed stand-in resolves to locally (a Fn::Sub template: an ARN-shaped string)."""
+    return f"arn:${{AWS::Partition}}:local-stand-in:${{AWS::Region}}:${{AWS::AccountId}}:{logical_id}/{attribute}"
+
+
+def _with_placeholders(node: Any, removed: set[str]) -> Any:
+    """``node`` with every Ref/GetAtt/Sub reference to a removed resource replaced by its placeholder."""
+    if isinstance(node, list):
+        return [_with_placeholders(item, removed) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1:
+        key, value = next(iter(node.items()))
+        if key == "Ref" and value in removed:
+            return placeholder_ref(value)
+        if key == "Fn::GetAtt":
+            target, attribute = value if isinstance(value, list) else str(value).split(".", 1)
+            if target in removed:
+                return {"Fn::Sub": placeholder_att(target, attribute)}
+        if key == "Fn::Sub":
+            text, variables = (value[0], value[1]) if isinstance(value, list) else (value, {})
+
+            def swap(match: re.Match[str]) -> str:
+                name = match.group(1)
+                if name in variables:
+                    return match.group(0)
+                target, _, attribute = name.partition(".")
+                if target not in removed:
+                    return match.group(0)
+                return placeholder_att(target, attribute) if attribute else placeholder_ref(target)
+
+            text = _SUB_VAR.sub(swap, text) if isinstance(text, str) else text
+            variables = _with_placeholders(variables, removed)
+            return {"Fn::Sub": [text, variables] if variables else text}
+    return {key: _with_placeholders(value, removed) for key, value in node.items()}
 
 
 def _plan(template: dict[str, Any]) -> _Plan:
     """Split the template into what ministack deploys and what the stand-ins replace."""
     deployed = copy.deepcopy(template)
     resources: dict[str, Any] = deployed.get("Resources") or {}
-    removed = {
-        lid: res
-        for lid, res in resources.items()
-        if STAND_INS.get(res.get("Type", "")) and STAND_INS[res["Type"]].mode == "instead"
-    }
+    removed: dict[str, dict[str, Any]] = {}
+    for lid, res in resources.items():
+        stand_in = stand_in_for(lid, res.get("Type", ""))
+        if stand_in and stand_in.mode == "instead":
+            removed[lid] = res
     for lid in removed:
         del resources[lid]
+    replaceable = {lid for lid, res in removed.items() if stand_in_for(lid, res["Type"]).placeholders}  # type: ignore[union-attr]
 
-    # A kept resource or output that needs a removed one cannot be deployed honestly.
+    # A kept resource or output that needs a removed one: placeholders where the stand-in
+    # allows them, else it cannot be deployed honestly.
     needing: list[str] = []
+    placeholders: dict[str, list[str]] = {}
     for section in ("Resources", "Outputs"):
-        for lid, body in (deployed.get(section) or {}).items():
-            body_refs = set(_references(body))
+        entries: dict[str, Any] = deployed.get(section) or {}
+        for lid, body in entries.items():
             if section == "Resources":
                 depends = body.get("DependsOn", [])
                 depends = [depends] if isinstance(depends, str) else depends
@@ -310,9 +457,15 @@ def _plan(template: dict[str, Any]) -> _Plan:
                         body["DependsOn"] = kept
                     else:
                         body.pop("DependsOn")
-            hit = sorted(body_refs & removed.keys())
-            if hit:
-                needing.append(f"{section[:-1].lower()} {lid} -> {', '.join(hit)}")
+            hit = sorted(set(_references(body)) & removed.keys())
+            if not hit:
+                continue
+            refused = [h for h in hit if h not in replaceable]
+            if refused:
+                needing.append(f"{section[:-1].lower()} {lid} -> {', '.join(refused)}")
+                continue
+            entries[lid] = _with_placeholders(body, set(hit))
+            placeholders[lid] = hit
     if needing:
         raise ProvisionError(
             "resources replaced by local stand-ins are referenced by what ministack must deploy: " + "; ".join(needing)
@@ -323,9 +476,12 @@ def _plan(template: dict[str, Any]) -> _Plan:
     if clash:
         raise ProvisionError(f"output names reserved for local provisioning: {clash}")
 
-    # Let ministack's engine resolve the removed resources' intrinsics for us, as outputs.
+    # Let ministack's engine resolve the removed resources' intrinsics for us, as outputs
+    # (only for the stand-ins that run the resource's configuration locally).
     leaf_probes: dict[str, tuple[str, tuple[str | int, ...]]] = {}
     for lid, res in removed.items():
+        if not stand_in_for(lid, res["Type"]).resolve:  # type: ignore[union-attr]
+            continue
         for path, value in _leaves(res.get("Properties") or {}):
             if not _is_intrinsic(value) or set(_references(value)) & removed.keys():
                 continue
@@ -345,7 +501,7 @@ def _plan(template: dict[str, Any]) -> _Plan:
         condition_probes[key] = name
     if not outputs:
         del deployed["Outputs"]
-    return _Plan(deployed, removed, leaf_probes, condition_probes)
+    return _Plan(deployed, removed, leaf_probes, condition_probes, placeholders)
 
 
 # ---------------------------------------------------------------------------
@@ -527,7 +683,35 @@ def _exists_checks(clients: _Clients) -> dict[str, Callable[[str], object]]:
         "AWS::IoT::TopicRule": lambda pid: clients("iot").get_topic_rule(ruleName=pid),
         "AWS::Glue::Database": lambda pid: clients("glue").get_database(Name=pid),
         "AWS::Glue::Crawler": lambda pid: clients("glue").get_crawler(Name=pid),
+        "AWS::Events::Rule": lambda pid: _require(_rule_exists(clients("events"), pid), pid),
+        "AWS::EC2::VPC": lambda pid: clients("ec2").describe_vpcs(VpcIds=[pid]),
+        "AWS::EC2::Subnet": lambda pid: clients("ec2").describe_subnets(SubnetIds=[pid]),
+        "AWS::EC2::SecurityGroup": lambda pid: _require(
+            bool(clients("ec2").describe_security_groups(GroupIds=[pid])["SecurityGroups"]), pid
+        ),
+        "AWS::EC2::RouteTable": lambda pid: clients("ec2").describe_route_tables(RouteTableIds=[pid]),
+        "AWS::EC2::VPCEndpoint": lambda pid: _require(
+            bool(clients("ec2").describe_vpc_endpoints(VpcEndpointIds=[pid])["VpcEndpoints"]), pid
+        ),
+        "AWS::Athena::WorkGroup": lambda pid: clients("athena").get_work_group(WorkGroup=pid),
+        "AWS::CloudWatch::Alarm": lambda pid: _require(
+            bool(clients("cloudwatch").describe_alarms(AlarmNames=[pid])["MetricAlarms"]), pid
+        ),
+        "AWS::CloudWatch::Dashboard": lambda pid: clients("cloudwatch").get_dashboard(DashboardName=pid),
+        "AWS::SSM::Parameter": lambda pid: clients("ssm").get_parameter(Name=pid),
     }
+
+
+def _rule_exists(events: Any, name: str) -> bool:
+    """Whether an EventBridge rule of that name (or ``bus|name`` id) exists on any bus."""
+    name = name.rsplit("|", 1)[-1]
+    for bus in events.list_event_buses()["EventBuses"]:
+        try:
+            events.describe_rule(Name=name, EventBusName=bus["Name"])
+            return True
+        except events.exceptions.ResourceNotFoundException:
+            continue
+    return False
 
 
 def _require(condition: bool, what: str) -> None:
@@ -809,10 +993,13 @@ def provision(
 
     for lid, res in template.get("Resources", {}).items():
         rtype = res.get("Type", "")
-        stand_in = STAND_INS.get(rtype)
+        stand_in = stand_in_for(lid, rtype)
         condition = res.get("Condition")
         if condition and condition not in true_conditions:
-            report.resources.append(ResourceLine(lid, rtype, None, f"not created (condition {condition} is false)"))
+            where = f"not created (condition {condition} is false)"
+            if stand_in is not None and stand_in.mode == "instead":
+                where += f"; stand-in: {stand_in.by}"
+            report.resources.append(ResourceLine(lid, rtype, None, where))
             continue
         physical = listed[lid]["PhysicalResourceId"] if lid in listed else None
         if stand_in is None:
@@ -820,6 +1007,8 @@ def provision(
             if rtype == "AWS::Lambda::Function":
                 report.function_env[str(physical)] = _function_env(clients, lid, str(physical))
                 where = "ministack (config + code); batches come from the event-source stand-in"
+            if lid in plan.placeholders:
+                where += f" (placeholders for stand-ins: {', '.join(plan.placeholders[lid])})"
             report.resources.append(ResourceLine(lid, rtype, physical, where))
             continue
         if rtype == "AWS::Kinesis::Stream":
@@ -836,9 +1025,11 @@ def provision(
             where = f"ministack (declared) + {stand_in.by}: {stand_in.why}"
         elif rtype == "AWS::Lambda::EventSourceMapping":
             report.event_source_mappings.append(_event_source_mapping(lid, resolved[lid]))
-            where = f"stand-in {stand_in.by}, not deployed: {stand_in.why}"
+            where = f"not deployed; stand-in: {stand_in.by} ({stand_in.why})"
+        elif stand_in.by.startswith("no stand-in needed"):
+            where = f"not deployed; {stand_in.by}: {stand_in.why}"
         else:
-            where = f"stand-in {stand_in.by}, not deployed: {stand_in.why}"
+            where = f"not deployed; stand-in: {stand_in.by} ({stand_in.why})"
         report.resources.append(ResourceLine(lid, rtype, physical, where))
 
     report.seconds = time.monotonic() - started

@@ -1,0 +1,342 @@
+"""Infrastructure as code: the project's IAM and encryption rules, checkov, and the workflows.
+
+The rules (tests/iac_rules.py) run over every template in infra/cloudformation/ and over a
+fixture that breaks each of them, so a rule that stopped biting would fail here too. checkov
+runs from its own tool environment (`make tools`, .cache/checkov-venv): it conflicts with
+Airflow 3, so it cannot live in the project's environment; a missing tool env fails the test.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from iac_rules import Template, check
+
+from infra.local.provision import STAND_INS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = sorted((REPO_ROOT / "infra" / "cloudformation").glob("*.yaml"))
+MAIN_TEMPLATE = REPO_ROOT / "infra" / "cloudformation" / "iot-analytics-system.yaml"
+BAD_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "iac-wildcard.yaml"
+WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.yml"))
+CHECKOV = REPO_ROOT / ".cache" / "checkov-venv" / "bin" / "checkov"
+
+
+def test_there_are_templates_and_workflows() -> None:
+    assert {p.name for p in TEMPLATES} >= {"iot-analytics-system.yaml", "github-oidc.yaml"}
+    assert {p.name for p in WORKFLOWS} >= {"ci.yml", "deploy.yml", "deploy-env.yml", "teardown.yml"}
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_templates_follow_the_iam_and_encryption_rules(template: Path) -> None:
+    violations = check(template)
+    assert violations == [], "\n".join(map(str, violations))
+
+
+def test_the_rules_catch_every_violation_of_the_bad_fixture() -> None:
+    found = {(v.logical_id, v.rule) for v in check(BAD_FIXTURE)}
+    assert found == {
+        ("Key", "key-rotation"),
+        ("Key", "wildcard-action"),
+        ("WildcardActionRole", "wildcard-action"),
+        ("UnjustifiedResourcePolicy", "unjustified-wildcard-resource"),
+        ("PublicTopicPolicy", "allow-everyone"),
+        ("PlainTopic", "not-kms-encrypted"),
+        ("PlainQueue", "not-kms-encrypted"),
+        ("PlainBucket", "not-kms-encrypted"),
+        ("PlainBucket", "public-access"),
+        ("PlainBucket", "access-logging"),
+        ("PlainBucket", "tls-only"),
+        ("PlainTable", "not-kms-encrypted"),
+        ("PlainStream", "not-kms-encrypted"),
+        ("PlainLogGroup", "not-kms-encrypted"),
+        ("SkippedWithoutReason", "checkov-skip-reason"),
+    }
+    details = [v.detail for v in check(BAD_FIXTURE) if v.rule == "wildcard-action"]
+    assert sorted(details) == ["Allow kms:*", "Allow s3:*", "Allow sqs:Get*"]
+    # A justified "*" (JustifiedRole) and a wildcard Deny are not violations.
+    assert not [v for v in check(BAD_FIXTURE) if v.logical_id == "JustifiedRole"]
+
+
+@pytest.mark.parametrize(
+    ("needle", "replacement", "logical_id", "rule"),
+    [
+        (
+            "                Action: kinesis:PutRecord\n",
+            "                Action: kinesis:*\n",
+            "TelemetryRuleRole",
+            "wildcard-action",
+        ),
+        (
+            "                  - dynamodb:ConditionCheckItem\n",
+            "                  - dynamodb:*Item\n",
+            "ProcessorRole",
+            "wildcard-action",
+        ),
+        (
+            "                # wildcard-resource: EC2 Describe* actions support no resource-level permissions.\n"
+            '                Resource: "*"\n',
+            '                Resource: "*"\n',
+            "ProcessorRole",
+            "unjustified-wildcard-resource",
+        ),
+        (
+            "                Resource: !Sub ${LakeBucket.Arn}/ingest-errors/*\n",
+            '                Resource: "*"\n',
+            "TelemetryRuleRole",
+            "unjustified-wildcard-resource",
+        ),
+        ("      KmsMasterKeyId: !Ref DataKey\n", "\n", "ProcessorDeadLetterQueue", "not-kms-encrypted"),
+    ],
+    ids=["service-wildcard", "partial-wildcard", "comment-removed", "new-star-resource", "queue-unencrypted"],
+)
+def test_a_violation_introduced_into_the_real_template_fails(
+    tmp_path: Path, needle: str, replacement: str, logical_id: str, rule: str
+) -> None:
+    text = MAIN_TEMPLATE.read_text()
+    assert needle in text, needle
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text.replace(needle, replacement, 1))
+    assert (logical_id, rule) in {(v.logical_id, v.rule) for v in check(broken)}
+
+
+# ---------------------------------------------------------------------------
+# checkov, from its own tool environment
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkov_results() -> dict[str, Any]:
+    if not CHECKOV.exists():
+        pytest.fail(f"checkov tool environment missing ({CHECKOV}): run `make tools`")
+    # Offline and loopback only: no Prisma Cloud downloads, and any stray HTTP goes nowhere.
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    result = subprocess.run(
+        [
+            str(CHECKOV),
+            "--skip-download",
+            "--framework",
+            "cloudformation",
+            "github_actions",
+            "-d",
+            str(REPO_ROOT / "infra" / "cloudformation"),
+            "-d",
+            str(REPO_ROOT / ".github"),
+            "-d",
+            str(BAD_FIXTURE.parent),  # (checkov ignores -f when -d is given)
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=300,
+    )
+    assert result.stdout.strip(), result.stderr[-2000:]
+    # One JSON document per scanned root and framework, printed one after the other.
+    reports: list[dict[str, Any]] = []
+    decoder, text, at = json.JSONDecoder(), result.stdout, 0
+    while at < len(text.rstrip()):
+        document, end = decoder.raw_decode(text, at)
+        reports += document if isinstance(document, list) else [document]
+        at = end + len(text[end:]) - len(text[end:].lstrip())
+    merged: dict[str, Any] = {"passed": [], "failed": [], "skipped": [], "types": set()}
+    for report in reports:
+        merged["types"].add(report.get("check_type"))
+        for key in ("passed", "failed", "skipped"):
+            merged[key] += report.get("results", {}).get(f"{key}_checks", [])
+    return merged
+
+
+def _in(check_result: dict[str, Any], path: Path) -> bool:
+    return str(check_result.get("file_abs_path", "")).endswith(str(path.relative_to(REPO_ROOT)))
+
+
+def test_checkov_passes_on_the_templates_and_workflows(checkov_results: dict[str, Any]) -> None:
+    assert {"cloudformation", "github_actions"} <= checkov_results["types"]
+    fixtures = BAD_FIXTURE.parent.relative_to(REPO_ROOT)
+    ours = [c for c in checkov_results["failed"] if str(fixtures) not in str(c.get("file_abs_path"))]
+    assert ours == [], "\n".join(f"{c['check_id']} {c['resource']} {c['file_path']}" for c in ours)
+    passed_main = [c for c in checkov_results["passed"] if _in(c, MAIN_TEMPLATE)]
+    assert len(passed_main) > 150  # it really scanned the root template
+    assert any(".github" in str(c.get("file_abs_path")) for c in checkov_results["passed"])
+
+
+def test_every_checkov_skip_is_declared_with_its_reason(checkov_results: dict[str, Any]) -> None:
+    fixtures = str(BAD_FIXTURE.parent.relative_to(REPO_ROOT))
+    skipped = {
+        (c["check_id"], c["resource"].split(".")[-1])
+        for c in checkov_results["skipped"]
+        if fixtures not in str(c.get("file_abs_path"))
+    }
+    assert skipped == {
+        ("CKV_AWS_18", "AccessLogsBucket"),
+        ("CKV_AWS_18", "ArtifactsAccessLogsBucket"),
+        ("CKV_AWS_116", "ProcessorFunction"),
+        ("CKV_AWS_116", "SyntheticTrafficFunction"),
+        ("CKV_AWS_117", "SyntheticTrafficFunction"),
+    }
+    declared = set()
+    for template in TEMPLATES:
+        for lid, res in Template.load(template).resources.items():
+            for skip in (res.get("Metadata") or {}).get("checkov", {}).get("skip", []):
+                assert len(skip.get("comment", "")) > 15, (lid, skip)
+                declared.add((skip["id"], lid))
+    assert declared == skipped  # no stale skip sits unused in a template
+
+
+def test_checkov_finds_the_bad_fixture_bad(checkov_results: dict[str, Any]) -> None:
+    failed = {(c["check_id"], c["resource"].split(".")[-1]) for c in checkov_results["failed"] if _in(c, BAD_FIXTURE)}
+    assert ("CKV_AWS_7", "Key") in failed  # rotation
+    assert ("CKV_AWS_26", "PlainTopic") in failed  # SNS encryption
+
+
+# ---------------------------------------------------------------------------
+# What the local platform must cover, and what the templates must agree with
+# ---------------------------------------------------------------------------
+
+
+def _ministack_cloudformation_types() -> set[str]:
+    """The resource types ministack's CloudFormation provisions (the keys of its handler table).
+
+    Read from the source: importing the module loads every emulated service (~10 s).
+    """
+    import ministack
+
+    source = Path(ministack.__file__).parent / "services" / "cloudformation" / "provisioners.py"
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_RESOURCE_HANDLERS" for t in node.targets):
+            assert isinstance(node.value, ast.Dict)
+            return {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    raise AssertionError("ministack's _RESOURCE_HANDLERS table not found")
+
+
+def test_every_resource_type_is_deployable_locally_or_has_a_stand_in() -> None:
+    _RESOURCE_HANDLERS = _ministack_cloudformation_types()
+    assert {"AWS::S3::Bucket", "AWS::EC2::VPC", "AWS::Athena::WorkGroup"} <= _RESOURCE_HANDLERS
+
+    uncovered = []
+    for template in TEMPLATES:
+        for lid, res in Template.load(template).resources.items():
+            rtype = res["Type"]
+            if rtype not in _RESOURCE_HANDLERS and rtype not in STAND_INS and lid not in STAND_INS:
+                uncovered.append(f"{template.name}: {lid} ({rtype})")
+    assert uncovered == []
+    # ... and the table names nothing ministack's CloudFormation already runs, but for the
+    # "also" stand-ins, the resources it replaces on purpose, and the VPC rule resources.
+    for key, stand_in in STAND_INS.items():
+        if "::" in key and stand_in.mode == "instead" and key in _RESOURCE_HANDLERS:
+            assert key == "AWS::Lambda::EventSourceMapping", key
+
+
+def _mart_columns(model: str) -> set[str]:
+    sql = (REPO_ROOT / "dbt_project" / "models" / "marts" / f"{model}.sql").read_text()
+    final = sql[sql.rindex("final as") :]
+    return set(re.findall(r"(?:\bas\s+|\.)?([a-z_][a-z0-9_]*)\s*,?\s*$", final, re.M)) | set(
+        re.findall(r"\bas ([a-z_][a-z0-9_]*)", final)
+    )
+
+
+def test_quicksight_datasets_name_columns_the_marts_have() -> None:
+    resources = Template.load(MAIN_TEMPLATE).resources
+    datasets = [res for res in resources.values() if res["Type"] == "AWS::QuickSight::DataSet"]
+    assert len(datasets) == 2
+    for dataset in datasets:
+        for table in dataset["Properties"]["PhysicalTableMap"].values():
+            relational = table["RelationalTable"]
+            assert relational["Schema"] == "marts"
+            columns = {c["Name"] for c in relational["InputColumns"]}
+            missing = columns - _mart_columns(relational["Name"])
+            assert missing == set(), (relational["Name"], missing)
+
+
+# ---------------------------------------------------------------------------
+# GitHub workflows (actionlint cannot be installed offline: structure is checked here)
+# ---------------------------------------------------------------------------
+
+
+def _workflow(name: str) -> dict[str, Any]:
+    data = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / name).read_text())
+    # YAML 1.1 reads the key `on` as True.
+    if True in data:
+        data["on"] = data.pop(True)
+    return data
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_is_well_formed(workflow: Path) -> None:
+    data = _workflow(workflow.name)
+    assert data.get("name") and data.get("on") and data.get("jobs")
+    # Least privilege for the GITHUB_TOKEN: declared at the top, read-only by default.
+    assert data.get("permissions") == {"contents": "read"}, workflow.name
+    for job_id, job in data["jobs"].items():
+        if "uses" in job:
+            # A call of one of this repository's reusable workflows.
+            assert job["uses"].startswith("./.github/workflows/"), job["uses"]
+            assert (REPO_ROOT / job["uses"]).exists(), job["uses"]
+            assert "steps" not in job and "runs-on" not in job
+            continue
+        assert job.get("runs-on") == "ubuntu-24.04", (workflow.name, job_id)
+        assert job.get("timeout-minutes"), (workflow.name, job_id)
+        assert job.get("steps"), (workflow.name, job_id)
+        for step in job["steps"]:
+            assert ("uses" in step) != ("run" in step), (workflow.name, job_id, step)
+            if "uses" in step:
+                # Third-party code pinned to a full commit (tags can be moved).
+                assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+            if "run" in step:
+                # Event fields and inputs reach a shell only through env variables, never spliced in.
+                assert "${{ github.event" not in step["run"], (workflow.name, step.get("name"))
+                assert "${{ inputs." not in step["run"], (workflow.name, step.get("name"))
+
+
+def test_ci_runs_what_dot_ci_run_runs() -> None:
+    ci = _workflow("ci.yml")
+    assert {"push", "pull_request"} <= set(ci["on"])
+    steps = ci["jobs"]["test"]["steps"]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert "mosquitto" in runs and "bash .ci/run" in runs
+    uses = " ".join(s.get("uses", "") for s in steps)
+    assert "actions/setup-python" in uses and "actions/setup-node" in uses
+    assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+def test_deploy_assumes_the_oidc_role_per_environment() -> None:
+    deploy = _workflow("deploy.yml")
+    callers = {job_id: job for job_id, job in deploy["jobs"].items()}
+    assert set(callers) == {"dev", "staging", "prod", "preview"}
+    for job_id, job in callers.items():
+        assert job["uses"] == "./.github/workflows/deploy-env.yml", job_id
+        assert job["permissions"] == {"contents": "read", "id-token": "write"}, job_id
+    assert callers["staging"]["needs"] == "dev"
+    # The called job runs in a GitHub environment: its protection rules gate the credentials.
+    (job,) = _workflow("deploy-env.yml")["jobs"].values()
+    assert job["environment"] == "${{ inputs.environment }}"
+    assert job["permissions"]["id-token"] == "write"
+    text = (REPO_ROOT / ".github" / "workflows" / "deploy-env.yml").read_text()
+    for needle in ("configure-aws-credentials", "deploy.sh", "smoke.sh", "package_lambda.py", "ship_mwaa_bundle.sh"):
+        assert needle in text, needle
+    script = (REPO_ROOT / ".github" / "scripts" / "deploy.sh").read_text()
+    for needle in ("create-change-set", "execute-change-set", "citypulse-cloudformation-exec"):
+        assert needle in script, needle
+    teardown = _workflow("teardown.yml")
+    assert "schedule" in teardown["on"] and teardown["jobs"]["teardown"]["environment"] == "ephemeral"
+    # The OIDC trust in the IaC names the same role the workflows assume, for this repository's environments.
+    oidc = (REPO_ROOT / "infra" / "cloudformation" / "github-oidc.yaml").read_text()
+    assert "RoleName: citypulse-github-deploy" in oidc
+    assert "token.actions.githubusercontent.com:sub: !Sub repo:${GitHubRepository}:environment:*" in oidc
+
+
+def test_shell_scripts_parse() -> None:
+    for script in sorted((REPO_ROOT / ".github" / "scripts").glob("*.sh")):
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, (script.name, result.stderr)

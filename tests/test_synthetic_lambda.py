@@ -1,0 +1,99 @@
+"""The synthetic-traffic Lambda (streaming/devices/synthetic_lambda.py) against a fake iot-data client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from streaming.contract import ContractError, parse_ts_ms, validate_reading
+from streaming.devices import synthetic_lambda
+from streaming.registry import generate_city
+
+
+class FakeIotData:
+    """Records what boto3's iot-data ``publish`` would have sent."""
+
+    def __init__(self) -> None:
+        self.published: list[dict[str, Any]] = []
+
+    def publish(self, **kwargs: Any) -> None:
+        self.published.append(kwargs)
+
+
+def test_handler_publishes_the_minute_before_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITYPULSE_SYNTHETIC_SENSORS", "300")
+    monkeypatch.setenv("CITYPULSE_SYNTHETIC_SEED", "3")
+    fake = FakeIotData()
+    result = synthetic_lambda.handler({"time": "2026-11-23T18:05:00Z"}, None, client=fake)
+
+    minute_start = int(datetime(2026, 11, 23, 18, 4, tzinfo=UTC).timestamp() * 1000)
+    city = generate_city(sensors=300, seed=3)
+    gateways = city.gateways()
+    assert result["minute_start_ms"] == minute_start
+    assert result["messages"] == len(fake.published) == len(gateways) + result["duplicates"]
+
+    seen_readings = 0
+    by_topic: dict[str, int] = {}
+    for message in fake.published:
+        assert message["qos"] == 1
+        _, _, zone_id, gateway_id = message["topic"].split("/")
+        by_topic[message["topic"]] = by_topic.get(message["topic"], 0) + 1
+        body = json.loads(message["payload"])
+        assert (body["schema_version"], body["gateway_id"], body["zone_id"]) == (1, gateway_id, zone_id)
+        assert {r["sensor_id"] for r in body["readings"]} <= {s.sensor_id for s in gateways[gateway_id]}
+        for reading in body["readings"]:
+            assert reading["seq"] == minute_start // 60_000
+            assert minute_start <= parse_ts_ms(reading["ts"]) < minute_start + 60_000
+        seen_readings += len(body["readings"])
+    # Every gateway published; only the model's duplicates went twice.
+    assert set(by_topic) == {f"citypulse/telemetry/{s[0].zone_id}/{gw}" for gw, s in gateways.items()}
+    assert sum(n - 1 for n in by_topic.values()) == result["duplicates"]
+    # "readings" counts each reading once, however often its message went out.
+    assert seen_readings == result["readings"] + _duplicate_readings(fake.published)
+    assert result["readings"] == 300
+
+
+def _duplicate_readings(published: list[dict[str, Any]]) -> int:
+    seen: set[str] = set()
+    extra = 0
+    for message in published:
+        if message["topic"] in seen:
+            extra += len(json.loads(message["payload"])["readings"])
+        seen.add(message["topic"])
+    return extra
+
+
+def test_readings_honour_the_contract_but_for_injected_faults() -> None:
+    city = generate_city(sensors=300, seed=5)
+    sent: list[tuple[str, bytes]] = []
+    done = synthetic_lambda.publish_minute(city, 5, 60_000 * 29_000_000, lambda t, p: sent.append((t, p)))
+    invalid = 0
+    for _, payload in sent:
+        for reading in json.loads(payload)["readings"]:
+            try:
+                validate_reading(reading)
+            except ContractError:
+                invalid += 1
+    assert done.readings == 300  # no silences at the default fault rates
+    assert invalid <= 0.05 * done.readings  # the model's invalid-reading rate is 0.2 %
+
+
+def test_unaligned_minute_is_refused() -> None:
+    with pytest.raises(ValueError, match="not aligned"):
+        synthetic_lambda.publish_minute(generate_city(sensors=256, seed=1), 1, 61_000, lambda t, p: None)
+
+
+def test_imports_without_awscrt() -> None:
+    """The Lambda package has no awscrt: the module must not pull in the MQTT client."""
+    code = (
+        "import sys; sys.modules['awscrt'] = None; sys.modules['awsiot'] = None\n"
+        "import streaming.devices.synthetic_lambda as m; print(m.handler.__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "handler"

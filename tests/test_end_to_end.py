@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local.platform import REPO_ROOT, PlatformInfo, pid_alive
+from infra.local.platform import REPO_ROOT, PlatformInfo
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,7 @@ def test_demo_accounts_for_every_reading_and_down_leaves_nothing(tmp_path: Path)
 
     info = PlatformInfo.load(state)
     assert info is not None and info.state == "stopped"
-    left = [name for name, pid in {"supervisor": info.supervisor_pid, **info.pids}.items() if pid_alive(pid)]
+    left = [name for name in ("supervisor", *info.pids) if info.running(name)]
     assert not left, f"still running after `citypulse down`: {left}"
 
 

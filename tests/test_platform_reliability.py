@@ -36,7 +36,7 @@ from fixtures.hostile_payloads import MESSAGE, Hostile, build_corpus
 from infra.local.audit import _clients, render, run_audit
 from infra.local.broker import MAX_PACKET_SIZE
 from infra.local.certs import LocalCA
-from infra.local.platform import PlatformInfo, demo_city, down, pid_alive, up
+from infra.local.platform import PlatformInfo, demo_city, down, up
 from streaming.contract import format_ts, gateway_message
 from streaming.devices.gateway import Gateway
 from streaming.registry import City, Sensor
@@ -305,7 +305,7 @@ def test_hostile_corpus_through_mqtt_is_quarantined_or_accepted_and_counted(plat
     counters = platform.wait_for_counters({z: {"stored": 1 + h.stored} for z, (h, _) in cases.items()}, key="stored")
 
     # No crash: every platform process alive, no batch sent to the on-failure destination.
-    assert all(pid_alive(pid) for pid in platform.info.pids.values()), platform.info.pids
+    assert all(platform.info.running(name) for name in platform.info.pids), platform.info.pids
     logs = platform.state / "logs"
     for log in logs.glob("poller-*.log"):
         text = log.read_text(errors="replace")

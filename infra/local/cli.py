@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from infra.local.platform import DEFAULT_STATE_DIR, PlatformError, PlatformInfo, down, pid_alive, up
+from infra.local.platform import DEFAULT_STATE_DIR, PlatformError, PlatformInfo, down, up
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -43,7 +43,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if info is None:
         print("the local platform has never been started here")
         return 1
-    running = info.state == "ready" and pid_alive(info.supervisor_pid)
+    running = info.state == "ready" and info.running()
     print(
         f"platform: {info.state if running or info.state != 'ready' else 'not running (stale)'}"
         f" (state in {info.state_dir})"
@@ -51,7 +51,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if info.error:
         print(f"error: {info.error}")
     for name, pid in info.pids.items():
-        print(f"  {name:<32} pid {pid:<8} {'running' if pid_alive(pid) else 'stopped'}")
+        print(f"  {name:<32} pid {pid:<8} {'running' if info.running(name) else 'stopped'}")
     for name, url in info.endpoints.items():
         print(f"  {name:<32} {url}")
     return 0 if running else 1

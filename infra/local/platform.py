@@ -63,6 +63,19 @@ class PlatformInfo:
     sensors: int = 0
     seed: int = 0
     error: str = ""
+    # Start time (clock ticks since boot) of each process, so that a recycled pid is never
+    # mistaken for ours: only a process with the same pid *and* start time is signalled.
+    starts: dict[str, int] = field(default_factory=dict)
+
+    def record(self, name: str, pid: int) -> None:
+        if name != "supervisor":
+            self.pids[name] = pid
+        self.starts[name] = process_start(pid) or -1
+
+    def running(self, name: str = "supervisor") -> bool:
+        """Whether the process this platform started under `name` is still alive."""
+        pid = self.supervisor_pid if name == "supervisor" else self.pids.get(name)
+        return pid is not None and process_start(pid) == self.starts.get(name)
 
     def save(self, state_dir: Path) -> None:
         tmp = state_dir / (STATE_FILE + ".tmp")
@@ -82,6 +95,16 @@ def demo_city(sensors: int, seed: int) -> City:
     from streaming.registry import generate_city
 
     return generate_city(sensors=sensors, zones=min(256, max(1, sensors // 16)), seed=seed)
+
+
+def process_start(pid: int) -> int | None:
+    """A live process's start time in clock ticks since boot (None if gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # field 22 of stat(5)
 
 
 def pid_alive(pid: int) -> bool:
@@ -152,6 +175,7 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
     info = PlatformInfo(
         state="starting", supervisor_pid=os.getpid(), state_dir=str(state_dir), sensors=sensors, seed=seed
     )
+    info.record("supervisor", os.getpid())
     info.save(state_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -170,7 +194,8 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         stoppers.append(kinesis)
         env = {**os.environ, **aws_env(ministack, kinesis)}
         info.endpoints.update(ministack=ministack.endpoint_url, kinesis=kinesis.endpoint_url)
-        info.pids.update(ministack=ministack.process.pid, kinesalite=kinesis.process.pid)
+        info.record("ministack", ministack.process.pid)
+        info.record("kinesalite", kinesis.process.pid)
 
         step(f"provisioning {TEMPLATE.relative_to(REPO_ROOT)} through the emulator's CloudFormation")
         os.environ.update(aws_env(ministack, kinesis))  # for this process's own boto3 calls
@@ -206,7 +231,7 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         # Devices may also publish through Basic Ingest ($aws/rules/<rule>/...), as the IoT policy allows.
         broker = start_broker(state_dir / "broker", ca, basic_ingest_rule=rule.name)
         stoppers.append(broker)
-        info.pids["mosquitto"] = broker.process.pid
+        info.record("mosquitto", broker.process.pid)
         info.endpoints.update(mqtt=f"mqtts://localhost:{broker.port}")
         env.update(
             CITYPULSE_MQTT_HOST="localhost",
@@ -247,7 +272,7 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
             logs,
         )
         children.append(bridge)
-        info.pids["rule-bridge"] = bridge.pid
+        info.record("rule-bridge", bridge.pid)
         # Until the bridge has subscribed, the broker drops what devices publish (nobody is
         # subscribed yet): the platform is not ready before the bridge says so.
         _wait_for_line(bridge, logs / "rule-bridge.log", b'"event":"ready"', timeout=60)
@@ -283,7 +308,7 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
                 argv += ["--dlq-url", _queue_url(dlq)]
             proc = _spawn(f"poller-{shard}", argv, env, logs)
             children.append(proc)
-            info.pids[f"poller-{shard}"] = proc.pid
+            info.record(f"poller-{shard}", proc.pid)
 
         info.env = {k: v for k, v in env.items() if k.startswith(("AWS_", "CITYPULSE_"))}
         info.state = "ready"
@@ -329,7 +354,7 @@ def up(
 ) -> PlatformInfo:
     """Start the supervisor detached and wait until it reports ready (or failed)."""
     current = PlatformInfo.load(state_dir)
-    if current and current.state in ("starting", "ready") and pid_alive(current.supervisor_pid):
+    if current and current.state in ("starting", "ready") and current.running():
         if not fresh:
             return current
         down(state_dir, echo=echo)
@@ -390,14 +415,14 @@ def down(state_dir: Path, timeout: float = 60.0, echo: Any = print) -> bool:
     info = PlatformInfo.load(state_dir)
     if info is None:
         return False
-    was_running = pid_alive(info.supervisor_pid)
+    was_running = info.running()
     if was_running:
         os.kill(info.supervisor_pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while pid_alive(info.supervisor_pid) and time.monotonic() < deadline:
+        while info.running() and time.monotonic() < deadline:
             time.sleep(0.1)  # waiting for another session's process to exit; no handle to wait on
     for name, pid in {"supervisor": info.supervisor_pid, **info.pids}.items():
-        if pid_alive(pid):
+        if info.running(name):
             echo(f"  killing leftover {name} (pid {pid})")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
@@ -412,7 +437,7 @@ def down(state_dir: Path, timeout: float = 60.0, echo: Any = print) -> bool:
 
 def require_running(state_dir: Path) -> PlatformInfo:
     info = PlatformInfo.load(state_dir)
-    if info is None or info.state != "ready" or not pid_alive(info.supervisor_pid):
+    if info is None or info.state != "ready" or not info.running():
         raise PlatformError("the local platform is not running: start it with `citypulse up` or `citypulse demo`")
     return info
 

@@ -156,6 +156,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run(args, _state_dir(args))
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from infra.local.load import render, run_load
+
+    result = run_load(
+        _state_dir(args),
+        rate=args.rate,
+        duration_s=args.duration,
+        tick_s=args.tick,
+        publishers=args.publishers,
+        warmup_s=args.warmup,
+        seed=args.seed,
+        fresh=not args.keep,
+    )
+    print(render(result))
+    return 0 if result.accounted else 1
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from infra.capacity import Workload, naive_plan, plan, render
 
@@ -201,6 +218,15 @@ def main(argv: list[str] | None = None) -> None:
 
     add_arguments(p)
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("load", help="drive the platform at R readings/s for T s in real time and report")
+    p.add_argument("--rate", type=float, default=2000, help="readings per second (default 2000)")
+    p.add_argument("--duration", type=float, default=60, help="seconds at that rate (default 60)")
+    p.add_argument("--tick", type=float, default=1.0, help="seconds between a gateway's messages (default 1)")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds left out of the timings (default 10)")
+    p.add_argument("--publishers", type=int, default=0, help="publisher processes (0: one per 1,500 msg/s)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep", action="store_true", help="use the running platform instead of a fresh one")
+    p.set_defaults(func=cmd_load)
     p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")
     p.add_argument("--sensors", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second (default 1)")

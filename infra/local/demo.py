@@ -90,12 +90,16 @@ def wait_until_accounted(expected_received: int, timeout: float, echo: Callable[
         time.sleep(1.0)  # polling another process's progress; there is no event to wait on
 
 
-def latency_percentiles(log_dir: Path) -> dict[str, float]:
+def latency_percentiles(log_dir: Path, since: dict[Path, int] | None = None) -> dict[str, float]:
     """Publish → committed-to-live-store latency, merged from the processor's per-batch
-    histograms in its logs (what CloudWatch would aggregate from the EMF metrics)."""
+    histograms in its logs (what CloudWatch would aggregate from the EMF metrics).
+    `since` gives a byte offset per log file to start from (a run against a running platform)."""
     hist: dict[int, int] = {}
     for path in log_dir.glob("poller-*.log"):
-        for line in path.read_bytes().splitlines():
+        with open(path, "rb") as f:
+            f.seek((since or {}).get(path, 0))
+            data = f.read()
+        for line in data.splitlines():
             if b'"batch processed"' not in line:
                 continue
             for bucket, count in orjson.loads(line).get("latency_ms_histogram", {}).items():
@@ -104,7 +108,7 @@ def latency_percentiles(log_dir: Path) -> dict[str, float]:
     out: dict[str, float] = {"messages": float(total)}
     if not total:
         return out
-    for name, q in (("p50", 0.5), ("p99", 0.99)):
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
         seen = 0
         for bucket in sorted(hist):
             seen += hist[bucket]

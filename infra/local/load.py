@@ -1,0 +1,656 @@
+"""`citypulse load --rate R --duration T`: drive the local platform at a sustained rate, in real time.
+
+The city has R x tick sensors; every tick each gateway publishes one message with one reading
+per sensor it serves (event time = the wall clock now, `seq` = the tick's number since the
+epoch), over MQTT + mutual TLS through the same `Gateway` the devices use, from several
+publisher processes (one awscrt process moves only a few thousand messages per second).
+Gateways are spread evenly over the tick, paced against the wall clock.
+
+Afterwards it waits until the processor's redelivery-proof counters account for every
+reading and reports: readings/s published and processed, readings lost (published -
+stored - quarantined, must be 0), publish → queryable latency p50/p95/p99 (the processor's
+per-batch histograms), alert latency (an incident scheduled at a known minute → its
+`CongestionDetected` on the SQS alert feed), the pollers' CPU per reading, and each platform
+component's CPU and peak RSS (to find the bottleneck).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from infra.local.demo import Accounting, latency_percentiles, read_accounting, wait_until_accounted
+from infra.local.platform import REPO_ROOT, PlatformError, demo_city, pid_alive, require_running, up
+
+MINUTE_MS = 60_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# --- /proc: CPU and memory of a process tree --------------------------------------------------
+
+
+def _children_map() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def process_tree(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """`pid` and all its descendants (an emulator may run under a wrapper)."""
+    children = _children_map() if children is None else children
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of live processes, from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / CLK_TCK
+
+
+def rss_kb(pids: list[int]) -> tuple[int, int]:
+    """(current RSS, peak RSS = VmHWM) summed over `pids`, in KiB."""
+    now = peak = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        now += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        peak += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return now, peak
+
+
+def component(name: str) -> str:
+    return "pollers" if name.startswith("poller-") else name
+
+
+class ResourceMonitor:
+    """CPU per component between `mark()`s; peak RSS sampled (current RSS summed at one instant)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak_total_kb = 0
+        self.peak_kb: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def trees(self) -> dict[str, list[int]]:
+        children = _children_map()
+        out: dict[str, list[int]] = {}
+        for name, pid in self.pids.items():
+            out.setdefault(component(name), []).extend(process_tree(pid, children))
+        return out
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pids) for name, pids in self.trees().items()}
+
+    def sample(self) -> None:
+        total = 0
+        for name, pids in self.trees().items():
+            now, hwm = rss_kb(pids)
+            total += now
+            self.peak_kb[name] = max(self.peak_kb.get(name, 0), hwm)
+        self.peak_total_kb = max(self.peak_total_kb, total)
+
+    def start(self, every_s: float = 1.0) -> None:
+        def loop() -> None:
+            while not self._stop.wait(every_s):  # sampling, not synchronisation
+                self.sample()
+
+        self.sample()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.sample()
+
+
+# --- the publisher process ---------------------------------------------------------------------
+
+
+@dataclass
+class PublisherResult:
+    messages: int = 0
+    readings: int = 0
+    failed: int = 0
+    ticks: int = 0
+    max_lag_s: float = 0.0  # how far behind its schedule the publisher fell at worst
+    late_ticks: int = 0  # measured ticks with a message sent a whole tick or more after it was due
+    measured_messages: int = 0  # sent after the warm-up
+    measured_readings: int = 0
+    cpu_s: float = 0.0
+    connect_s: float = 0.0
+    first_publish: float = 0.0
+    last_publish: float = 0.0
+
+
+class TickReadings:
+    """One gateway's readings per tick: the traffic model's values for the current minute
+    (computed once per sensor-minute), stamped with the tick's event time and sequence number."""
+
+    def __init__(self, model: Any, sensors: list[Any]) -> None:
+        self.model = model
+        self.sensors = sensors
+        self.minute = -(10**9)
+        self.readings: list[dict[str, Any]] = []
+
+    def at(self, ts_ms: int, seq: int) -> list[dict[str, Any]]:
+        from streaming.contract import format_ts
+
+        minute = (ts_ms - self.model.start_ms) // MINUTE_MS
+        if minute != self.minute:
+            self.readings = [self.model.reading(s, minute) for s in self.sensors]
+            self.minute = minute
+        ts = format_ts(ts_ms)
+        for r in self.readings:
+            r["ts"] = ts
+            r["seq"] = seq
+        return self.readings
+
+
+def publisher_main(argv: list[str] | None = None) -> None:
+    """One publisher process: its share of the gateways, paced tick by tick.
+
+    Protocol on stdout/stdin (JSON lines): it prints {"connected": n} once its gateways are
+    connected, reads one line {"t0": epoch_s} (the common start), publishes until t0 +
+    duration, flushes, and prints its PublisherResult.
+    """
+    from dataclasses import asdict
+
+    from infra.local.certs import LocalCA
+    from streaming.contract import gateway_message
+    from streaming.devices.gateway import Gateway
+    from streaming.devices.traffic import Faults, Incident, TrafficModel
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--spec", required=True, help="JSON: sensors, seed, index, count, tick_s, duration_s, ...")
+    spec = orjson.loads(p.parse_args(argv).spec)
+    env = os.environ
+    city = demo_city(spec["sensors"], spec["seed"])
+    incidents = [Incident(**i) for i in spec["incidents"]]
+    model = TrafficModel(city, spec["seed"], spec["start_ms"], incidents, Faults.none())
+    all_gateways = city.gateways()
+    mine = [gw for i, gw in enumerate(all_gateways) if i % spec["count"] == spec["index"]]
+    ca = LocalCA.load_or_create(Path(env["CITYPULSE_PKI_DIR"]))
+    host, port = env["CITYPULSE_MQTT_HOST"], int(env["CITYPULSE_MQTT_PORT"])
+    rule = env["CITYPULSE_TOPIC_RULE"]
+
+    def connect(gateway_id: str) -> Gateway:
+        identity = ca.device_identity(gateway_id)
+        gw = Gateway(
+            gateway_id,
+            endpoint=host,
+            port=port,
+            cert_path=identity.cert_path,
+            key_path=identity.key_path,
+            ca_path=ca.cert_path,
+            basic_ingest_rule=rule,
+            max_in_flight=spec.get("max_in_flight", 100),
+        )
+        gw.connect()
+        return gw
+
+    res = PublisherResult()
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        conns = list(pool.map(connect, mine))
+    res.connect_s = time.monotonic() - started
+    sources = [
+        (conn, all_gateways[gw][0].zone_id, TickReadings(model, all_gateways[gw]))
+        for gw, conn in zip(mine, conns, strict=True)
+    ]
+    print(orjson.dumps({"connected": len(conns)}).decode(), flush=True)
+    t0 = orjson.loads(sys.stdin.readline())["t0"]
+    tick, duration, warmup = spec["tick_s"], spec["duration_s"], spec.get("warmup_s", 0.0)
+    n_ticks = max(1, round((warmup + duration) / tick))
+    t_measure = t0 + warmup
+    n = len(sources)
+    cpu0 = time.process_time()
+    stop = threading.Event()
+    try:
+        for k in range(n_ticks):
+            tick_start = t0 + k * tick
+            seq = round(tick_start / tick)
+            measured = tick_start >= t_measure - 1e-6
+            tick_lag = 0.0
+            for i, (conn, zone_id, source) in enumerate(sources):
+                # Spread the gateways evenly over the tick, as unsynchronised devices would be.
+                due = tick_start + i * tick / n
+                ahead = due - time.time()
+                if ahead > 0.002:
+                    stop.wait(ahead)  # pacing against the wall clock
+                now = time.time()
+                tick_lag = max(tick_lag, now - due)
+                now_ms = int(now * 1000)
+                readings = source.at(now_ms, seq)
+                payload = orjson.dumps(gateway_message(conn.gateway_id, zone_id, now_ms, readings))
+                conn.publish_telemetry(zone_id, payload)
+                res.messages += 1
+                res.readings += len(readings)
+                if measured:
+                    res.measured_messages += 1
+                    res.measured_readings += len(readings)
+                if not res.first_publish:
+                    res.first_publish = now
+            res.ticks += 1
+            if measured:
+                res.max_lag_s = max(res.max_lag_s, tick_lag)
+                res.late_ticks += tick_lag >= tick
+        res.last_publish = time.time()
+        for conn in conns:
+            stats = conn.flush(timeout=300)
+            res.failed += stats.failed
+    finally:
+        res.cpu_s = time.process_time() - cpu0
+        for conn in conns:
+            conn.disconnect()
+    print(orjson.dumps(asdict(res)).decode(), flush=True)
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    rate: float
+    duration_s: float
+    tick_s: float
+    sensors: int
+    gateways: int
+    publishers: int
+    published_readings: int
+    published_messages: int
+    failed_publishes: int
+    warmup_s: float
+    measured_readings: int  # published after the warm-up
+    measured_messages: int
+    publish_window_s: float  # from the end of the warm-up to the last publish
+    publisher_max_lag_s: float
+    publisher_late_ticks: int
+    processed_in_window: int  # readings the processor committed while publishing went on
+    drain_s: float  # after the last publish until every reading was accounted for
+    before: Accounting
+    at_measure: Accounting  # when the warm-up ended
+    after: Accounting
+    latency: dict[str, float]
+    alert: dict[str, Any]
+    cpu_s: dict[str, float]  # per component from the end of the warm-up until all was accounted for
+    publisher_cpu_s: float
+    peak_rss_kb: dict[str, int]
+    peak_total_rss_kb: int
+    machine: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stored(self) -> int:
+        return self.after.stored - self.before.stored
+
+    @property
+    def quarantined(self) -> int:
+        return self.after.quarantined - self.before.quarantined
+
+    @property
+    def received(self) -> int:
+        return self.after.received - self.before.received
+
+    @property
+    def duplicates(self) -> int:
+        return self.after.duplicates - self.before.duplicates
+
+    @property
+    def lost(self) -> int:
+        return self.published_readings - self.stored - self.quarantined
+
+    @property
+    def accounted(self) -> bool:
+        return (
+            self.lost == 0 and self.failed_publishes == 0 and self.received == self.published_readings + self.duplicates
+        )
+
+    @property
+    def sustained(self) -> bool:
+        """Published on schedule and processed as fast as published (no backlog left to drain)."""
+        return (
+            self.publisher_late_ticks == 0
+            and self.measured_readings >= 0.98 * self.rate * self.duration_s
+            and self.processed_in_window >= 0.95 * self.measured_readings
+            and self.drain_s < max(10.0, 5 * self.tick_s)
+        )
+
+    @property
+    def received_after_measure(self) -> int:
+        return self.after.received - self.at_measure.received
+
+
+def _machine() -> dict[str, str]:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": str(os.cpu_count()), "cpu": model, "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def _log_offsets(log_dir: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for p in log_dir.glob("poller-*.log")}
+
+
+def _processed_between(log_dir: Path, since: dict[Path, int], t_from: float, t_to: float) -> int:
+    """Readings the processor committed in batches logged between t_from and t_to (epoch s)."""
+    from datetime import datetime
+
+    total = 0
+    for path in log_dir.glob("poller-*.log"):
+        with open(path, "rb") as f:
+            f.seek(since.get(path, 0))
+            for line in f:
+                if b'"batch processed"' not in line:
+                    continue
+                entry = orjson.loads(line)
+                ts = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+                if t_from <= ts <= t_to:
+                    total += entry.get("counts", {}).get("received", 0)
+    return total
+
+
+class AlertWatcher:
+    """Long-polls the alert feed, noting when each `CongestionDetected` for a zone arrives."""
+
+    def __init__(self, zone_id: str) -> None:
+        import boto3
+
+        self.zone_id = zone_id
+        self.sqs = boto3.client("sqs")
+        self.url = os.environ["CITYPULSE_ALERT_FEED_QUEUE_URL"]
+        self.arrivals: list[tuple[float, dict[str, Any]]] = []
+        self.arrived = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            resp = self.sqs.receive_message(QueueUrl=self.url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            arrived = time.time()
+            for m in resp.get("Messages", []):
+                event = orjson.loads(m["Body"])
+                detail = event.get("detail", {})
+                if event.get("detail-type") == "CongestionDetected" and detail.get("zone_id") == self.zone_id:
+                    self.arrivals.append((arrived, detail))
+                    self.arrived.set()
+                self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=m["ReceiptHandle"])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_load(
+    state_dir: Path,
+    *,
+    rate: float,
+    duration_s: float,
+    tick_s: float = 1.0,
+    publishers: int = 0,
+    warmup_s: float = 10.0,
+    seed: int = 7,
+    fresh: bool = True,
+    drain_timeout_s: float = 600.0,
+    echo: Callable[[str], None] = print,
+) -> LoadResult:
+    """Run the load; `fresh` starts a new platform for a city of rate x tick sensors, otherwise
+    the running platform is used (its city must have that many sensors)."""
+    from streaming.devices.traffic import Incident
+
+    sensors = round(rate * tick_s)
+    if sensors < 1:
+        raise ValueError("rate x tick must be at least one sensor")
+    if fresh:
+        echo(f"starting the local platform for a {sensors:,}-sensor city")
+        info = up(state_dir, sensors=sensors, seed=seed, fresh=True, echo=echo)
+    else:
+        info = require_running(state_dir)
+        if info.sensors != sensors:
+            raise PlatformError(
+                f"the running platform's city has {info.sensors:,} sensors; rate x tick needs {sensors:,} "
+                f"(restart with `citypulse up --sensors {sensors}` or use a fresh platform)"
+            )
+        seed = info.seed
+    os.environ.update(info.env)
+    city = demo_city(sensors, seed)
+    gateways = city.gateways()
+    msgs_per_s = len(gateways) / tick_s
+    publishers = publishers or max(1, math.ceil(msgs_per_s / 1500))
+    log_dir = state_dir / "logs"
+
+    # The incident: in a zone, from the first minute boundary at least 20 s ahead, if the run
+    # lasts long enough for two closed congested minutes (the detector's rule) plus a margin.
+    now = time.time()
+    start_ms = int(now * 1000) // MINUTE_MS * MINUTE_MS
+    first_minute = math.ceil((now + 20) * 1000 / MINUTE_MS) * MINUTE_MS
+    incident_minute = (first_minute - start_ms) // MINUTE_MS
+    incidents: list[Incident] = []
+    zone = city.zones[len(city.zones) // 2].zone_id
+    if first_minute / 1000 + 2 * 60 + 15 < now + warmup_s + duration_s:
+        incidents.append(Incident(zone, incident_minute, 60, severity=0.85))
+
+    spec = {
+        "sensors": sensors,
+        "seed": seed,
+        "count": publishers,
+        "tick_s": tick_s,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "start_ms": start_ms,
+        "incidents": [vars(i) for i in incidents],
+    }
+    env = {**os.environ, **info.env}
+    echo(
+        f"load: {rate:,.0f} readings/s = {sensors:,} sensors / {tick_s:g} s tick, {len(gateways):,} gateways "
+        f"({msgs_per_s:,.0f} messages/s), {publishers} publisher processes, {duration_s:.0f} s, real time"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "infra.local.load", "--spec", orjson.dumps({**spec, "index": i}).decode()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=REPO_ROOT,
+            text=True,
+        )
+        for i in range(publishers)
+    ]
+    try:
+        for proc in procs:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise PlatformError(f"a publisher exited with {proc.wait()} before connecting")
+        echo(f"  {len(gateways):,} gateways connected over MQTT + mutual TLS")
+        before = read_accounting()
+        monitor = ResourceMonitor({k: v for k, v in info.pids.items() if pid_alive(v)})
+        watcher = AlertWatcher(zone) if incidents else None
+        if watcher:
+            watcher.start()
+        monitor.start()
+        t0 = math.ceil(time.time()) + 1.0
+        for proc in procs:
+            proc.stdin.write(orjson.dumps({"t0": t0}).decode() + "\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        if incidents:
+            echo(f"  incident in zone {zone} from {time.strftime('%H:%M:%S', time.gmtime(first_minute / 1000))}Z")
+        # The measured window starts after the warm-up (the processors' cold start is outside it).
+        t_measure = t0 + warmup_s
+        threading.Event().wait(max(0.0, t_measure - time.time()))  # pacing against the wall clock
+        offsets = _log_offsets(log_dir)
+        cpu_before = monitor.cpu()
+        at_measure = read_accounting()
+        echo(f"  warm-up of {warmup_s:g} s over; measuring for {duration_s:g} s")
+        results = []
+        pub_cpu_after = 0.0
+        for proc in procs:
+            out, _ = proc.communicate(timeout=duration_s + 600)
+            if proc.returncode != 0:
+                raise PlatformError(f"a publisher exited with {proc.returncode}")
+            results.append(PublisherResult(**orjson.loads(out.strip().splitlines()[-1])))
+            pub_cpu_after += results[-1].cpu_s
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    last_publish = max(r.last_publish for r in results)
+    published = sum(r.readings for r in results)
+    echo(f"  published {published:,} readings; waiting until the processor has accounted for them")
+    after = wait_until_accounted(before.received + published, drain_timeout_s, echo)
+    accounted_at = time.time()
+    # Alert: wait a little for a detection that is due but still in flight.
+    if watcher:
+        watcher.arrived.wait(30)
+        watcher.stop()
+    monitor.stop()
+    cpu_after = monitor.cpu()
+    alert: dict[str, Any] = {"zone": zone, "scheduled": bool(incidents)}
+    if incidents:
+        alert["incident_start"] = first_minute / 1000
+        if watcher and watcher.arrivals:
+            arrived, detail = watcher.arrivals[0]
+            alert.update(
+                arrived=arrived,
+                latency_s=arrived - first_minute / 1000,
+                started_at=detail.get("started_at"),
+                minute=detail.get("minute"),
+            )
+    return LoadResult(
+        rate=rate,
+        duration_s=duration_s,
+        tick_s=tick_s,
+        sensors=sensors,
+        gateways=len(gateways),
+        publishers=publishers,
+        published_readings=published,
+        published_messages=sum(r.messages for r in results),
+        failed_publishes=sum(r.failed for r in results),
+        warmup_s=warmup_s,
+        measured_readings=sum(r.measured_readings for r in results),
+        measured_messages=sum(r.measured_messages for r in results),
+        publish_window_s=last_publish - t_measure,
+        publisher_max_lag_s=max(r.max_lag_s for r in results),
+        publisher_late_ticks=max(r.late_ticks for r in results),
+        processed_in_window=_processed_between(log_dir, offsets, t_measure, last_publish),
+        drain_s=accounted_at - last_publish,
+        before=before,
+        at_measure=at_measure,
+        after=after,
+        latency=latency_percentiles(log_dir, since=offsets),
+        alert=alert,
+        cpu_s={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after},
+        publisher_cpu_s=pub_cpu_after,
+        peak_rss_kb=monitor.peak_kb,
+        peak_total_rss_kb=monitor.peak_total_kb,
+        machine=_machine(),
+    )
+
+
+def render(r: LoadResult) -> str:
+    window = max(r.publish_window_s, 1e-9)
+    wall = r.publish_window_s + r.drain_s
+    lines = ["", "=" * 72, "citypulse load summary", "=" * 72]
+    lines.append(
+        f"offered    {r.rate:,.0f} readings/s for {r.duration_s:.0f} s: {r.sensors:,} sensors, "
+        f"{r.gateways:,} gateways, tick {r.tick_s:g} s, {r.publishers} publisher processes"
+    )
+    lines.append(
+        f"published  {r.measured_readings:,} readings in {r.measured_messages:,} messages over {window:.1f} s after "
+        f"a {r.warmup_s:g} s warm-up = {r.measured_readings / window:,.0f} readings/s "
+        f"({r.measured_messages / window:,.0f} msg/s); {r.published_readings:,} in all; "
+        f"failed publishes {r.failed_publishes}; publisher max lag {r.publisher_max_lag_s:.2f} s, "
+        f"late ticks {r.publisher_late_ticks}"
+    )
+    lines.append(
+        f"processed  {r.processed_in_window:,} readings during the publish window = "
+        f"{r.processed_in_window / window:,.0f} readings/s; drained the rest {r.drain_s:.1f} s after the last publish"
+    )
+    lines.append(
+        f"accounting stored={r.stored:,} quarantined={r.quarantined:,} duplicates={r.duplicates:,} "
+        f"received={r.received:,}; lost={r.lost:,} (published - stored - quarantined); "
+        f"every reading accounted for: {r.accounted}"
+    )
+    lat = r.latency
+    if "p50" in lat:
+        lines.append(
+            f"latency    publish -> queryable: p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, p99 {lat['p99']:.2f} s "
+            f"over {int(lat['messages']):,} gateway messages"
+        )
+    a = r.alert
+    if not a["scheduled"]:
+        lines.append("alert      no incident scheduled: the run is shorter than ~3 min (two closed congested minutes)")
+    elif "latency_s" in a:
+        lines.append(
+            f"alert      incident in {a['zone']} at {time.strftime('%H:%M:%S', time.gmtime(a['incident_start']))}Z -> "
+            f"CongestionDetected (started_at {a['started_at']}, minute {a['minute']}) on the alert feed after "
+            f"{a['latency_s']:.1f} s"
+        )
+    else:
+        lines.append(f"alert      incident in {a['zone']}: no CongestionDetected arrived on the alert feed")
+    pollers = r.cpu_s.get("pollers", 0.0)
+    lines.append(
+        f"cpu        pollers {pollers:.1f} s for {r.received_after_measure:,} readings = "
+        f"{pollers / max(r.received_after_measure, 1) * 1e6:.1f} us/reading; per component "
+        f"(s over {wall:.0f} s, cores): "
+        + ", ".join(f"{k} {v:.1f} ({v / max(wall, 1e-9):.2f})" for k, v in sorted(r.cpu_s.items()))
+        + f", publishers {r.publisher_cpu_s:.1f} ({r.publisher_cpu_s / (window + r.warmup_s):.2f} while publishing)"
+    )
+    lines.append(
+        f"memory     peak RSS of the platform's processes together {r.peak_total_rss_kb / 1024:,.0f} MiB; "
+        "each (VmHWM): " + ", ".join(f"{k} {v / 1024:,.0f}" for k, v in sorted(r.peak_rss_kb.items())) + " MiB"
+    )
+    m = r.machine
+    lines.append(f"machine    nproc {m.get('nproc')}, {m.get('cpu')}, load average at the end {m.get('load')}")
+    verdict = "sustained" if r.sustained else "NOT sustained"
+    lines.append(f"result     {verdict}; {'OK' if r.accounted else 'NOT OK: readings unaccounted for'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    publisher_main()

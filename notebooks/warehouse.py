@@ -4,12 +4,15 @@ Place in the flow: the notebooks (and analysts) read the marts `marts.fct_*` / `
 that dbt builds on every engine under the same schema name. `connect(target)` takes
 
 * a DuckDB file path (or `duckdb:///path`) - the local warehouse, opened read-only;
-* `postgresql://user:password@host:5432/dbname` - the local PostgreSQL option (psycopg2);
-* `redshift://user:password@host:5439/dbname` - Redshift Serverless or a cluster. Redshift
+* `postgresql://user@host:5432/dbname` - the local PostgreSQL option (psycopg2);
+* `redshift://user@host:5439/dbname` - Redshift Serverless or a cluster. Redshift
   speaks the PostgreSQL wire protocol: `redshift_connector` is used when it is installed
   (dbt-redshift brings it), else psycopg2 with `sslmode=require`. The user needs SELECT on
   schema `marts` and network access to the workgroup endpoint (VPN/bastion, security group
   on 5439). Query parameters of the URL (`?sslmode=verify-full`) are passed to the driver.
+
+Passwords come from the `PGPASSWORD` environment variable (or a secrets manager that sets
+it), never from a URL typed into a command or committed to a notebook.
 
 `Warehouse.query(sql)` returns a pandas DataFrame with numeric (DECIMAL) columns as floats.
 Dates in the notebooks go into SQL through `Warehouse.time_range()`, which formats parsed
@@ -18,6 +21,7 @@ datetimes as literals (portable across the three engines, and nothing user-typed
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -101,7 +105,7 @@ def connect(target: str | Path) -> Warehouse:
             "host": parts.hostname or "127.0.0.1",
             "port": parts.port or (5439 if scheme in REDSHIFT_SCHEMES else 5432),
             "user": unquote(parts.username or ""),
-            "password": unquote(parts.password or ""),
+            "password": unquote(parts.password) if parts.password else os.environ.get("PGPASSWORD", ""),
             "dbname": unquote(parts.path.lstrip("/")) or ("dev" if scheme in REDSHIFT_SCHEMES else "postgres"),
         }
         options = dict(parse_qsl(parts.query))

@@ -123,37 +123,41 @@ class DecodedBatch:
         }
 
 
+def _open_record(rec: Record, out: DecodedBatch, zones: set[str]) -> tuple[Envelope, list[_Item], list[Any]] | None:
+    """The part of phase 1 both decoders share: note the record's position, decode its
+    envelope and message, and record what cannot be split into readings. Returns the
+    envelope, the zone's item list and the raw readings, or None when nothing is left to do."""
+    out.last_sequence[rec.shard_id] = max(out.last_sequence.get(rec.shard_id, -1), rec.sequence_number)
+    try:
+        env = decode_envelope(rec.data)
+    except ContractError as exc:
+        out.unattributed.append((rec, exc, rec.data, None))
+        return None
+    if env.zone_id not in zones:
+        unknown = ContractError("unknown_zone", f"topic zone {env.zone_id} is not in the registry")
+        out.unattributed.append((rec, unknown, env.payload, env))
+        return None
+    items = out.by_zone.setdefault(env.zone_id, [])
+    try:
+        raws, sent_at_ms = parse_readings(env)
+    except ContractError as exc:
+        items.append(_Item(rec, env, -1, None, None, exc))
+        return None
+    if sent_at_ms is not None:
+        out.sent_at.append(sent_at_ms)
+    return env, items, raws
+
+
 def decode_batch_reference(records: Iterable[Record], registry: Mapping[str, Sensor], zones: set[str]) -> DecodedBatch:
     """Phase 1, reference: decode and validate, without any state, one reading at a time
     through the contract's validator. This is the definition of phase 1; `decode_batch`
     must produce exactly the same DecodedBatch (a property test holds them together)."""
     out = DecodedBatch()
     for rec in records:
-        last = out.last_sequence.get(rec.shard_id, -1)
-        out.last_sequence[rec.shard_id] = max(last, rec.sequence_number)
-        try:
-            env = decode_envelope(rec.data)
-        except ContractError as exc:
-            out.unattributed.append((rec, exc, rec.data, None))
+        opened = _open_record(rec, out, zones)
+        if opened is None:
             continue
-        if env.zone_id not in zones:
-            out.unattributed.append(
-                (
-                    rec,
-                    ContractError("unknown_zone", f"topic zone {env.zone_id} is not in the registry"),
-                    env.payload,
-                    env,
-                )
-            )
-            continue
-        items = out.by_zone.setdefault(env.zone_id, [])
-        try:
-            raws, sent_at_ms = parse_readings(env)
-        except ContractError as exc:
-            items.append(_Item(rec, env, -1, None, None, exc))
-            continue
-        if sent_at_ms is not None:
-            out.sent_at.append(sent_at_ms)
+        env, items, raws = opened
         for index, raw in enumerate(raws):
             try:
                 reading = validate_reading(raw)
@@ -242,36 +246,14 @@ def _gc_paused() -> Iterator[None]:
 
 def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: set[str]) -> DecodedBatch:
     out = DecodedBatch()
-    last_sequence = out.last_sequence
     owners = _owners_for(registry)
     members = _members_for(registry)
     ts_cache: dict[str, int] = {}
     for rec in records:
-        last = last_sequence.get(rec.shard_id, -1)
-        last_sequence[rec.shard_id] = max(last, rec.sequence_number)
-        try:
-            env = decode_envelope(rec.data)
-        except ContractError as exc:
-            out.unattributed.append((rec, exc, rec.data, None))
+        opened = _open_record(rec, out, zones)
+        if opened is None:
             continue
-        if env.zone_id not in zones:
-            out.unattributed.append(
-                (
-                    rec,
-                    ContractError("unknown_zone", f"topic zone {env.zone_id} is not in the registry"),
-                    env.payload,
-                    env,
-                )
-            )
-            continue
-        items = out.by_zone.setdefault(env.zone_id, [])
-        try:
-            raws, sent_at_ms = parse_readings(env)
-        except ContractError as exc:
-            items.append(_Item(rec, env, -1, None, None, exc))
-            continue
-        if sent_at_ms is not None:
-            out.sent_at.append(sent_at_ms)
+        env, items, raws = opened
         zone_id, gateway_id = env.zone_id, env.gateway_id
         if len(raws) > 1:
             block = _accept_message(rec, env, raws, members.get((zone_id, gateway_id)), ts_cache)

@@ -24,12 +24,8 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
+from citypulse_batch.airflow_compat import CronDataIntervalTimetable, task_failure
 from citypulse_batch.events import on_task_failure
-
-try:
-    from airflow.sdk import CronDataIntervalTimetable
-except ImportError:  # Airflow 3.0.x (MWAA) has it only in core
-    from airflow.timetables.interval import CronDataIntervalTimetable
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "citypulse-data",
@@ -40,17 +36,6 @@ DEFAULT_ARGS: dict[str, Any] = {
     "execution_timeout": timedelta(minutes=45),
     "on_failure_callback": on_task_failure,
 }
-
-
-def _fail(exc: Exception, retryable: bool) -> Exception:
-    """The exception that fails the task: a data verdict must not be retried."""
-    if retryable:
-        return exc
-    try:
-        from airflow.sdk.exceptions import AirflowFailException
-    except ImportError:  # Airflow 3.0.x
-        from airflow.exceptions import AirflowFailException
-    return AirflowFailException(str(exc))
 
 
 def _run(step_name: str, context: dict[str, Any]) -> None:
@@ -64,7 +49,7 @@ def _run(step_name: str, context: dict[str, Any]) -> None:
         summary = getattr(steps, step_name)(interval)
     except steps.StepFailed as exc:
         ti.xcom_push(key="summary", value=exc.summary)
-        raise _fail(exc, exc.retryable) from exc
+        raise task_failure(exc, exc.retryable) from exc
     ti.xcom_push(key="summary", value=summary)
 
 

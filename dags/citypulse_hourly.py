@@ -38,15 +38,11 @@ from airflow.providers.amazon.aws.operators.quicksight import QuickSightCreateIn
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import dag, task
 
+from citypulse_batch.airflow_compat import CronDataIntervalTimetable, task_failure
 from citypulse_batch.events import HOURLY_LOAD_COMPLETED, SOURCE, on_task_failure
 from citypulse_batch.lake import readings_wildcard
 from citypulse_batch.settings import setting, setting_list
 from citypulse_batch.steps import crawler_config
-
-try:
-    from airflow.sdk import CronDataIntervalTimetable
-except ImportError:  # Airflow 3.0.x (MWAA) has it only in core
-    from airflow.timetables.interval import CronDataIntervalTimetable
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "citypulse-data",
@@ -60,17 +56,6 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 
-def _fail(exc: Exception, retryable: bool) -> Exception:
-    """The exception that fails the task: a data verdict must not be retried."""
-    if retryable:
-        return exc
-    try:
-        from airflow.sdk.exceptions import AirflowFailException
-    except ImportError:  # Airflow 3.0.x
-        from airflow.exceptions import AirflowFailException
-    return AirflowFailException(str(exc))
-
-
 def _run_step(step: Callable[[Any], dict[str, Any]], context: dict[str, Any]) -> None:
     """Run a step for the task's interval; its summary goes to XCom key `summary` even on failure."""
     from citypulse_batch.lake import Interval
@@ -82,7 +67,7 @@ def _run_step(step: Callable[[Any], dict[str, Any]], context: dict[str, Any]) ->
         summary = step(interval)
     except StepFailed as exc:
         ti.xcom_push(key="summary", value=exc.summary)
-        raise _fail(exc, exc.retryable) from exc
+        raise task_failure(exc, exc.retryable) from exc
     ti.xcom_push(key="summary", value=summary)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from streaming.contract import format_ts, gateway_message
+from streaming.contract import columnar_message, format_ts, gateway_message
 from streaming.registry import City, Sensor
 
 BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary in 2026
@@ -69,16 +69,17 @@ def _event_record(data: bytes, sequence: int, partition_key: str) -> dict[str, A
     }
 
 
-def _gateway_payloads(city: City, start_ms: int, first_minute: int) -> Iterator[tuple[bytes, Sensor, int]]:
-    """One gateway message per gateway per minute, forever (seq = minute index)."""
+def _gateway_payloads(
+    city: City, start_ms: int, first_minute: int, columnar: bool = False
+) -> Iterator[tuple[bytes, Sensor, int]]:
+    """One gateway message per gateway per minute, forever (seq = minute index); v1, or v2 with `columnar`."""
     gateways = list(city.gateways().values())
+    build = columnar_message if columnar else gateway_message
     minute = first_minute
     while True:
         ts = start_ms + (minute + 1) * 60_000 - 1
         for sensors in gateways:
-            msg = gateway_message(
-                sensors[0].gateway_id, sensors[0].zone_id, ts, [reading(s, minute, ts) for s in sensors]
-            )
+            msg = build(sensors[0].gateway_id, sensors[0].zone_id, ts, [reading(s, minute, ts) for s in sensors])
             yield orjson.dumps(msg), sensors[0], ts + 500
         minute += 1
 
@@ -94,10 +95,13 @@ def _single_payloads(city: City, start_ms: int, first_minute: int) -> Iterator[t
 
 
 def kinesis_events(city: City, kind: str, records: int, batches: int) -> list[dict[str, Any]]:
-    """`batches` consecutive Lambda events of `records` records each, of `kind` "gateway" or
-    "single", continuing one stream (sequence numbers and event time keep increasing)."""
-    source = _gateway_payloads if kind == "gateway" else _single_payloads
-    payloads = source(city, BASE_MS, 0)
+    """`batches` consecutive Lambda events of `records` records each, of `kind` "gateway" (v1
+    messages), "columnar" (the same readings as v2 messages) or "single", continuing one stream
+    (sequence numbers and event time keep increasing)."""
+    if kind == "single":
+        payloads = _single_payloads(city, BASE_MS, 0)
+    else:
+        payloads = _gateway_payloads(city, BASE_MS, 0, columnar=kind == "columnar")
     sequence = FIRST_SEQUENCE
     events = []
     for _ in range(batches):

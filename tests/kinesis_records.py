@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from streaming.contract import format_ts, gateway_message
+from streaming.contract import columnar_message, format_ts, gateway_message
 from streaming.processor.core import Record
 from streaming.registry import City, Sensor
 
@@ -60,10 +60,18 @@ class StreamBuilder:
         return Record(self.shard_id, self.next_seq, data)
 
     def gateway_record(
-        self, sensors: list[Sensor], readings: list[dict[str, Any]], received_at_ms: int, sent_at_ms: int | None = None
+        self,
+        sensors: list[Sensor],
+        readings: list[dict[str, Any]],
+        received_at_ms: int,
+        sent_at_ms: int | None = None,
+        *,
+        columnar: bool = False,
     ) -> Record:
+        """A gateway message of `readings`: v1, or v2 (columns) with `columnar`."""
         gw, zone = sensors[0].gateway_id, sensors[0].zone_id
-        msg = gateway_message(gw, zone, sent_at_ms or received_at_ms, readings)
+        build = columnar_message if columnar else gateway_message
+        msg = build(gw, zone, sent_at_ms or received_at_ms, readings)
         return self.record(envelope(orjson.dumps(msg), zone, gw, received_at_ms))
 
 

@@ -3,7 +3,8 @@
 `decode_batch`/`apply_batch` are optimised; `decode_batch_reference`/`apply_batch_reference`
 define the semantics one reading at a time. Hypothesis generates batches that mix valid
 readings with every kind of invalid field, duplicates, out-of-order, late and future readings,
-redelivered records, unknown sensors, wrong gateways and broken envelopes, applies them to
+redelivered records, unknown sensors, wrong gateways and broken envelopes, in gateway messages
+of both versions (v1 reading objects, v2 columns), applies them to
 prior state left by an earlier batch (committed, or lost in a crash after the aggregates were
 written), and requires identical DecodedBatch and BatchOutput from both paths.
 """
@@ -18,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, envelope
 
-from streaming.contract import format_ts, gateway_message
+from streaming.contract import columnar_message, format_ts, gateway_message
+from streaming.processor.columnar import ColumnBlock
 from streaming.processor.core import (
     MINUTE_MS,
     BatchOutput,
@@ -125,6 +127,8 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
     # column checks must catch. Both only with a shared event time (the block shape).
     mode = draw(st.sampled_from(["clean", "one_bad", "mixed"])) if shared_minute is not None else "mixed"
     clean = mode != "mixed"
+    # Count-only detectors: no speed or occupancy at all (a v2 message then leaves the columns out).
+    count_only = clean and draw(st.integers(0, 3)) == 0
     count = draw(st.integers(0, 8))
     bad_index = draw(st.integers(0, max(count - 1, 0))) if mode == "one_bad" else -1
     for i in range(count):
@@ -152,6 +156,8 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
             "congestion_index": draw(st.sampled_from([0.1, 0.3, 0.5, 0.75, 0.95, 1.0])),
             "lane": sensor.lane,
         }
+        if count_only:
+            del r["avg_speed_kmh"], r["occupancy_pct"]
         if i == bad_index or (not clean and draw(st.integers(0, 3)) == 0):
             name, value = draw(st.sampled_from(MUTATIONS))
             if value is _MISSING:
@@ -164,6 +170,8 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
 
 def _broken(kind: str, gateway: int, received: int) -> bytes:
     gw, zone = GATEWAYS[gateway][0].gateway_id, GATEWAYS[gateway][0].zone_id
+    sensors = GATEWAYS[gateway]
+    v2 = columnar_message(gw, zone, received, [_plain(s, 1, received) for s in sensors[:3]])
     payloads = {
         "not_json": b"not json at all",
         "bad_json": envelope(b"{broken", zone, gw, received),
@@ -179,6 +187,11 @@ def _broken(kind: str, gateway: int, received: int) -> bytes:
             orjson.dumps({**gateway_message(gw, zone, received, []), "readings": {}}), zone, gw, received
         ),
         "array": envelope(b"[1, 2]", zone, gw, received),
+        "v2_short_column": envelope(orjson.dumps({**v2, "seq": [1, 2]}), zone, gw, received),
+        "v2_column_not_list": envelope(orjson.dumps({**v2, "lane": 1}), zone, gw, received),
+        "v2_no_sensor_ids": envelope(orjson.dumps({**v2, "sensor_id": None}), zone, gw, received),
+        "v2_ts_number": envelope(orjson.dumps({**v2, "ts": 5}), zone, gw, received),
+        "v2_with_readings": envelope(orjson.dumps({**v2, "readings": []}), zone, gw, received),
         "bom": envelope(b"\xef\xbb\xbf{}", zone, gw, received),
     }
     return payloads[kind]
@@ -196,7 +209,32 @@ BROKEN_KINDS = [
     "readings_not_list",
     "array",
     "bom",
+    "v2_short_column",
+    "v2_column_not_list",
+    "v2_no_sensor_ids",
+    "v2_ts_number",
+    "v2_with_readings",
 ]
+
+
+def _plain(sensor: Any, seq: int, ts_ms: int) -> dict[str, Any]:
+    return {
+        "sensor_id": sensor.sensor_id,
+        "zone_id": sensor.zone_id,
+        "ts": format_ts(ts_ms),
+        "seq": seq,
+        "vehicle_count": 3,
+        "avg_speed_kmh": 40.0,
+        "occupancy_pct": 5.5,
+        "congestion_index": 0.2,
+        "lane": sensor.lane,
+    }
+
+
+def _as_columns(readings: list[Any], zone: str) -> list[dict[str, Any]]:
+    """The generated readings as rows of a v2 message of `zone`: objects only, the message's zone
+    for each (a v2 reading has no zone of its own); every other mutation stays in its column."""
+    return [{**r, "zone_id": zone} for r in readings if isinstance(r, dict)]
 
 
 @st.composite
@@ -211,18 +249,27 @@ def batches(draw: st.DrawFn) -> tuple[list[Record], list[Record], bool]:
             sensors = GATEWAYS[gateway]
             # receive time: sometimes before the readings' event time (future), sometimes much later (silence)
             received = BASE_MS + draw(st.integers(0, 90)) * MINUTE_MS
-            kind = draw(st.sampled_from(["gateway"] * 5 + ["single"] * 2 + ["broken", "redeliver"]))
+            kind = draw(st.sampled_from(["gateway"] * 3 + ["columnar"] * 4 + ["single"] * 2 + ["broken", "redeliver"]))
             if kind == "redeliver" and (first or target):
                 target.append(draw(st.sampled_from(first + target)))
             elif kind == "single":
                 rs = draw(readings_for(gateway))
                 payload = orjson.dumps(rs[0]) if rs else b"{}"
                 target.append(b.record(envelope(payload, sensors[0].zone_id, sensors[0].gateway_id, received)))
+            elif kind == "columnar":
+                rows = _as_columns(draw(readings_for(gateway)), sensors[0].zone_id)
+                target.append(b.gateway_record(sensors, rows, received, columnar=True))
             elif kind == "broken":
                 target.append(b.record(_broken(draw(st.sampled_from(BROKEN_KINDS)), gateway, received)))
             else:
                 target.append(b.gateway_record(sensors, draw(readings_for(gateway)), received))
     return first, second, draw(st.booleans())
+
+
+def _items(items: list[Any]) -> list[Any]:
+    """A zone's items with every column block (decode_batch's form of a plainly valid gateway
+    message) replaced by the items it stands for."""
+    return [one for item in items for one in (item.items() if isinstance(item, ColumnBlock) else [item])]
 
 
 def _decoded_view(d: DecodedBatch) -> Any:
@@ -238,7 +285,7 @@ def _decoded_view(d: DecodedBatch) -> Any:
                     i.reading,
                     (i.error.code, str(i.error)) if i.error else None,
                 )
-                for i in items
+                for i in _items(items)
             ]
             for z, items in d.by_zone.items()
         },

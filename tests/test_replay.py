@@ -19,7 +19,7 @@ import pytest
 from infra.local.broker import Broker, start_broker
 from infra.local.certs import LocalCA
 from infra.local.rule_bridge import RuleBridge
-from streaming.contract import format_ts, validate_reading
+from streaming.contract import format_ts, message_readings, validate_reading
 from streaming.devices.gateway import Gateway
 from streaming.devices.replay import (
     REPLAY_GATEWAY,
@@ -340,7 +340,7 @@ def test_every_recorded_row_arrives_in_kinesis_as_a_reading_with_the_mapped_valu
         # The gateway that publishes a reading is the one the registry puts the detector behind.
         assert record["gateway_id"] == message["gateway_id"] == record["client_id"]
         assert record["zone_id"] == message["zone_id"]
-        for reading in message["readings"]:
+        for reading in message_readings(message):
             validate_reading(reading)
             sensor = registry.get(reading["sensor_id"])
             assert record["gateway_id"] == (sensor.gateway_id if sensor else REPLAY_GATEWAY)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming.contract import parse_ts_ms
+from streaming.contract import message_readings, parse_ts_ms
 from streaming.devices.simulator import run_simulation
 from streaming.devices.traffic import (
     CAPACITY_PER_LANE,
@@ -255,7 +255,7 @@ def test_the_simulator_publishes_what_the_ground_truth_says(city: City) -> None:
     log: list[tuple[str, bytes]] = []
     result = run_simulation(model, 60, 0.0, lambda gw: _FakeGateway(gw, log))  # type: ignore[arg-type, return-value]
 
-    keys = Counter((r["sensor_id"], r["seq"]) for _, p in log for r in orjson.loads(p)["readings"])
+    keys = Counter((r["sensor_id"], r["seq"]) for _, p in log for r in message_readings(orjson.loads(p)))
     assert len(keys) == result.readings == truth.readings
     assert result.duplicate_messages == truth.duplicate_messages > 0
     assert sum(keys.values()) - len(keys) == truth.duplicate_readings + truth.resent_invalid_readings

@@ -197,7 +197,7 @@ def publisher_main(argv: list[str] | None = None) -> None:
     from dataclasses import asdict
 
     from infra.local.certs import LocalCA
-    from streaming.contract import gateway_message
+    from streaming.contract import device_message
     from streaming.devices.gateway import Gateway
     from streaming.devices.traffic import Faults, Incident, TrafficModel
 
@@ -262,7 +262,7 @@ def publisher_main(argv: list[str] | None = None) -> None:
                 tick_lag = max(tick_lag, now - due)
                 now_ms = int(now * 1000)
                 readings = source.at(now_ms, seq)
-                payload = orjson.dumps(gateway_message(conn.gateway_id, zone_id, now_ms, readings))
+                payload = orjson.dumps(device_message(conn.gateway_id, zone_id, now_ms, readings))
                 conn.publish_telemetry(zone_id, payload)
                 res.messages += 1
                 res.readings += len(readings)

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from streaming.contract import format_ts, gateway_message
+from streaming.contract import device_message, format_ts
 from streaming.devices.gateway import Gateway
 from streaming.registry import Sensor
 
@@ -323,7 +323,7 @@ def run_replay(
             # Waiting on the stop event, so an interrupted replay ends at once.
             if stop.wait(max(0.0, started + message.offset_s - clock())):
                 break
-            payload = gateway_message(
+            payload = device_message(
                 message.gateway_id, message.zone_id, int(time.time() * 1000), list(message.readings)
             )
             futures.append(connections[message.gateway_id].publish_telemetry(message.zone_id, orjson.dumps(payload)))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from streaming.contract import ContractError, gateway_message, validate_reading
+from streaming.contract import ContractError, device_message, validate_reading
 from streaming.devices.gateway import Gateway
 from streaming.devices.traffic import TrafficModel
 
@@ -90,7 +90,7 @@ def run_simulation(
                         # A gateway whose sensors are all silent has nothing to send.
                         entry = None
                         if readings:
-                            message = gateway_message(gw, zone_id, int(time.time() * 1000), readings)
+                            message = device_message(gw, zone_id, int(time.time() * 1000), readings)
                             entry = (orjson.dumps(message), len(readings))
                             result.messages += 1
                             result.readings += len(readings)

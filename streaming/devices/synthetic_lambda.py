@@ -29,7 +29,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from streaming.contract import gateway_message
+from streaming.contract import device_message
 from streaming.devices.topics import telemetry_topic
 from streaming.devices.traffic import MINUTE_MS, TrafficModel
 from streaming.registry import City, generate_city
@@ -72,7 +72,7 @@ def publish_minute(city: City, seed: int, minute_start_ms: int, publish: Publish
         if not batch:
             continue
         zone_id = sensors[0].zone_id
-        payload = json.dumps(gateway_message(gateway_id, zone_id, sent_at, batch), separators=(",", ":")).encode()
+        payload = json.dumps(device_message(gateway_id, zone_id, sent_at, batch), separators=(",", ":")).encode()
         topic = telemetry_topic(zone_id, gateway_id)
         jobs.append((topic, payload))
         readings += len(batch)

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import base64
 import gc
-import operator
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Any
 
 import orjson
@@ -40,6 +38,7 @@ from streaming.contract import (
     parse_ts_ms,
     validate_reading,
 )
+from streaming.processor import columnar
 from streaming.processor.envelope import Envelope, decode_envelope, parse_readings
 from streaming.processor.state import (
     BEYOND_WINDOW,
@@ -95,10 +94,6 @@ class _Item:
     raw: Any
     reading: Reading | None  # None → `error` says why
     error: ContractError | None
-    # Set by `decode_batch` on the first item of a message whose `run` readings are all valid and
-    # share one event time, so that `apply_batch` can take them as a block. Not part of the
-    # semantics: 0 (the reference's value) only means "one item at a time".
-    run: int = 0
     # (sensor_id, seq) of an invalid reading whose identity is sound (a registry sensor of this
     # zone, delivered by its own gateway): its resend is then a duplicate, not a second quarantine.
     key: tuple[str, int] | None = None
@@ -108,22 +103,28 @@ class _Item:
 class DecodedBatch:
     """Phase-1 result: readings grouped by zone, plus what could not be attributed."""
 
-    by_zone: dict[str, list[_Item]] = field(default_factory=dict)
+    # In message order; `decode_batch` keeps a plainly valid gateway message as one
+    # `columnar.ColumnBlock`, which stands for the items `block.items()` of the reference.
+    by_zone: dict[str, list[_Item | columnar.ColumnBlock]] = field(default_factory=dict)
     unattributed: list[tuple[Record, ContractError, bytes, Envelope | None]] = field(default_factory=list)
     last_sequence: dict[str, int] = field(default_factory=dict)  # shard → highest seq in batch
     sent_at: list[int] = field(default_factory=list)  # gateway publish times, for latency metrics
 
     def minute_keys(self) -> set[tuple[str, int]]:
         """(zone, minute) of every valid reading: the aggregates phase 2 needs loaded."""
-        return {
-            (zone, item.reading.ts_ms // MINUTE_MS)
-            for zone, items in self.by_zone.items()
-            for item in items
-            if item.reading is not None
-        }
+        keys = set()
+        for zone, items in self.by_zone.items():
+            for item in items:
+                if type(item) is columnar.ColumnBlock:
+                    keys.add((zone, item.ts_ms // MINUTE_MS))
+                elif item.reading is not None:
+                    keys.add((zone, item.reading.ts_ms // MINUTE_MS))
+        return keys
 
 
-def _open_record(rec: Record, out: DecodedBatch, zones: set[str]) -> tuple[Envelope, list[_Item], list[Any]] | None:
+def _open_record(
+    rec: Record, out: DecodedBatch, zones: set[str]
+) -> tuple[Envelope, list[_Item | columnar.ColumnBlock], Sequence[Any]] | None:
     """The part of phase 1 both decoders share: note the record's position, decode its
     envelope and message, and record what cannot be split into readings. Returns the
     envelope, the zone's item list and the raw readings, or None when nothing is left to do."""
@@ -220,8 +221,9 @@ def decode_batch(records: Iterable[Record], registry: Mapping[str, Sensor], zone
     and explains a rejection: the fast path may only accept what the reference accepts, and
     then builds the same Reading.
 
-    A gateway message whose readings are all plainly valid and share one `ts` is checked a
-    column at a time (`_accept_message`) and marked for `apply_batch` to take as a block.
+    A gateway message (v2 columns, or v1 objects) whose readings are all plainly valid and share
+    one `ts` is checked a column at a time and kept as columns (`columnar.accept`), for
+    `apply_batch` to take as a block.
     """
     with _gc_paused():
         return _decode(records, registry, zones)
@@ -255,12 +257,11 @@ def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: se
             continue
         env, items, raws = opened
         zone_id, gateway_id = env.zone_id, env.gateway_id
-        if len(raws) > 1:
-            block = _accept_message(rec, env, raws, members.get((zone_id, gateway_id)), ts_cache)
+        if len(raws) > 1 or type(raws) is not list:
+            block = columnar.accept(rec, env, raws, members.get((zone_id, gateway_id)), ts_cache)
             if block is not None:
                 # Every reading plainly valid and of one event time: phase 2 may apply them as a block.
-                block[0].run = len(block)
-                items += block
+                items.append(block)
                 continue
         for index, raw in enumerate(raws):
             reading = _accept(raw, zone_id, gateway_id, registry, owners, ts_cache) if type(raw) is dict else None
@@ -326,88 +327,6 @@ def _members_for(registry: Mapping[str, Sensor]) -> dict[tuple[str, str], frozen
     return _members_cache[1]
 
 
-# The fields `_accept` reads, in the order `_accept_message` unpacks them.
-_ROW = operator.itemgetter(
-    "sensor_id", "zone_id", "ts", "seq", "vehicle_count", "avg_speed_kmh", "occupancy_pct", "congestion_index", "lane"
-)
-_INT_ONLY = {int}
-_FLOAT_ONLY = {float}
-
-
-def _accept_message(
-    rec: Record,
-    env: Envelope,
-    raws: list[Any],
-    members: frozenset[str] | None,
-    ts_cache: dict[str, int],
-) -> list[_Item] | None:
-    """The items `_accept` would make of every raw reading of a gateway message, checked
-    column by column with C-level builtins instead of reading by reading; None unless all of
-    them are plainly valid (every field present, exact types, in range, registered to this zone
-    and gateway) and share one `ts` — the caller then takes the message one reading at a time.
-
-    Equivalent to `_accept` on each reading: the same conditions, stated over columns."""
-    if members is None:  # no sensor of the registry belongs to this zone and gateway
-        return None
-    zone_id = env.zone_id
-    try:
-        # KeyError: a field is absent; TypeError: a reading is not an object.
-        sensor_ids, zone_ids, stamps, seqs, vehicles, speeds, occupancies, congestions, lanes = zip(
-            *map(_ROW, raws), strict=True
-        )
-        # TypeError: an unhashable sensor_id; a non-string one is simply not a member.
-        if not members.issuperset(sensor_ids):
-            return None
-    except (KeyError, TypeError):
-        return None
-    n = len(raws)
-    ts = stamps[0]
-    if zone_ids.count(zone_id) != n or type(ts) is not str or stamps.count(ts) != n:
-        return None
-    # `type` sets reject bool and None (and integral floats or int speeds, which the reference
-    # converts: those messages defer). Min and max bound every element of an int column.
-    if (
-        set(map(type, seqs + vehicles + lanes)) != _INT_ONLY
-        or set(map(type, speeds + occupancies + congestions)) != _FLOAT_ONLY
-    ):
-        return None
-    if not (
-        min(seqs) >= _SEQ_MIN
-        and max(seqs) <= _SEQ_MAX
-        and min(vehicles) >= _VEHICLES_MIN
-        and max(vehicles) <= _VEHICLES_MAX
-        and min(lanes) >= _LANE_MIN
-        and max(lanes) <= _LANE_MAX
-        and min(speeds) >= _SPEED_MIN
-        and max(speeds) <= _SPEED_MAX
-        and min(occupancies) >= _OCCUPANCY_MIN
-        and max(occupancies) <= _OCCUPANCY_MAX
-        and min(congestions) >= _CONGESTION_MIN
-        and max(congestions) <= _CONGESTION_MAX
-    ):
-        return None
-    # min/max skip a NaN that is not first; a NaN makes the sum NaN. (orjson rejects NaN and
-    # overflowing literals today; this keeps the check true if that ever changes.)
-    total = sum(speeds) + sum(occupancies) + sum(congestions)
-    if total != total:
-        return None
-    ts_ms = ts_cache.get(ts)
-    if ts_ms is None:
-        try:
-            ts_ms = parse_ts_ms(ts)
-        except ContractError:
-            ts_ms = -1
-        ts_cache[ts] = ts_ms
-    if ts_ms < 0:
-        return None
-    return [
-        _Item(rec, env, index, raw, Reading(sid, zone_id, ts_ms, seq, vc, sp, oc, ci, lane), None)
-        for index, (raw, sid, seq, vc, sp, oc, ci, lane) in enumerate(
-            zip(raws, sensor_ids, seqs, vehicles, speeds, occupancies, congestions, lanes, strict=True)
-        )
-    ]
-
-
 def _accept(
     raw: dict[str, Any],
     zone_id: str,
@@ -466,19 +385,6 @@ def _accept(
     return Reading(sensor_id, zone_id, ts_ms, seq, vehicles, speed, occupancy, congestion, lane)  # type: ignore[arg-type]
 
 
-_READING_ROW = operator.attrgetter(
-    "sensor_id",
-    "zone_id",
-    "ts_ms",
-    "seq",
-    "vehicle_count",
-    "avg_speed_kmh",
-    "occupancy_pct",
-    "congestion_index",
-    "lane",
-)
-
-
 class LakeColumns:
     """Column lists for one lake file (one event-time hour): cheap to append, and pyarrow
     turns them into a table without a per-row object."""
@@ -516,16 +422,24 @@ class LakeColumns:
         c["received_at"].append(received_at_ms)
         c["processed_at"].append(processed_at_ms)
 
-    def extend(self, readings: list[Reading], gateway_id: str, received_at_ms: int, processed_at_ms: int) -> None:
-        """`append` of each reading in order, a column at a time."""
+    def extend(
+        self,
+        columns: tuple[Sequence[Any], ...],
+        *,
+        zone_id: str,
+        ts_ms: int,
+        gateway_id: str,
+        received_at_ms: int,
+        processed_at_ms: int,
+    ) -> None:
+        """`append` of each row of a block of one zone and event time: `columns` are its
+        sensor ids, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes."""
         c = self.columns
-        k = len(readings)
-        sensor_ids, zone_ids, stamps, seqs, vehicles, speeds, occupancies, congestions, lanes = zip(
-            *map(_READING_ROW, readings), strict=True
-        )
+        sensor_ids, seqs, vehicles, speeds, occupancies, congestions, lanes = columns
+        k = len(seqs)
         c["sensor_id"] += sensor_ids
-        c["zone_id"] += zone_ids
-        c["ts"] += stamps
+        c["zone_id"] += [zone_id] * k
+        c["ts"] += [ts_ms] * k
         c["seq"] += seqs
         c["vehicle_count"] += vehicles
         c["avg_speed_kmh"] += speeds
@@ -642,9 +556,9 @@ def apply_batch(
     """Phase 2: apply the decoded batch to prior state. Inputs are not modified.
 
     Exactly `apply_batch_reference`, faster: the redelivery check runs once per record instead
-    of once per reading, counters are summed locally, and the prior state is copied field by
-    field instead of through its serialised form; a message `decode_batch` marked as a block
-    (`_Item.run`) is applied by `_apply_block`. Quarantine and future timestamps take the
+    of once per reading, counters are summed locally, the prior state is copied on write instead
+    of through its serialised form (`_copy_zone_state`), and a message `decode_batch` kept as
+    columns is applied by `columnar.apply_block`. Quarantine and future timestamps take the
     reference's per-item step unchanged. The cyclic collector is paused, as in `decode_batch`."""
     with _gc_paused():
         return _apply(decoded, zone_states, minutes, shard_counters, processed_at_ms, settings, fast=True)
@@ -722,8 +636,9 @@ def _apply_zone_reference(
 
 
 def _copy_zone_state(z: ZoneState) -> ZoneState:
-    """A deep copy equal to `ZoneState.from_bytes(z.to_bytes())` (the reference's copy), for
-    the states the core builds, without compressing and parsing a 50,000-sensor document."""
+    """A copy equal to `ZoneState.from_bytes(z.to_bytes())` (the reference's copy) without
+    compressing and parsing a 50,000-sensor document, and without copying the sensors: they
+    stay shared with `z` until the batch changes one, which `columnar.own_sensor` copies first."""
     c = z.congestion
     return ZoneState(
         zone_id=z.zone_id,
@@ -733,34 +648,23 @@ def _copy_zone_state(z: ZoneState) -> ZoneState:
         evaluated_minute=z.evaluated_minute,
         open_minutes={m: list(bucket) for m, bucket in z.open_minutes.items()},
         congestion=Congestion(c.congested, c.streak, c.episode_start_minute, c.peak_index),
-        sensors={
-            sid: SensorState(
-                s.hwm,
-                s.window,
-                s.last_ts_ms,
-                s.last_received_ms,
-                s.vehicle_count,
-                s.avg_speed_kmh,
-                s.occupancy_pct,
-                s.congestion_index,
-                s.silent,
-            )
-            for sid, s in z.sensors.items()
-        },
+        sensors=dict(z.sensors),
         counters=dict(z.counters),
     )
 
 
 def _apply_zone_fast(
     state: ZoneState,
-    items: list[_Item],
+    items: list[_Item | columnar.ColumnBlock],
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: BatchOutput,
     processed_at_ms: int,
     settings: DetectorSettings,
 ) -> None:
-    """`_apply_zone_reference` with the per-record work hoisted out of the per-reading loop."""
+    """`_apply_zone_reference` with the per-record work hoisted out of the per-reading loop.
+    The sensors are copied on write: every step that may change one owns it first."""
     sensors = state.sensors
+    own: dict[str, SensorState] = {}  # the sensors this batch copied (`columnar.own_sensor`)
     lake = out.lake
     skew = settings.max_future_skew_ms
     lateness = settings.allowed_lateness_ms
@@ -773,8 +677,7 @@ def _apply_zone_fast(
     limit = 0
     hour = -1
     cols: LakeColumns | None = None
-    stream = iter(items)
-    for item in stream:
+    for item in items:
         rec = item.record
         if rec is not current:
             # A record's items are contiguous and the marker only moves after the loop, so the
@@ -790,23 +693,28 @@ def _apply_zone_fast(
             if item.index <= 0:
                 redelivered += 1
             continue
-        r = item.reading
-        if item.run and r.ts_ms <= limit:  # type: ignore[union-attr]
-            block = [item, *islice(stream, item.run - 1)]
-            n, n_stored, n_late = _apply_block(state, block, minutes, out, processed_at_ms, lateness)
-            received += n
-            stored += n_stored
-            duplicates += n - n_stored
-            late += n_late
+        if type(item) is columnar.ColumnBlock:
+            if item.ts_ms <= limit:
+                n, n_stored, n_late = columnar.apply_block(state, own, item, minutes, out, processed_at_ms, lateness)
+                received += n
+                stored += n_stored
+                duplicates += n - n_stored
+                late += n_late
+                continue
+            for one in item.items():  # in the future: the reference's steps
+                columnar.own_sensor(sensors, own, one.reading.sensor_id)  # type: ignore[union-attr]
+                _apply_item(state, one, minutes, out, processed_at_ms, settings)
             continue
+        r = item.reading
         if r is None or r.ts_ms > limit:
+            sensor_id = r.sensor_id if r is not None else item.key[0] if item.key is not None else None
+            if sensor_id is not None:
+                columnar.own_sensor(sensors, own, sensor_id)
             _apply_item(state, item, minutes, out, processed_at_ms, settings)
             continue
         assert env is not None
         received += 1
-        sensor = sensors.get(r.sensor_id)
-        if sensor is None:
-            sensor = sensors[r.sensor_id] = SensorState()
+        sensor = columnar.own_sensor(sensors, own, r.sensor_id)
         verdict = sensor.admit(r.seq)
         if verdict == DUPLICATE:
             duplicates += 1
@@ -830,99 +738,6 @@ def _apply_zone_fast(
     if redelivered:
         counts["redelivered_records"] += redelivered
     _finish_zone(state, last_record, latest_received, out, settings)
-
-
-# Python's `sum` of floats adds left to right in 3.11, exactly as the reference's `+=` loop does;
-# 3.12 made it compensated (more exact, different bits). Aggregates are compared exactly across
-# replays, so the block path uses `sum` only where it is the plain left-to-right sum.
-_SUM_IS_SEQUENTIAL = sum([1e100, 1.0, -1e100, 1.0]) == 1.0
-
-
-def _add_in_order(total: float, values: Iterable[float]) -> float:
-    """`total + v0 + v1 + ...`, left to right: the reference's summation order, bit for bit."""
-    if _SUM_IS_SEQUENTIAL:
-        return sum(values, total)
-    for v in values:
-        total += v
-    return total
-
-
-def _apply_block(
-    state: ZoneState,
-    block: list[_Item],
-    minutes: Mapping[tuple[str, int], MinuteAggregate],
-    out: BatchOutput,
-    processed_at_ms: int,
-    lateness: int,
-) -> tuple[int, int, int]:
-    """A message's readings, all valid, of one event time, not future, in a record not applied
-    before (`_Item.run`): what `_apply_zone_fast` does item by item, with the per-message work
-    done once. Returns (received, stored, late); the caller keeps the counters.
-
-    Why it is the same: one event time means one minute, one lake hour and one lateness verdict
-    (aggregating a reading only raises the watermark to that time, which cannot make the next
-    one late); one record means one aggregate marker check. Dedupe stays per reading. Lake rows
-    keep their order; float sums keep the reference's order (`_add_in_order`)."""
-    first = block[0]
-    env, rec = first.envelope, first.record
-    ts = first.reading.ts_ms  # type: ignore[union-attr]
-    received_at = env.received_at_ms
-    late_block = ts < state.watermark_ms - lateness
-    sensors = state.sensors
-    kept: list[Reading] = []  # stored in the lake
-    live: list[Reading] = []  # ... and aggregated
-    n_late = 0
-    for item in block:
-        r: Reading = item.reading  # type: ignore[assignment]
-        sensor = sensors.get(r.sensor_id)
-        if sensor is None:
-            sensor = sensors[r.sensor_id] = SensorState()
-        verdict = sensor.admit(r.seq)
-        if verdict == DUPLICATE:
-            continue
-        kept.append(r)
-        if verdict == BEYOND_WINDOW or late_block:
-            n_late += 1
-            continue
-        if ts >= sensor.last_ts_ms:
-            sensor.last_ts_ms = ts
-            sensor.vehicle_count = r.vehicle_count
-            sensor.avg_speed_kmh = r.avg_speed_kmh
-            sensor.occupancy_pct = r.occupancy_pct
-            sensor.congestion_index = r.congestion_index
-        if received_at > sensor.last_received_ms:
-            sensor.last_received_ms = received_at
-        if sensor.silent:
-            sensor.silent = False
-        live.append(r)
-    if kept:  # the reference only creates a lake file it puts a row in
-        out.lake[ts // HOUR_MS].extend(kept, env.gateway_id, received_at, processed_at_ms)
-    if live:
-        if ts > state.watermark_ms:
-            state.watermark_ms = ts
-        minute = ts // MINUTE_MS
-        key = (state.zone_id, minute)
-        congestion = [r.congestion_index for r in live]
-        prior = minutes.get(key)
-        if prior is None or not prior.already_applied(rec.shard_id, rec.sequence_number):
-            agg = out.minutes.get(key)
-            if agg is None:
-                agg = out.minutes[key] = replace(prior) if prior else MinuteAggregate()
-            k = len(live)
-            agg.readings += k
-            agg.vehicles += sum(r.vehicle_count for r in live)  # ints: exact in any order
-            # Every block reading has both optional numbers (`_accept_message` requires floats).
-            agg.speed_sum = _add_in_order(agg.speed_sum, [r.avg_speed_kmh for r in live])  # type: ignore[misc]
-            agg.speed_n += k
-            agg.occupancy_sum = _add_in_order(agg.occupancy_sum, [r.occupancy_pct for r in live])  # type: ignore[misc]
-            agg.occupancy_n += k
-            agg.congestion_sum = _add_in_order(agg.congestion_sum, congestion)
-            agg.marker_shard, agg.marker_seq = rec.shard_id, rec.sequence_number
-        if minute > state.evaluated_minute:
-            bucket = state.open_minutes.setdefault(minute, [0, 0.0])
-            bucket[0] += len(live)
-            bucket[1] = _add_in_order(bucket[1], congestion)
-    return len(block), len(kept), n_late
 
 
 def _admit(state: ZoneState, sensor_id: str, seq: int) -> int:
@@ -1115,7 +930,8 @@ def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float) -> 
 def _detect_silence(state: ZoneState, now_ms: int, out: BatchOutput, s: DetectorSettings) -> None:
     for sensor_id, sensor in state.sensors.items():
         if not sensor.silent and sensor.last_received_ms and now_ms - sensor.last_received_ms >= s.silence_ms:
-            sensor.silent = True
+            # A new object, not a change: the fast path shares unchanged sensors with the prior state.
+            state.sensors[sensor_id] = sensor = replace(sensor, silent=True)
             out.alerts.append(
                 Alert(
                     "SensorSilent",

@@ -1,0 +1,377 @@
+"""The processor's columnar fast path: a gateway message taken a column at a time.
+
+Part of phase 1 and 2 of `streaming.processor.core` (`decode_batch`, `apply_batch`). A gateway
+message — v2 (columnar, what gateways publish) or v1 (a list of reading objects) — whose
+readings are all plainly valid and share one event time is checked column by column with
+C-level builtins (`accept`) and kept as columns (`ColumnBlock`): no Reading, no item, no dict
+per reading. `apply_block` then does per reading only what must be per reading — the dedupe
+window and the sensor's live values — and lands the lake rows, the zone-minute aggregate, the
+watermark and the open minute a column at a time.
+
+The reference path (`decode_batch_reference`, `apply_batch_reference`) stays the definition:
+anything in doubt here goes back to the per-reading path, which alone decides and words a
+rejection, and `ColumnBlock.items()` is exactly what the reference makes of the message (a
+property test holds them together, tests/test_processor_fastpath.py).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from itertools import compress
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from streaming.contract import READING_FIELDS, ColumnarReadings, ContractError, FieldSpec, Reading, parse_ts_ms
+from streaming.processor import core
+from streaming.processor.state import _WINDOW_MASK, DEDUPE_WINDOW, DUPLICATE, MinuteAggregate, SensorState, ZoneState
+
+if TYPE_CHECKING:
+    from streaming.processor.envelope import Envelope
+
+# The fields of a v1 reading object, in the order `accept` unpacks them.
+_ROW = operator.itemgetter(
+    "sensor_id", "zone_id", "ts", "seq", "vehicle_count", "avg_speed_kmh", "occupancy_pct", "congestion_index", "lane"
+)
+_INT_ONLY = {int}
+_FLOAT_ONLY = {float}
+_FLOAT_OR_NULL = {float, type(None)}
+
+
+@dataclass(slots=True)
+class ColumnBlock:
+    """A whole gateway message whose readings are all plainly valid (every required field
+    present, exact types, in range, registered to the message's zone and gateway) and share
+    one event time, kept as columns. It stands in `DecodedBatch.by_zone` where the reference
+    has the message's items; `items()` rebuilds those."""
+
+    record: core.Record
+    envelope: Envelope
+    raws: Sequence[Any]  # the message's readings (v1 objects, or v2 ColumnarReadings)
+    ts_ms: int
+    sensor_ids: Sequence[str]
+    seqs: Sequence[int]
+    vehicles: Sequence[int]
+    speeds: Sequence[float | None]
+    occupancies: Sequence[float | None]
+    congestions: Sequence[float]
+    lanes: Sequence[int]
+    index: int = 0  # a block is a whole record: its redelivery counts once, as the first item's
+
+    def items(self) -> list[core._Item]:
+        """The items `decode_batch_reference` makes of this message."""
+        rec, env, zone_id, ts_ms = self.record, self.envelope, self.envelope.zone_id, self.ts_ms
+        return [
+            core._Item(rec, env, i, raw, Reading(sid, zone_id, ts_ms, seq, vc, sp, oc, ci, lane), None)
+            for i, (raw, sid, seq, vc, sp, oc, ci, lane) in enumerate(
+                zip(
+                    self.raws,
+                    self.sensor_ids,
+                    self.seqs,
+                    self.vehicles,
+                    self.speeds,
+                    self.occupancies,
+                    self.congestions,
+                    self.lanes,
+                    strict=True,
+                )
+            )
+        ]
+
+
+def _column_type(f: FieldSpec) -> Any:
+    base = int if f.kind == "integer" else float
+    item = Annotated[base, msgspec.Meta(ge=f.minimum, le=f.maximum)]  # type: ignore[valid-type]
+    return list[item] if f.required else list[item | None] | None  # type: ignore[valid-type]
+
+
+# The columns of a v2 message whose readings are all plainly valid, as one msgspec type derived
+# from the contract: `msgspec.convert` checks every value's exact type (no bool for an int, no
+# float for an int; an int for a float is converted, as the reference does) and range in C.
+_PlainColumns = msgspec.defstruct(
+    "PlainColumns",
+    [
+        ("sensor_id", list[str]),
+        ("ts", str | list[str]),
+        *(
+            (f.name, _column_type(f)) if f.required else (f.name, _column_type(f), None)
+            for f in READING_FIELDS
+            if f.kind in ("integer", "number")
+        ),
+    ],
+    kw_only=True,
+)
+
+
+def accept(
+    rec: core.Record,
+    env: Envelope,
+    raws: Sequence[Any],
+    members: frozenset[str] | None,
+    ts_cache: dict[str, int],
+) -> ColumnBlock | None:
+    """The message as a ColumnBlock if every reading is plainly valid and they share one event
+    time; None when in any doubt (the caller then takes the message one reading at a time).
+
+    The same conditions as `core._accept` on each reading, stated over columns: `issuperset`
+    against the sensors the registry gives this zone and gateway, `count` for the zone and the
+    one `ts`; types and ranges by msgspec for v2 (`_PlainColumns`), and for v1 by
+    `set(map(type, ...))` for exact types (bool and integral floats, which the reference
+    converts, defer), `min`/`max` for ranges and a sum for NaN."""
+    if members is None or not raws:  # no sensor of the registry belongs to this zone and gateway
+        return None
+    columns = _plain_columns(raws) if type(raws) is ColumnarReadings else _plain_objects(raws, env.zone_id)
+    if columns is None:
+        return None
+    ts, sensor_ids, *rest = columns
+    try:
+        # TypeError: an unhashable sensor_id; a non-string one is simply not a member.
+        if not members.issuperset(sensor_ids):
+            return None
+    except TypeError:
+        return None
+    ts_ms = ts_cache.get(ts)
+    if ts_ms is None:
+        try:
+            ts_ms = parse_ts_ms(ts)
+        except ContractError:
+            ts_ms = -1
+        ts_cache[ts] = ts_ms
+    if ts_ms < 0:
+        return None
+    return ColumnBlock(rec, env, raws, ts_ms, sensor_ids, *rest)
+
+
+Columns = tuple[
+    Any, Sequence[Any], Sequence[int], Sequence[int], Sequence[Any], Sequence[Any], Sequence[float], Sequence[int]
+]
+
+
+def _plain_columns(raws: ColumnarReadings) -> Columns | None:
+    """ts, sensor ids, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes of
+    a v2 message whose values all have the contract's types and ranges and one `ts`; else None.
+    (The message's zone is every reading's zone, and `parse_readings` matched it to the topic.)"""
+    try:
+        c = msgspec.convert({"sensor_id": raws.sensor_ids, "ts": raws.ts, **raws.columns}, _PlainColumns)
+    except msgspec.ValidationError:
+        return None
+    n = len(c.sensor_id)
+    ts = c.ts
+    if type(ts) is list:
+        ts = ts[0]
+        if c.ts.count(ts) != n:
+            return None
+    none = [None] * n
+    return (
+        ts,
+        c.sensor_id,
+        c.seq,
+        c.vehicle_count,
+        none if c.avg_speed_kmh is None else c.avg_speed_kmh,
+        none if c.occupancy_pct is None else c.occupancy_pct,
+        c.congestion_index,
+        c.lane,
+    )
+
+
+def _plain_objects(raws: Sequence[Any], zone_id: str) -> Columns | None:
+    """The same columns of a v1 message whose reading objects all have every field, the
+    contract's exact types and ranges, `zone_id` and one `ts`; else None."""
+    n = len(raws)
+    try:
+        # KeyError: a field is absent; TypeError: a reading is not an object.
+        sensor_ids, zone_ids, stamps, seqs, vehicles, speeds, occupancies, congestions, lanes = zip(
+            *map(_ROW, raws), strict=True
+        )
+    except (KeyError, TypeError):
+        return None
+    ts = stamps[0]
+    if type(ts) is not str or zone_ids.count(zone_id) != n or stamps.count(ts) != n:
+        return None
+    if set(map(type, seqs + vehicles + lanes)) != _INT_ONLY or set(map(type, congestions)) != _FLOAT_ONLY:
+        return None
+    optional = speeds + occupancies
+    kinds = set(map(type, optional))
+    if not kinds <= _FLOAT_OR_NULL:
+        return None
+    if len(kinds) > 1 or None in optional[:1]:  # nulls: range-check the values there are
+        present_speeds = [v for v in speeds if v is not None]
+        present_occupancies = [v for v in occupancies if v is not None]
+    else:
+        present_speeds, present_occupancies = speeds, occupancies
+    c = core  # the contract's ranges, as the per-reading fast path reads them
+    if not (
+        min(seqs) >= c._SEQ_MIN
+        and max(seqs) <= c._SEQ_MAX
+        and min(vehicles) >= c._VEHICLES_MIN
+        and max(vehicles) <= c._VEHICLES_MAX
+        and min(lanes) >= c._LANE_MIN
+        and max(lanes) <= c._LANE_MAX
+        and min(congestions) >= c._CONGESTION_MIN
+        and max(congestions) <= c._CONGESTION_MAX
+        and (not present_speeds or (min(present_speeds) >= c._SPEED_MIN and max(present_speeds) <= c._SPEED_MAX))
+        and (
+            not present_occupancies
+            or (min(present_occupancies) >= c._OCCUPANCY_MIN and max(present_occupancies) <= c._OCCUPANCY_MAX)
+        )
+    ):
+        return None
+    # min/max skip a NaN that is not first; a NaN makes the sum NaN. (orjson rejects NaN and
+    # overflowing literals today; this keeps the check true if that ever changes.)
+    total = sum(present_speeds) + sum(present_occupancies) + sum(congestions)
+    if total != total:
+        return None
+    return ts, sensor_ids, seqs, vehicles, speeds, occupancies, congestions, lanes
+
+
+# --- phase 2 -----------------------------------------------------------------------------
+
+_SENSOR_FIELDS = operator.attrgetter(*(f.name for f in fields(SensorState)))
+
+
+def own_sensor(sensors: dict[str, SensorState], own: dict[str, SensorState], sensor_id: str) -> SensorState:
+    """The sensor's state for this batch to change: copy-on-write. A new zone state starts with
+    its prior's SensorStates shared (`core._copy_zone_state`); the first change of a sensor in
+    the batch copies it (`own` holds the copies), so the prior state is never modified and only
+    the sensors a batch touches are copied."""
+    s = own.get(sensor_id)
+    if s is None:
+        prior = sensors.get(sensor_id)
+        s = SensorState() if prior is None else SensorState(*_SENSOR_FIELDS(prior))
+        own[sensor_id] = sensors[sensor_id] = s
+    return s
+
+
+# Python's `sum` of floats adds left to right in 3.11, exactly as the reference's `+=` loop does;
+# 3.12 made it compensated (more exact, different bits). Aggregates are compared exactly across
+# replays, so the block path uses `sum` only where it is the plain left-to-right sum.
+_SUM_IS_SEQUENTIAL = sum([1e100, 1.0, -1e100, 1.0]) == 1.0
+
+
+def add_in_order(total: float, values: Iterable[float]) -> float:
+    """`total + v0 + v1 + ...`, left to right: the reference's summation order, bit for bit."""
+    if _SUM_IS_SEQUENTIAL:
+        return sum(values, total)
+    for v in values:
+        total += v
+    return total
+
+
+def _without(columns: tuple[Sequence[Any], ...], n: int, positions: list[int]) -> tuple[Sequence[Any], ...]:
+    """The columns without the rows at `positions` (usually none: then the columns themselves)."""
+    if not positions:
+        return columns
+    keep = [True] * n
+    for j in positions:
+        keep[j] = False
+    return tuple(list(compress(c, keep)) for c in columns)
+
+
+def apply_block(
+    state: ZoneState,
+    own: dict[str, SensorState],
+    block: ColumnBlock,
+    minutes: Mapping[tuple[str, int], MinuteAggregate],
+    out: core.BatchOutput,
+    processed_at_ms: int,
+    lateness: int,
+) -> tuple[int, int, int]:
+    """A block of a record not applied before, its event time not in the future: what
+    `core._apply_item` does reading by reading, with the per-message work done once. Returns
+    (received, stored, late); the caller keeps the counters.
+
+    Why it is the same: one event time means one minute, one lake hour and one lateness verdict
+    (aggregating a reading only raises the watermark to that time, which cannot make the next
+    one late); one record means one aggregate marker check. Dedupe stays per reading. Lake rows
+    keep their order; float sums keep the reference's order (`add_in_order`)."""
+    env, rec, ts = block.envelope, block.record, block.ts_ms
+    received_at = env.received_at_ms
+    late_block = ts < state.watermark_ms - lateness
+    sensors = state.sensors
+    own_get = own.get
+    # Positions (in message order) of duplicates, and of readings stored but not aggregated.
+    dropped: list[int] = []
+    stale: list[int] = []
+    i = -1
+    for sid, seq, vc, sp, oc, ci in zip(
+        block.sensor_ids, block.seqs, block.vehicles, block.speeds, block.occupancies, block.congestions, strict=True
+    ):
+        i += 1
+        s = own_get(sid)
+        if s is None:
+            s = own_sensor(sensors, own, sid)
+        hwm = s.hwm
+        if seq > hwm:  # a new highest seq, the usual case: `SensorState.admit` inlined
+            shift = seq - hwm
+            s.window = ((s.window << shift) | 1) & _WINDOW_MASK if shift < DEDUPE_WINDOW else 1
+            s.hwm = seq
+        else:
+            verdict = s.admit(seq)
+            if verdict:
+                (dropped if verdict == DUPLICATE else stale).append(i)
+                continue
+        if late_block:
+            continue
+        if ts >= s.last_ts_ms:
+            s.last_ts_ms = ts
+            s.vehicle_count = vc
+            s.avg_speed_kmh = sp
+            s.occupancy_pct = oc
+            s.congestion_index = ci
+        if received_at > s.last_received_ms:
+            s.last_received_ms = received_at
+        if s.silent:
+            s.silent = False
+    n = i + 1
+    stored = n - len(dropped)
+    late = stored if late_block else len(stale)
+    columns = (
+        block.sensor_ids,
+        block.seqs,
+        block.vehicles,
+        block.speeds,
+        block.occupancies,
+        block.congestions,
+        block.lanes,
+    )
+    if stored:  # the reference only creates a lake file it puts a row in
+        out.lake[ts // core.HOUR_MS].extend(
+            _without(columns, n, dropped),
+            zone_id=state.zone_id,
+            ts_ms=ts,
+            gateway_id=env.gateway_id,
+            received_at_ms=received_at,
+            processed_at_ms=processed_at_ms,
+        )
+    live_n = stored - late
+    if not live_n:
+        return n, stored, late
+    _, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
+    if ts > state.watermark_ms:
+        state.watermark_ms = ts
+    minute = ts // core.MINUTE_MS
+    key = (state.zone_id, minute)
+    prior = minutes.get(key)
+    if prior is None or not prior.already_applied(rec.shard_id, rec.sequence_number):
+        agg = out.minutes.get(key)
+        if agg is None:
+            agg = out.minutes[key] = replace(prior) if prior else MinuteAggregate()
+        agg.readings += live_n
+        agg.vehicles += sum(vehicles)  # ints: exact in any order
+        if None in speeds:
+            speeds = [v for v in speeds if v is not None]
+        agg.speed_sum = add_in_order(agg.speed_sum, speeds)
+        agg.speed_n += len(speeds)
+        if None in occupancies:
+            occupancies = [v for v in occupancies if v is not None]
+        agg.occupancy_sum = add_in_order(agg.occupancy_sum, occupancies)
+        agg.occupancy_n += len(occupancies)
+        agg.congestion_sum = add_in_order(agg.congestion_sum, congestions)
+        agg.marker_shard, agg.marker_seq = rec.shard_id, rec.sequence_number
+    if minute > state.evaluated_minute:
+        bucket = state.open_minutes.setdefault(minute, [0, 0.0])
+        bucket[0] += live_n
+        bucket[1] = add_in_order(bucket[1], congestions)
+    return n, stored, late

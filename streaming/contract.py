@@ -420,7 +420,7 @@ def columnar_json_schema() -> dict[str, Any]:
     columns have equal lengths; the processor checks that (`ColumnarReadings`)."""
     props: dict[str, Any] = {
         "schema_version": {"const": GATEWAY_V2},
-        "gateway_id": _field_schema(LAKE_EXTRA_FIELDS[0]),
+        "gateway_id": _field_schema(next(f for f in LAKE_EXTRA_FIELDS if f.name == "gateway_id")),
         "zone_id": _field_schema(FIELDS_BY_NAME["zone_id"]),
         "sent_at": _field_schema(FIELDS_BY_NAME["ts"]) | {"description": "When the gateway published the message."},
     }

@@ -22,7 +22,7 @@ import base64
 import gc
 import operator
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -75,6 +75,9 @@ class DetectorSettings:
     allowed_lateness_ms: int = 15 * MINUTE_MS  # older than the zone's watermark by more: "late"
     max_future_skew_ms: int = 5 * MINUTE_MS  # event time ahead of receive time by more: rejected
     silence_ms: int = 5 * MINUTE_MS  # a sensor quiet this long (receive time) is "silent"
+    # The same non-zero vehicle count this many readings in a row: "stuck". The daily mart
+    # fct_sensor_health_daily applies the same rule (dbt var stuck_run_readings; a test holds them equal).
+    stuck_run_readings: int = 10
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class Alert:
     """An event for the alerts bus. `event_id` is deterministic, so consumers can drop
     the copies a retried batch may send."""
 
-    detail_type: str  # CongestionDetected | CongestionCleared | SensorSilent
+    detail_type: str  # CongestionDetected | CongestionCleared | SensorSilent | SensorStuck
     event_id: str
     detail: dict[str, Any]
 
@@ -725,6 +728,7 @@ def _copy_zone_state(z: ZoneState) -> ZoneState:
     """A deep copy equal to `ZoneState.from_bytes(z.to_bytes())` (the reference's copy), for
     the states the core builds, without compressing and parsing a 50,000-sensor document."""
     c = z.congestion
+    row = SensorState.row
     return ZoneState(
         zone_id=z.zone_id,
         marker_shard=z.marker_shard,
@@ -733,20 +737,7 @@ def _copy_zone_state(z: ZoneState) -> ZoneState:
         evaluated_minute=z.evaluated_minute,
         open_minutes={m: list(bucket) for m, bucket in z.open_minutes.items()},
         congestion=Congestion(c.congested, c.streak, c.episode_start_minute, c.peak_index),
-        sensors={
-            sid: SensorState(
-                s.hwm,
-                s.window,
-                s.last_ts_ms,
-                s.last_received_ms,
-                s.vehicle_count,
-                s.avg_speed_kmh,
-                s.occupancy_pct,
-                s.congestion_index,
-                s.silent,
-            )
-            for sid, s in z.sensors.items()
-        },
+        sensors={sid: SensorState(*row(s)) for sid, s in z.sensors.items()},
         counters=dict(z.counters),
     )
 
@@ -793,7 +784,7 @@ def _apply_zone_fast(
         r = item.reading
         if item.run and r.ts_ms <= limit:  # type: ignore[union-attr]
             block = [item, *islice(stream, item.run - 1)]
-            n, n_stored, n_late = _apply_block(state, block, minutes, out, processed_at_ms, lateness)
+            n, n_stored, n_late = _apply_block(state, block, minutes, out, processed_at_ms, settings)
             received += n
             stored += n_stored
             duplicates += n - n_stored
@@ -810,6 +801,7 @@ def _apply_zone_fast(
         verdict = sensor.admit(r.seq)
         if verdict == DUPLICATE:
             duplicates += 1
+            sensor.duplicates += 1
             continue
         ts = r.ts_ms
         if ts // HOUR_MS != hour:
@@ -819,8 +811,9 @@ def _apply_zone_fast(
         stored += 1
         if verdict == BEYOND_WINDOW or ts < state.watermark_ms - lateness:
             late += 1
+            sensor.late += 1
             continue
-        _aggregate(state, sensor, r, env, rec, minutes, out)
+        _aggregate(state, sensor, r, env, rec, minutes, out, settings)
     counts = out.counts
     # Only counters that moved: the reference never creates a zero entry.
     for name, n in (("received", received), ("duplicates", duplicates), ("stored", stored), ("late", late)):
@@ -853,7 +846,7 @@ def _apply_block(
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: BatchOutput,
     processed_at_ms: int,
-    lateness: int,
+    settings: DetectorSettings,
 ) -> tuple[int, int, int]:
     """A message's readings, all valid, of one event time, not future, in a record not applied
     before (`_Item.run`): what `_apply_zone_fast` does item by item, with the per-message work
@@ -867,10 +860,11 @@ def _apply_block(
     env, rec = first.envelope, first.record
     ts = first.reading.ts_ms  # type: ignore[union-attr]
     received_at = env.received_at_ms
-    late_block = ts < state.watermark_ms - lateness
+    late_block = ts < state.watermark_ms - settings.allowed_lateness_ms
     sensors = state.sensors
     kept: list[Reading] = []  # stored in the lake
     live: list[Reading] = []  # ... and aggregated
+    live_sensors: list[SensorState] = []  # ... their sensors, updated after the loop in one call
     n_late = 0
     for item in block:
         r: Reading = item.reading  # type: ignore[assignment]
@@ -879,22 +873,17 @@ def _apply_block(
             sensor = sensors[r.sensor_id] = SensorState()
         verdict = sensor.admit(r.seq)
         if verdict == DUPLICATE:
+            sensor.duplicates += 1
             continue
         kept.append(r)
         if verdict == BEYOND_WINDOW or late_block:
             n_late += 1
+            sensor.late += 1
             continue
-        if ts >= sensor.last_ts_ms:
-            sensor.last_ts_ms = ts
-            sensor.vehicle_count = r.vehicle_count
-            sensor.avg_speed_kmh = r.avg_speed_kmh
-            sensor.occupancy_pct = r.occupancy_pct
-            sensor.congestion_index = r.congestion_index
-        if received_at > sensor.last_received_ms:
-            sensor.last_received_ms = received_at
-        if sensor.silent:
-            sensor.silent = False
+        live_sensors.append(sensor)
         live.append(r)
+    # After the loop, in reading order: the update touches no field that dedupe or lateness read.
+    update_sensors(live_sensors, live, received_at, state.zone_id, out.alerts, settings.stuck_run_readings)
     if kept:  # the reference only creates a lake file it puts a row in
         out.lake[ts // HOUR_MS].extend(kept, env.gateway_id, received_at, processed_at_ms)
     if live:
@@ -925,12 +914,12 @@ def _apply_block(
     return len(block), len(kept), n_late
 
 
-def _admit(state: ZoneState, sensor_id: str, seq: int) -> int:
-    """Record (sensor_id, seq) in the sensor's dedupe window: NEW, DUPLICATE or BEYOND_WINDOW."""
+def _sensor(state: ZoneState, sensor_id: str) -> SensorState:
+    """The zone's state of `sensor_id`, created on its first reading."""
     sensor = state.sensors.get(sensor_id)
     if sensor is None:
         sensor = state.sensors[sensor_id] = SensorState()
-    return sensor.admit(seq)
+    return sensor
 
 
 def _apply_item(
@@ -953,11 +942,15 @@ def _apply_item(
         if item.index >= 0:
             state.count("received")
             counts["received"] += 1
-            if item.key is not None and _admit(state, *item.key) == DUPLICATE:
-                # The same invalid reading again (a resent message): quarantined once, counted once.
-                state.count("duplicates")
-                counts["duplicates"] += 1
-                return
+            if item.key is not None:
+                sensor_id, seq = item.key
+                sensor = _sensor(state, sensor_id)
+                if sensor.admit(seq) == DUPLICATE:
+                    # The same invalid reading again (a resent message): quarantined once, counted once.
+                    sensor.duplicates += 1
+                    state.count("duplicates")
+                    counts["duplicates"] += 1
+                    return
         state.count(unit)
         state.count(f"quarantined_{err.code}")
         counts[unit] += 1
@@ -977,8 +970,10 @@ def _apply_item(
     r = item.reading
     state.count("received")
     counts["received"] += 1
-    verdict = _admit(state, r.sensor_id, r.seq)
+    sensor = _sensor(state, r.sensor_id)
+    verdict = sensor.admit(r.seq)
     if verdict == DUPLICATE:
+        sensor.duplicates += 1
         state.count("duplicates")
         counts["duplicates"] += 1
         return
@@ -1003,16 +998,16 @@ def _apply_item(
             zone_id=zone_id,
         )
         return
-    sensor = state.sensors[r.sensor_id]
     out.lake[r.ts_ms // HOUR_MS].append(r, env.gateway_id, env.received_at_ms, processed_at_ms)
     state.count("stored")
     counts["stored"] += 1
     if verdict == BEYOND_WINDOW or r.ts_ms < state.watermark_ms - settings.allowed_lateness_ms:
         # Kept in the lake (the warehouse load dedupes it), left out of live aggregates.
+        sensor.late += 1
         state.count("late")
         counts["late"] += 1
         return
-    _aggregate(state, sensor, r, env, rec, minutes, out)
+    _aggregate(state, sensor, r, env, rec, minutes, out, settings)
 
 
 def _finish_zone(
@@ -1024,7 +1019,7 @@ def _finish_zone(
     state.marker_shard = last_record.shard_id
     state.marker_seq = last_record.sequence_number
     _close_minutes(state, out, settings)
-    _detect_silence(state, latest_received, out, settings)
+    detect_silence(state, latest_received, out.alerts, settings)
 
 
 def _aggregate(
@@ -1035,16 +1030,9 @@ def _aggregate(
     rec: Record,
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: BatchOutput,
+    settings: DetectorSettings,
 ) -> None:
-    if r.ts_ms >= sensor.last_ts_ms:
-        sensor.last_ts_ms = r.ts_ms
-        sensor.vehicle_count = r.vehicle_count
-        sensor.avg_speed_kmh = r.avg_speed_kmh
-        sensor.occupancy_pct = r.occupancy_pct
-        sensor.congestion_index = r.congestion_index
-    sensor.last_received_ms = max(sensor.last_received_ms, env.received_at_ms)
-    if sensor.silent:
-        sensor.silent = False
+    update_sensors((sensor,), (r,), env.received_at_ms, state.zone_id, out.alerts, settings.stuck_run_readings)
     state.watermark_ms = max(state.watermark_ms, r.ts_ms)
 
     minute = r.ts_ms // MINUTE_MS
@@ -1070,6 +1058,64 @@ def _aggregate(
         bucket = state.open_minutes.setdefault(minute, [0, 0.0])
         bucket[0] += 1
         bucket[1] += r.congestion_index
+
+
+def update_sensors(
+    sensors: Sequence[SensorState],
+    readings: Sequence[Reading],
+    received_at_ms: int,
+    zone_id: str,
+    alerts: list[Alert],
+    stuck_run: int,
+) -> None:
+    """The per-reading update of live sensor state, for readings that are new (not duplicates)
+    and not late, all received at `received_at_ms`, in order (`sensors[i]` is `readings[i]`'s):
+    the one place both paths do it — the reference one reading at a time, the block path once per
+    message. Live values, receive time, silence, and the repeat run with its stuck episodes.
+
+    A reading older than the sensor's newest (out of order, inside the lateness bound) still
+    counts as received (silence) but changes neither the live values nor the repeat run: the
+    run follows event time forward only, so a straggler never breaks or extends it. The daily
+    mart, which sorts the whole day, is the authority on such days (docs/architecture.md §5)."""
+    for sensor, r in zip(sensors, readings, strict=True):
+        ts = r.ts_ms
+        if ts >= sensor.last_ts_ms:
+            count = r.vehicle_count
+            # Zero is a quiet road, never "stuck": a zero count ends a run and starts none.
+            run = sensor.repeat_run + 1 if count and count == sensor.vehicle_count else (1 if count else 0)
+            sensor.repeat_run = run
+            if run >= stuck_run:
+                if not sensor.stuck:
+                    sensor.stuck = True
+                    alerts.append(_stuck_alert(sensor, r, received_at_ms, zone_id))
+            elif sensor.stuck:
+                sensor.stuck = False
+            sensor.last_ts_ms = ts
+            sensor.vehicle_count = count
+            sensor.avg_speed_kmh = r.avg_speed_kmh
+            sensor.occupancy_pct = r.occupancy_pct
+            sensor.congestion_index = r.congestion_index
+        if received_at_ms > sensor.last_received_ms:
+            sensor.last_received_ms = received_at_ms
+        if sensor.silent:
+            sensor.silent = False
+
+
+def _stuck_alert(sensor: SensorState, r: Reading, received_at_ms: int, zone_id: str) -> Alert:
+    """`SensorStuck`, once per episode: raised by the reading that completes the run."""
+    detected_at = format_ts(r.ts_ms)
+    return Alert(
+        "SensorStuck",
+        f"SensorStuck/{r.sensor_id}/{detected_at}",
+        {
+            "sensor_id": r.sensor_id,
+            "zone_id": zone_id,
+            "vehicle_count": r.vehicle_count,
+            "repeat_run": sensor.repeat_run,
+            "detected_at": detected_at,
+            "received_at": format_ts(received_at_ms),
+        },
+    )
 
 
 def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> None:
@@ -1112,11 +1158,15 @@ def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float) -> 
     return Alert(kind, f"{kind}/{episode_id}", detail)
 
 
-def _detect_silence(state: ZoneState, now_ms: int, out: BatchOutput, s: DetectorSettings) -> None:
+def detect_silence(state: ZoneState, now_ms: int, alerts: list[Alert], s: DetectorSettings) -> None:
+    """Mark sensors quiet for `silence_ms` before `now_ms` (receive time) silent, with one
+    `SensorSilent` each. The processor calls it with the batch's receive time; the sweeper
+    (`sweeper.py`), for zones that send nothing at all, with the clock. The id depends only on
+    the sensor's last receive time, so whichever notices first, the episode has one id."""
     for sensor_id, sensor in state.sensors.items():
         if not sensor.silent and sensor.last_received_ms and now_ms - sensor.last_received_ms >= s.silence_ms:
             sensor.silent = True
-            out.alerts.append(
+            alerts.append(
                 Alert(
                     "SensorSilent",
                     f"SensorSilent/{sensor_id}/{sensor.last_received_ms}",

@@ -3,8 +3,9 @@
 `decode_batch`/`apply_batch` are optimised; `decode_batch_reference`/`apply_batch_reference`
 define the semantics one reading at a time. Hypothesis generates batches that mix valid
 readings with every kind of invalid field, duplicates, out-of-order, late and future readings,
-redelivered records, unknown sensors, wrong gateways and broken envelopes, in gateway messages
-of both versions (v1 reading objects, v2 columns), applies them to
+redelivered records, unknown sensors, wrong gateways and broken envelopes, repeated vehicle
+counts (stuck runs, with a threshold lowered to 2 so that they start and end), in gateway
+messages of both versions (v1 reading objects, v2 columns), applies them to
 prior state left by an earlier batch (committed, or lost in a crash after the aggregates were
 written), and requires identical DecodedBatch and BatchOutput from both paths.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kinesis_records import BASE_MS, StreamBuilder, envelope
+from kinesis_records import BASE_MS, StreamBuilder, envelope, reading
 
 from streaming.contract import columnar_message, format_ts, gateway_message
 from streaming.processor.columnar import ColumnBlock
@@ -25,6 +26,7 @@ from streaming.processor.core import (
     MINUTE_MS,
     BatchOutput,
     DecodedBatch,
+    DetectorSettings,
     Record,
     apply_batch,
     apply_batch_reference,
@@ -38,6 +40,8 @@ REGISTRY = {s.sensor_id: s for s in CITY.sensors}
 ZONES = {z.zone_id for z in CITY.zones}
 GATEWAYS = list(CITY.gateways().values())
 SHARD = "shardId-000000000000"
+# Stuck runs of 2: short enough that random batches start, continue and end them.
+DETECTORS = DetectorSettings(stuck_run_readings=2)
 
 # (field, value) replacements; _MISSING deletes the field. Each is invalid, or valid in an unusual way.
 _MISSING: Any = object()
@@ -150,7 +154,8 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
             "zone_id": sensor.zone_id,
             "ts": format_ts(BASE_MS + minute * MINUTE_MS + offset),
             "seq": seq,
-            "vehicle_count": draw(st.integers(0, 40)),
+            # Often one of two counts, so that a sensor repeats itself (stuck runs), or reports zero.
+            "vehicle_count": draw(st.one_of(st.integers(0, 40), st.sampled_from([0, 6, 6]))),
             "avg_speed_kmh": draw(st.sampled_from([42.5, 0.0, 250.0, 13.25])),
             "occupancy_pct": draw(st.sampled_from([12.0, 0.0, 99.5])),
             "congestion_index": draw(st.sampled_from([0.1, 0.3, 0.5, 0.75, 0.95, 1.0])),
@@ -311,8 +316,8 @@ def _both(records: list[Record], zone_states: dict, minutes: dict, shards: dict)
     fast_decoded = decode_batch(records, REGISTRY, ZONES)
     ref_decoded = decode_batch_reference(records, REGISTRY, ZONES)
     assert _decoded_view(fast_decoded) == _decoded_view(ref_decoded)
-    fast = apply_batch(fast_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS)
-    ref = apply_batch_reference(ref_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS)
+    fast = apply_batch(fast_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, DETECTORS)
+    ref = apply_batch_reference(ref_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, DETECTORS)
     assert _output_view(fast) == _output_view(ref)
     return ref
 
@@ -362,6 +367,44 @@ def test_fast_path_equals_reference_on_a_quiet_then_busy_zone() -> None:
         kinds += [a.detail_type for a in out.alerts]
     # Both paths agreed batch by batch (inside _both); the schedule did exercise the detectors.
     assert {"CongestionDetected", "CongestionCleared", "SensorSilent"} <= set(kinds)
+
+
+def test_fast_path_equals_reference_through_stuck_episodes() -> None:
+    """Gateway messages (the block path) and single readings (the per-reading path) carrying
+    repeated counts, a zero, a straggler and a duplicate: both paths keep the same runs, raise the
+    same SensorStuck once per episode, and count the same per-sensor duplicates and late."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    counts = [4, 4, 4, 4, 0, 4, 4, 4, 9, 9, 9]
+
+    def block(seq: int, count: int) -> Record:
+        ts = BASE_MS + seq * MINUTE_MS
+        return b.gateway_record(sensors, [reading(s, seq, ts, vehicle_count=count) for s in sensors], ts + 1000)
+
+    batch = [block(seq, count) for seq, count in enumerate(counts[:6])]
+    resend = b.record(batch[3].data)  # a gateway resending a message: device duplicates
+    batch += [block(seq, count) for seq, count in enumerate(counts[6:], start=6)]
+    first = sensors[0]
+    straggler = b.gateway_record(  # older than the sensor's newest reading, inside the lateness bound
+        [first], [reading(first, 11, BASE_MS + 7 * MINUTE_MS, vehicle_count=1)], BASE_MS + 11 * MINUTE_MS
+    )
+    state: dict = {}
+    minutes: dict = {}
+    alerts = []
+    for part in ([*batch[:6], resend], [*batch[6:], straggler]):
+        out = _both(part, state, minutes, {})
+        state, minutes = out.zone_states, {**minutes, **out.minutes}
+        alerts += [a for a in out.alerts if a.detail_type == "SensorStuck"]
+    zone = state[first.zone_id]
+    # Threshold 2: episodes 4,4,4,4 (seq 0-3), 4,4,4 (seq 5-7) and 9,9,9 (seq 8-10), per sensor.
+    assert len(alerts) == 3 * len(sensors)
+    assert len({a.event_id for a in alerts}) == len(alerts)
+    assert all(zone.sensors[s.sensor_id].stuck for s in sensors)
+    assert all(zone.sensors[s.sensor_id].duplicates == 1 for s in sensors)
+    # The straggler (count 1) neither ended nor extended the first sensor's run.
+    assert (zone.sensors[first.sensor_id].repeat_run, zone.sensors[first.sensor_id].vehicle_count) == (3, 9)
+    assert zone.sensors[first.sensor_id].hwm == 11
+    assert {zone.sensors[s.sensor_id].repeat_run for s in sensors} == {3}
 
 
 def test_quarantine_keeps_the_original_reading_bytes() -> None:

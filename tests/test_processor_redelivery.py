@@ -10,56 +10,21 @@ distinct rows must come out identical.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
-from kinesis_records import city_minutes
+from kinesis_records import BASE_MS, StreamBuilder, city_minutes, reading
+from processor_stack import fresh_processor
 
 from streaming.processor.core import Record
-from streaming.processor.handler import Processor, Settings
-from streaming.processor.store import AlertPublisher, LakeWriter, StateStore
-from streaming.registry import generate_city, load_registry, registry_csv
+from streaming.processor.handler import Processor
+from streaming.registry import generate_city
 
 pytestmark = pytest.mark.integration
 
 CITY = generate_city(sensors=160, zones=3, seed=9)
-
-
-def _processor(aws_env: dict[str, str]) -> Processor:
-    """A processor on its own fresh tables, bucket and bus, its registry read from the lake."""
-    suffix = uuid.uuid4().hex[:8]
-    ddb, s3, events = boto3.client("dynamodb"), boto3.client("s3"), boto3.client("events")
-    settings = Settings(f"lake-{suffix}", f"state-{suffix}", f"metrics-{suffix}", f"bus-{suffix}", "registry/r.csv")
-    for table, (hash_key, range_key) in (
-        (settings.processor_table, ("pk", "sk")),
-        (settings.metrics_table, ("zone_id", "bucket")),
-    ):
-        ddb.create_table(
-            TableName=table,
-            KeySchema=[
-                {"AttributeName": hash_key, "KeyType": "HASH"},
-                {"AttributeName": range_key, "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in (hash_key, range_key)],
-            BillingMode="PAY_PER_REQUEST",
-        )
-    s3.create_bucket(Bucket=settings.lake_bucket)
-    events.create_event_bus(Name=settings.event_bus)
-    lake = LakeWriter(s3, settings.lake_bucket)
-    s3.put_object(Bucket=settings.lake_bucket, Key=settings.registry_key, Body=registry_csv(CITY))
-    registry = load_registry(lake.read_bytes(settings.registry_key))
-    return Processor(
-        settings=settings,
-        store=StateStore(ddb, settings.processor_table, settings.metrics_table),
-        lake=lake,
-        alerts=AlertPublisher(events, settings.event_bus),
-        registry=registry,
-        zones={s.zone_id for s in registry.values()},
-    )
 
 
 def _snapshot(p: Processor) -> dict[str, Any]:
@@ -95,18 +60,28 @@ def _crash_once(p: Processor) -> Callable[[], bool]:
 
 
 def test_redelivery_reordering_replays_and_a_crash_leave_the_clean_totals(aws_env: dict[str, str]) -> None:
-    records: list[Record] = list(city_minutes(CITY, 4))
+    builder = StreamBuilder()
+    records: list[Record] = list(city_minutes(CITY, 4, builder=builder))
+    gateway = next(iter(CITY.gateways().values()))
+    records += [builder.record(r.data) for r in records[:3]]  # gateways resending: device duplicates
+    old = BASE_MS - 30 * 60_000  # new seqs with an event time far behind the zone's watermark: late
+    records.append(builder.gateway_record(gateway, [reading(s, 50, old) for s in gateway], BASE_MS + 5 * 60_000))
     size = len(records) // 4 + 1
     b1, b2, b3, b4 = (records[i : i + size] for i in range(0, len(records), size))
 
-    clean = _processor(aws_env)
+    clean = fresh_processor(CITY)
     for batch in (b1, b2, b3, b4):
         clean.process(batch)
     expected = _snapshot(clean)
     assert expected["lake_rows"] and expected["minutes"]
-    assert sum(s.counters.get("stored", 0) for s in expected["states"].values()) == 4 * len(CITY.sensors)
+    states = expected["states"].values()
+    assert sum(s.counters.get("stored", 0) for s in states) == 4 * len(CITY.sensors) + len(gateway)
+    # Per-sensor counters are the zone counters split by sensor, and the stream exercises them.
+    for name in ("duplicates", "late"):
+        per_sensor = sum(getattr(sensor, name) for s in states for sensor in s.sensors.values())
+        assert per_sensor == sum(s.counters.get(name, 0) for s in states) > 0
 
-    faulty = _processor(aws_env)
+    faulty = fresh_processor(CITY)
     faulty.process(b1)
     faulty.process(b1)  # redelivered whole
     crashed = _crash_once(faulty)

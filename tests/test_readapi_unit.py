@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from streaming.processor.state import SensorState, ZoneState
 from streaming.readapi.alerts import MemoryAlertLog, alert_from_event
 from streaming.readapi.handler import check_query
 from streaming.readapi.params import ApiError, decode_cursor, encode_cursor, parse_time
-from streaming.readapi.views import MinuteRow, aggregate_minutes, congestion_level
+from streaming.readapi.views import (
+    LiveZone,
+    MinuteRow,
+    aggregate_minutes,
+    congestion_level,
+    overview_view,
+    sensor_view,
+    zone_view,
+)
+from streaming.registry import generate_city
 
 
 def test_times_parse_from_iso_with_offset_or_epoch_ms() -> None:
@@ -108,3 +118,56 @@ def test_query_precheck_refuses_before_routing(path: str, query: dict[str, list[
     with pytest.raises(ApiError) as err:
         check_query(path, query, 10)
     assert err.value.code == code
+
+
+CITY = generate_city(sensors=8, zones=1, seed=2)
+
+
+def _live_zone() -> tuple[list, LiveZone]:
+    city = CITY
+    now = 1_795_000_000_000
+    state = ZoneState(city.zones[0].zone_id)
+    a, b, c = (s.sensor_id for s in city.sensors[:3])
+    state.sensors = {
+        a: SensorState(hwm=20, last_ts_ms=now, last_received_ms=now, vehicle_count=7, repeat_run=12, stuck=True),
+        b: SensorState(hwm=20, last_ts_ms=now, last_received_ms=now, vehicle_count=3, repeat_run=1, duplicates=2),
+        c: SensorState(hwm=4, last_ts_ms=now, last_received_ms=now - 600_000, silent=True, late=1),
+    }
+    return city.sensors, LiveZone(state, now)
+
+
+def test_stuck_sensors_are_counted_per_zone_and_city_wide() -> None:
+    sensors, live = _live_zone()
+    view = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)
+    assert view["sensors"] == {"registered": 8, "reporting": 2, "silent": 1, "never_seen": 5, "stuck": 1}
+    empty = zone_view(CITY.zones[0], None, len(sensors), live.updated_at_ms)
+    overview = overview_view([view, view, empty], live.updated_at_ms)
+    assert overview["sensors"]["stuck"] == 2 and overview["sensors"]["registered"] == 24
+
+
+def test_a_sensor_shows_its_run_and_its_own_duplicates_and_late() -> None:
+    sensors, live = _live_zone()
+    stuck = sensor_view(sensors[0], live.state.sensors[sensors[0].sensor_id], live.updated_at_ms)["live"]
+    assert (stuck["stuck"], stuck["repeat_run"], stuck["vehicle_count"]) == (True, 12, 7)
+    other = sensor_view(sensors[1], live.state.sensors[sensors[1].sensor_id], live.updated_at_ms)["live"]
+    assert (other["stuck"], other["duplicates"], other["late"]) == (False, 2, 0)
+
+
+def test_a_sensor_stuck_alert_is_logged_at_its_receive_time() -> None:
+    event = {
+        "detail-type": "SensorStuck",
+        "time": "2026-11-23T20:00:00Z",
+        "detail": {
+            "event_id": "SensorStuck/S-000001/2026-11-23T18:09:00.000Z",
+            "sensor_id": "S-000001",
+            "zone_id": "Z-000",
+            "vehicle_count": 7,
+            "repeat_run": 10,
+            "detected_at": "2026-11-23T18:09:00.000Z",
+            "received_at": "2026-11-23T18:09:01.500Z",
+        },
+    }
+    alert = alert_from_event(event)
+    assert alert is not None and alert.sensor_id == "S-000001" and alert.zone_id == "Z-000"
+    assert alert.at_ms == parse_time("at", "2026-11-23T18:09:01.500Z")
+    assert alert.to_json()["state"] == "raised"

@@ -149,6 +149,9 @@ function alertText(a) {
     return ['cleared', `Cleared in ${a.zone_id}`, `after ${d.duration_minutes} min, peak ${fmt(d.peak_congestion_index, 2)}`];
   }
   if (a.type === 'SensorSilent') return ['silent', `Sensor ${a.sensor_id} silent`, `zone ${a.zone_id}, ${d.silent_for_s} s`];
+  if (a.type === 'SensorStuck') {
+    return ['stuck', `Sensor ${a.sensor_id} stuck`, `zone ${a.zone_id}, count ${d.vehicle_count} × ${d.repeat_run}`];
+  }
   return ['', a.type, ''];
 }
 
@@ -188,13 +191,13 @@ function drawOverview(ov) {
   $('kpi-congested').textContent = `${ov.zones.by_level.congested || 0} / ${ov.zones.total}`;
   $('kpi-reporting').textContent = `${fmt(s.reporting)}`;
   $('kpi-silent').textContent = fmt(s.silent);
-  $('kpi-stuck').textContent = s.stuck === null ? 'n/a' : fmt(s.stuck);
-  $('kpi-stuck').title = 'stuck detectors need a run of readings: see the daily mart fct_sensor_health_daily';
+  $('kpi-stuck').textContent = fmt(s.stuck);
+  $('kpi-stuck').title = 'live: the same non-zero vehicle count in a run of readings (the daily mart applies the same rule)';
   $('h-registered').textContent = fmt(s.registered);
   $('h-reporting').textContent = fmt(s.reporting);
   $('h-silent').textContent = fmt(s.silent);
   $('h-never').textContent = fmt(s.never_seen);
-  $('h-stuck').textContent = s.stuck === null ? 'daily mart' : fmt(s.stuck);
+  $('h-stuck').textContent = fmt(s.stuck);
 }
 
 function drawTopZones() {

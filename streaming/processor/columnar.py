@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from itertools import compress
 from typing import Annotated, Any
 
@@ -229,8 +229,6 @@ def _plain_objects(raws: Sequence[Any], zone_id: str) -> Columns | None:
 
 # --- phase 2 -----------------------------------------------------------------------------
 
-_SENSOR_FIELDS = operator.attrgetter(*(f.name for f in fields(SensorState)))
-
 
 def own_sensor(sensors: dict[str, SensorState], own: dict[str, SensorState], sensor_id: str) -> SensorState:
     """The sensor's state for this batch to change: copy-on-write. A new zone state starts with
@@ -240,7 +238,7 @@ def own_sensor(sensors: dict[str, SensorState], own: dict[str, SensorState], sen
     s = own.get(sensor_id)
     if s is None:
         prior = sensors.get(sensor_id)
-        s = SensorState() if prior is None else SensorState(*_SENSOR_FIELDS(prior))
+        s = SensorState() if prior is None else SensorState(*prior.row())
         own[sensor_id] = sensors[sensor_id] = s
     return s
 
@@ -277,7 +275,7 @@ def apply_block(
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: core.BatchOutput,
     processed_at_ms: int,
-    lateness: int,
+    settings: core.DetectorSettings,
 ) -> tuple[int, int, int]:
     """A block of a record not applied before, its event time not in the future: what
     `core._apply_item` does reading by reading, with the per-message work done once. Returns
@@ -286,19 +284,20 @@ def apply_block(
     Why it is the same: one event time means one minute, one lake hour and one lateness verdict
     (aggregating a reading only raises the watermark to that time, which cannot make the next
     one late); one record means one aggregate marker check. Dedupe stays per reading. Lake rows
-    keep their order; float sums keep the reference's order (`add_in_order`)."""
+    keep their order; float sums keep the reference's order (`add_in_order`). The live sensor
+    update is the reference's own (`core.update_sensors`), once per block, after the dedupe loop:
+    it touches no field that dedupe or lateness read."""
     env, rec, ts = block.envelope, block.record, block.ts_ms
     received_at = env.received_at_ms
-    late_block = ts < state.watermark_ms - lateness
+    late_block = ts < state.watermark_ms - settings.allowed_lateness_ms
     sensors = state.sensors
     own_get = own.get
     # Positions (in message order) of duplicates, and of readings stored but not aggregated.
     dropped: list[int] = []
     stale: list[int] = []
+    live_sensors: list[SensorState] = []  # the sensors of the aggregated readings, in order
     i = -1
-    for sid, seq, vc, sp, oc, ci in zip(
-        block.sensor_ids, block.seqs, block.vehicles, block.speeds, block.occupancies, block.congestions, strict=True
-    ):
+    for sid, seq in zip(block.sensor_ids, block.seqs, strict=True):
         i += 1
         s = own_get(sid)
         if s is None:
@@ -310,21 +309,18 @@ def apply_block(
             s.hwm = seq
         else:
             verdict = s.admit(seq)
-            if verdict:
-                (dropped if verdict == DUPLICATE else stale).append(i)
+            if verdict == DUPLICATE:
+                s.duplicates += 1
+                dropped.append(i)
+                continue
+            if verdict:  # beyond the dedupe window: stored, late
+                s.late += 1
+                stale.append(i)
                 continue
         if late_block:
+            s.late += 1
             continue
-        if ts >= s.last_ts_ms:
-            s.last_ts_ms = ts
-            s.vehicle_count = vc
-            s.avg_speed_kmh = sp
-            s.occupancy_pct = oc
-            s.congestion_index = ci
-        if received_at > s.last_received_ms:
-            s.last_received_ms = received_at
-        if s.silent:
-            s.silent = False
+        live_sensors.append(s)
     n = i + 1
     stored = n - len(dropped)
     late = stored if late_block else len(stale)
@@ -349,7 +345,15 @@ def apply_block(
     live_n = stored - late
     if not live_n:
         return n, stored, late
-    _, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
+    sensor_ids, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
+    core.update_sensors(
+        live_sensors,
+        zip(sensor_ids, [ts] * live_n, vehicles, speeds, occupancies, congestions, strict=True),
+        received_at,
+        state.zone_id,
+        out.alerts,
+        settings.stuck_run_readings,
+    )
     if ts > state.watermark_ms:
         state.watermark_ms = ts
     minute = ts // core.MINUTE_MS

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -74,6 +75,9 @@ class DetectorSettings:
     allowed_lateness_ms: int = 15 * MINUTE_MS  # older than the zone's watermark by more: "late"
     max_future_skew_ms: int = 5 * MINUTE_MS  # event time ahead of receive time by more: rejected
     silence_ms: int = 5 * MINUTE_MS  # a sensor quiet this long (receive time) is "silent"
+    # The same non-zero vehicle count this many readings in a row: "stuck". The daily mart
+    # fct_sensor_health_daily applies the same rule (dbt var stuck_run_readings; a test holds them equal).
+    stuck_run_readings: int = 10
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class Alert:
     """An event for the alerts bus. `event_id` is deterministic, so consumers can drop
     the copies a retried batch may send."""
 
-    detail_type: str  # CongestionDetected | CongestionCleared | SensorSilent
+    detail_type: str  # CongestionDetected | CongestionCleared | SensorSilent | SensorStuck
     event_id: str
     detail: dict[str, Any]
 
@@ -695,7 +699,7 @@ def _apply_zone_fast(
             continue
         if type(item) is columnar.ColumnBlock:
             if item.ts_ms <= limit:
-                n, n_stored, n_late = columnar.apply_block(state, own, item, minutes, out, processed_at_ms, lateness)
+                n, n_stored, n_late = columnar.apply_block(state, own, item, minutes, out, processed_at_ms, settings)
                 received += n
                 stored += n_stored
                 duplicates += n - n_stored
@@ -718,6 +722,7 @@ def _apply_zone_fast(
         verdict = sensor.admit(r.seq)
         if verdict == DUPLICATE:
             duplicates += 1
+            sensor.duplicates += 1
             continue
         ts = r.ts_ms
         if ts // HOUR_MS != hour:
@@ -727,8 +732,9 @@ def _apply_zone_fast(
         stored += 1
         if verdict == BEYOND_WINDOW or ts < state.watermark_ms - lateness:
             late += 1
+            sensor.late += 1
             continue
-        _aggregate(state, sensor, r, env, rec, minutes, out)
+        _aggregate(state, sensor, r, env, rec, minutes, out, settings)
     counts = out.counts
     # Only counters that moved: the reference never creates a zero entry.
     for name, n in (("received", received), ("duplicates", duplicates), ("stored", stored), ("late", late)):
@@ -740,12 +746,12 @@ def _apply_zone_fast(
     _finish_zone(state, last_record, latest_received, out, settings)
 
 
-def _admit(state: ZoneState, sensor_id: str, seq: int) -> int:
-    """Record (sensor_id, seq) in the sensor's dedupe window: NEW, DUPLICATE or BEYOND_WINDOW."""
+def _sensor(state: ZoneState, sensor_id: str) -> SensorState:
+    """The zone's state of `sensor_id`, created on its first reading."""
     sensor = state.sensors.get(sensor_id)
     if sensor is None:
         sensor = state.sensors[sensor_id] = SensorState()
-    return sensor.admit(seq)
+    return sensor
 
 
 def _apply_item(
@@ -768,11 +774,15 @@ def _apply_item(
         if item.index >= 0:
             state.count("received")
             counts["received"] += 1
-            if item.key is not None and _admit(state, *item.key) == DUPLICATE:
-                # The same invalid reading again (a resent message): quarantined once, counted once.
-                state.count("duplicates")
-                counts["duplicates"] += 1
-                return
+            if item.key is not None:
+                sensor_id, seq = item.key
+                sensor = _sensor(state, sensor_id)
+                if sensor.admit(seq) == DUPLICATE:
+                    # The same invalid reading again (a resent message): quarantined once, counted once.
+                    sensor.duplicates += 1
+                    state.count("duplicates")
+                    counts["duplicates"] += 1
+                    return
         state.count(unit)
         state.count(f"quarantined_{err.code}")
         counts[unit] += 1
@@ -792,8 +802,10 @@ def _apply_item(
     r = item.reading
     state.count("received")
     counts["received"] += 1
-    verdict = _admit(state, r.sensor_id, r.seq)
+    sensor = _sensor(state, r.sensor_id)
+    verdict = sensor.admit(r.seq)
     if verdict == DUPLICATE:
+        sensor.duplicates += 1
         state.count("duplicates")
         counts["duplicates"] += 1
         return
@@ -818,16 +830,16 @@ def _apply_item(
             zone_id=zone_id,
         )
         return
-    sensor = state.sensors[r.sensor_id]
     out.lake[r.ts_ms // HOUR_MS].append(r, env.gateway_id, env.received_at_ms, processed_at_ms)
     state.count("stored")
     counts["stored"] += 1
     if verdict == BEYOND_WINDOW or r.ts_ms < state.watermark_ms - settings.allowed_lateness_ms:
         # Kept in the lake (the warehouse load dedupes it), left out of live aggregates.
+        sensor.late += 1
         state.count("late")
         counts["late"] += 1
         return
-    _aggregate(state, sensor, r, env, rec, minutes, out)
+    _aggregate(state, sensor, r, env, rec, minutes, out, settings)
 
 
 def _finish_zone(
@@ -839,7 +851,7 @@ def _finish_zone(
     state.marker_shard = last_record.shard_id
     state.marker_seq = last_record.sequence_number
     _close_minutes(state, out, settings)
-    _detect_silence(state, latest_received, out, settings)
+    detect_silence(state, latest_received, out.alerts, settings)
 
 
 def _aggregate(
@@ -850,16 +862,11 @@ def _aggregate(
     rec: Record,
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: BatchOutput,
+    settings: DetectorSettings,
 ) -> None:
-    if r.ts_ms >= sensor.last_ts_ms:
-        sensor.last_ts_ms = r.ts_ms
-        sensor.vehicle_count = r.vehicle_count
-        sensor.avg_speed_kmh = r.avg_speed_kmh
-        sensor.occupancy_pct = r.occupancy_pct
-        sensor.congestion_index = r.congestion_index
-    sensor.last_received_ms = max(sensor.last_received_ms, env.received_at_ms)
-    if sensor.silent:
-        sensor.silent = False
+    update_sensors(
+        (sensor,), (LIVE_ROW(r),), env.received_at_ms, state.zone_id, out.alerts, settings.stuck_run_readings
+    )
     state.watermark_ms = max(state.watermark_ms, r.ts_ms)
 
     minute = r.ts_ms // MINUTE_MS
@@ -885,6 +892,72 @@ def _aggregate(
         bucket = state.open_minutes.setdefault(minute, [0, 0.0])
         bucket[0] += 1
         bucket[1] += r.congestion_index
+
+
+# The fields of a Reading `update_sensors` reads, in the order of its rows.
+LIVE_ROW = operator.attrgetter(
+    "sensor_id", "ts_ms", "vehicle_count", "avg_speed_kmh", "occupancy_pct", "congestion_index"
+)
+
+
+def update_sensors(
+    sensors: Sequence[SensorState],
+    rows: Iterable[tuple[str, int, int, float | None, float | None, float]],
+    received_at_ms: int,
+    zone_id: str,
+    alerts: list[Alert],
+    stuck_run: int,
+) -> None:
+    """The per-reading update of live sensor state, for readings that are new (not duplicates)
+    and not late, all received at `received_at_ms`, in order (`sensors[i]` is row i's): the one
+    place every path does it — the reference one reading at a time (rows of Readings: `LIVE_ROW`),
+    the column blocks once per message (rows zipped from the columns). A row is (sensor_id,
+    ts_ms, vehicle_count, avg_speed_kmh, occupancy_pct, congestion_index). Live values, receive
+    time, silence, and the repeat run with its stuck episodes.
+
+    A reading older than the sensor's newest (out of order, inside the lateness bound) still
+    counts as received (silence) but changes neither the live values nor the repeat run: the
+    run follows event time forward only, so a straggler never breaks or extends it. The daily
+    mart, which sorts the whole day, is the authority on such days (docs/architecture.md §5)."""
+    for sensor, (sensor_id, ts, count, speed, occupancy, congestion) in zip(sensors, rows, strict=True):
+        if ts >= sensor.last_ts_ms:
+            # Zero is a quiet road, never "stuck": a zero count ends a run and starts none.
+            run = sensor.repeat_run + 1 if count and count == sensor.vehicle_count else (1 if count else 0)
+            sensor.repeat_run = run
+            if run >= stuck_run:
+                if not sensor.stuck:
+                    sensor.stuck = True
+                    alerts.append(_stuck_alert(sensor, sensor_id, ts, count, received_at_ms, zone_id))
+            elif sensor.stuck:
+                sensor.stuck = False
+            sensor.last_ts_ms = ts
+            sensor.vehicle_count = count
+            sensor.avg_speed_kmh = speed
+            sensor.occupancy_pct = occupancy
+            sensor.congestion_index = congestion
+        if received_at_ms > sensor.last_received_ms:
+            sensor.last_received_ms = received_at_ms
+        if sensor.silent:
+            sensor.silent = False
+
+
+def _stuck_alert(
+    sensor: SensorState, sensor_id: str, ts_ms: int, vehicle_count: int, received_at_ms: int, zone_id: str
+) -> Alert:
+    """`SensorStuck`, once per episode: raised by the reading that completes the run."""
+    detected_at = format_ts(ts_ms)
+    return Alert(
+        "SensorStuck",
+        f"SensorStuck/{sensor_id}/{detected_at}",
+        {
+            "sensor_id": sensor_id,
+            "zone_id": zone_id,
+            "vehicle_count": vehicle_count,
+            "repeat_run": sensor.repeat_run,
+            "detected_at": detected_at,
+            "received_at": format_ts(received_at_ms),
+        },
+    )
 
 
 def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> None:
@@ -927,12 +1000,16 @@ def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float) -> 
     return Alert(kind, f"{kind}/{episode_id}", detail)
 
 
-def _detect_silence(state: ZoneState, now_ms: int, out: BatchOutput, s: DetectorSettings) -> None:
+def detect_silence(state: ZoneState, now_ms: int, alerts: list[Alert], s: DetectorSettings) -> None:
+    """Mark sensors quiet for `silence_ms` before `now_ms` (receive time) silent, with one
+    `SensorSilent` each. The processor calls it with the batch's receive time; the sweeper
+    (`sweeper.py`), for zones that send nothing at all, with the clock. The id depends only on
+    the sensor's last receive time, so whichever notices first, the episode has one id."""
     for sensor_id, sensor in state.sensors.items():
         if not sensor.silent and sensor.last_received_ms and now_ms - sensor.last_received_ms >= s.silence_ms:
             # A new object, not a change: the fast path shares unchanged sensors with the prior state.
             state.sensors[sensor_id] = sensor = replace(sensor, silent=True)
-            out.alerts.append(
+            alerts.append(
                 Alert(
                     "SensorSilent",
                     f"SensorSilent/{sensor_id}/{sensor.last_received_ms}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -38,6 +39,31 @@ class SensorState:
     occupancy_pct: float | None = None
     congestion_index: float = 0.0
     silent: bool = False
+    # Readings in a row (by event time, newest first) repeating this non-zero vehicle count; 0
+    # after a zero count. `stuck` once the run reaches DetectorSettings.stuck_run_readings.
+    repeat_run: int = 0
+    stuck: bool = False
+    # This sensor's share of the zone's `duplicates` and `late` counters (same exactly-once rule).
+    duplicates: int = 0
+    late: int = 0
+
+    def row(self) -> list[Any]:
+        """Every field, in order: `SensorState(*s.row())` is a copy of `s`."""
+        return [
+            self.hwm,
+            self.window,
+            self.last_ts_ms,
+            self.last_received_ms,
+            self.vehicle_count,
+            self.avg_speed_kmh,
+            self.occupancy_pct,
+            self.congestion_index,
+            self.silent,
+            self.repeat_run,
+            self.stuck,
+            self.duplicates,
+            self.late,
+        ]
 
     def admit(self, seq: int) -> int:
         """Record `seq` as seen; say whether it was NEW, a DUPLICATE, or BEYOND_WINDOW."""
@@ -105,20 +131,7 @@ class ZoneState:
                 self.congestion.episode_start_minute,
                 self.congestion.peak_index,
             ],
-            "s": {
-                sid: [
-                    s.hwm,
-                    s.window,
-                    s.last_ts_ms,
-                    s.last_received_ms,
-                    s.vehicle_count,
-                    s.avg_speed_kmh,
-                    s.occupancy_pct,
-                    s.congestion_index,
-                    s.silent,
-                ]
-                for sid, s in self.sensors.items()
-            },
+            "s": {sid: _sensor_row(s) for sid, s in self.sensors.items()},
             "c": self.counters,
         }
         return zlib.compress(orjson.dumps(doc), 1)
@@ -135,9 +148,24 @@ class ZoneState:
             evaluated_minute=doc["ev"],
             open_minutes={int(k): v for k, v in doc["om"].items()},
             congestion=Congestion(congested, streak, start, peak),
+            # Rows written before a field existed are shorter: the field takes its default.
             sensors={sid: SensorState(*v) for sid, v in doc["s"].items()},
             counters=doc["c"],
         )
+
+
+def _sensor_row(s: SensorState) -> list[Any]:
+    """A sensor as a positional row, trailing zero/false fields left out (most sensors are never
+    stuck, duplicated or late): `SensorState(*row)` restores them, and so reads older rows too."""
+    row = s.row()
+    end = len(row)
+    while end > _ALWAYS_WRITTEN and not row[end - 1]:
+        end -= 1
+    return row[:end]
+
+
+# The fields every row carries (through `silent`), as blobs had before the optional tail existed.
+_ALWAYS_WRITTEN = 9
 
 
 @dataclass(slots=True)

@@ -26,7 +26,12 @@ import orjson
 from streaming.readapi.params import format_ts
 
 ALERT_TTL_S = 7 * 24 * 3600
-ALERT_STATES = {"CongestionDetected": "raised", "CongestionCleared": "cleared", "SensorSilent": "raised"}
+ALERT_STATES = {
+    "CongestionDetected": "raised",
+    "CongestionCleared": "cleared",
+    "SensorSilent": "raised",
+    "SensorStuck": "raised",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,8 @@ def alert_from_event(event: dict[str, Any]) -> AlertRecord | None:
         received = _ms(detail.get("last_received_at"))
         silent_for = detail.get("silent_for_s")
         at = received + int(silent_for) * 1000 if received is not None and isinstance(silent_for, int) else received
+    elif kind == "SensorStuck":
+        at = _ms(detail.get("received_at"))  # when the reading that completed the run arrived
     else:
         at = None
     at = at if at is not None else _ms(event.get("time"))

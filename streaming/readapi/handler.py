@@ -68,7 +68,7 @@ STEPS = (1, 5, 15)
 MAX_RANGE_MINUTES = {1: 24 * 60, 5: 7 * 24 * 60, 15: 7 * 24 * 60}
 DEFAULT_RANGE_MINUTES = 3 * 60
 MAX_QUERY_CHARS = 2048
-ALERT_TYPES = ("CongestionDetected", "CongestionCleared", "SensorSilent")
+ALERT_TYPES = ("CongestionDetected", "CongestionCleared", "SensorSilent", "SensorStuck")
 
 # The query parameters each route accepts: anything else is a typo the client should hear about.
 _PARAMS: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = tuple(

@@ -104,6 +104,7 @@ def zone_view(zone: Zone, live: LiveZone | None, registered_sensors: int, now_ms
     index = current_index(state) if state else None
     congested = bool(state and state.congestion.congested)
     silent = sum(1 for s in state.sensors.values() if s.silent) if state else 0
+    stuck = sum(1 for s in state.sensors.values() if s.stuck) if state else 0
     reporting = len(state.sensors) - silent if state else 0
     start = state.congestion.episode_start_minute if state and congested else None
     return {
@@ -124,6 +125,8 @@ def zone_view(zone: Zone, live: LiveZone | None, registered_sensors: int, now_ms
             "reporting": reporting,
             "silent": silent,
             "never_seen": max(0, registered_sensors - reporting - silent),
+            # Reporting, but the same non-zero count for a run of readings (DetectorSettings).
+            "stuck": stuck,
         },
         "last_event_at": format_ts(state.watermark_ms) if state and state.watermark_ms else None,
         "updated_at": format_ts(live.updated_at_ms) if live else None,
@@ -175,6 +178,10 @@ def sensor_view(sensor: Sensor, live: SensorState | None, now_ms: int) -> dict[s
             "occupancy_pct": live.occupancy_pct,
             "congestion_index": live.congestion_index,
             "silent": live.silent,
+            "stuck": live.stuck,
+            "repeat_run": live.repeat_run,
+            "duplicates": live.duplicates,
+            "late": live.late,
             "last_seq": live.hwm,
         }
     return out
@@ -261,7 +268,7 @@ def ingestion_view(
 def overview_view(zones: Sequence[dict[str, Any]], now_ms: int) -> dict[str, Any]:
     """City-wide counts for the dashboard's header: congestion levels and sensor health."""
     levels: dict[str, int] = {}
-    sensors = {"registered": 0, "reporting": 0, "silent": 0, "never_seen": 0}
+    sensors = {"registered": 0, "reporting": 0, "silent": 0, "never_seen": 0, "stuck": 0}
     for z in zones:
         level = z["congestion"]["level"]
         levels[level] = levels.get(level, 0) + 1
@@ -270,7 +277,5 @@ def overview_view(zones: Sequence[dict[str, Any]], now_ms: int) -> dict[str, Any
     return {
         "at": format_ts(now_ms),
         "zones": {"total": len(zones), "by_level": levels},
-        # Stuck detectors need a run of readings, which the live state does not keep: the daily
-        # mart fct_sensor_health_daily has them (is_stuck).
-        "sensors": {**sensors, "stuck": None},
+        "sensors": sensors,
     }

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import compress
 from typing import Annotated, Any
 
 import msgspec
 
-from streaming.contract import READING_FIELDS, ColumnarReadings, ContractError, FieldSpec, Reading, parse_ts_ms
+from streaming.contract import READING_FIELDS, ColumnarReadings, FieldSpec, Reading
 from streaming.processor import core
 from streaming.processor.envelope import Envelope, parse_readings
 from streaming.processor.state import _WINDOW_MASK, DEDUPE_WINDOW, DUPLICATE, MinuteAggregate, SensorState, ZoneState
@@ -133,13 +133,7 @@ def accept(
             return None
     except TypeError:
         return None
-    ts_ms = ts_cache.get(ts)
-    if ts_ms is None:
-        try:
-            ts_ms = parse_ts_ms(ts)
-        except ContractError:
-            ts_ms = -1
-        ts_cache[ts] = ts_ms
+    ts_ms = core.cached_ts_ms(ts, ts_cache)
     if ts_ms < 0:
         return None
     return ColumnBlock(rec, env, ts_ms, sensor_ids, *rest)
@@ -357,12 +351,8 @@ def apply_block(
     if ts > state.watermark_ms:
         state.watermark_ms = ts
     minute = ts // core.MINUTE_MS
-    key = (state.zone_id, minute)
-    prior = minutes.get(key)
-    if prior is None or not prior.already_applied(rec.shard_id, rec.sequence_number):
-        agg = out.minutes.get(key)
-        if agg is None:
-            agg = out.minutes[key] = replace(prior) if prior else MinuteAggregate()
+    agg = core.minute_aggregate(state.zone_id, minute, rec, minutes, out)
+    if agg is not None:
         agg.readings += live_n
         agg.vehicles += sum(vehicles)  # ints: exact in any order
         if None in speeds:

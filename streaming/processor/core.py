@@ -331,6 +331,19 @@ def _members_for(registry: Mapping[str, Sensor]) -> dict[tuple[str, str], frozen
     return _members_cache[1]
 
 
+def cached_ts_ms(ts: str, ts_cache: dict[str, int]) -> int:
+    """`parse_ts_ms(ts)`, once per distinct string in a batch (a gateway's readings share one);
+    -1 when it is not a valid timestamp (the reference validator will say why)."""
+    ts_ms = ts_cache.get(ts)
+    if ts_ms is None:
+        try:
+            ts_ms = parse_ts_ms(ts)
+        except ContractError:
+            ts_ms = -1
+        ts_cache[ts] = ts_ms
+    return ts_ms
+
+
 def _accept(
     raw: dict[str, Any],
     zone_id: str,
@@ -377,13 +390,7 @@ def _accept(
     ts = raw.get("ts")
     if type(ts) is not str:
         return None
-    ts_ms = ts_cache.get(ts)
-    if ts_ms is None:
-        try:
-            ts_ms = parse_ts_ms(ts)
-        except ContractError:
-            ts_ms = -1  # the reference validator will say why
-        ts_cache[ts] = ts_ms
+    ts_ms = cached_ts_ms(ts, ts_cache)
     if ts_ms < 0:
         return None
     return Reading(sensor_id, zone_id, ts_ms, seq, vehicles, speed, occupancy, congestion, lane)  # type: ignore[arg-type]
@@ -870,14 +877,8 @@ def _aggregate(
     state.watermark_ms = max(state.watermark_ms, r.ts_ms)
 
     minute = r.ts_ms // MINUTE_MS
-    key = (state.zone_id, minute)
-    prior = minutes.get(key)
-    # Checked against the stored aggregate, not the one being built: the item may have
-    # been written by an earlier attempt of this batch that died before the zone state.
-    if prior is None or not prior.already_applied(rec.shard_id, rec.sequence_number):
-        agg = out.minutes.get(key)
-        if agg is None:
-            agg = out.minutes[key] = replace(prior) if prior else MinuteAggregate()
+    agg = minute_aggregate(state.zone_id, minute, rec, minutes, out)
+    if agg is not None:
         agg.readings += 1
         agg.vehicles += r.vehicle_count
         if r.avg_speed_kmh is not None:
@@ -898,6 +899,22 @@ def _aggregate(
 LIVE_ROW = operator.attrgetter(
     "sensor_id", "ts_ms", "vehicle_count", "avg_speed_kmh", "occupancy_pct", "congestion_index"
 )
+
+
+def minute_aggregate(
+    zone_id: str, minute: int, rec: Record, minutes: Mapping[tuple[str, int], MinuteAggregate], out: BatchOutput
+) -> MinuteAggregate | None:
+    """The zone-minute aggregate a reading of `rec` adds to, or None when the stored one already
+    has the record. Checked against the stored aggregate, not the one being built: the item may
+    have been written by an earlier attempt of this batch that died before the zone state."""
+    key = (zone_id, minute)
+    prior = minutes.get(key)
+    if prior is not None and prior.already_applied(rec.shard_id, rec.sequence_number):
+        return None
+    agg = out.minutes.get(key)
+    if agg is None:
+        agg = out.minutes[key] = replace(prior) if prior else MinuteAggregate()
+    return agg
 
 
 def update_sensors(

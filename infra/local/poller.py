@@ -17,7 +17,9 @@ checkpoint the stream no longer holds raises.
 destination: it reads each queued batch's records back from the stream (by shard and
 sequence range, oldest first), delivers them to the handler with the same retries, and
 deletes the queue message only once that batch is done (a batch that fails again goes back to
-the queue as a new message). In AWS the same function redrives the real queue.
+the queue as a new message). Records whose zone has committed later records since are held on
+the queue rather than delivered into a redelivery skip (see `redrive`). In AWS the same function
+redrives the real queue.
 """
 
 from __future__ import annotations
@@ -296,11 +298,17 @@ def redrive(
     function_name: str,
     config: MappingConfig,
     on_failure: Callable[[dict[str, Any]], None],
-) -> int:
+    already_applied: Callable[[str, list[dict[str, Any]]], list[str]] | None = None,
+) -> tuple[int, int]:
     """Deliver every batch on the on-failure queue again, oldest first per shard; returns the
-    number of records redriven. A message is deleted only after its batch was delivered (or,
-    failing again, sent back to the queue by `on_failure`)."""
-    total = 0
+    number of records redriven and the number held. A message is deleted only after its batch
+    was delivered (or, failing again, sent back to the queue by `on_failure`).
+
+    `already_applied(shard, records)` names the records the processor's state has moved past
+    (their zone committed later records since): delivering them would only be skipped as
+    redeliveries, so they are held — their message stays on the queue, where the audit keeps
+    counting whatever of it is not in the lake — and the rest of the batch is delivered."""
+    total = held = 0
     pollers: dict[tuple[str, str], ShardPoller] = {}
     for payload, handle in dead_letters(sqs, queue_url, delete=True):
         batch = payload["KinesisBatchInfo"]
@@ -320,10 +328,17 @@ def redrive(
         records = read_range(
             kinesis, stream_name, batch["shardId"], batch["startSequenceNumber"], batch["endSequenceNumber"]
         )
-        pollers[key].deliver(records)
-        sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handle)
-        total += len(records)
-    return total
+        past = set(already_applied(batch["shardId"], records)) if already_applied else set()
+        todo = [r for r in records if r["SequenceNumber"] not in past]
+        if todo:
+            pollers[key].deliver(todo)
+        total += len(todo)
+        if past:
+            held += len(past)
+            sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)
+        else:
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handle)
+    return total, held
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,6 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batching-window", type=float, default=MappingConfig.batching_window_s)
     p.add_argument("--max-retries", type=int, default=MappingConfig.max_retry_attempts)
     p.add_argument("--no-bisect", action="store_true")
+    p.add_argument(
+        "--already-applied",
+        default="streaming.processor.handler.records_already_applied",
+        help="redrive: function naming the records the processor's state has moved past",
+    )
     args = p.parse_args(argv)
     module, func = args.handler.rsplit(".", 1)
     handler = getattr(importlib.import_module(module), func)
@@ -363,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     if redriving:
         if sqs is None:
             p.error("redrive needs --dlq-url")
-        n = redrive(
+        module, func = args.already_applied.rsplit(".", 1)
+        n, held = redrive(
             sqs=sqs,
             queue_url=args.dlq_url,
             kinesis=boto3.client("kinesis"),
@@ -371,8 +392,16 @@ def main(argv: list[str] | None = None) -> None:
             function_name=args.function_name,
             config=config,
             on_failure=on_failure,
+            already_applied=getattr(importlib.import_module(module), func),
         )
-        print(orjson.dumps({"event": "redriven", "records": n}).decode(), flush=True)
+        if held:
+            print(
+                f"redrive: {held} records held on the queue: their zone has committed later records since "
+                "(see `citypulse audit` for what of them is missing from the lake)",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(orjson.dumps({"event": "redriven", "records": n, "held": held}).decode(), flush=True)
         return
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     poller = ShardPoller(

@@ -130,6 +130,21 @@ def _processor() -> Processor:
     return Processor.from_env()
 
 
+def records_already_applied(shard_id: str, records: list[dict[str, Any]]) -> list[str]:
+    """Sequence numbers of Kinesis `records` (GetRecords shape; the partition key is the zone)
+    that their zone's state has already moved past, so the processor would skip them as
+    redeliveries. A redrive of the on-failure queue asks this first: a dead-lettered record
+    whose zone has since committed later records cannot be told from one that was applied, so
+    it is held on the queue (and counted by the audit) rather than delivered into a skip."""
+    states = _processor().store.load_zone_states({r["PartitionKey"] for r in records})
+    return [
+        r["SequenceNumber"]
+        for r in records
+        if (state := states.get(r["PartitionKey"])) is not None
+        and state.already_applied(shard_id, int(r["SequenceNumber"]))
+    ]
+
+
 def records_from_event(event: dict[str, Any]) -> list[Record]:
     """Kinesis event records → core Records (base64 decoded; shard from the event id)."""
     out = []

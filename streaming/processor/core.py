@@ -887,8 +887,9 @@ def _apply_block(
     if kept:  # the reference only creates a lake file it puts a row in
         out.lake[ts // HOUR_MS].extend(kept, env.gateway_id, received_at, processed_at_ms)
     if live:
-        if ts > state.watermark_ms:
-            state.watermark_ms = ts
+        watermark = min(ts, received_at)  # a clock ahead of the receive time cannot move it further
+        if watermark > state.watermark_ms:
+            state.watermark_ms = watermark
         minute = ts // MINUTE_MS
         key = (state.zone_id, minute)
         congestion = [r.congestion_index for r in live]
@@ -1033,7 +1034,9 @@ def _aggregate(
     settings: DetectorSettings,
 ) -> None:
     update_sensors((sensor,), (r,), env.received_at_ms, state.zone_id, out.alerts, settings.stuck_run_readings)
-    state.watermark_ms = max(state.watermark_ms, r.ts_ms)
+    # The watermark follows event time, capped at the receive time: a device whose clock runs
+    # ahead (within max_future_skew_ms) must not make its neighbours' readings late.
+    state.watermark_ms = max(state.watermark_ms, min(r.ts_ms, env.received_at_ms))
 
     minute = r.ts_ms // MINUTE_MS
     key = (state.zone_id, minute)

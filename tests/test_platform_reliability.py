@@ -23,142 +23,30 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 from fixtures.hostile_payloads import MESSAGE, Hostile, build_corpus
+from platform_harness import MINUTE_MS, Platform, running_platform
+from platform_harness import message as _message
+from platform_harness import publish_all as _publish_all
+from platform_harness import reading as _reading
 
-from infra.local.audit import _clients, render, run_audit
+from infra.local.audit import render, run_audit
 from infra.local.broker import MAX_PACKET_SIZE
-from infra.local.certs import LocalCA
-from infra.local.platform import PlatformInfo, demo_city, down, up
-from streaming.contract import format_ts, gateway_message
-from streaming.devices.gateway import Gateway
-from streaming.registry import City, Sensor
+from streaming.registry import Sensor
 
 pytestmark = pytest.mark.integration
 
 SENSORS, SEED = 8192, 5
-MINUTE_MS = 60_000
-WAIT_S = 120.0
 ALL_TIME = (datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=2))
-
-
-@dataclass
-class Platform:
-    state: Path
-    info: PlatformInfo
-    city: City
-    ca: LocalCA
-    s3: Any
-    ddb: Any
-
-    @property
-    def gateways(self) -> dict[str, list[Sensor]]:
-        return self.city.gateways()
-
-    def zones_with(self, n_gateways: int) -> list[str]:
-        per_zone = Counter(sensors[0].zone_id for sensors in self.gateways.values())
-        return sorted(z for z, n in per_zone.items() if n == n_gateways)
-
-    def gateways_of(self, zone_id: str) -> list[list[Sensor]]:
-        return sorted((s for s in self.gateways.values() if s[0].zone_id == zone_id), key=lambda s: s[0].gateway_id)
-
-    def connect(self, gateway_id: str, *, basic_ingest: bool) -> Gateway:
-        identity = self.ca.device_identity(gateway_id)
-        gw = Gateway(
-            gateway_id,
-            endpoint=self.info.env["CITYPULSE_MQTT_HOST"],
-            port=int(self.info.env["CITYPULSE_MQTT_PORT"]),
-            cert_path=identity.cert_path,
-            key_path=identity.key_path,
-            ca_path=self.ca.cert_path,
-            basic_ingest_rule=self.info.env["CITYPULSE_TOPIC_RULE"] if basic_ingest else None,
-        )
-        gw.connect()
-        return gw
-
-    def zone_counters(self) -> dict[str, dict[str, int]]:
-        from streaming.processor.store import StateStore
-
-        env = self.info.env
-        store = StateStore(self.ddb, env["CITYPULSE_PROCESSOR_STATE_TABLE"], env["CITYPULSE_ZONE_METRICS_TABLE"])
-        return {z.zone_id: dict(z.counters) for z in store.scan_zone_states()}
-
-    def wait_for_counters(
-        self, expected: dict[str, dict[str, int]], key: str = "received"
-    ) -> dict[str, dict[str, int]]:
-        """Poll until every zone in `expected` has reached its expected `key` count."""
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            counters = self.zone_counters()
-            if all(counters.get(z, {}).get(key, 0) >= e.get(key, 0) for z, e in expected.items()):
-                return counters
-            assert time.monotonic() < deadline, f"processor did not catch up within {WAIT_S} s"
-            time.sleep(0.25)  # polling another process's progress; no event to wait on
-
-    def download(self, prefix: str, into: Path) -> Path:
-        bucket = self.info.env["CITYPULSE_LAKE_BUCKET"]
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for o in page.get("Contents", ()):
-                target = into / o["Key"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())
-        return into / prefix
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    state = tmp_path_factory.mktemp("platform")
-    info = up(state, sensors=SENSORS, seed=SEED, echo=lambda _line: None)
-    try:
-        s3, ddb = _clients(info.env)
-        yield Platform(state, info, demo_city(SENSORS, SEED), LocalCA.load_or_create(state / "pki"), s3, ddb)
-    finally:
-        down(state, echo=lambda _line: None)
-
-
-def _reading(sensor: Sensor, seq: int, ts_ms: int, **over: Any) -> dict[str, Any]:
-    r = {
-        "sensor_id": sensor.sensor_id,
-        "zone_id": sensor.zone_id,
-        "ts": format_ts(ts_ms),
-        "seq": seq,
-        "vehicle_count": 7,
-        "avg_speed_kmh": 42.5,
-        "occupancy_pct": 12.0,
-        "congestion_index": 0.25,
-        "lane": sensor.lane,
-    }
-    r.update(over)
-    return r
-
-
-def _message(sensors: list[Sensor], readings: list[dict[str, Any]], sent_ms: int) -> bytes:
-    return orjson.dumps(gateway_message(sensors[0].gateway_id, sensors[0].zone_id, sent_ms, readings))
-
-
-def _publish_all(platform: Platform, plan: dict[str, list[bytes]], *, basic_ingest: bool) -> None:
-    """Each gateway publishes its messages in order over its own mTLS connection (QoS 1)."""
-    zone_of = {gw: sensors[0].zone_id for gw, sensors in platform.gateways.items()}
-
-    def run(gateway_id: str) -> None:
-        gw = platform.connect(gateway_id, basic_ingest=basic_ingest)
-        try:
-            for payload in plan[gateway_id]:
-                gw.publish_telemetry(zone_of[gateway_id], payload)
-            stats = gw.flush(60)
-            assert (stats.acked, stats.failed) == (len(plan[gateway_id]), 0)
-        finally:
-            gw.disconnect()
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(run, plan))
+    with running_platform(tmp_path_factory.mktemp("platform"), SENSORS, SEED) as p:
+        yield p
 
 
 # --- 1. the audit ------------------------------------------------------------------------------
@@ -173,6 +61,8 @@ def test_audit_balances_and_matches_the_ground_truth_exactly(platform: Platform)
     stored: Counter[str] = Counter()  # distinct (sensor, seq) in the lake
     stored_in_window: Counter[str] = Counter()  # ... with ts in [base, base + 5 min)
     quarantined: dict[str, Counter[str]] = {}
+    duplicates: Counter[str] = Counter()  # per sensor, as the processor counts them
+    late: Counter[str] = Counter()
     truth: dict[str, Counter[str]] = {z: Counter() for z in zones}
     for i, zone in enumerate(zones):
         (sensors,) = platform.gateways_of(zone)
@@ -200,16 +90,19 @@ def test_audit_balances_and_matches_the_ground_truth_exactly(platform: Platform)
         # Device resends, byte for byte: every reading of minute 3 is a duplicate.
         messages.append(messages[3])
         t.update(received=n, duplicates=n)
+        duplicates.update(s.sensor_id for s in sensors)
         if i == 0:
             # Minute 2 again: its valid *and* its invalid readings (sound identity) are duplicates;
             # the forged reading is quarantined a second time (it has no window to be found in).
             messages.append(messages[2])
             t.update(received=n + 1, duplicates=n, quarantined=1)
             quarantined["S-999999"]["unknown_sensor"] += 1
+            duplicates.update(s.sensor_id for s in sensors)  # invalid ones too: their identity is sound
         # A late reading: a new seq, an hour older than the zone's watermark: stored, counted late.
         messages.append(_message(sensors, [_reading(sensors[0], 100, base - 60 * MINUTE_MS)], now_ms))
         stored[sensors[0].sensor_id] += 1
         t.update(received=1, stored=1, late=1)
+        late[sensors[0].sensor_id] += 1
         if i == 1:  # a message that cannot be split into readings
             messages.append(b'{"schema_version": 1, "readings": [')
             t.update(quarantined_messages=1)
@@ -231,6 +124,7 @@ def test_audit_balances_and_matches_the_ground_truth_exactly(platform: Platform)
     for zone in zones:
         z = report.zones[zone]
         assert z.counters_balance and z.lake_matches_counters, (zone, text)
+        assert z.sensors_match_counters and z.sensor_duplicates == truth[zone]["duplicates"], (zone, text)
         assert z.lake_stored == truth[zone]["stored"] and z.lake_restored == 0
         assert z.lake_quarantined == truth[zone]["quarantined"]
         assert z.lake_quarantined_messages == truth[zone]["quarantined_messages"]
@@ -241,8 +135,11 @@ def test_audit_balances_and_matches_the_ground_truth_exactly(platform: Platform)
     assert {sid: dict(s.quarantined) for sid, s in audited.items() if s.quarantined} == {
         sid: dict(c) for sid, c in quarantined.items()
     }
+    assert {sid: s.duplicates for sid, s in audited.items() if s.duplicates} == dict(duplicates)
+    assert {sid: s.late for sid, s in audited.items() if s.late} == dict(late)
     for sid, s in audited.items():
         assert s.received_distinct == stored[sid] + sum(quarantined.get(sid, Counter()).values())
+        assert s.received == s.received_distinct + duplicates[sid]
     # If nothing else ran on the platform yet, the whole-platform balance is exactly ours.
     if set(report.zones) == set(zones):
         assert report.balanced is True, text
@@ -311,7 +208,7 @@ def test_hostile_corpus_through_mqtt_is_quarantined_or_accepted_and_counted(plat
         text = log.read_text(errors="replace")
         assert "on-failure destination" not in text and "handler raised" not in text, log
         assert '"batch failed' not in text, log
-    dlq = _dlq_depth(platform)
+    dlq = platform.dlq_depth()
     assert dlq == 0
 
     # Counted: the processor's counters per payload (one zone each), exactly.
@@ -400,21 +297,6 @@ def test_a_message_over_the_iot_core_limit_is_refused_at_the_broker(platform: Pl
 def _corpus_sensors(platform: Platform, zone: str, spare: str) -> tuple[list[Sensor], Sensor, Sensor]:
     first, second = platform.gateways_of(zone)
     return first, second[0], platform.gateways_of(spare)[0][0]
-
-
-def _dlq_depth(platform: Platform) -> int:
-    import boto3
-
-    env = platform.info.env
-    sqs = boto3.session.Session(
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    ).client("sqs", endpoint_url=env["AWS_ENDPOINT_URL_SQS"])
-    urls = [u for u in sqs.list_queues().get("QueueUrls", []) if u.endswith("-processor-dlq")]
-    assert len(urls) == 1, urls
-    attrs = sqs.get_queue_attributes(QueueUrl=urls[0], AttributeNames=["ApproximateNumberOfMessages"])
-    return int(attrs["Attributes"]["ApproximateNumberOfMessages"])
 
 
 # --- 3. logs never hold certificates, keys or tokens -------------------------------------------

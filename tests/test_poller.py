@@ -213,3 +213,63 @@ def test_a_killed_poller_resumes_and_misses_nothing(stream: str, tmp_path: Path,
     assert set(got) == sent  # nothing missing
     # at-least-once: redelivery is bounded by the batch in flight at each kill
     assert len(got) - len(sent) <= 3 * 200
+
+
+def test_redrive_holds_records_their_zone_has_moved_past_and_delivers_the_rest(
+    stream: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import boto3
+    import orjson
+
+    from infra.local.poller import dead_letters, redrive
+
+    sent = _produce(stream, producers=1, per_producer=20)
+    k, sqs = boto3.client("kinesis"), boto3.client("sqs")
+    queue_url = sqs.create_queue(QueueName=f"dlq-{request.node.name[:40]}".replace("_", "-"))["QueueUrl"]
+    poller = _poller(stream, lambda e, c: {"batchItemFailures": []}, tmp_path)
+    shard = poller.shard_id
+    records = k.get_records(ShardIterator=poller._iterator(), Limit=100)["Records"]
+    assert len(records) == len(sent)
+    message = {
+        "requestContext": {"condition": "RetryAttemptsExhausted", "functionArn": "test"},
+        "KinesisBatchInfo": {
+            "shardId": shard,
+            "startSequenceNumber": records[0]["SequenceNumber"],
+            "endSequenceNumber": records[-1]["SequenceNumber"],
+            "batchSize": len(records),
+            "streamArn": f"arn:aws:kinesis:us-east-1:000000000000:stream/{stream}",
+        },
+    }
+    sqs.send_message(QueueUrl=queue_url, MessageBody=orjson.dumps(message).decode())
+    past = {r["SequenceNumber"] for r in records[:5]}  # as if their zone had committed later records
+    delivered: list[bytes] = []
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        delivered.extend(_data(event))
+        return {"batchItemFailures": []}
+
+    def already_applied(shard_id: str, batch: list[dict[str, Any]]) -> list[str]:
+        assert shard_id == shard
+        return [r["SequenceNumber"] for r in batch if r["SequenceNumber"] in past]
+
+    def redrive_once() -> tuple[int, int]:
+        return redrive(
+            sqs=sqs,
+            queue_url=queue_url,
+            kinesis=k,
+            handler=handler,
+            function_name="test",
+            config=MappingConfig(),
+            on_failure=lambda payload: pytest.fail(f"redrive failed again: {payload}"),
+            already_applied=already_applied,
+        )
+
+    assert redrive_once() == (15, 5)
+    assert sorted(delivered) == sorted(r["Data"] for r in records[5:])
+    # The message stays on the queue, visible, for the audit and for a later look.
+    assert [m["KinesisBatchInfo"] for m, _ in dead_letters(sqs, queue_url)] == [message["KinesisBatchInfo"]]
+    past.clear()  # nothing held any more: the batch is delivered whole and the message deleted
+    delivered.clear()
+    assert redrive_once() == (20, 0)
+    assert sorted(delivered) == sorted(r["Data"] for r in records)
+    assert dead_letters(sqs, queue_url) == []

@@ -211,6 +211,27 @@ def test_future_timestamps_are_quarantined() -> None:
     assert out.counts["quarantined"] == 1
 
 
+def test_a_clock_ahead_does_not_make_its_honest_neighbours_late() -> None:
+    """The zone watermark moves with event time, capped at the receive time: a device whose clock
+    runs ahead (within the accepted skew) cannot shrink the lateness allowance of the others."""
+    store = Store()
+    b = StreamBuilder()
+    settings = DetectorSettings()
+    sensors = CITY.gateways()[CITY.sensors[0].gateway_id]
+    ahead, honest = sensors[0], sensors[1]
+    now = BASE_MS + 3_600_000
+    skewed = now + settings.max_future_skew_ms - 60_000  # accepted, not quarantined
+    store.run([b.gateway_record(sensors, [reading(ahead, 1, skewed)], now)])
+    assert store.zones[ahead.zone_id].watermark_ms == now
+    # Within the allowance of the receive time, whatever the skewed clock said.
+    delayed = now - settings.allowed_lateness_ms + 60_000
+    out = store.run([b.gateway_record(sensors, [reading(honest, 1, delayed)], now)])
+    assert (out.counts["stored"], out.counts.get("late", 0)) == (1, 0)
+    # Beyond it: late, as before.
+    out = store.run([b.gateway_record(sensors, [reading(honest, 2, delayed - 120_000)], now)])
+    assert out.counts.get("late", 0) == 1
+
+
 def _zone_minutes(store: Store, b: StreamBuilder, congestion_by_minute: list[float]) -> list[str]:
     sensors = [s for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
     by_gw: dict[str, list] = {}

@@ -9,11 +9,14 @@ Sources, each read independently of the others:
   and whole messages quarantined, by reason, deduplicated on their `source_id`
   (shard/sequence/index: one row per rejected item, however often its batch was retried);
 * the processor's own counters (one DynamoDB item per zone and per shard, redelivery-proof):
-  received, stored, duplicates absorbed, quarantined, late.
+  received, stored, duplicates absorbed, quarantined, late per zone, and duplicates and late
+  per sensor (kept in the same item, so just as redelivery-proof; they sum to the zone's).
 
-What the processor does **not** keep: per-sensor counters, and counters per time range (its
-counters are per zone, cumulative since the platform started). So duplicates and late
-readings are reported per zone, and the balance
+Per sensor the report gives received = stored + quarantined (by reason) + duplicates, and late.
+
+What the processor does **not** keep: counters per time range (its counters are cumulative
+since the platform started; per-sensor ones since the processor version that added them, so
+a zone whose state predates it shows per-sensor sums below its zone counters). So the balance
 
     received == stored + duplicates + quarantined
 
@@ -24,6 +27,18 @@ that the counters cannot be cut to it. The counters' own balance is checked per 
 Readings the processor stored again because they arrived beyond the dedupe window (a resend
 more than 64 sequence numbers late: stored, counted late) are shown as `restored`: one more
 store decision for a (`sensor_id`, `seq`) the lake already had (a different receive time).
+
+A fourth source, when the platform has one: the **on-failure queue** (the event-source
+mapping's destination for batches whose retries were exhausted). Each queued batch is read
+back from the stream by its sequence range, and its readings not already in the lake are
+counted per sensor as `dead_lettered` (by the rule's receive time). So during and after an
+outage every reading is somewhere the report can see:
+
+    published == stored + quarantined + dead_lettered   (per sensor)
+
+and after `python -m infra.local.poller redrive` the dead-lettered readings move to stored or
+quarantined. Whole records that cannot be read back into readings count as `dead_lettered`
+of sensor `(none)`.
 """
 
 from __future__ import annotations
@@ -34,7 +49,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streaming.processor.state import ZoneState
 
 HOUR = timedelta(hours=1)
 RAW_PREFIX = "raw/readings/"
@@ -51,11 +69,20 @@ class SensorAudit:
     restored: int = 0  # further store decisions for a seq already stored (beyond the dedupe window)
     lake_rows: int = 0  # raw rows, retry copies included
     quarantined: Counter[str] = field(default_factory=Counter)  # reason code → readings
+    duplicates: int = 0  # the processor's per-sensor counter (all time)
+    late: int = 0  # ... stored but left out of live aggregates (all time)
+    dead_lettered: int = 0  # distinct readings on the on-failure queue, not in the lake
 
     @property
     def received_distinct(self) -> int:
-        """Readings received once each (duplicates are not per sensor: see the zone rows)."""
-        return self.stored + self.restored + sum(self.quarantined.values())
+        """Readings received once each (duplicates are not per sensor: see the zone rows),
+        including those still on the on-failure queue."""
+        return self.stored + self.restored + sum(self.quarantined.values()) + self.dead_lettered
+
+    @property
+    def received(self) -> int:
+        """Every reading of this sensor the processor received: once each, plus its duplicates."""
+        return self.received_distinct + self.duplicates
 
 
 @dataclass
@@ -66,9 +93,16 @@ class ZoneAudit:
     lake_restored: int = 0
     lake_quarantined: int = 0  # readings
     lake_quarantined_messages: int = 0
+    sensor_duplicates: int = 0  # the sum of its sensors' counters
+    sensor_late: int = 0
 
     def counter(self, name: str) -> int:
         return self.counters.get(name, 0)
+
+    @property
+    def sensors_match_counters(self) -> bool:
+        """The per-sensor counters add up to the zone's."""
+        return self.sensor_duplicates == self.counter("duplicates") and self.sensor_late == self.counter("late")
 
     @property
     def counters_balance(self) -> bool:
@@ -97,6 +131,8 @@ class AuditReport:
     covers_all: bool  # every lake partition and row lies in [start, end)
     raw_files: int = 0
     quarantine_files: int = 0
+    dead_letter_batches: int = 0  # messages on the on-failure queue (whole batches)
+    dead_letter_records: int = 0  # Kinesis records in those batches
 
     # -- totals -----------------------------------------------------------------------
 
@@ -122,9 +158,14 @@ class AuditReport:
         return sum(self.message_reasons.values())
 
     @property
+    def dead_lettered(self) -> int:
+        return sum(s.dead_lettered for s in self.sensors.values())
+
+    @property
     def counters_balance(self) -> bool:
-        """The processor's counters: received == stored + duplicates + quarantined, every zone."""
-        return all(z.counters_balance for z in self.zones.values())
+        """The processor's counters: received == stored + duplicates + quarantined, every zone,
+        and every zone's per-sensor duplicates and late add up to its own."""
+        return all(z.counters_balance and z.sensors_match_counters for z in self.zones.values())
 
     @property
     def balanced(self) -> bool | None:
@@ -188,6 +229,7 @@ def _lake_side(s3: Any, bucket: str, start: datetime, end: datetime) -> dict[str
     params = [start, end]
     out: dict[str, Any] = {"raw_files": raw_files, "quarantine_files": q_files, "rows_outside": 0}
     out["stored"] = []
+    out["stored_keys"] = []
     if raw is not None:
         con.register("raw_all", raw)
         out["rows_outside"] += con.execute(
@@ -205,6 +247,7 @@ def _lake_side(s3: Any, bucket: str, start: datetime, end: datetime) -> dict[str
             """,
             params + params,
         ).fetchall()
+        out["stored_keys"] = con.execute("select distinct sensor_id, seq from raw_all").fetchall()
     out["quarantined"] = []
     if quarantine is not None:
         con.register("q_all", quarantine)
@@ -227,7 +270,7 @@ def _lake_side(s3: Any, bucket: str, start: datetime, end: datetime) -> dict[str
 # -- the audit --------------------------------------------------------------------------
 
 
-def _clients(env: dict[str, str]) -> tuple[Any, Any]:
+def _client(env: dict[str, str], service: str, endpoint_var: str) -> Any:
     import boto3
 
     session = boto3.session.Session(
@@ -235,9 +278,53 @@ def _clients(env: dict[str, str]) -> tuple[Any, Any]:
         aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
         region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
-    s3 = session.client("s3", endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
-    ddb = session.client("dynamodb", endpoint_url=env.get("AWS_ENDPOINT_URL_DYNAMODB") or env.get("AWS_ENDPOINT_URL"))
-    return s3, ddb
+    return session.client(service, endpoint_url=env.get(endpoint_var) or env.get("AWS_ENDPOINT_URL"))
+
+
+def _clients(env: dict[str, str]) -> tuple[Any, Any]:
+    return _client(env, "s3", "AWS_ENDPOINT_URL_S3"), _client(env, "dynamodb", "AWS_ENDPOINT_URL_DYNAMODB")
+
+
+def _dead_letters(env: dict[str, str], start: datetime, end: datetime) -> tuple[int, int, list[tuple[Any, ...]]]:
+    """(batches, records, readings) on the on-failure queue; a reading is (sensor_id, zone_id,
+    seq), None where a record cannot be read into readings. Filtered by receive time."""
+    url = env.get("CITYPULSE_PROCESSOR_DLQ_URL")
+    if not url:
+        return 0, 0, []
+    from infra.local.poller import dead_letters, read_range
+    from streaming.contract import ContractError
+    from streaming.processor.envelope import decode_envelope, parse_readings
+
+    sqs = _client(env, "sqs", "AWS_ENDPOINT_URL_SQS")
+    kinesis = _client(env, "kinesis", "AWS_ENDPOINT_URL_KINESIS")
+    start_ms, end_ms = start.timestamp() * 1000, end.timestamp() * 1000
+    batches = records = 0
+    readings: list[tuple[Any, ...]] = []
+    for payload, _ in dead_letters(sqs, url):
+        b = payload["KinesisBatchInfo"]
+        batches += 1
+        stream = b["streamArn"].rsplit("/", 1)[-1]
+        for r in read_range(kinesis, stream, b["shardId"], b["startSequenceNumber"], b["endSequenceNumber"]):
+            records += 1
+            try:
+                envelope = decode_envelope(r["Data"])
+                if not start_ms <= envelope.received_at_ms < end_ms:
+                    continue
+                raws, _sent = parse_readings(envelope)
+            except ContractError:
+                readings.append((None, None, None))
+                continue
+            for raw in raws:
+                sensor_id = raw.get("sensor_id") if isinstance(raw, dict) else None
+                seq = raw.get("seq") if isinstance(raw, dict) else None
+                readings.append(
+                    (
+                        sensor_id if isinstance(sensor_id, str) else None,
+                        envelope.zone_id,
+                        seq if type(seq) is int else None,
+                    )
+                )
+    return batches, records, readings
 
 
 def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
@@ -253,9 +340,11 @@ def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
     env = info.env
     s3, ddb = _clients(env)
     lake = _lake_side(s3, env["CITYPULSE_LAKE_BUCKET"], start, end)
+    dl_batches, dl_records, dl_readings = _dead_letters(env, start, end)
 
     store = StateStore(ddb, env["CITYPULSE_PROCESSOR_STATE_TABLE"], env["CITYPULSE_ZONE_METRICS_TABLE"])
-    zones = {z.zone_id: ZoneAudit(z.zone_id, dict(z.counters)) for z in store.scan_zone_states()}
+    states = store.scan_zone_states()
+    zones = {z.zone_id: ZoneAudit(z.zone_id, dict(z.counters)) for z in states}
     shard_counters: Counter[str] = Counter()
     for shard in store.load_shard_counters(info.shards).values():
         shard_counters.update(shard.counters)
@@ -282,6 +371,15 @@ def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
         s = sensors.setdefault(sensor_id, SensorAudit(sensor_id, zone_id))
         s.quarantined[code] += n
         zone(zone_id).lake_quarantined += n
+    counted: set[tuple[str, int]] = set(lake["stored_keys"])
+    for sensor_id, zone_id, seq in dl_readings:
+        if seq is not None and sensor_id is not None:
+            if (sensor_id, seq) in counted:
+                continue  # already stored (or on the queue twice): once is enough
+            counted.add((sensor_id, seq))
+        key = sensor_id or NO_SENSOR
+        sensors.setdefault(key, SensorAudit(key, zone_id)).dead_lettered += 1
+    add_sensor_counters(states, zones, sensors)
     return AuditReport(
         start=start,
         end=end,
@@ -293,7 +391,22 @@ def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
         covers_all=lake["covers_all"],
         raw_files=lake["raw_files"],
         quarantine_files=lake["quarantine_files"],
+        dead_letter_batches=dl_batches,
+        dead_letter_records=dl_records,
     )
+
+
+def add_sensor_counters(states: list[ZoneState], zones: dict[str, ZoneAudit], sensors: dict[str, SensorAudit]) -> None:
+    """The processor's per-sensor duplicates and late into the sensor rows, and their sums into
+    the zone rows (a sensor with neither and no lake row in range is not listed)."""
+    for state in states:
+        zone = zones[state.zone_id]
+        for sensor_id, s in state.sensors.items():
+            zone.sensor_duplicates += s.duplicates
+            zone.sensor_late += s.late
+            if s.duplicates or s.late or sensor_id in sensors:
+                row = sensors.setdefault(sensor_id, SensorAudit(sensor_id, state.zone_id))
+                row.duplicates, row.late = s.duplicates, s.late
 
 
 def render(report: AuditReport, *, max_sensors: int = 20) -> str:
@@ -305,6 +418,11 @@ def render(report: AuditReport, *, max_sensors: int = 20) -> str:
         f"{r.quarantined_messages:,} whole messages"
         + (f"  restored beyond window={r.restored:,}" if r.restored else ""),
     ]
+    if r.dead_letter_batches:
+        lines.append(
+            f"on-failure {r.dead_letter_batches:,} batches ({r.dead_letter_records:,} records) on the queue: "
+            f"{r.dead_lettered:,} readings not in the lake yet (`python -m infra.local.poller redrive`)"
+        )
     if r.reasons:
         lines.append("           reading reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(r.reasons.items())))
     if r.message_reasons:
@@ -316,7 +434,10 @@ def render(report: AuditReport, *, max_sensors: int = 20) -> str:
         f"duplicates={r.total('duplicates'):,}  quarantined={r.total('quarantined'):,}  late={r.total('late'):,}  "
         f"quarantined_messages={r.total('quarantined_messages'):,}  (processor, all time, per zone)"
     )
-    lines.append(f"           every zone: received == stored + duplicates + quarantined: {r.counters_balance}")
+    lines.append(
+        "           every zone: received == stored + duplicates + quarantined, and its sensors' duplicates "
+        f"and late add up to its own: {r.counters_balance}"
+    )
     if r.balanced is None:
         lines.append(
             "balance    not checked: the lake holds data outside this range and the processor's counters are "
@@ -338,16 +459,21 @@ def render(report: AuditReport, *, max_sensors: int = 20) -> str:
             f"           {z.zone_id:<10} {c('received'):>9,} {c('stored'):>8,} {c('duplicates'):>6,} "
             f"{c('quarantined'):>6,} {c('late'):>6,} {c('quarantined_messages'):>5,}"
         )
-    shown = sorted(r.sensors.values(), key=lambda s: (-sum(s.quarantined.values()), s.sensor_id))[:max_sensors]
+    shown = sorted(
+        r.sensors.values(), key=lambda s: (-sum(s.quarantined.values()), -s.duplicates - s.late, s.sensor_id)
+    )[:max_sensors]
     lines.append(
         f"sensors    {len(r.sensors):,} in range; {len(shown)} shown (most quarantined first); "
-        "received here = stored + quarantined (duplicates are per zone)"
+        "received = stored + quarantined + duplicates; late is part of stored"
     )
     for s in shown:
         why = ", ".join(f"{k}={v}" for k, v in sorted(s.quarantined.items()))
         lines.append(
-            f"           {s.sensor_id:<14} {s.zone_id or '':<8} received={s.received_distinct:<5} stored={s.stored:<5}"
+            f"           {s.sensor_id:<14} {s.zone_id or '':<8} received={s.received:<5} stored={s.stored:<5}"
+            + (f" duplicates={s.duplicates}" if s.duplicates else "")
+            + (f" late={s.late}" if s.late else "")
             + (f" quarantined: {why}" if why else "")
+            + (f" dead-lettered={s.dead_lettered}" if s.dead_lettered else "")
         )
     return "\n".join(lines)
 

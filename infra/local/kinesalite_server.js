@@ -36,6 +36,20 @@ server.on('error', (err) => {
   process.exit(1)
 })
 
+// kinesalite rethrows a request's 'error' event (index.js: req.on('error', err => { throw err })),
+// so a client killed mid-request (a `kill -9`ed poller) took the whole server down with
+// ECONNRESET "aborted". Such a request either never reached kinesalite's handler (nothing
+// written) or lost only its response with its client, as any lost response: it is logged and
+// dropped. Any other uncaught error still ends the process.
+process.on('uncaughtException', (err) => {
+  if (err && err.code === 'ECONNRESET') {
+    console.error('kinesalite: a client went away mid-request (' + err.message + '); ignored')
+    return
+  }
+  console.error(err && err.stack ? err.stack : String(err))
+  process.exit(1)
+})
+
 server.listen(port, '127.0.0.1', () => {
   const a = server.address()
   console.log('kinesalite listening at http://' + a.address + ':' + a.port + ' path=' + dbPath)

@@ -9,7 +9,8 @@ that brings up, in order:
 3. the sensor registry in the lake,
 4. Mosquitto with mutual TLS and per-device ACLs in place of IoT Core,
 5. the rule bridge honouring the template's IoT rule (in place of the rule's Kinesis action),
-6. one event-source poller per shard invoking the real processor handler.
+6. one event-source poller per shard invoking the real processor handler,
+7. the sweeper's schedule (`infra/local/schedule.py`) invoking the real sweeper handler.
 
 It writes `platform.json` in the state directory (endpoints, environment, pids) and
 stays in the foreground of its own session until `citypulse down` (SIGTERM), then stops
@@ -159,8 +160,10 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
-def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local") -> None:
-    """Run the platform in this process until SIGTERM/SIGINT (the supervisor's body)."""
+def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local", faults: Path | None = None) -> None:
+    """Run the platform in this process until SIGTERM/SIGINT (the supervisor's body). With `faults`
+    (a plan for infra/local/faults.py) the processor reaches DynamoDB, S3 and EventBridge through
+    the fault-injecting proxy: the fault-injection suite's configuration, nothing else changes."""
     # Imported here: `citypulse status` and `down` must not pay for boto3, awscrt, pyarrow.
     import boto3
 
@@ -281,7 +284,32 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
         shards = [s["ShardId"] for s in kinesis_client.list_shards(StreamName=stream.name)["Shards"]]
         info.shards = shards
         step(f"starting {len(shards)} event-source pollers (one per shard) with the real handler")
-        dlq = esm.on_failure_destination
+        dlq = _queue_url(esm.on_failure_destination) if esm.on_failure_destination else None
+        if dlq:
+            env.update(CITYPULSE_PROCESSOR_DLQ_URL=dlq)  # for `citypulse audit` and the redrive
+        poller_env = env
+        if faults is not None:
+            proxy = _spawn(
+                "faults",
+                [
+                    sys.executable,
+                    "-m",
+                    "infra.local.faults",
+                    "--upstream",
+                    ministack.endpoint_url,
+                    "--plan",
+                    str(faults),
+                ],
+                env,
+                logs,
+            )
+            children.append(proxy)
+            info.record("faults", proxy.pid)
+            _wait_for_line(proxy, logs / "faults.log", b'"event":"ready"', timeout=30)
+            url = orjson.loads((logs / "faults.log").read_bytes().splitlines()[-1])["url"]
+            info.endpoints.update(faults=url)
+            service_vars = ("AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_EVENTBRIDGE")
+            poller_env = {**env, **dict.fromkeys(service_vars, url)}
         for shard in shards:
             argv = [
                 sys.executable,
@@ -305,10 +333,33 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local")
             if not esm.bisect_batch_on_function_error:
                 argv.append("--no-bisect")
             if dlq:
-                argv += ["--dlq-url", _queue_url(dlq)]
-            proc = _spawn(f"poller-{shard}", argv, env, logs)
+                argv += ["--dlq-url", dlq]
+            proc = _spawn(f"poller-{shard}", argv, poller_env, logs)
             children.append(proc)
             info.record(f"poller-{shard}", proc.pid)
+
+        from streaming.processor.sweeper import SWEEP_INTERVAL_S
+
+        sweeper_name = next(r.physical_id for r in report.resources if r.logical_id == "SweeperFunction")
+        step(f"starting the sweeper's schedule (every {SWEEP_INTERVAL_S} s) with the real handler")
+        sweeper = _spawn(
+            "sweeper",
+            [
+                sys.executable,
+                "-m",
+                "infra.local.schedule",
+                "--handler",
+                "streaming.processor.sweeper.handler",
+                "--every",
+                str(SWEEP_INTERVAL_S),
+                "--function-name",
+                str(sweeper_name),
+            ],
+            {**env, **report.function_env[str(sweeper_name)]},
+            logs,
+        )
+        children.append(sweeper)
+        info.record("sweeper", sweeper.pid)
 
         info.env = {k: v for k, v in env.items() if k.startswith(("AWS_", "CITYPULSE_"))}
         info.state = "ready"
@@ -350,7 +401,14 @@ def _queue_url(arn: str) -> str:
 
 
 def up(
-    state_dir: Path, *, sensors: int, seed: int, fresh: bool = True, timeout: float = 180.0, echo: Any = print
+    state_dir: Path,
+    *,
+    sensors: int,
+    seed: int,
+    fresh: bool = True,
+    timeout: float = 180.0,
+    echo: Any = print,
+    faults: Path | None = None,
 ) -> PlatformInfo:
     """Start the supervisor detached and wait until it reports ready (or failed)."""
     current = PlatformInfo.load(state_dir)
@@ -376,6 +434,7 @@ def up(
             str(sensors),
             "--seed",
             str(seed),
+            *(["--faults", str(faults)] if faults is not None else []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -447,8 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--sensors", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--faults", type=Path, default=None, help="fault plan: the processor's AWS calls go through it")
     args = p.parse_args(argv)
-    supervise(args.state_dir, args.sensors, args.seed)
+    supervise(args.state_dir, args.sensors, args.seed, faults=args.faults)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ Its checkpoint (the last sequence number the handler finished) is a file written
 atomically after each successful batch, so a killed poller resumes where it stopped
 and redelivers at most the batch in flight. It never skips silently: resuming from a
 checkpoint the stream no longer holds raises.
+
+`python -m infra.local.poller redrive --dlq-url URL` is the way back from the on-failure
+destination: it reads each queued batch's records back from the stream (by shard and
+sequence range, oldest first), delivers them to the handler with the same retries, and
+deletes the queue message only once that batch is done (a batch that fails again goes back to
+the queue as a new message). Records whose zone has committed later records since are held on
+the queue rather than delivered into a redelivery skip (see `redrive`). In AWS the same function
+redrives the real queue.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 import boto3
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 
 from infra.local.kinesis_resume import CheckpointError, resume_iterator
 
@@ -97,7 +106,7 @@ class ShardPoller:
         shard_id: str,
         handler: Handler,
         function_name: str,
-        checkpoint: Checkpoint,
+        checkpoint: Checkpoint | None,
         config: MappingConfig,
         on_failure: Callable[[dict[str, Any]], None],
         region: str = "us-east-1",
@@ -117,7 +126,8 @@ class ShardPoller:
 
     def _iterator(self) -> str:
         # Raises CheckpointError rather than resuming from a checkpoint the stream lost.
-        return resume_iterator(self.kinesis, self.stream_name, self.shard_id, self.checkpoint.load())
+        start = self.checkpoint.load() if self.checkpoint is not None else None
+        return resume_iterator(self.kinesis, self.stream_name, self.shard_id, start)
 
     def _event(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -164,7 +174,7 @@ class ShardPoller:
         pending = [records]
         while pending:
             chunk = pending.pop(0)
-            if self._deliver_chunk(chunk, pending):
+            if self._deliver_chunk(chunk, pending) and self.checkpoint is not None:
                 self.checkpoint.save(chunk[-1]["SequenceNumber"])
 
     def _deliver_chunk(self, chunk: list[dict[str, Any]], pending: list[list[dict[str, Any]]]) -> bool:
@@ -208,7 +218,16 @@ class ShardPoller:
         while not stop.is_set():
             if iterator is None:
                 raise CheckpointError(f"{self.shard_id} was closed; resharding is not emulated locally")
-            resp = self.kinesis.get_records(ShardIterator=iterator, Limit=size)
+            try:
+                resp = self.kinesis.get_records(ShardIterator=iterator, Limit=size)
+            except (BotoCoreError, ClientError) as exc:
+                # As the managed mapping does, a failed or expired read is retried from the last
+                # checkpoint rather than ending the poller; records read but not yet delivered
+                # are read again.
+                print(f"poller {self.shard_id}: GetRecords failed ({exc!r}); resuming", file=sys.stderr, flush=True)
+                stop.wait(self.config.poll_interval_s)
+                iterator, buffer = self._iterator(), []
+                continue
             iterator = resp.get("NextShardIterator")
             records = resp["Records"]
             if records and not buffer:
@@ -226,21 +245,126 @@ class ShardPoller:
                 stop.wait(self.config.poll_interval_s)
 
 
+def read_range(kinesis: Any, stream_name: str, shard_id: str, start: str, end: str) -> list[dict[str, Any]]:
+    """The records of one shard from sequence number `start` to `end`, inclusive."""
+    iterator = kinesis.get_shard_iterator(
+        StreamName=stream_name, ShardId=shard_id, ShardIteratorType="AT_SEQUENCE_NUMBER", StartingSequenceNumber=start
+    )["ShardIterator"]
+    out: list[dict[str, Any]] = []
+    empty = 0
+    while iterator and empty < 3:  # Kinesis may answer empty a few times before the records
+        resp = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
+        for r in resp["Records"]:
+            if int(r["SequenceNumber"]) > int(end):
+                return out
+            out.append(r)
+        if out and out[-1]["SequenceNumber"] == end:
+            return out
+        empty = 0 if resp["Records"] else empty + 1
+        iterator = resp.get("NextShardIterator")
+    raise CheckpointError(f"{shard_id}: records up to {end} are no longer in the stream (past its retention?)")
+
+
+def dead_letters(sqs: Any, queue_url: str, *, delete: bool = False) -> list[tuple[dict[str, Any], str]]:
+    """Every message on the on-failure queue as (payload, receipt handle), oldest batch first
+    per shard. Each is received with a visibility timeout; unless the caller means to delete
+    them (`delete`), they are made visible again at once, so reading the queue consumes nothing.
+    A message a crashed reader left hidden reappears after the timeout."""
+    seen: dict[str, tuple[dict[str, Any], str]] = {}
+    while True:
+        resp = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=60)
+        messages = resp.get("Messages", [])
+        if not messages:
+            break
+        for m in messages:
+            seen[m["MessageId"]] = (orjson.loads(m["Body"]), m["ReceiptHandle"])
+    if not delete:
+        for _, handle in seen.values():
+            sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)
+
+    def oldest_first(item: tuple[dict[str, Any], str]) -> tuple[str, int]:
+        batch = item[0]["KinesisBatchInfo"]
+        return batch["shardId"], int(batch["startSequenceNumber"])
+
+    return sorted(seen.values(), key=oldest_first)
+
+
+def redrive(
+    *,
+    sqs: Any,
+    queue_url: str,
+    kinesis: Any,
+    handler: Handler,
+    function_name: str,
+    config: MappingConfig,
+    on_failure: Callable[[dict[str, Any]], None],
+    already_applied: Callable[[str, list[dict[str, Any]]], list[str]] | None = None,
+) -> tuple[int, int]:
+    """Deliver every batch on the on-failure queue again, oldest first per shard; returns the
+    number of records redriven and the number held. A message is deleted only after its batch
+    was delivered (or, failing again, sent back to the queue by `on_failure`).
+
+    `already_applied(shard, records)` names the records the processor's state has moved past
+    (their zone committed later records since): delivering them would only be skipped as
+    redeliveries, so they are held — their message stays on the queue, where the audit keeps
+    counting whatever of it is not in the lake — and the rest of the batch is delivered."""
+    total = held = 0
+    pollers: dict[tuple[str, str], ShardPoller] = {}
+    for payload, handle in dead_letters(sqs, queue_url, delete=True):
+        batch = payload["KinesisBatchInfo"]
+        stream_name = batch["streamArn"].rsplit("/", 1)[-1]
+        key = (stream_name, batch["shardId"])
+        if key not in pollers:
+            pollers[key] = ShardPoller(
+                kinesis=kinesis,
+                stream_name=stream_name,
+                shard_id=batch["shardId"],
+                handler=handler,
+                function_name=function_name,
+                checkpoint=None,  # the live poller's checkpoint is not ours to move
+                config=config,
+                on_failure=on_failure,
+            )
+        records = read_range(
+            kinesis, stream_name, batch["shardId"], batch["startSequenceNumber"], batch["endSequenceNumber"]
+        )
+        past = set(already_applied(batch["shardId"], records)) if already_applied else set()
+        todo = [r for r in records if r["SequenceNumber"] not in past]
+        if todo:
+            pollers[key].deliver(todo)
+        total += len(todo)
+        if past:
+            held += len(past)
+            sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)
+        else:
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handle)
+    return total, held
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m infra.local.poller --stream S --shard ID --handler mod.func ...`"""
+    """`python -m infra.local.poller --stream S --shard ID --handler mod.func ...`, or
+    `python -m infra.local.poller redrive --dlq-url URL` to deliver the on-failure queue again."""
+    argv = sys.argv[1:] if argv is None else argv
+    redriving = argv[:1] == ["redrive"]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stream", required=True)
-    p.add_argument("--shard", required=True)
+    if redriving:
+        argv = argv[1:]
+    p.add_argument("--stream", required=not redriving)
+    p.add_argument("--shard", required=not redriving)
     p.add_argument("--handler", default="streaming.processor.handler.handler")
     p.add_argument("--function-name", default="citypulse-processor")
-    p.add_argument("--checkpoint-dir", type=Path, required=True)
+    p.add_argument("--checkpoint-dir", type=Path, required=not redriving)
     p.add_argument("--dlq-url", default=None, help="SQS queue for the on-failure destination")
     p.add_argument("--batch-size", type=int, default=MappingConfig.batch_size)
     p.add_argument("--batching-window", type=float, default=MappingConfig.batching_window_s)
     p.add_argument("--max-retries", type=int, default=MappingConfig.max_retry_attempts)
     p.add_argument("--no-bisect", action="store_true")
+    p.add_argument(
+        "--already-applied",
+        default="streaming.processor.handler.records_already_applied",
+        help="redrive: function naming the records the processor's state has moved past",
+    )
     args = p.parse_args(argv)
-
     module, func = args.handler.rsplit(".", 1)
     handler = getattr(importlib.import_module(module), func)
     sqs = boto3.client("sqs") if args.dlq_url else None
@@ -250,6 +374,35 @@ def main(argv: list[str] | None = None) -> None:
         if sqs is not None:
             sqs.send_message(QueueUrl=args.dlq_url, MessageBody=orjson.dumps(payload).decode())
 
+    config = MappingConfig(
+        batch_size=args.batch_size,
+        batching_window_s=args.batching_window,
+        max_retry_attempts=args.max_retries,
+        bisect_on_error=not args.no_bisect,
+    )
+    if redriving:
+        if sqs is None:
+            p.error("redrive needs --dlq-url")
+        module, func = args.already_applied.rsplit(".", 1)
+        n, held = redrive(
+            sqs=sqs,
+            queue_url=args.dlq_url,
+            kinesis=boto3.client("kinesis"),
+            handler=handler,
+            function_name=args.function_name,
+            config=config,
+            on_failure=on_failure,
+            already_applied=getattr(importlib.import_module(module), func),
+        )
+        if held:
+            print(
+                f"redrive: {held} records held on the queue: their zone has committed later records since "
+                "(see `citypulse audit` for what of them is missing from the lake)",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(orjson.dumps({"event": "redriven", "records": n, "held": held}).decode(), flush=True)
+        return
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     poller = ShardPoller(
         kinesis=boto3.client("kinesis"),
@@ -258,12 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         handler=handler,
         function_name=args.function_name,
         checkpoint=Checkpoint(args.checkpoint_dir / f"{args.shard}.seq"),
-        config=MappingConfig(
-            batch_size=args.batch_size,
-            batching_window_s=args.batching_window,
-            max_retry_attempts=args.max_retries,
-            bisect_on_error=not args.no_bisect,
-        ),
+        config=config,
         on_failure=on_failure,
     )
     stop = threading.Event()

@@ -124,6 +124,10 @@ STAND_INS: Mapping[str, StandIn] = {
     "AWS::QuickSight::Dashboard": StandIn(
         "instead", "the local dashboard (issue 6)", _NO_QUICKSIGHT, placeholders=True
     ),
+    "AWS::QuickSight::Analysis": StandIn(
+        "instead", "the notebooks on the local warehouse (notebooks/)", _NO_QUICKSIGHT, placeholders=True
+    ),
+    "AWS::QuickSight::Template": StandIn("instead", "no stand-in needed", _NO_QUICKSIGHT, placeholders=True),
     "AWS::QuickSight::VPCConnection": StandIn("instead", "no stand-in needed", _LOOPBACK, placeholders=True),
     "AWS::Events::Connection": StandIn(
         "instead",
@@ -190,6 +194,19 @@ STAND_INS: Mapping[str, StandIn] = {
         "instead",
         "the local simulator (citypulse demo, streaming/devices/simulator.py)",
         "grants the schedule a function that is not deployed locally",
+        placeholders=True,
+    ),
+    # The sweeper's function is deployed (config + code); its schedule is kept by the platform.
+    "SweeperSchedule": StandIn(
+        "instead",
+        "infra/local/schedule.py (the platform invokes the same handler at the same rate)",
+        "ministack's EventBridge would run a second sweeper inside the emulator",
+        placeholders=True,
+    ),
+    "SweeperInvokePermission": StandIn(
+        "instead",
+        "infra/local/schedule.py (the platform invokes the same handler at the same rate)",
+        "grants a schedule that is not deployed locally",
         placeholders=True,
     ),
 }
@@ -281,10 +298,11 @@ class ProvisionReport:
 
     @property
     def processor_env(self) -> dict[str, str]:
-        """Environment of the template's one Lambda function: what the handler gets in AWS."""
-        if len(self.function_env) != 1:
-            raise ProvisionError(f"expected one Lambda function, the template has {len(self.function_env)}")
-        return dict(next(iter(self.function_env.values())))
+        """Environment of the function the event-source mapping invokes: what the handler gets in AWS."""
+        if len(self.event_source_mappings) != 1:
+            count = len(self.event_source_mappings)
+            raise ProvisionError(f"expected one event-source mapping, the template has {count}")
+        return dict(self.function_env[self.event_source_mappings[0].function_name])
 
     def render(self) -> str:
         """One line per resource: logical id, type, where it lives."""
@@ -1006,7 +1024,7 @@ def provision(
             where = "ministack"
             if rtype == "AWS::Lambda::Function":
                 report.function_env[str(physical)] = _function_env(clients, lid, str(physical))
-                where = "ministack (config + code); batches come from the event-source stand-in"
+                where = "ministack (config + code); invoked locally by the stand-in of its trigger"
             if lid in plan.placeholders:
                 where += f" (placeholders for stand-ins: {', '.join(plan.placeholders[lid])})"
             report.resources.append(ResourceLine(lid, rtype, physical, where))

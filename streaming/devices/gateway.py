@@ -20,6 +20,14 @@ unacknowledged publish across connection interruptions and resends it on resume,
 publish future resolves only when the broker has acknowledged it. With a clean session
 awscrt cancels those instead (``AWS_ERROR_MQTT_CANCELLED_FOR_CLEAN_SESSION``); the gateway
 then resubmits them itself once the connection resumes.
+
+Offline buffering: while the broker is unreachable, publishes are held by awscrt (and the
+resubmit queue) and sent when the connection resumes, oldest first. The buffer is bounded by
+``max_in_flight`` messages (default 100, ~3,200 readings at 32 per message; with one message
+per minute that is over an hour of a gateway's traffic). Beyond it ``publish`` blocks (back-
+pressure on the caller, nothing dropped); given a ``timeout`` it raises ``TimeoutError`` and
+counts the message in ``GatewayStats.refused``: the caller still holds it and decides (retry,
+spill to disk), never a silent loss.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ class GatewayStats:
     resubmitted: int
     interruptions: int
     resumptions: int
+    refused: int = 0  # publishes refused because the offline buffer (in-flight window) stayed full
 
     @property
     def in_flight(self) -> int:
@@ -136,7 +145,7 @@ class Gateway:
         self._online = False
         self._closing = False
         self._pending_resubmit: deque[tuple[str, bytes, Future[None]]] = deque()
-        self._published = self._acked = self._failed = self._resubmitted = 0
+        self._published = self._acked = self._failed = self._resubmitted = self._refused = 0
         self._interruptions = self._resumptions = 0
         self._connection = mqtt_connection_builder.mtls_from_path(
             endpoint=endpoint,
@@ -202,6 +211,8 @@ class Gateway:
         if self._closing:
             raise GatewayError(f"{self.gateway_id} is closed")
         if not self._window.acquire(timeout=timeout):
+            with self._lock:
+                self._refused += 1
             raise TimeoutError(f"{self.gateway_id}: in-flight window still full after {timeout}s")
         future: Future[None] = Future()
         future.set_running_or_notify_cancel()
@@ -236,6 +247,7 @@ class Gateway:
                 resubmitted=self._resubmitted,
                 interruptions=self._interruptions,
                 resumptions=self._resumptions,
+                refused=self._refused,
             )
 
     # -- internals --------------------------------------------------------------------------

@@ -348,8 +348,9 @@ def apply_block(
         out.alerts,
         settings.stuck_run_readings,
     )
-    if ts > state.watermark_ms:
-        state.watermark_ms = ts
+    watermark = min(ts, received_at)  # the reference's rule: a clock ahead of receive time cannot move it further
+    if watermark > state.watermark_ms:
+        state.watermark_ms = watermark
     minute = ts // core.MINUTE_MS
     agg = core.minute_aggregate(state.zone_id, minute, rec, minutes, out)
     if agg is not None:

@@ -874,7 +874,9 @@ def _aggregate(
     update_sensors(
         (sensor,), (LIVE_ROW(r),), env.received_at_ms, state.zone_id, out.alerts, settings.stuck_run_readings
     )
-    state.watermark_ms = max(state.watermark_ms, r.ts_ms)
+    # The watermark follows event time, capped at the receive time: a device whose clock runs
+    # ahead (within max_future_skew_ms) must not make its neighbours' readings late.
+    state.watermark_ms = max(state.watermark_ms, min(r.ts_ms, env.received_at_ms))
 
     minute = r.ts_ms // MINUTE_MS
     agg = minute_aggregate(state.zone_id, minute, rec, minutes, out)

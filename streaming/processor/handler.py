@@ -41,6 +41,12 @@ class Settings:
     metrics_table: str
     event_bus: str
     registry_key: str
+    # Total attempts per AWS call, in botocore's `standard` retry mode: throttling and 5xx errors
+    # retried with exponential back-off and full jitter, under a retry quota. Not `adaptive`: its
+    # client-side rate limiter is per container and the event-source mapping is already the outer
+    # back-off. Beyond these attempts the batch is reported failed (batchItemFailures), retried by
+    # the mapping, then sent to its on-failure destination.
+    aws_max_attempts: int = 10
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -51,6 +57,7 @@ class Settings:
             metrics_table=env["CITYPULSE_ZONE_METRICS_TABLE"],
             event_bus=env["CITYPULSE_EVENT_BUS"],
             registry_key=env.get("CITYPULSE_REGISTRY_KEY", "registry/sensor_registry.csv"),
+            aws_max_attempts=int(env.get("CITYPULSE_AWS_MAX_ATTEMPTS", "10")),
         )
 
 
@@ -69,7 +76,9 @@ class Processor:
     @classmethod
     def from_env(cls) -> Processor:
         settings = Settings.from_env()
-        config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=32)
+        config = Config(
+            retries={"total_max_attempts": settings.aws_max_attempts, "mode": "standard"}, max_pool_connections=32
+        )
         lake = LakeWriter(boto3.client("s3", config=config), settings.lake_bucket)
         registry = load_registry(lake.read_bytes(settings.registry_key))
         return cls(
@@ -119,6 +128,21 @@ class Processor:
 @cache
 def _processor() -> Processor:
     return Processor.from_env()
+
+
+def records_already_applied(shard_id: str, records: list[dict[str, Any]]) -> list[str]:
+    """Sequence numbers of Kinesis `records` (GetRecords shape; the partition key is the zone)
+    that their zone's state has already moved past, so the processor would skip them as
+    redeliveries. A redrive of the on-failure queue asks this first: a dead-lettered record
+    whose zone has since committed later records cannot be told from one that was applied, so
+    it is held on the queue (and counted by the audit) rather than delivered into a skip."""
+    states = _processor().store.load_zone_states({r["PartitionKey"] for r in records})
+    return [
+        r["SequenceNumber"]
+        for r in records
+        if (state := states.get(r["PartitionKey"])) is not None
+        and state.already_applied(shard_id, int(r["SequenceNumber"]))
+    ]
 
 
 def records_from_event(event: dict[str, Any]) -> list[Record]:

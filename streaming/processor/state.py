@@ -98,7 +98,7 @@ class ZoneState:
     zone_id: str
     marker_shard: str | None = None
     marker_seq: int = -1
-    watermark_ms: int = 0  # highest event time applied
+    watermark_ms: int = 0  # highest event time applied, each capped at its receive time
     evaluated_minute: int = -1  # last closed minute the congestion detector looked at
     open_minutes: dict[int, list[float]] = field(default_factory=dict)  # minute → [readings, cong_sum]
     congestion: Congestion = field(default_factory=Congestion)

@@ -1,0 +1,164 @@
+"""The silent-zone sweeper: `SensorSilent` for zones that send nothing at all.
+
+The processor notices a silent sensor when its zone's next records arrive (`detect_silence`
+with the batch's receive time). A zone, or its one gateway, that goes quiet altogether sends
+no records, so nothing would notice. The sweeper is a small scheduled Lambda (an EventBridge
+schedule rule every `SWEEP_INTERVAL_S`; locally `infra/local/schedule.py` invokes this same
+handler on the same rate) that reads every zone's committed state, runs the same detector with
+the scheduled time as "now", publishes the alerts and marks the sensors silent in the zone's
+state, so that each episode is raised once, whoever notices it first (the alert id depends only
+on the sensor's last receive time).
+
+Writing beside the processor: the processor is the zone item's writer and commits with an
+unconditional put of the whole item (docs/architecture.md §4). The sweeper writes back only the
+`state` attribute, and only if the item is still the version it read — the processor's commit
+marker (`marker_seq`, `updated_at`) and the sweeper's own `sweeps` counter, which a processor
+commit drops. So:
+
+* the processor commits between the sweeper's read and write: the condition fails and the
+  sweeper writes nothing (the processor's update is never clobbered); the next sweep retries
+  on the new state;
+* the processor read the item before the sweeper's write and commits after it: its put replaces
+  the silent marks. A sensor still quiet is raised again, by the processor's detector or the next
+  sweep, under the same event id, which consumers drop (as for any redelivered alert);
+* alerts go out before the write, as the processor's go before its commit: a crash in between
+  sends them again next sweep under the same ids, and never loses one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from streaming.processor.core import Alert, DetectorSettings, detect_silence
+from streaming.processor.state import ZoneState
+from streaming.processor.store import AlertPublisher
+
+logger = Logger(service="citypulse-sweeper")
+metrics = Metrics(namespace="citypulse", service="sweeper")
+
+# The schedule rule's rate (the template's SweeperSchedule says the same; a test holds them equal).
+SWEEP_INTERVAL_S = 60
+
+
+@dataclass
+class SweepResult:
+    zones: int = 0  # zone states read
+    alerts: list[Alert] = field(default_factory=list)  # SensorSilent raised (and published)
+    written: int = 0  # zone states updated with their new silent marks
+    conflicts: int = 0  # zones the processor (or another sweep) wrote meanwhile: left to the next sweep
+
+
+@dataclass
+class Sweeper:
+    """Reads every zone state of the processor table, raises what the clock says is silent."""
+
+    dynamodb: Any
+    table: str
+    alerts: AlertPublisher
+    settings: DetectorSettings = field(default_factory=DetectorSettings)
+
+    @classmethod
+    def from_env(cls) -> Sweeper:
+        config = Config(retries={"max_attempts": 10, "mode": "adaptive"})
+        env = os.environ
+        return cls(
+            dynamodb=boto3.client("dynamodb", config=config),
+            table=env["CITYPULSE_PROCESSOR_STATE_TABLE"],
+            alerts=AlertPublisher(boto3.client("events", config=config), env["CITYPULSE_EVENT_BUS"]),
+        )
+
+    def sweep(self, now_ms: int) -> SweepResult:
+        result = SweepResult()
+        pages = self.dynamodb.get_paginator("scan").paginate(
+            TableName=self.table,
+            ConsistentRead=True,
+            FilterExpression="sk = :state",
+            ExpressionAttributeValues={":state": {"S": "state"}},
+        )
+        for page in pages:
+            for item in page["Items"]:
+                result.zones += 1
+                state = ZoneState.from_bytes(item["state"]["B"])
+                raised: list[Alert] = []
+                detect_silence(state, now_ms, raised, self.settings)
+                if not raised:
+                    continue
+                self.alerts.publish(raised)
+                result.alerts += raised
+                if self._write_back(item, state):
+                    result.written += 1
+                else:
+                    result.conflicts += 1
+        return result
+
+    def _write_back(self, item: dict[str, Any], state: ZoneState) -> bool:
+        """Replace the item's state if the item is still the version read; False if it is not."""
+        sweeps = int(item["sweeps"]["N"]) if "sweeps" in item else 0
+        values: dict[str, Any] = {
+            ":new": {"B": state.to_bytes()},
+            ":updated": item["updated_at"],
+            ":marker": item["marker_seq"],
+            ":next": {"N": str(sweeps + 1)},
+        }
+        condition = "updated_at = :updated AND marker_seq = :marker AND "
+        if "sweeps" in item:
+            condition += "sweeps = :sweeps"
+            values[":sweeps"] = item["sweeps"]
+        else:
+            condition += "attribute_not_exists(sweeps)"
+        try:
+            self.dynamodb.update_item(
+                TableName=self.table,
+                Key={"pk": item["pk"], "sk": item["sk"]},
+                UpdateExpression="SET #state = :new, sweeps = :next",
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+
+@cache
+def _sweeper() -> Sweeper:
+    return Sweeper.from_env()
+
+
+def scheduled_time_ms(event: dict[str, Any]) -> int:
+    """The schedule's `time` (when the sweep was due), else the clock: a late invocation then
+    judges silence as of its slot, never later."""
+    at = event.get("time")
+    if isinstance(at, str):
+        return int(datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp() * 1000)
+    return int(time.time() * 1000)
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Lambda entry point for the EventBridge schedule."""
+    result = _sweeper().sweep(scheduled_time_ms(event))
+    metrics.add_metric(name="SilentSensorsSwept", unit=MetricUnit.Count, value=len(result.alerts))
+    metrics.add_metric(name="SweepConflicts", unit=MetricUnit.Count, value=result.conflicts)
+    summary = {
+        "zones": result.zones,
+        "alerts": len(result.alerts),
+        "written": result.written,
+        "conflicts": result.conflicts,
+    }
+    logger.info("sweep done", extra=summary)
+    return summary

@@ -304,7 +304,8 @@ _ROW_COLUMNS = tuple(name for name in COLUMN_NAMES if name not in ("sensor_id", 
 def columnar_message(gateway_id: str, zone_id: str, sent_at_ms: int, readings: list[Any]) -> dict[str, Any]:
     """The v2 (columnar) message of `readings`. Each must be an object of `zone_id` (ValueError
     otherwise: such a batch can only travel as v1). `ts` is one string when all readings share
-    it; an optional column whose values are all null or absent is left out."""
+    it; an optional column whose values are all null or absent is left out; fields outside the
+    contract are not carried (the processor ignores them in v1 too)."""
     for r in readings:
         if not isinstance(r, dict) or r.get("zone_id") != zone_id:
             raise ValueError(f"reading {_show(r)} cannot be a row of a v2 message of zone {zone_id}")

@@ -9,6 +9,8 @@ Place in the flow: the batch path's daily housekeeping, after the day's hourly r
    the interval's end are deleted, then the engine vacuums where it supports it,
 3. writes the dbt docs as a static site (`dbt docs generate --static`) to
    `<docs_dir>/dbt/index.html`, or to the lake's `docs/dbt/` when no directory is configured,
+4. builds the Great Expectations data docs of the day's stored validation results (the hourly
+   gates') to `<docs_dir>/gx/index.html` (or the lake's `docs/gx/`),
 
 and every task's failure puts `PipelineFailed` on the bus. The hourly DAG's last hour of the
 day may still be loading at midnight: the daily marts are replaced per day, so a rerun of
@@ -55,7 +57,7 @@ def _run(step_name: str, context: dict[str, Any]) -> None:
 
 @dag(
     dag_id="citypulse_daily",
-    description="Day -> daily marts (sensor health, corridors, peak profiles) -> retention -> dbt docs",
+    description="Day -> daily marts (sensor health, corridors, peak profiles) -> retention -> dbt docs, data docs",
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
@@ -78,8 +80,12 @@ def citypulse_daily() -> None:
     def dbt_docs(**context: Any) -> None:
         _run("dbt_docs", context)
 
+    @task(task_id="data_docs", execution_timeout=timedelta(minutes=20))
+    def data_docs(**context: Any) -> None:
+        _run("data_docs", context)
+
     # Retention after the build (the build reads the day); docs last, describing what is left.
-    dbt_build_daily() >> retention() >> dbt_docs()
+    dbt_build_daily() >> retention() >> [dbt_docs(), data_docs()]
 
 
 daily_dag = citypulse_daily()

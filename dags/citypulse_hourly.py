@@ -9,7 +9,9 @@ lake, partitioned by event time; for each hourly `data_interval` this DAG
    [data_interval_start, data_interval_end) by `ts`, deduplicated on (sensor_id, seq), plus
    the sensor registry and the interval's quarantine counts, in one transaction,
 4. runs `dbt build` for the affected models with the interval as vars,
-5. runs the Great Expectations checkpoint on the loaded rows (failure stops the publish),
+5. runs the Great Expectations checkpoints (failure of either stops the publish): the
+   contract's suite on the loaded rows, and the reconciliation of the traffic marts with
+   them (interval totals, time spine); their validation results are stored in the lake,
 6. refreshes the configured QuickSight datasets (mapped; none configured -> nothing runs),
 7. puts `HourlyLoadCompleted` on the EventBridge bus,
 
@@ -132,6 +134,12 @@ def citypulse_hourly() -> None:
 
         _run_step(steps.check, context)
 
+    @task(task_id="reconcile_marts", execution_timeout=timedelta(minutes=20))
+    def reconcile_marts(**context: Any) -> None:
+        from citypulse_batch import steps
+
+        _run_step(steps.reconcile, context)
+
     @task(task_id="quicksight_datasets", execution_timeout=timedelta(minutes=5))
     def quicksight_datasets() -> list[str]:
         return setting_list("quicksight_dataset_ids")
@@ -145,7 +153,12 @@ def citypulse_hourly() -> None:
         ti = context["ti"]
         summaries = {
             name: ti.xcom_pull(task_ids=task_id, key="summary")
-            for name, task_id in (("load", "load_warehouse"), ("dbt", "dbt_build"), ("expectations", "quality_check"))
+            for name, task_id in (
+                ("load", "load_warehouse"),
+                ("dbt", "dbt_build"),
+                ("expectations", "quality_check"),
+                ("reconciliation", "reconcile_marts"),
+            )
         }
         interval = Interval(context["data_interval_start"], context["data_interval_end"])
         return steps.write_report(interval, ti.dag_id, ti.run_id, summaries)
@@ -177,11 +190,12 @@ def citypulse_hourly() -> None:
     loaded = load_warehouse()
     built = dbt_build()
     checked = quality_check()
+    reconciled = reconcile_marts()
     report = write_report()
 
     wait_for_partition >> branch >> [create_crawler, update_crawler] >> run_crawler >> loaded
-    loaded >> built >> checked >> datasets
-    [loaded, built, checked] >> report
+    loaded >> built >> [checked, reconciled] >> datasets
+    [loaded, built, checked, reconciled] >> report
     [publish, report] >> notify
 
 

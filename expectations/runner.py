@@ -1,12 +1,15 @@
-"""Run the readings checkpoint: Great Expectations 1.x, ephemeral context, one interval's rows.
+"""Run the quality checkpoints with Great Expectations 1.x: the readings and the marts reconciliation.
 
 Place in the flow: called by the hourly DAG's `quality_check` task with the interval's rows
-of `raw.readings` (read back from the warehouse after the load and `dbt build`). The task
-fails when the checkpoint fails, which keeps the publish from running and fires the
+of `raw.readings`, and by its `reconcile_marts` task with those rows and the traffic marts'
+interval rows (read back from the warehouse after the load and `dbt build`). A task fails
+when its checkpoint fails, which keeps the publish from running and fires the
 `PipelineFailed` alert.
 
-GX is imported inside `run_readings_checkpoint` (its import costs ~6 s of CPU); nothing is
-written to disk (ephemeral context, no data docs) and no progress bars clutter task logs.
+GX is imported inside the functions (its import costs ~6 s of CPU); no progress bars clutter
+task logs. With `results_root` the run uses a GX file data context there, whose validation
+results store keeps every result for the data docs (`expectations.docs`); without, nothing
+is written.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from expectations.marts import TRAFFIC_MARTS, reconciliation_expectations, reconciliation_frame
 from expectations.readings import SUITE_NAME, ExpectationSpec, reading_expectations
+
+RECONCILIATION_NAME = "citypulse_reconcile_marts"
 
 _SAMPLE = 5
 
@@ -48,6 +55,11 @@ def _frame(data: Any) -> Any:
         # reads text as StringDtype(na_value=nan)) cannot be named there, `object` can.
         if isinstance(frame[column].dtype, pd.StringDtype):
             frame[column] = frame[column].astype(object)
+        # Arrow hands over the warehouse's ms/us timestamps as datetime64[ms|us]; GX's range
+        # checks run element by element on those, ~20x slower than on datetime64[ns]
+        # (bench/batch_bench.py). Contract timestamps (2000-2100) fit ns.
+        elif pd.api.types.is_datetime64_dtype(frame[column].dtype):
+            frame[column] = frame[column].astype("datetime64[ns]")
     return frame
 
 
@@ -56,12 +68,15 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _failure(result: Any) -> dict[str, Any]:
+def _failure(result: Any, suite: str) -> dict[str, Any]:
     config = result.expectation_config
     detail = result.result or {}
+    kwargs = config.kwargs
+    pair = [kwargs["column_A"], kwargs["column_B"]] if "column_A" in kwargs else None
     failure = {
+        "suite": suite,
         "expectation": config.type,
-        "column": config.kwargs.get("column") or config.kwargs.get("column_list"),
+        "column": kwargs.get("column") or kwargs.get("column_list") or pair,
         "observed": detail.get("observed_value"),
         "unexpected_count": detail.get("unexpected_count"),
         "unexpected_sample": (detail.get("partial_unexpected_list") or [])[:_SAMPLE],
@@ -72,57 +87,88 @@ def _failure(result: Any) -> dict[str, Any]:
     return _plain(failure)
 
 
-def run_checkpoint(data: Any, specs: list[ExpectationSpec], suite_name: str = SUITE_NAME) -> CheckpointSummary:
-    """Validate `data` (pyarrow Table or pandas DataFrame) against `specs` with a GX checkpoint."""
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """One suite over one frame (pyarrow Table or pandas DataFrame)."""
+
+    suite: str
+    data: Any
+    specs: list[ExpectationSpec]
+
+
+def _context(results_root: Path | None) -> Any:
+    """An ephemeral context, or a file context rooted at `results_root` that keeps suites and results."""
     import great_expectations as gx
-    import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
 
-    started = time.monotonic()
-    frame = _frame(data)
-    context = gx.get_context(
-        mode="ephemeral",
-        project_config=DataContextConfig(
-            store_backend_defaults=InMemoryStoreBackendDefaults(),
-            progress_bars=ProgressBarsConfig(globally=False),
-        ),
-    )
-    batch = (
-        context.data_sources.add_pandas("warehouse")
-        .add_dataframe_asset("readings")
-        .add_batch_definition_whole_dataframe("interval")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
-    for spec in specs:
-        suite.add_expectation(getattr(gxe, spec.expectation)(**spec.kwargs))
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{suite_name}_interval", data=batch, suite=suite)
-    )
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name=f"{suite_name}_checkpoint",
-            validation_definitions=[validation],
-            actions=[],
-            result_format={"result_format": "SUMMARY"},
+    if results_root is None:
+        return gx.get_context(
+            mode="ephemeral",
+            project_config=DataContextConfig(
+                store_backend_defaults=InMemoryStoreBackendDefaults(),
+                progress_bars=ProgressBarsConfig(globally=False),
+            ),
         )
-    )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    context = gx.get_context(mode="file", project_root_dir=str(results_root))
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
 
-    evaluated = passed = 0
+
+def run_validations(
+    name: str, validations: list[Validation], *, results_root: Path | None = None, run_name: str | None = None
+) -> CheckpointSummary:
+    """Run each validation as a GX checkpoint; one summary for all of them.
+
+    `results_root`: a GX file data context there stores the suites and every validation
+    result (`gx/uncommitted/validations/`), from which `expectations.docs` builds data docs;
+    None keeps everything in memory. `run_name` names the run in those results (the interval).
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    started = time.monotonic()
+    context = _context(results_root)
+    source = context.data_sources.add_or_update_pandas("warehouse")
+    # The run time is the validation's own (GX would parse a date-like run name into it,
+    # and a rerun of the interval would then overwrite the first run's results).
+    run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC)) if run_name else None
+    evaluated = passed = rows = 0
+    success = True
     failures: list[dict[str, Any]] = []
-    for run in result.run_results.values():
-        stats = run.statistics
-        evaluated += int(stats["evaluated_expectations"])
-        passed += int(stats["successful_expectations"])
-        failures.extend(_failure(r) for r in run.results if not r.success)
+    for validation in validations:
+        frame = _frame(validation.data)
+        rows += len(frame)
+        batch = source.add_dataframe_asset(validation.suite).add_batch_definition_whole_dataframe("interval")
+        suite = context.suites.add_or_update(gx.ExpectationSuite(name=validation.suite))
+        for spec in validation.specs:
+            suite.add_expectation(getattr(gxe, spec.expectation)(**spec.kwargs))
+        definition = context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=f"{validation.suite}_interval", data=batch, suite=suite)
+        )
+        checkpoint = context.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=f"{validation.suite}_checkpoint",
+                validation_definitions=[definition],
+                actions=[],
+                result_format={"result_format": "SUMMARY"},
+            )
+        )
+        result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+        success = success and bool(result.success)
+        for run in result.run_results.values():
+            stats = run.statistics
+            evaluated += int(stats["evaluated_expectations"])
+            passed += int(stats["successful_expectations"])
+            failures.extend(_failure(r, validation.suite) for r in run.results if not r.success)
     return CheckpointSummary(
-        success=bool(result.success),
-        suite=suite_name,
-        rows=len(frame),
+        success=success,
+        suite=name,
+        rows=rows,
         evaluated=evaluated,
         passed=passed,
         failures=failures,
@@ -130,6 +176,35 @@ def run_checkpoint(data: Any, specs: list[ExpectationSpec], suite_name: str = SU
     )
 
 
-def run_readings_checkpoint(data: Any, interval_start: datetime, interval_end: datetime) -> CheckpointSummary:
+def run_readings_checkpoint(
+    data: Any,
+    interval_start: datetime,
+    interval_end: datetime,
+    *,
+    results_root: Path | None = None,
+    run_name: str | None = None,
+) -> CheckpointSummary:
     """The hourly quality gate: the contract's suite plus "every ts inside the interval"."""
-    return run_checkpoint(data, reading_expectations(interval_start, interval_end))
+    validation = Validation(SUITE_NAME, data, reading_expectations(interval_start, interval_end))
+    return run_validations(SUITE_NAME, [validation], results_root=results_root, run_name=run_name)
+
+
+def run_reconciliation(
+    readings: Any,
+    mart_rows: dict[str, list[tuple[Any, ...]]],
+    interval_start: datetime,
+    interval_end: datetime,
+    *,
+    results_root: Path | None = None,
+    run_name: str | None = None,
+) -> CheckpointSummary:
+    """The marts gate: each traffic mart's interval reconciled with the interval's raw readings.
+
+    `mart_rows`: table name -> (entity, bucket_start, reading_count, vehicle_count) rows of
+    that mart inside the interval (`Warehouse.read_mart_counts`).
+    """
+    validations = []
+    for spec in TRAFFIC_MARTS:
+        frame = reconciliation_frame(spec, readings, mart_rows[spec.table], interval_start, interval_end)
+        validations.append(Validation(spec.suite, frame, reconciliation_expectations(spec, frame)))
+    return run_validations(RECONCILIATION_NAME, validations, results_root=results_root, run_name=run_name)

@@ -6,22 +6,103 @@ readings per gateway message (and may publish through Basic Ingest), partitions 
 by zone and writes one DynamoDB item per zone per batch (docs/architecture.md §4).
 
 Every price comes from `infra/pricing/aws-us-east-1.json` (dated, with its sources); every
-other figure is an input with a default that says where it came from. The arithmetic is
-plain so that a reviewer can redo it: tests pin known inputs to known outputs.
+other figure is an input with a default that says where it came from. Message and reading
+sizes are not constants: `measure_message_sizes` encodes real gateway messages of the
+simulated city with the devices' encoder (`encode_gateway_message`, the one place to switch
+when the payload format changes). The arithmetic is plain so that a reviewer can redo it:
+tests pin known inputs to known outputs.
+
+The Kinesis stream is planned in the capacity mode the template's `StreamMode` parameter
+deploys: at a steady 50,000 readings/s provisioned shards cost a fraction of on-demand's
+per-GB price; `render` prints the `ShardCount` to deploy with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import orjson
+
+from streaming.contract import gateway_message
+from streaming.devices.topics import telemetry_topic
+from streaming.devices.traffic import Faults, TrafficModel
+from streaming.registry import generate_city
 
 PRICES = Path(__file__).parent / "pricing" / "aws-us-east-1.json"
 SECONDS_PER_MONTH = 730 * 3600  # AWS prices a month as 730 hours
 HOURS_PER_MONTH = 730
 GB = 1024**3
+StreamMode = Literal["ON_DEMAND", "PROVISIONED"]  # the template's StreamMode parameter values
+TEMPLATE_MAX_SHARDS = 64  # the template's ShardCount MaxValue
+
+
+def encode_gateway_message(gateway_id: str, zone_id: str, sent_at_ms: int, readings: list[dict[str, Any]]) -> bytes:
+    """The bytes a gateway publishes: the contract's envelope, orjson-encoded, as the devices send it.
+
+    The one place the plan learns the payload format: when gateways switch encoders (a
+    columnar schema_version 2), call that encoder here and every size below follows.
+    """
+    return orjson.dumps(gateway_message(gateway_id, zone_id, sent_at_ms, readings))
+
+
+@dataclass(frozen=True)
+class MessageSizes:
+    """Bytes per reading and per message (envelope + topic), measured by encoding real messages."""
+
+    reading_bytes: float
+    overhead_bytes: float
+    messages: int  # how many gateway messages the figures average over
+    readings: int
+
+
+def message_sizes(
+    messages: list[tuple[str, str, int, list[dict[str, Any]]]],
+    encode: Callable[[str, str, int, list[dict[str, Any]]], bytes] = encode_gateway_message,
+) -> MessageSizes:
+    """Sizes of (gateway, zone, sent_at_ms, readings) messages under `encode`.
+
+    A message's overhead is its encoding with no readings plus its topic; a reading costs the
+    rest, averaged over all readings: (sum of full - sum of empty) / readings.
+    """
+    full = empty = topics = readings = 0
+    for gateway_id, zone_id, sent_at_ms, batch in messages:
+        full += len(encode(gateway_id, zone_id, sent_at_ms, batch))
+        empty += len(encode(gateway_id, zone_id, sent_at_ms, []))
+        topics += len(telemetry_topic(zone_id, gateway_id).encode())
+        readings += len(batch)
+    return MessageSizes((full - empty) / readings, (empty + topics) / len(messages), len(messages), readings)
+
+
+@cache
+def measure_message_sizes(sample_gateways: int = 64, seed: int = 7) -> MessageSizes:
+    """Sizes of one minute of real messages of the default city's first `sample_gateways` gateways.
+
+    The readings come from the simulator's traffic model (what devices send), without faults:
+    every detector reports speed and occupancy (count-only detectors send less, so this errs
+    high). Ids of the 50,000-sensor city have their full width.
+    """
+    city = generate_city(seed=seed)
+    start_ms = 1_764_835_200_000  # 2025-12-04T08:00Z, a weekday morning
+    model = TrafficModel(city, seed, start_ms, faults=Faults.none())
+    gateways = list(city.gateways().items())[:sample_gateways]
+    return message_sizes(
+        [(gw, sensors[0].zone_id, start_ms + 60_000, model.gateway_minute(gw, sensors, 0)) for gw, sensors in gateways]
+    )
+
+
+def _measured_reading_bytes() -> float:
+    return measure_message_sizes().reading_bytes
+
+
+def _measured_overhead_bytes() -> float:
+    return measure_message_sizes().overhead_bytes
 
 
 @dataclass(frozen=True)
@@ -29,14 +110,22 @@ class Workload:
     sensors: int = 50_000
     rate_hz: float = 1.0  # readings per sensor per second
     gateway_batch: int = 32  # readings per MQTT message (1 = naive)
-    reading_bytes: int = 200  # one JSON reading (measured: the simulator's readings are 180-210 B)
-    message_overhead_bytes: int = 150  # gateway envelope + topic
+    # Measured with the devices' encoder (`measure_message_sizes`) unless given.
+    reading_bytes: float = field(default_factory=_measured_reading_bytes)
+    message_overhead_bytes: float = field(default_factory=_measured_overhead_bytes)
     zones: int = 256
+    # Kinesis capacity mode (the template's StreamMode). Provisioned shards are sized so that
+    # the hottest shard (zones hash unevenly onto shards: `hottest_shard_share`) stays within
+    # `shard_utilisation` of a shard's write limits, the rest being headroom for bursts.
+    stream_mode: StreamMode = "PROVISIONED"
+    shard_utilisation: float = 0.8
     basic_ingest: bool = True  # publish on $aws/rules/<rule>/...: no messaging charge
     batching_window_s: float = 1.0  # event-source mapping window
     # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
-    # CPU (the rest waits on DynamoDB/S3). Defaults: bench/processor_bench.py, docs/performance.md.
-    processor_readings_per_core_s: float = 300_000
+    # CPU (the rest waits on DynamoDB/S3). Speeds: bench/processor_bench.py on gateway records,
+    # core and naive handler measured side by side (docs/performance.md, "Processor").
+    processor_readings_per_core_s: float = 139_454
+    naive_readings_per_core_s: float = 102_648
     processor_cpu_share: float = 0.5
     lambda_memory_mb: int = 1769  # = one vCPU
     zone_state_bytes_per_sensor: int = 40  # compressed per-sensor dedupe + live state
@@ -102,7 +191,7 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     """citypulse's design for workload `w` (gateway batching, zone-partitioned state)."""
     p = prices or load_prices()
     out = Plan("citypulse", w)
-    iot, kin = p["iot_core"], p["kinesis_on_demand"]
+    iot = p["iot_core"]
     msgs_s = w.readings_per_s / w.gateway_batch
     msg_bytes = w.gateway_batch * w.reading_bytes + w.message_overhead_bytes
     metered = _units(msg_bytes, iot["message_unit_bytes"])
@@ -120,19 +209,8 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     _iot_common(out, w, msgs_month * metered, msgs_s, p)
 
     # Kinesis: the rule's record is the base64 payload (4/3) plus ~120 B of metadata.
-    record_bytes = msg_bytes * 4 / 3 + 120
-    billed = _units(record_bytes, kin["record_rounding_bytes"]) * kin["record_rounding_bytes"]
-    gb_in = msgs_month * billed / GB
-    out.add(
-        "Kinesis Data Streams (on-demand)",
-        f"{gb_in:,.0f} GB in, 1 stream",
-        gb_in * kin["ingest_per_gb"] + gb_in * kin["retrieval_per_gb"] + HOURS_PER_MONTH * kin["stream_hour"],
-    )
-    shards = max(1, math.ceil(max(msgs_s / 1000, msgs_s * record_bytes / 1048576)))
-    out.capacity.update(
-        kinesis_records_per_s=msgs_s, kinesis_mb_per_s=msgs_s * record_bytes / 1e6, kinesis_shards_equivalent=shards
-    )
-
+    # Partitioned by zone (docs/architecture.md §4): zones land unevenly on shards.
+    shards = _kinesis(out, w, p, msgs_s, msg_bytes * 4 / 3 + 120, zone_shares(w.sensors, w.zones))
     _lambda(out, w, p, shards, w.processor_readings_per_core_s)
 
     # DynamoDB: per zone per batch one zone-state item and ~1 zone-minute item, read then written.
@@ -155,12 +233,12 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     return out
 
 
-def naive_plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
-    """The tutorial design: everything once per reading."""
+def naive_plan(w: Workload, prices: dict[str, Any] | None = None, stream_mode: StreamMode = "ON_DEMAND") -> Plan:
+    """The tutorial design: everything once per reading (on an on-demand stream, unless told)."""
     p = prices or load_prices()
-    w = replace(w, gateway_batch=1, basic_ingest=False)
+    w = replace(w, gateway_batch=1, basic_ingest=False, stream_mode=stream_mode)
     out = Plan("naive", w)
-    iot, kin, ddb = p["iot_core"], p["kinesis_on_demand"], p["dynamodb_on_demand"]
+    iot, ddb = p["iot_core"], p["dynamodb_on_demand"]
     msgs_s = w.readings_per_s
     msgs_month = msgs_s * SECONDS_PER_MONTH
     metered = _units(w.reading_bytes + w.message_overhead_bytes, iot["message_unit_bytes"])
@@ -171,16 +249,9 @@ def naive_plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
         tiered(msgs_month * metered, iot["messaging_per_million_tiers"]),
     )
     _iot_common(out, w, msgs_month * metered, msgs_s, p)
-    gb_in = msgs_month * kin["record_rounding_bytes"] / GB
-    out.add(
-        "Kinesis Data Streams (on-demand)",
-        f"{gb_in:,.0f} GB in (1 KB per record)",
-        gb_in * (kin["ingest_per_gb"] + kin["retrieval_per_gb"]) + HOURS_PER_MONTH * kin["stream_hour"],
-    )
-    shards = max(1, math.ceil(msgs_s / 1000))
-    out.capacity.update(kinesis_records_per_s=msgs_s, kinesis_shards_equivalent=shards)
-    # Measured: the tutorial handler does ~123,000 records/s on a core (FIELD-NOTES).
-    _lambda(out, w, p, shards, 123_000)
+    # Keyed by sensor: 50,000 keys spread evenly.
+    shards = _kinesis(out, w, p, msgs_s, (w.reading_bytes + w.message_overhead_bytes) * 4 / 3 + 120, None)
+    _lambda(out, w, p, shards, w.naive_readings_per_core_s)
     out.capacity.update(dynamodb_wru_per_s=msgs_s)
     out.add(
         "DynamoDB (on-demand)",
@@ -211,6 +282,93 @@ def _iot_common(out: Plan, w: Workload, metered_month: float, msgs_s: float, p: 
                 f"{msgs_s:,.0f} messages/s exceeds the default IoT Core {quota[6:].replace('_', ' ')}"
                 f" ({iot[quota]:,}): request a quota increase"
             )
+
+
+@cache
+def zone_shares(sensors: int, zones: int, seed: int = 7) -> dict[str, float]:
+    """Each zone's share of the readings in the synthetic city (denser zone types carry more)."""
+    counts: dict[str, int] = {}
+    for sensor in generate_city(sensors, zones, seed).sensors:
+        counts[sensor.zone_id] = counts.get(sensor.zone_id, 0) + 1
+    return {zone: n / sensors for zone, n in counts.items()}
+
+
+def hottest_shard_share(shares: dict[str, float], shards: int) -> float:
+    """The largest share of the traffic one shard gets when records are keyed by zone.
+
+    Kinesis maps a record to the shard whose hash-key range holds the 128-bit MD5 of its
+    partition key; a stream created with N shards splits the key space into N equal ranges.
+    """
+    loads = [0.0] * shards
+    for zone, share in shares.items():
+        loads[(int.from_bytes(hashlib.md5(zone.encode()).digest(), "big") * shards) >> 128] += share
+    return max(loads)
+
+
+def _shards_at_limits(records_s: float, bytes_s: float, limits: dict[str, Any]) -> int:
+    """Shards a perfectly even spread would need: the on-demand stream's equivalent."""
+    return max(
+        1, math.ceil(max(records_s / limits["shard_records_per_second"], bytes_s / limits["shard_bytes_per_second"]))
+    )
+
+
+def provisioned_shards(
+    w: Workload, records_s: float, bytes_s: float, limits: dict[str, Any], shares: dict[str, float] | None
+) -> int:
+    """The fewest shards whose hottest shard stays within `w.shard_utilisation` of both write limits.
+
+    `shares`: each partition key's share of the records; None for keys so many and so even
+    (one per sensor) that every shard gets the same.
+    """
+    shards = _shards_at_limits(records_s, bytes_s, limits)
+    while True:
+        hot = 1 / shards if shares is None else hottest_shard_share(shares, shards)
+        if (
+            records_s * hot <= limits["shard_records_per_second"] * w.shard_utilisation
+            and bytes_s * hot <= limits["shard_bytes_per_second"] * w.shard_utilisation
+        ):
+            return shards
+        shards += 1
+
+
+def _kinesis(
+    out: Plan, w: Workload, p: dict[str, Any], records_s: float, record_bytes: float, shares: dict[str, float] | None
+) -> int:
+    """The stream's line item in `w.stream_mode`; returns its shards (the processor's concurrency).
+
+    On-demand bills every GB written and read, each record rounded up to 1 KB. Provisioned
+    bills shard-hours plus PUT payload units (25 KB each) and nothing per GB read; shards are
+    sized for the records/s and bytes/s limits at `w.shard_utilisation`.
+    """
+    mb_s = records_s * record_bytes / 1e6
+    limits = p["kinesis_provisioned"]
+    out.capacity.update(kinesis_records_per_s=records_s, kinesis_mb_per_s=mb_s)
+    month = records_s * SECONDS_PER_MONTH
+    if w.stream_mode == "ON_DEMAND":
+        kin = p["kinesis_on_demand"]
+        gb = month * _units(record_bytes, kin["record_rounding_bytes"]) * kin["record_rounding_bytes"] / GB
+        shards = _shards_at_limits(records_s, records_s * record_bytes, limits)
+        out.capacity.update(kinesis_shards_equivalent=shards)
+        out.add(
+            "Kinesis Data Streams",
+            f"on-demand: {gb:,.0f} GB in and out",
+            gb * (kin["ingest_per_gb"] + kin["retrieval_per_gb"]) + HOURS_PER_MONTH * kin["stream_hour"],
+        )
+        return shards
+    shards = provisioned_shards(w, records_s, records_s * record_bytes, limits, shares)
+    units = month * _units(record_bytes, limits["put_payload_unit_bytes"])
+    out.capacity.update(kinesis_shards=shards)
+    out.add(
+        "Kinesis Data Streams",
+        f"provisioned: {shards} shards, {units / 1e9:.2f} B PUT units",
+        shards * HOURS_PER_MONTH * limits["shard_hour"] + units / 1e6 * limits["put_payload_units_per_million"],
+    )
+    if shards > TEMPLATE_MAX_SHARDS:
+        out.warnings.append(
+            f"{shards} shards exceed the template's ShardCount maximum ({TEMPLATE_MAX_SHARDS}): "
+            "raise it or deploy StreamMode=ON_DEMAND"
+        )
+    return shards
 
 
 def _lambda(out: Plan, w: Workload, p: dict[str, Any], shards: int, per_core: float) -> None:
@@ -247,8 +405,8 @@ def _batch_side(out: Plan, w: Workload, p: dict[str, Any]) -> None:
     out.add("Glue crawler", f"{runs:,.0f} runs, {dpu_h:,.0f} DPU-hours", dpu_h * glue["crawler_dpu_hour"])
 
 
-def render(ours: Plan, naive: Plan) -> str:
-    """Side by side: component, citypulse, naive."""
+def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> str:
+    """Side by side: component, citypulse, naive (and the naive total on a provisioned stream)."""
     w = ours.workload
     lines = [
         f"citypulse plan: {w.sensors:,} sensors x {w.rate_hz:g} Hz = {w.readings_per_s:,.0f} readings/s, "
@@ -266,10 +424,28 @@ def render(ours: Plan, naive: Plan) -> str:
             f"{(other.monthly_usd if other else 0):>16,.0f}   {item.quantity}"
         )
     ratio = naive.monthly_usd / ours.monthly_usd
+    sizes = measure_message_sizes()
     lines += [
         f"{'total':<34}{ours.monthly_usd:>18,.0f}{naive.monthly_usd:>16,.0f}",
         "",
         f"citypulse is {ratio:.1f}x cheaper than the naive design.",
+    ]
+    if naive_provisioned is not None:
+        lines.append(
+            f"(naive on a provisioned stream too: ${naive_provisioned.monthly_usd:,.0f}/month, "
+            f"{naive_provisioned.monthly_usd / ours.monthly_usd:.1f}x)"
+        )
+    lines += [
+        "",
+        "assumptions:",
+        f"  message sizes: {w.reading_bytes:,.1f} B per reading, {w.message_overhead_bytes:,.1f} B per message"
+        f" (envelope + topic); measured by encode_gateway_message on {sizes.messages} messages"
+        f" ({sizes.readings:,} readings) of the simulated city",
+        f"  deploy the stack with StreamMode={w.stream_mode}"
+        + (f" ShardCount={ours.capacity['kinesis_shards']}" if w.stream_mode == "PROVISIONED" else "")
+        + f" (hottest zone-keyed shard at <= {w.shard_utilisation:.0%} of its write limits)",
+        f"  processor {w.processor_readings_per_core_s:,.0f} readings/s per vCPU at {w.processor_cpu_share:.0%} CPU;"
+        f" zone state {w.zone_state_bytes_per_sensor} B per sensor; lake {w.lake_bytes_per_reading} B per reading",
         "capacity: "
         + ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v:,}" for k, v in ours.capacity.items()),
     ]

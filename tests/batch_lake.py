@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from infra.local.emulators import LOCAL_REGION, MINISTACK_ENDPOINT_VARS, Emulator
 from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
@@ -259,3 +261,26 @@ def write_fixture_lake(
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{os.urandom(4).hex()}"
+
+
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "password": ""}
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards (the test is skipped without a server)."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
+    admin.autocommit = True
+    name = unique_name(prefix).replace("-", "_")
+    with admin.cursor() as cur:
+        cur.execute(f"create database {name}")
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"drop database if exists {name} with (force)")
+        admin.close()

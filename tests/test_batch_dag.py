@@ -109,7 +109,7 @@ def test_dag_is_acyclic_and_only_the_dags_folder_dag_is_found(dag: Any) -> None:
 
     for task_id in dag.task_ids:
         visit(task_id)
-    assert len(state) == len(dag.task_ids) == 12
+    assert len(state) == len(dag.task_ids) == 13
 
 
 def test_every_task_has_owner_retries_backoff_timeout_and_failure_alert(dag: Any) -> None:
@@ -166,8 +166,12 @@ def test_failed_checkpoint_blocks_publish_and_notify_but_not_the_report(dag: Any
     # ... and the report explains failed hours too.
     report = dag.get_task("write_report")
     assert report.trigger_rule == "all_done"
-    assert {"load_warehouse", "dbt_build", "quality_check"} == set(report.upstream_task_ids)
+    assert {"load_warehouse", "dbt_build", "quality_check", "reconcile_marts"} == set(report.upstream_task_ids)
     assert "quality_check" not in _upstream_closure(dag, "write_report") - set(report.upstream_task_ids)
+    # Both quality gates (the readings and the marts reconciliation) stand between dbt and the publish.
+    for gate in ("quality_check", "reconcile_marts"):
+        assert dag.get_task(gate).upstream_task_ids == {"dbt_build"}
+        assert gate in dag.get_task("quicksight_datasets").upstream_task_ids
     assert dag.get_task("run_crawler").trigger_rule == "none_failed_min_one_success"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from batch_city import HOUR, SENSORS, load_city_hour
+from batch_lake import PG, postgres_database
 
 from citypulse_batch.dbt_build import DbtSummary, find_project_dir, run_dbt_build
 from citypulse_batch.lake import Interval
@@ -24,7 +25,6 @@ from citypulse_batch.warehouse import DuckDBWarehouse, PostgresWarehouse, Wareho
 
 pytestmark = pytest.mark.integration
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "password": ""}
 DAY = Interval(HOUR - timedelta(hours=10), HOUR + timedelta(hours=14))
 
 
@@ -121,21 +121,8 @@ ZONES = {"Z-001": (2, 1), "Z-002": (3, 2)}  # current sensors, distinct roads
 
 @pytest.fixture(scope="module")
 def postgres_db() -> Iterator[str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
-    admin.autocommit = True
-    name = f"citypulse_known_{datetime.now().strftime('%H%M%S%f')}"
-    with admin.cursor() as cur:
-        cur.execute(f"create database {name}")
-    try:
+    with postgres_database("citypulse_known") as name:
         yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"drop database if exists {name} with (force)")
-        admin.close()
 
 
 def _build(warehouse: Warehouse) -> list[DbtSummary]:
@@ -233,6 +220,17 @@ def test_corridors_peak_profiles_and_dimensions(built: Warehouse) -> None:
     assert zones == ZONES
     current = [row for row in _rows(built, "dim_sensors") if row[-1]]
     assert sorted(row[1] for row in current) == [s[0] for s in SENSORS]
+
+
+def test_the_marts_reconcile_with_raw_and_the_zone_spine_is_whole(built: Warehouse) -> None:
+    from citypulse_batch.steps import reconciliation
+
+    result = reconciliation(built, Interval.hour(HOUR))
+    assert result.success, result.failures
+    # 4 traffic marts x (2 per-bucket equalities + 2 interval totals) + 2 zone spines
+    assert result.evaluated == result.passed == 18
+    # Rows compared: sensor x quarter 4+3+3+3, sensor x hour 4, zone x quarter 2 x 4, zone x hour 2.
+    assert result.rows == 13 + 4 + 8 + 2
 
 
 def test_rebuilding_the_hour_and_the_day_changes_no_mart(built: Warehouse) -> None:

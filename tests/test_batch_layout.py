@@ -62,13 +62,21 @@ def test_report_names_the_first_step_that_did_not_succeed() -> None:
     interval = Interval.hour(START)
     load = {"rows_loaded": 60, "duplicates_dropped": 1, "quarantined": 3}
     dbt = {"success": True, "models_passed": 6, "models_failed": 0, "tests_passed": 17, "tests_failed": 0}
-    ok = build_report(
-        interval, "d", "r", {"load": load, "dbt": dbt, "expectations": {"success": True, "evaluated": 5, "passed": 5}}
-    )
+    gx_ok = {"success": True, "evaluated": 5, "passed": 5}
+    recon_ok = {"success": True, "evaluated": 18, "passed": 18}
+    steps = {"load": load, "dbt": dbt, "expectations": gx_ok, "reconciliation": recon_ok}
+    ok = build_report(interval, "d", "r", steps)
     assert (ok["status"], ok["failed_step"], ok["rows_loaded"], ok["expectations_passed"]) == ("succeeded", None, 60, 5)
+    assert ok["reconciliation_passed"] == 18
     gx_failed = build_report(
-        interval, "d", "r", {"load": load, "dbt": dbt, "expectations": {"success": False, "evaluated": 5, "passed": 4}}
+        interval, "d", "r", {**steps, "expectations": {"success": False, "evaluated": 5, "passed": 4}}
     )
     assert (gx_failed["status"], gx_failed["failed_step"]) == ("failed", "expectations")
-    never_loaded = build_report(interval, "d", "r", {"load": None, "dbt": None, "expectations": None})
+    recon_failed = build_report(
+        interval, "d", "r", {**steps, "reconciliation": {"success": False, "evaluated": 18, "passed": 15}}
+    )
+    assert (recon_failed["status"], recon_failed["failed_step"]) == ("failed", "reconciliation")
+    never_loaded = build_report(
+        interval, "d", "r", {"load": None, "dbt": None, "expectations": None, "reconciliation": None}
+    )
     assert (never_loaded["failed_step"], never_loaded["rows_loaded"]) == ("load", None)

@@ -7,7 +7,9 @@ PostgreSQL server (in a database created and dropped here).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ from typing import Any
 import boto3
 import pytest
 from batch_lake import (
+    PG,
     FixtureLake,
     assert_zone_mart,
     ministack_env,
+    postgres_database,
     s3_client,
     unique_name,
     write_fixture_lake,
@@ -35,8 +39,6 @@ from citypulse_batch.warehouse import (
 from infra.local.emulators import Emulator
 
 pytestmark = pytest.mark.integration
-
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "password": ""}
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +73,8 @@ def interval(fixture_lake: FixtureLake) -> Interval:
 
 @pytest.fixture(scope="module")
 def postgres_db() -> Iterator[str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
-    admin.autocommit = True
-    name = unique_name("citypulse_batch_test").replace("-", "_")
-    with admin.cursor() as cur:
-        cur.execute(f"create database {name}")
-    try:
+    with postgres_database("citypulse_batch_test") as name:
         yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"drop database if exists {name} with (force)")
-        admin.close()
 
 
 def _snapshot(warehouse: Warehouse, tables: list[str]) -> dict[str, list[tuple[Any, ...]]]:
@@ -149,8 +138,10 @@ def test_warehouse_adapter_is_chosen_by_the_connection_type(tmp_path: Path) -> N
     pg = warehouse_from_connection(Connection.from_uri("postgres://postgres@127.0.0.1:5432/test", conn_id="w"))
     assert isinstance(pg, PostgresWarehouse) and pg.dbt_target == "postgres"
     assert pg.dbt_env()["CITYPULSE_PG_DBNAME"] == "test"
-    with pytest.raises(ValueError, match="copy_iam_role"):
-        warehouse_from_connection(Connection.from_uri("redshift://u:p@cluster:5439/dev", conn_id="w"))
+    # Redshift (the dbt side of it: test_batch_redshift_profile.py)
+    assert warehouse_from_connection(Connection.from_uri("redshift://wg.example:5439/dev", conn_id="w")).engine == (
+        "redshift"
+    )
     with pytest.raises(ValueError, match="needs one of"):
         warehouse_from_connection(Connection.from_uri("mysql://u@h/db", conn_id="w"))
 
@@ -184,3 +175,64 @@ def test_postgres_load_and_dbt_build_give_the_same_warehouse_and_reruns_change_n
 
     assert again.success, again.failures or again.error
     assert _snapshot(warehouse, tables) == before
+
+
+class _CrashBefore:
+    """A cursor that dies on the first statement starting with `prefix`, as a killed task would there."""
+
+    def __init__(self, cursor: Any, prefix: str) -> None:
+        self._cursor = cursor
+        self._prefix = prefix
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith(self._prefix):
+            raise RuntimeError(f"injected crash before: {sql.splitlines()[0]}")
+        return self._cursor.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+def _crashing(warehouse: Warehouse, prefix: str) -> Warehouse:
+    """The same warehouse, whose transactions crash at `prefix` (the fault sits at the DB-API boundary)."""
+    real = warehouse.transaction
+
+    @contextmanager
+    def transaction() -> Iterator[Any]:
+        with real() as cur:
+            yield _CrashBefore(cur, prefix)
+
+    crashing = copy.copy(warehouse)
+    crashing.transaction = transaction  # type: ignore[method-assign]
+    return crashing
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "postgres"])
+def test_a_load_that_dies_between_delete_and_insert_leaves_the_last_complete_load(
+    engine: str, request: pytest.FixtureRequest, tmp_path: Path, lake: Lake, interval: Interval
+) -> None:
+    if engine == "duckdb":
+        warehouse: Warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+        placeholder = "?"
+    else:
+        warehouse = PostgresWarehouse(dbname=request.getfixturevalue("postgres_db"), **PG)
+        placeholder = "%s"
+    warehouse.load(interval, lake)
+    clean = _snapshot(warehouse, RAW)
+    # A row of the interval that is not in the lake: the next load's delete removes it, so
+    # it is still there only if that delete died with its transaction.
+    stray = dict(warehouse.read_readings(interval).to_pylist()[0], seq=999_999)
+    with warehouse.transaction() as cur:
+        cur.execute(
+            f"insert into raw.readings ({', '.join(stray)}) values ({', '.join([placeholder] * len(stray))})",
+            list(stray.values()),
+        )
+    before = _snapshot(warehouse, RAW)
+    assert before != clean
+
+    with pytest.raises(RuntimeError, match=r"injected crash before: insert into raw\.readings"):
+        _crashing(warehouse, "insert into raw.readings").load(interval, lake)
+
+    assert _snapshot(warehouse, RAW) == before
+    warehouse.load(interval, lake)  # the retry
+    assert _snapshot(warehouse, RAW) == clean

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
+import orjson
 import pytest
 
-from infra.capacity import HOURS_PER_MONTH, SECONDS_PER_MONTH, Workload, load_prices, naive_plan, plan, tiered
+from infra.capacity import (
+    HOURS_PER_MONTH,
+    SECONDS_PER_MONTH,
+    Workload,
+    encode_gateway_message,
+    hottest_shard_share,
+    load_prices,
+    measure_message_sizes,
+    message_sizes,
+    naive_plan,
+    plan,
+    provisioned_shards,
+    tiered,
+    zone_shares,
+)
+from streaming.devices.topics import telemetry_topic
 
 PRICES = load_prices()
+# Known message sizes for the hand-worked figures below (the default is measured).
+SIZED = {"reading_bytes": 200, "message_overhead_bytes": 150}
 
 
 def item(p, name: str) -> float:
@@ -48,20 +67,50 @@ def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     assert plan(w).capacity["dynamodb_rru_per_s"] == 256 * 3 * 2
 
 
-def test_citypulse_messages_and_kinesis_volume() -> None:
-    w = Workload()
-    p = plan(w)
+def test_citypulse_messages_and_kinesis_volume_on_demand() -> None:
+    p = plan(Workload(stream_mode="ON_DEMAND", **SIZED))
     assert p.capacity["mqtt_messages_per_s"] == 50_000 / 32
     assert p.capacity["message_bytes"] == 32 * 200 + 150
     # record = 6,550 x 4/3 + 120 = 8,853 B → billed 9 KB; 1,562.5/s over a month
     gb = 1562.5 * SECONDS_PER_MONTH * 9 * 1024 / 1024**3
-    assert item(p, "Kinesis Data Streams (on-demand)") == pytest.approx(gb * 0.12 + HOURS_PER_MONTH * 0.04)
+    assert item(p, "Kinesis Data Streams") == pytest.approx(gb * 0.12 + HOURS_PER_MONTH * 0.04)
     assert p.capacity["kinesis_shards_equivalent"] == math.ceil(1562.5 * 8853.33 / 1048576)
 
 
+def test_provisioned_stream_bills_shard_hours_and_put_units() -> None:
+    w = Workload(**SIZED)
+    p = plan(w)
+    shards = p.capacity["kinesis_shards"]
+    # 8,853 B records fit one 25 KB PUT payload unit: 1,562.5/s x 2,628,000 s = 4.10625 B units x $0.014/M
+    units_usd = 1562.5 * SECONDS_PER_MONTH / 1e6 * 0.014
+    assert units_usd == pytest.approx(57.4875)
+    assert item(p, "Kinesis Data Streams") == pytest.approx(shards * HOURS_PER_MONTH * 0.015 + units_usd)
+    # The fewest shards whose hottest (zone-keyed) shard stays within 80 % of 1 MiB/s and 1,000 records/s.
+    shares = zone_shares(w.sensors, w.zones)
+    bytes_s = 1562.5 * (6550 * 4 / 3 + 120)
+    assert bytes_s * hottest_shard_share(shares, shards) <= 0.8 * 1048576
+    assert bytes_s * hottest_shard_share(shares, shards - 1) > 0.8 * 1048576
+    # One Lambda invocation per shard at a time: the shards are the processor's concurrency.
+    assert p.capacity["lambda_concurrency"] == shards
+
+
+def test_hottest_shard_follows_the_md5_of_the_partition_key() -> None:
+    # Kinesis: shard = the equal slice of the 128-bit MD5 key space the key's hash falls into.
+    keys = {"Z-000": 0.5, "Z-001": 0.3, "Z-002": 0.2}
+    top_bit = {k: hashlib.md5(k.encode()).digest()[0] >> 7 for k in keys}
+    by_shard = [sum(v for k, v in keys.items() if top_bit[k] == shard) for shard in (0, 1)]
+    assert hottest_shard_share(keys, 2) == pytest.approx(max(by_shard))
+    assert hottest_shard_share(keys, 1) == pytest.approx(1.0)
+
+
+def test_evenly_keyed_stream_needs_only_the_shards_its_limits_ask_for() -> None:
+    limits = PRICES["kinesis_provisioned"]
+    # 50,000 records/s of 567 B: 50 shards by records at 100 %, 63 at 80 %; bytes need fewer.
+    assert provisioned_shards(Workload(**SIZED), 50_000, 50_000 * 567, limits, None) == 63
+
+
 def test_basic_ingest_removes_the_messaging_charge_but_not_the_rules() -> None:
-    w = Workload()
-    with_bi, without = plan(w), plan(Workload(basic_ingest=False))
+    with_bi, without = plan(Workload(**SIZED)), plan(Workload(basic_ingest=False, **SIZED))
     assert item(with_bi, "IoT Core messaging") == 0
     # 4.1 B messages x 2 units (6,550 B > 5 KB) = 8.2 B units at the tiered price
     assert item(without, "IoT Core messaging") == pytest.approx(
@@ -75,6 +124,39 @@ def test_quota_warnings_only_where_the_default_quota_is_exceeded() -> None:
     assert len(naive_plan(Workload()).warnings) == 2  # 50,000 publishes/s and rule evaluations/s > 20,000
 
 
-def test_citypulse_is_an_order_of_magnitude_cheaper_than_naive() -> None:
+def test_message_sizes_split_a_message_into_overhead_and_readings() -> None:
+    def encode(gateway_id: str, zone_id: str, sent_at_ms: int, readings: list[dict]) -> bytes:
+        return b"e" * 40 + b"r" * 7 * len(readings)
+
+    topic = len(telemetry_topic("Z-001", "gw-001-00"))
+    sizes = message_sizes([("gw-001-00", "Z-001", 0, [{}] * 3), ("gw-001-00", "Z-001", 0, [{}] * 5)], encode)
+    assert (sizes.reading_bytes, sizes.overhead_bytes, sizes.messages, sizes.readings) == (7, 40 + topic, 2, 8)
+
+
+def test_default_sizes_are_measured_with_the_devices_encoder() -> None:
+    sizes = measure_message_sizes()
+    assert (Workload().reading_bytes, Workload().message_overhead_bytes) == (sizes.reading_bytes, sizes.overhead_bytes)
+    # The split adds up to what the encoder produced for a real message.
+    reading = {"sensor_id": "S-000001", "zone_id": "Z-001", "ts": "2026-03-02T10:00:00.000Z", "seq": 1}
+    one = message_sizes([("gw-001-00", "Z-001", 0, [reading] * 4)])
+    encoded = encode_gateway_message("gw-001-00", "Z-001", 0, [reading] * 4)
+    assert encoded == orjson.dumps(
+        {
+            "schema_version": 1,
+            "gateway_id": "gw-001-00",
+            "zone_id": "Z-001",
+            "sent_at": "1970-01-01T00:00:00.000Z",
+            "readings": [reading] * 4,
+        }
+    )
+    topic = len(telemetry_topic("Z-001", "gw-001-00"))
+    assert one.overhead_bytes + 4 * one.reading_bytes == len(encoded) + topic
+    # A v1 JSON reading of the simulator is ~180-200 B.
+    assert 150 < sizes.reading_bytes < 250
+
+
+def test_citypulse_is_at_least_twenty_times_cheaper_than_naive() -> None:
     w = Workload()
-    assert naive_plan(w).monthly_usd / plan(w).monthly_usd > 15
+    assert naive_plan(w).monthly_usd / plan(w).monthly_usd >= 20
+    # ... and still when the naive design gets a provisioned stream as well.
+    assert naive_plan(w, stream_mode="PROVISIONED").monthly_usd / plan(w).monthly_usd >= 20

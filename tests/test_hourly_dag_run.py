@@ -8,6 +8,11 @@ each with its own bucket, crawler, bus, DuckDB warehouse and Airflow home:
 * bad:  the same interval with one out-of-range speed written straight to the lake - the
   checkpoint must fail, the publish must not run, and `PipelineFailed` must reach the bus.
 
+After its two runs the good scenario runs the daily DAG (marts, retention, dbt docs, GX data
+docs of the stored validation results), then a third hourly run over a tampered mart (a
+15-minute bucket deleted, and the mart left out of the build as a stale one would be): the
+marts reconciliation must fail, the publish must not run, and `PipelineFailed` must say why.
+
 Events are observed the way an operator's subscriber would: an SQS queue behind a rule on
 the scenario's bus.
 """
@@ -61,6 +66,7 @@ class Scenario:
     home: Path
     queue_url: str
     runs: list[HourlyRun] = field(default_factory=list)
+    tampered: HourlyRun | None = None
     daily: DailyRun | None = None
     after_daily: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     snapshots: list[dict[str, list[tuple[Any, ...]]]] = field(default_factory=list)
@@ -126,6 +132,7 @@ def _drain(scenario: Scenario) -> list[dict[str, Any]]:
 
 
 OLD_KEY = "raw/readings/dt=2026-02-01/hour=00/shardId-000000000000-1.parquet"
+TAMPERED = "bucket_start = timestamp '2026-03-02 10:15:00' and zone_id = (select min(zone_id) from raw.zones)"
 DAILY_TABLES = ["marts.fct_sensor_health_daily", "marts.fct_corridor_rankings", "marts.fct_zone_peak_profiles"]
 
 
@@ -146,6 +153,13 @@ def _good(scenario: Scenario) -> None:
         con.close()
     scenario.daily = run_daily(scenario.lake.start.date(), scenario.env, scenario.home)
     scenario.after_daily = _snapshot(scenario.warehouse, [*TABLES, *DAILY_TABLES])
+    con = duckdb.connect(str(scenario.warehouse))
+    try:
+        con.execute(f"delete from marts.fct_zone_traffic_15min where {TAMPERED}")
+    finally:
+        con.close()
+    stale = {**scenario.env, "CITYPULSE_DBT_EXCLUDE": "tag:daily fct_zone_traffic_15min"}
+    scenario.tampered = run_hourly(scenario.lake.start, stale, scenario.home)
 
 
 def _bad(scenario: Scenario) -> None:
@@ -218,6 +232,8 @@ def test_report_says_checkpoint_passed_with_the_load_counts(scenarios) -> None:
     assert report["interval"] == {"start": "2026-03-02T10:00:00Z", "end": "2026-03-02T11:00:00Z"}
     assert (report["rows_loaded"], report["duplicates_dropped"], report["quarantined"]) == (60, 1, 3)
     assert report["expectations_evaluated"] == report["expectations_passed"] > 40
+    # 4 traffic marts x (2 per-bucket equalities + 2 interval totals) + 2 zone spines
+    assert report["reconciliation_evaluated"] == report["reconciliation_passed"] == 18
     assert (report["dbt_models_passed"], report["dbt_models_failed"], report["dbt_tests_failed"]) == (13, 0, 0)
 
 
@@ -231,7 +247,8 @@ def test_second_run_of_the_same_interval_changes_nothing(scenarios) -> None:
 
 def test_each_completed_run_puts_hourly_load_completed_on_the_bus(scenarios) -> None:
     events = scenarios["good"].events
-    assert [e["detail-type"] for e in events] == ["HourlyLoadCompleted", "HourlyLoadCompleted"]
+    # Two good runs, then the tampered one (see test_tampered_mart_fails_the_reconciliation...).
+    assert [e["detail-type"] for e in events] == ["HourlyLoadCompleted", "HourlyLoadCompleted", "PipelineFailed"]
     detail = events[0]["detail"]
     assert (detail["status"], detail["rows_loaded"], detail["interval"]["start"]) == (
         "succeeded",
@@ -271,7 +288,12 @@ def test_daily_run_builds_sensor_health_for_every_registered_sensor(scenarios) -
     good = scenarios["good"]
     run = good.daily
     assert run is not None and run.succeeded, f"{run.state} {run.task_states}\n{run.log_tail()}"
-    assert run.task_states == {"dbt_build_daily": "success", "retention": "success", "dbt_docs": "success"}
+    assert run.task_states == {
+        "dbt_build_daily": "success",
+        "retention": "success",
+        "dbt_docs": "success",
+        "data_docs": "success",
+    }
     build = run.summaries["dbt_build_daily"]
     assert (build["models_passed"], build["models_failed"], build["tests_failed"]) == (3, 0, 0)
     health = good.after_daily["marts.fct_sensor_health_daily"]
@@ -301,3 +323,38 @@ def test_daily_run_writes_the_dbt_docs_as_a_static_site(scenarios) -> None:
     assert docs == Path(scenarios["good"].env["CITYPULSE_DOCS_DIR"]) / "dbt" / "index.html"
     html = docs.read_text()
     assert "fct_congestion_episodes" in html and "fct_sensor_health_daily" in html
+
+
+def test_daily_run_builds_data_docs_from_the_stored_validation_results(scenarios) -> None:
+    good = scenarios["good"]
+    summary = good.daily.summaries["data_docs"]
+    # Two hourly runs x (the readings suite + 4 reconciliation suites), stored in the lake.
+    assert summary["validation_results"] == summary["validation_pages"] == 10
+    index = Path(good.env["CITYPULSE_DOCS_DIR"]) / "gx" / "index.html"
+    assert summary["index"] == str(index) and good.daily.data_docs == index
+    html = index.read_text()
+    for suite in ("citypulse_readings_v1", "citypulse_reconcile_fct_zone_traffic_15min"):
+        assert suite in html
+    keys = [o["Key"] for o in s3_client(good.env).list_objects_v2(Bucket=good.lake.bucket, Prefix="gx/")["Contents"]]
+    assert all(k.startswith("gx/validations/dt=2026-03-02/hour=10/") for k in keys)
+
+
+def test_tampered_mart_fails_the_reconciliation_so_nothing_is_published(scenarios) -> None:
+    good = scenarios["good"]
+    run = good.tampered
+    assert run is not None and run.state == "failed", _explain(run)
+    assert (run.task_states["dbt_build"], run.task_states["quality_check"]) == ("success", "success")
+    assert run.task_states["reconcile_marts"] == "failed"
+    for task in ("quicksight_datasets", "publish", "notify"):
+        assert run.task_states[task] == "upstream_failed", (task, _explain(run))
+    report = run.report
+    assert (report["status"], report["failed_step"]) == ("failed", "reconciliation")
+    failed = {(f["suite"], f["expectation"]) for f in report["steps"]["reconciliation"]["failures"]}
+    assert failed == {
+        ("citypulse_reconcile_fct_zone_traffic_15min", "expect_column_pair_values_to_be_equal"),
+        ("citypulse_reconcile_fct_zone_traffic_15min", "expect_column_sum_to_be_between"),
+        ("citypulse_reconcile_fct_zone_traffic_15min", "expect_column_values_to_be_between"),
+    }
+    alert = good.events[-1]
+    assert (alert["detail-type"], alert["detail"]["task_id"]) == ("PipelineFailed", "reconcile_marts")
+    assert "fct_zone_traffic_15min" in alert["detail"]["error"]

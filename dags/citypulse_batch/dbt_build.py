@@ -11,12 +11,19 @@ own virtualenv. One task calling `dbtRunner` keeps the DAG parse free of dbt, ke
 model graph in dbt (which already orders and skips), and still reports per-node results
 (counted in the summary and the run report). The price is coarser retries: a retry rebuilds
 the whole selection, which the interval-scoped incremental models make idempotent.
+
+Where dbt cannot share the workers' packages (MWAA's constraints), `infra/mwaa/startup.sh`
+builds it a virtualenv and exports `CITYPULSE_DBT_EXECUTABLE`; the same command line then
+runs that executable in a subprocess. Either way the counts come from dbt's own
+`run_results.json`, so both modes report alike.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -122,33 +129,35 @@ def build_args(
     return args
 
 
-def _value(status: Any) -> str:
-    return str(getattr(status, "value", status))
+def _invoke(args: list[str], env: Mapping[str, str], executable: str) -> tuple[bool, str | None]:
+    """Run dbt with `args`: in this process (dbtRunner), or `executable` in a subprocess.
+
+    Returns (success, error): success as dbt reports it; error when dbt could not run the
+    command at all (an exception; in a subprocess exit code 2, with the output's tail).
+    """
+    if not executable:
+        from dbt.cli.main import dbtRunner
+
+        with _environment(env):
+            result = dbtRunner().invoke(args)
+        error = None if result.exception is None else f"{type(result.exception).__name__}: {result.exception}"
+        return bool(result.success), error
+    done = subprocess.run([executable, *args], env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    # dbt's exit codes: 0 success, 1 nodes failed (counted from run_results.json), 2 error.
+    if done.returncode in (0, 1):
+        return done.returncode == 0, None
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-_MAX_FAILURES:])
+    return False, f"{executable} exited with {done.returncode}: {tail}"
 
 
-def run_dbt_build(
-    project_dir: Path,
-    target: str,
-    interval: Interval | None,
-    env: Mapping[str, str],
-    select: str = "source:lake+ source:registry+",
-    exclude: str = "",
-) -> DbtSummary:
-    """Run `dbt build` in this process and count what passed; never raises for failed nodes."""
-    from dbt.cli.main import dbtRunner
-
-    started = time.monotonic()
-    summary = DbtSummary(success=False, target=target, select=select)
-    with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work, _environment(env):
-        args = build_args(project_dir, target, interval, select, Path(work), exclude)
-        result = dbtRunner().invoke(args)
-    summary.seconds = round(time.monotonic() - started, 2)
-    if result.exception is not None:
-        summary.error = f"{type(result.exception).__name__}: {result.exception}"
-    for node_result in getattr(result.result, "results", None) or ():
-        node = node_result.node
-        kind = _value(node.resource_type)
-        status = _value(node_result.status)
+def count_results(summary: DbtSummary, run_results: Path) -> None:
+    """Count dbt's `run_results.json` (written by both modes) into the summary, per node type and status."""
+    if not run_results.is_file():
+        return
+    for node_result in json.loads(run_results.read_text()).get("results", ()):
+        unique_id = str(node_result["unique_id"])
+        kind = unique_id.split(".", 1)[0]
+        status = str(node_result["status"])
         if kind in ("model", "snapshot"):
             if status == "success":
                 summary.models_passed += 1
@@ -166,35 +175,56 @@ def run_dbt_build(
             else:
                 summary.tests_failed += 1
         if status in ("error", "fail") and len(summary.failures) < _MAX_FAILURES:
-            message = (node_result.message or "").strip().splitlines()
-            summary.failures.append(f"{node.unique_id}: {status}" + (f" - {message[0]}" if message else ""))
-    summary.success = bool(result.success) and summary.error is None
+            message = (node_result.get("message") or "").strip().splitlines()
+            summary.failures.append(f"{unique_id}: {status}" + (f" - {message[0]}" if message else ""))
+
+
+def run_dbt_build(
+    project_dir: Path,
+    target: str,
+    interval: Interval | None,
+    env: Mapping[str, str],
+    select: str = "source:lake+ source:registry+",
+    exclude: str = "",
+    executable: str = "",
+) -> DbtSummary:
+    """Run `dbt build` and count what passed; never raises for failed nodes.
+
+    `executable`: a dbt executable (MWAA: the startup script's virtualenv,
+    `CITYPULSE_DBT_EXECUTABLE`) run as a subprocess; empty runs dbt in this process.
+    """
+    started = time.monotonic()
+    summary = DbtSummary(success=False, target=target, select=select)
+    with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work:
+        args = build_args(project_dir, target, interval, select, Path(work), exclude)
+        success, summary.error = _invoke(args, env, executable)
+        count_results(summary, Path(work) / "target" / "run_results.json")
+    summary.seconds = round(time.monotonic() - started, 2)
+    summary.success = success and summary.error is None
     return summary
 
 
-def generate_docs(project_dir: Path, target: str, env: Mapping[str, str], out_dir: Path) -> dict[str, Any]:
+def generate_docs(
+    project_dir: Path, target: str, env: Mapping[str, str], out_dir: Path, executable: str = ""
+) -> dict[str, Any]:
     """`dbt docs generate --static` for the whole project into `out_dir` (replaced whole).
 
     The static page (`static_index.html`, also copied to `index.html`) embeds the manifest
     and catalog, so it opens from a file or any static host (S3, the demo's docs folder)
     without `dbt docs serve`. Written to a fresh directory first, then swapped in.
     """
-    import shutil
-
-    from dbt.cli.main import dbtRunner
-
     started = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dbt-docs-", dir=out_dir.parent))
-    with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work, _environment(env):
+    with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work:
         args = build_args(project_dir, target, None, "fqn:*", Path(work), command="docs")
         args[1:1] = ["generate", "--static"]
         args[args.index("--target-path") + 1] = str(staging)
-        result = dbtRunner().invoke(args)
-    if not result.success:
+        success, error = _invoke(args, env, executable)
+    if not success:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(f"dbt docs generate failed: {result.exception}")
+        raise RuntimeError(f"dbt docs generate failed: {error}")
     shutil.copyfile(staging / "static_index.html", staging / "index.html")
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

@@ -20,6 +20,8 @@ QUARANTINE_PREFIX = "quarantine/"
 SENSOR_REGISTRY_KEY = "registry/sensor_registry.csv"
 ZONES_KEY = "registry/zones.csv"
 REPORTS_PREFIX = "reports/hourly/"
+# Great Expectations validation results of each hourly run, partitioned like the data.
+GX_RESULTS_PREFIX = "gx/validations/"
 
 _HOUR = timedelta(hours=1)
 
@@ -85,6 +87,11 @@ def quarantine_prefixes(interval: Interval) -> list[str]:
 def readings_wildcard(hour: datetime) -> str:
     """Wildcard key of an hour's reading files, for the partition sensor."""
     return READINGS_PREFIX + partition(hour) + "*.parquet"
+
+
+def gx_results_prefix(hour: datetime) -> str:
+    """Where the hourly run of `hour` keeps its Great Expectations validation results."""
+    return GX_RESULTS_PREFIX + partition(hour)
 
 
 def report_key(interval: Interval) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from citypulse_batch.lake import Interval
 
 REPORT_VERSION = 1
-STEPS = ("load", "dbt", "expectations")
+STEPS = ("load", "dbt", "expectations", "reconciliation")
 
 
 def build_report(
@@ -26,6 +26,7 @@ def build_report(
     load = steps.get("load") or {}
     dbt = steps.get("dbt") or {}
     quality = steps.get("expectations") or {}
+    reconciliation = steps.get("reconciliation") or {}
     failed_step = next((name for name in STEPS if not _succeeded(steps.get(name))), None)
     return {
         "report_version": REPORT_VERSION,
@@ -44,6 +45,8 @@ def build_report(
         "dbt_tests_failed": dbt.get("tests_failed"),
         "expectations_evaluated": quality.get("evaluated"),
         "expectations_passed": quality.get("passed"),
+        "reconciliation_evaluated": reconciliation.get("evaluated"),
+        "reconciliation_passed": reconciliation.get("passed"),
         "steps": {name: steps.get(name) for name in STEPS},
     }
 

@@ -3,7 +3,7 @@
 Place in the flow: the daily DAG's `retention` task. The horizon is counted back from the
 end of the run's data interval (never from the wall clock), so a rerun or backfill of a day
 deletes exactly what the original run deleted. Lake partitions are whole `dt=/hour=` folders
-(raw readings, quarantine, hourly reports); warehouse rows are deleted by their time column,
+(raw readings, quarantine, hourly reports, GX results); warehouse rows are deleted by their time column,
 in one transaction, then the engine reclaims the space where it can (PostgreSQL `VACUUM
 ANALYZE`, Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
 """
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from citypulse_batch.lake import QUARANTINE_PREFIX, READINGS_PREFIX, REPORTS_PREFIX, Lake
+from citypulse_batch.lake import GX_RESULTS_PREFIX, QUARANTINE_PREFIX, READINGS_PREFIX, REPORTS_PREFIX, Lake
 
 # Warehouse tables with a time column: raw and the time-keyed marts (dimensions and the
 # whole-history profiles/episodes are rebuilt from what remains).
@@ -29,7 +29,7 @@ RETAINED_TABLES: dict[str, str] = {
     "marts.fct_sensor_health_daily": "reading_date",
     "marts.fct_corridor_rankings": "ranking_date",
 }
-LAKE_PREFIXES = (READINGS_PREFIX, QUARANTINE_PREFIX, REPORTS_PREFIX)
+LAKE_PREFIXES = (READINGS_PREFIX, QUARANTINE_PREFIX, REPORTS_PREFIX, GX_RESULTS_PREFIX)
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 
 

@@ -43,6 +43,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("quicksight_dataset_ids", "", "Comma-separated QuickSight dataset ids to refresh."),
         Setting("dbt_target", "", "dbt target; empty: the warehouse connection's type."),
         Setting("dbt_project_dir", "", "dbt project directory; empty: found next to the DAGs."),
+        Setting("dbt_executable", "", "dbt executable run as a subprocess (MWAA's dbt venv); empty: dbt in-process."),
         Setting("dbt_select", "source:lake+ source:registry+", "dbt selection the hourly build runs."),
         Setting("dbt_exclude", "tag:daily", "dbt exclusion of the hourly build (the daily DAG builds tag:daily)."),
         Setting("dbt_daily_select", "tag:daily", "dbt selection the daily build runs for the whole day."),

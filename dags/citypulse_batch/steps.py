@@ -12,9 +12,14 @@ still say what was evaluated; `retryable` tells the DAG whether a retry could he
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from citypulse_batch.lake import Interval, Lake, S3Credentials, report_key
+from citypulse_batch.lake import Interval, Lake, S3Credentials, gx_results_prefix, report_key
 from citypulse_batch.settings import AWS_CONN_ID, WAREHOUSE_CONN_ID, setting
 
 
@@ -89,6 +94,7 @@ def build(interval: Interval) -> dict[str, Any]:
         env=engine.dbt_env(),
         select=setting("dbt_select"),
         exclude=setting("dbt_exclude"),
+        executable=setting("dbt_executable"),
     ).to_json()
     if not summary["success"]:
         failed = summary["models_failed"] + summary["tests_failed"]
@@ -102,20 +108,76 @@ def build(interval: Interval) -> dict[str, Any]:
     return summary
 
 
+@contextmanager
+def gx_results(interval: Interval) -> Iterator[Path]:
+    """A GX file data context root for this run; its validation results are copied to the lake.
+
+    Great Expectations 1.x stores results on a filesystem only, and MWAA workers share no
+    disk: the run's store is a temporary directory, copied afterwards to
+    `gx/validations/dt=…/hour=…/` (whatever the verdict), where the daily `data_docs` task
+    collects the day's results.
+    """
+    root = Path(tempfile.mkdtemp(prefix="citypulse-gx-"))
+    try:
+        yield root
+    finally:
+        validations = root / "gx" / "uncommitted" / "validations"
+        if validations.is_dir():
+            _upload_tree(validations, gx_results_prefix(interval.start))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _gate(summary: dict[str, Any], what: str) -> dict[str, Any]:
+    if not summary["success"]:
+        failed = [f"{f['suite']}: {f['expectation']}({f['column']})" for f in summary["failures"]]
+        raise StepFailed(
+            f"{what} failed: {summary['evaluated'] - summary['passed']} of "
+            f"{summary['evaluated']} expectations: {', '.join(failed)}",
+            summary,
+        )
+    return summary
+
+
+def _run_name(interval: Interval) -> str:
+    return interval.to_json()["start"]
+
+
 def check(interval: Interval) -> dict[str, Any]:
     """The Great Expectations checkpoint on the interval's rows of `raw.readings`."""
     from expectations.runner import run_readings_checkpoint
 
     rows = warehouse().read_readings(interval)
-    summary = run_readings_checkpoint(rows, interval.start, interval.end).to_json()
-    if not summary["success"]:
-        failed = [f"{f['expectation']}({f['column']})" for f in summary["failures"]]
-        raise StepFailed(
-            f"checkpoint failed: {summary['evaluated'] - summary['passed']} of "
-            f"{summary['evaluated']} expectations: {', '.join(failed)}",
-            summary,
+    with gx_results(interval) as root:
+        result = run_readings_checkpoint(
+            rows, interval.start, interval.end, results_root=root, run_name=_run_name(interval)
         )
-    return summary
+    return _gate(result.to_json(), "checkpoint")
+
+
+def reconciliation(engine: Any, interval: Interval, results_root: Path | None = None) -> Any:
+    """Reconcile the warehouse's traffic marts with its raw readings for the interval (a `CheckpointSummary`)."""
+    from expectations.marts import TRAFFIC_MARTS
+    from expectations.runner import run_reconciliation
+
+    marts = {
+        spec.table: engine.read_bucket_counts(interval, spec.relation, spec.entity, spec.bucket)
+        for spec in TRAFFIC_MARTS
+    }
+    return run_reconciliation(
+        engine.read_readings(interval),
+        marts,
+        interval.start,
+        interval.end,
+        results_root=results_root,
+        run_name=_run_name(interval),
+    )
+
+
+def reconcile(interval: Interval) -> dict[str, Any]:
+    """The marts gate: traffic marts' interval totals and time spine against raw."""
+    with gx_results(interval) as root:
+        result = reconciliation(warehouse(), interval, root)
+    return _gate(result.to_json(), "reconciliation")
 
 
 def write_report(
@@ -147,6 +209,7 @@ def build_daily(interval: Interval) -> dict[str, Any]:
         interval=interval,
         env=engine.dbt_env(),
         select=setting("dbt_daily_select"),
+        executable=setting("dbt_executable"),
     ).to_json()
     if not summary["success"]:
         failed = summary["models_failed"] + summary["tests_failed"]
@@ -166,18 +229,15 @@ def retention(interval: Interval) -> dict[str, Any]:
     return apply_retention(warehouse(), lake(), cutoff).to_json()
 
 
-def docs_dir() -> tuple[Any, bool]:
+def docs_dir() -> tuple[Path, bool]:
     """Where docs are written: the configured directory (kept), or a temporary one (uploaded to the lake)."""
-    import tempfile
-    from pathlib import Path
-
     configured = setting("docs_dir")
     if configured:
         return Path(configured), False
     return Path(tempfile.mkdtemp(prefix="citypulse-docs-")), True
 
 
-def _upload_tree(root: Any, prefix: str) -> int:
+def _upload_tree(root: Path, prefix: str) -> int:
     the_lake = lake()
     count = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -190,8 +250,6 @@ def _upload_tree(root: Any, prefix: str) -> int:
 
 def dbt_docs(interval: Interval) -> dict[str, Any]:
     """`dbt docs generate --static` into `<docs_dir>/dbt/` (or the lake's `docs/dbt/`)."""
-    import shutil
-
     from citypulse_batch.dbt_build import find_project_dir, generate_docs
 
     engine = warehouse()
@@ -201,9 +259,36 @@ def dbt_docs(interval: Interval) -> dict[str, Any]:
         setting("dbt_target") or engine.dbt_target,
         engine.dbt_env(),
         root / "dbt",
+        setting("dbt_executable"),
     )
     if upload:
         result["uploaded"] = _upload_tree(root / "dbt", "docs/dbt/")
         result["index"] = lake().uri("docs/dbt/index.html")
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def data_docs(interval: Interval) -> dict[str, Any]:
+    """Great Expectations data docs of the interval's stored validation results, into `<docs_dir>/gx/`
+    (or the lake's `docs/gx/`)."""
+    from expectations.docs import build_data_docs
+
+    the_lake = lake()
+    root, upload = docs_dir()
+    with tempfile.TemporaryDirectory(prefix="citypulse-gx-") as work:
+        store = Path(work) / "validations"
+        count = 0
+        for hour in interval.hours():
+            prefix = gx_results_prefix(hour)
+            for key in the_lake.list_keys(prefix, ".json"):
+                target = store / key.removeprefix(prefix)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(the_lake.read(key))
+                count += 1
+        result = build_data_docs(store, root / "gx", Path(work) / "context")
+    result["validation_results"] = count
+    if upload:
+        result["uploaded"] = _upload_tree(root / "gx", "docs/gx/")
+        result["index"] = the_lake.uri("docs/gx/index.html")
         shutil.rmtree(root, ignore_errors=True)
     return result

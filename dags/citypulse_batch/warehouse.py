@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -253,6 +254,16 @@ class Warehouse(ABC):
         names = schema.names
         return pa.Table.from_pylist([dict(zip(names, row, strict=True)) for row in rows], schema=schema)
 
+    def read_bucket_counts(self, interval: Interval, relation: str, entity: str, bucket: str) -> list[tuple[Any, ...]]:
+        """(entity, bucket, reading_count, vehicle_count) of a traffic mart's buckets inside the interval."""
+        start, end = interval.sql_bounds()
+        with self.transaction() as cur:
+            cur.execute(
+                f"select {entity}, {bucket}, reading_count, vehicle_count from {relation} "
+                f"where {bucket} >= {start} and {bucket} < {end} order by {entity}, {bucket}"
+            )
+            return [tuple(row) for row in cur.fetchall()]
+
 
 # --- DuckDB -------------------------------------------------------------------------------
 
@@ -388,8 +399,14 @@ class PostgresWarehouse(Warehouse):
     def connect(self) -> Any:
         import psycopg2
 
-        con = psycopg2.connect(**self.params, connect_timeout=10, options="-c TimeZone=UTC")
-        return con
+        # The application name says which process holds a session (pg_stat_activity): an
+        # operator finds the task behind a lock or a long transaction.
+        return psycopg2.connect(
+            **self.params,
+            connect_timeout=10,
+            options="-c TimeZone=UTC",
+            application_name=f"citypulse_batch pid={os.getpid()}",
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -439,17 +456,22 @@ class PostgresWarehouse(Warehouse):
 class RedshiftWarehouse(Warehouse):
     """Redshift through the Amazon provider's hook; the lake is read by COPY with an IAM role.
 
-    The role ARN comes from the connection's extra `copy_iam_role` (the cluster must have it
-    attached); COPY maps Parquet columns by position, and the staging tables share the
-    contract's column order with the lake files.
+    The role ARN comes from the connection's extra `copy_iam_role` (the workgroup must have
+    it attached); without it COPY uses the namespace's default IAM role (`iam_role default`,
+    which the CloudFormation template sets). COPY maps Parquet columns by position, and the
+    staging tables share the contract's column order with the lake files.
     """
 
     engine = "redshift"
 
-    def __init__(self, conn_id: str, copy_iam_role: str, dbt_params: dict[str, str]) -> None:
+    def __init__(self, conn_id: str, copy_iam_role: str | None, dbt_params: dict[str, str]) -> None:
         self.conn_id = conn_id
         self.copy_iam_role = copy_iam_role
         self.dbt_params = dbt_params
+
+    @property
+    def _iam_role(self) -> str:
+        return "iam_role default" if not self.copy_iam_role else f"iam_role {_quote(self.copy_iam_role)}"
 
     def dbt_env(self) -> dict[str, str]:
         return {f"CITYPULSE_REDSHIFT_{k.upper()}": v for k, v in self.dbt_params.items()}
@@ -484,14 +506,12 @@ class RedshiftWarehouse(Warehouse):
         # One COPY per listed file rather than per prefix: a prefix would also pick up any
         # stray object, and the list is what the summary counts.
         for key in keys:
-            cur.execute(
-                f"copy {table} from {_quote(lake.uri(key))} iam_role {_quote(self.copy_iam_role)} format as parquet"
-            )
+            cur.execute(f"copy {table} from {_quote(lake.uri(key))} {self._iam_role} format as parquet")
 
     def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
         cur.execute(
             f"copy {table} ({_names(columns)}) from {_quote(lake.uri(key))} "
-            f"iam_role {_quote(self.copy_iam_role)} format as csv ignoreheader 1"
+            f"{self._iam_role} format as csv ignoreheader 1"
         )
 
 
@@ -519,17 +539,19 @@ def _postgres(conn: Any) -> Warehouse:
 
 
 def _redshift(conn: Any) -> Warehouse:
-    role = conn.extra_dejson.get("copy_iam_role")
-    if not role:
-        raise ValueError(f"connection {conn.conn_id!r}: extra 'copy_iam_role' (the COPY role ARN) is missing")
+    # The connection authenticates with IAM (extra `iam`, `is_serverless`, `serverless_work_group`,
+    # as the CloudFormation template writes it); dbt's profile gets the same endpoint and
+    # workgroup and authenticates the same way (profiles.yml, `method: iam_role`).
+    extra = conn.extra_dejson
     params = {
         "host": conn.host or "",
         "port": str(conn.port or 5439),
-        "user": conn.login or "",
-        "password": conn.password or "",
         "dbname": conn.schema or "",
+        "region": str(extra.get("region") or extra.get("region_name") or ""),
+        "is_serverless": str(bool(extra.get("is_serverless", True))),  # "True"/"False": what as_bool reads
+        "workgroup": str(extra.get("serverless_work_group") or ""),
     }
-    return RedshiftWarehouse(conn.conn_id, role, params)
+    return RedshiftWarehouse(conn.conn_id, extra.get("copy_iam_role"), params)
 
 
 ADAPTERS: dict[str, Callable[[Any], Warehouse]] = {

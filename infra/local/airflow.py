@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -129,12 +130,10 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_logged(argv: list[str], env: Mapping[str, str], log_path: Path, timeout: float) -> int:
-    """Run a command with its output in `log_path`; kill its whole session on timeout."""
-    with log_path.open("w") as out:
-        out.write(f"$ {' '.join(argv)}\n")
-        out.flush()
-        process = subprocess.Popen(
+def _start_logged(argv: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start an Airflow command in its own session (stopped by group), its output appended to `log_path`."""
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
             argv,
             env=dict(env),
             cwd=env["AIRFLOW_HOME"],
@@ -143,19 +142,25 @@ def _run_logged(argv: list[str], env: Mapping[str, str], log_path: Path, timeout
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise
-        except BaseException:
-            # Interrupted (Ctrl-C): leave no Airflow process behind.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise
+
+
+def _run_logged(argv: list[str], env: Mapping[str, str], log_path: Path, timeout: float) -> int:
+    """Run a command with its output in `log_path`; kill its whole session on timeout."""
+    log_path.write_text(f"$ {' '.join(argv)}\n")
+    process = _start_logged(argv, env, log_path)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    except BaseException:
+        # Interrupted (Ctrl-C): leave no Airflow process behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
 
 
 def ensure_metadata_db(
@@ -324,6 +329,7 @@ class DailyRun:
     task_states: dict[str, str]
     summaries: dict[str, Any]
     dbt_docs: Path
+    data_docs: Path
     log_path: Path
     seconds: float
     returncode: int
@@ -357,10 +363,11 @@ def read_summaries(airflow_home: Path, dag_id: str, run_id: str) -> dict[str, An
 
 
 def run_daily(day: date, env: Mapping[str, str], airflow_home: Path, *, timeout: float = 900) -> DailyRun:
-    """Run `citypulse_daily` for the UTC day `day`: daily marts, retention, dbt docs.
+    """Run `citypulse_daily` for the UTC day `day`: daily marts, retention, dbt docs, data docs.
 
     The docs land in `CITYPULSE_DOCS_DIR` (from `env`), by default `<airflow_home>/../docs`:
-    dbt's static site at `<docs>/dbt/index.html`. A failed run is returned, not raised.
+    dbt's static site at `<docs>/dbt/index.html`, Great Expectations' data docs at
+    `<docs>/gx/index.html`. A failed run is returned, not raised.
     """
     airflow_home = Path(airflow_home).resolve()
     docs = Path(env.get("CITYPULSE_DOCS_DIR") or airflow_home.parent / "docs")
@@ -396,6 +403,7 @@ def run_daily(day: date, env: Mapping[str, str], airflow_home: Path, *, timeout:
         tasks,
         read_summaries(airflow_home, DAILY_DAG_ID, run_id),
         docs / "dbt" / "index.html",
+        docs / "gx" / "index.html",
         log_path,
         seconds,
         code,
@@ -403,6 +411,159 @@ def run_daily(day: date, env: Mapping[str, str], airflow_home: Path, *, timeout:
     if not run.succeeded:
         log.warning("%s %s: DAG run %s; log %s, tail:\n%s", DAILY_DAG_ID, day, state, log_path, run.log_tail())
     return run
+
+
+@dataclass(frozen=True)
+class BackfillRun:
+    """An Airflow backfill of `citypulse_hourly`: the state of each interval's DAG run."""
+
+    start: datetime
+    end: datetime
+    run_states: dict[datetime, str]
+    log_dir: Path
+    seconds: float
+
+    @property
+    def succeeded(self) -> bool:
+        expected = (self.end - self.start) // timedelta(hours=1)
+        return len(self.run_states) == expected and set(self.run_states.values()) == {"success"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _backfill_runs(airflow_home: Path, dag_id: str) -> dict[datetime, str]:
+    """data_interval_start -> state of the DAG runs Airflow's backfill created."""
+    db = Path(airflow_home).resolve() / "airflow.db"
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "select data_interval_start, state from dag_run where dag_id = ? and run_type = 'backfill'", (dag_id,)
+        ).fetchall()
+    finally:
+        con.close()
+    return {moment: str(state) for value, state in rows if (moment := _parse_db_time(value)) is not None}
+
+
+def _stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    # SIGTERM first (the scheduler may take a while, see FIELD-NOTES), then SIGKILL the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_backfill(
+    start: datetime, end: datetime, env: Mapping[str, str], airflow_home: Path, *, timeout: float = 1800
+) -> BackfillRun:
+    """Backfill `citypulse_hourly` over the hours of [start, end) with Airflow's own backfill.
+
+    `airflow backfill create` records one backfill DAG run per interval (already completed
+    intervals are run again: `--reprocess-behavior completed`); a scheduler with the
+    LocalExecutor (job schedule off, so only the backfill runs) runs them one at a time, the
+    DAG unpaused (the scheduler skips paused DAGs), its tasks reaching
+    the metadata DB through an API server's execution API. Both run only for the backfill, on
+    loopback ports picked here, and are stopped when every run is finished or `timeout` passes.
+    """
+    import secrets
+
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware (UTC)")
+    start, end = start.astimezone(UTC), end.astimezone(UTC)
+    airflow_home = Path(airflow_home).resolve()
+    ensure_metadata_db(airflow_home, env)
+    port = _free_port()
+    full_env = airflow_environment(env, airflow_home)
+    full_env.update(
+        {
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            # Scheduler and API server must share it: the executor's task tokens are checked there.
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+            # One task at a time: the local DuckDB warehouse has a single writer.
+            "AIRFLOW__CORE__PARALLELISM": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            # The scheduler runs the backfill's runs only: no scheduled run of "now" is created
+            # although the DAG must be unpaused (the scheduler skips runs of paused DAGs).
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        }
+    )
+    log_dir = airflow_home / "runs" / f"backfill-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    airflow = [sys.executable, "-m", "airflow"]
+    for name, argv in (
+        ("reserialize", [*airflow, "dags", "reserialize"]),
+        ("unpause", [*airflow, "dags", "unpause", DAG_ID]),
+        (
+            "create",
+            [
+                *airflow,
+                "backfill",
+                "create",
+                "--dag-id",
+                DAG_ID,
+                # Logical dates of a data-interval timetable are the interval starts (inclusive).
+                "--from-date",
+                start.isoformat(),
+                "--to-date",
+                (end - timedelta(hours=1)).isoformat(),
+                "--reprocess-behavior",
+                "completed",
+                # One run at a time, as the DAG's own max_active_runs (the backfill has its own).
+                "--max-active-runs",
+                "1",
+            ],
+        ),
+    ):
+        code = _run_logged(argv, full_env, log_dir / f"{name}.log", timeout)
+        if code != 0:
+            raise AirflowRunError(
+                f"airflow {name} failed (exit {code}); {log_dir / f'{name}.log'}:\n{_tail(log_dir / f'{name}.log')}"
+            )
+
+    processes: list[subprocess.Popen[bytes]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        api_server = [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)]
+        processes.append(_start_logged(api_server, full_env, log_dir / "api-server.log"))
+        # Tasks report to the execution API from their first moment: the scheduler starts when it answers.
+        while not _listening(port):
+            if processes[0].poll() is not None or time.monotonic() > deadline:
+                raise AirflowRunError(f"the API server did not start; {log_dir / 'api-server.log'}")
+            time.sleep(0.5)  # polling a port another process opens
+        processes.append(_start_logged([*airflow, "scheduler"], full_env, log_dir / "scheduler.log"))
+        expected = (end - start) // timedelta(hours=1)
+        while True:
+            states = _backfill_runs(airflow_home, DAG_ID)
+            if len(states) >= expected and all(s in ("success", "failed") for s in states.values()):
+                break
+            dead = [p for p in processes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise AirflowRunError(
+                    f"backfill {start.isoformat()}..{end.isoformat()} did not finish "
+                    f"({'a process exited' if dead else f'within {timeout:.0f} s'}): runs {states}; logs in {log_dir}"
+                )
+            time.sleep(2.0)  # polling the scheduler's progress in the metadata DB
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+    return BackfillRun(start, end, states, log_dir, round(time.monotonic() - started, 1))
 
 
 def serve_ui(env: Mapping[str, str], airflow_home: Path, port: int = 8080) -> subprocess.Popen[bytes]:
@@ -424,16 +585,8 @@ def serve_ui(env: Mapping[str, str], airflow_home: Path, port: int = 8080) -> su
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         }
     )
-    out = (airflow_home / "api-server.log").open("ab")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
-            env=full_env,
-            cwd=airflow_home,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    finally:
-        out.close()
+    return _start_logged(
+        [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
+        full_env,
+        airflow_home / "api-server.log",
+    )

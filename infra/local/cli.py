@@ -150,6 +150,25 @@ def cmd_airflow(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from infra.local.airflow import run_backfill
+    from infra.local.platform import require_running
+
+    def utc(text: str) -> datetime:
+        moment = datetime.fromisoformat(text)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+    state_dir = _state_dir(args)
+    info = require_running(state_dir)
+    run = run_backfill(utc(args.start), utc(args.end), info.env, state_dir / "airflow")
+    for start, state in sorted(run.run_states.items()):
+        print(f"citypulse_hourly {start:%Y-%m-%d %H:%M}Z  {state}")
+    print(f"backfill {'succeeded' if run.succeeded else 'FAILED'} in {run.seconds:.0f} s; logs in {run.log_dir}")
+    return 0 if run.succeeded else 1
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from infra.local.audit import cmd_audit as run
 
@@ -182,8 +201,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gateway_batch=args.gateway_batch,
         zones=args.zones,
         basic_ingest=not args.no_basic_ingest,
+        stream_mode=args.stream_mode,
     )
-    print(render(plan(w), naive_plan(w)))
+    print(render(plan(w), naive_plan(w), naive_plan(w, stream_mode="PROVISIONED")))
     return 0
 
 
@@ -213,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("airflow", help="serve the Airflow UI over the local DAG runs on 127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")
     p.set_defaults(func=cmd_airflow)
+    p = sub.add_parser("backfill", help="re-run the hourly DAG for [--from, --to) with Airflow's own backfill")
+    p.add_argument("--from", dest="start", required=True, help="first hour, ISO 8601 (UTC if no zone)")
+    p.add_argument("--to", dest="end", required=True, help="end hour, exclusive, ISO 8601 (UTC if no zone)")
+    p.set_defaults(func=cmd_backfill)
     p = sub.add_parser("audit", help="reconcile received / stored / duplicates / quarantined for a time range")
     from infra.local.audit import add_arguments
 
@@ -233,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gateway-batch", type=int, default=32, help="readings per gateway message (default 32)")
     p.add_argument("--zones", type=int, default=256)
     p.add_argument("--no-basic-ingest", action="store_true", help="publish on normal topics (billed messaging)")
+    p.add_argument(
+        "--stream-mode",
+        choices=["PROVISIONED", "ON_DEMAND"],
+        default="PROVISIONED",
+        help="Kinesis capacity mode, as the template's StreamMode parameter (default PROVISIONED)",
+    )
     p.set_defaults(func=cmd_plan)
     sub.add_parser("down", help="stop the local platform").set_defaults(func=cmd_down)
     p = sub.add_parser("replay", help="publish recorded detector data (CSV/Parquet) into the running platform")

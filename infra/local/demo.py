@@ -3,8 +3,9 @@
 Start the local platform, play one city-hour of simulated traffic through the real flow
 (devices → MQTT/mTLS → rule → Kinesis → processor → DynamoDB + lake → EventBridge),
 wait until every reading is accounted for, run the hourly Airflow DAG for that hour
-(Glue crawler → warehouse load → dbt → Great Expectations → publish), and print what
-happened. The platform is left running for inspection; `citypulse down` stops it.
+(Glue crawler → warehouse load → dbt → Great Expectations → publish), then the daily DAG
+for its day (daily marts, retention, dbt docs and Great Expectations data docs), and print
+what happened. The platform is left running for inspection; `citypulse down` stops it.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class DemoResult:
     latency: dict[str, float]
     alerts: dict[str, int]
     dag: Any
+    daily: Any
     seconds: float
     info: PlatformInfo
 
@@ -164,7 +166,13 @@ class DemoResult:
 
     @property
     def ok(self) -> bool:
-        return self.balanced and self.dag is not None and self.dag.succeeded
+        return (
+            self.balanced
+            and self.dag is not None
+            and self.dag.succeeded
+            and self.daily is not None
+            and self.daily.succeeded
+        )
 
 
 def run_demo(
@@ -177,7 +185,7 @@ def run_demo(
     drain_timeout_s: float = 180.0,
 ) -> DemoResult:
     """The main job. Raises PlatformError if the platform cannot start."""
-    from infra.local.airflow import run_hourly
+    from infra.local.airflow import run_daily, run_hourly
     from infra.local.certs import LocalCA
     from streaming.devices.gateway import Gateway
     from streaming.devices.simulator import run_simulation
@@ -225,7 +233,10 @@ def run_demo(
     echo(f"running the hourly Airflow DAG for {hour_label}")
     from datetime import UTC, datetime
 
-    dag = run_hourly(datetime.fromtimestamp(hour_start / 1000, UTC), info.env, state_dir / "airflow")
+    hour = datetime.fromtimestamp(hour_start / 1000, UTC)
+    dag = run_hourly(hour, info.env, state_dir / "airflow")
+    echo(f"running the daily Airflow DAG for {hour:%Y-%m-%d} (daily marts, dbt docs, data docs)")
+    daily = run_daily(hour.date(), info.env, state_dir / "airflow")
     return DemoResult(
         sensors=sensors,
         hour_start_ms=hour_start,
@@ -234,6 +245,7 @@ def run_demo(
         latency=latency_percentiles(state_dir / "logs"),
         alerts=read_alert_feed(),
         dag=dag,
+        daily=daily,
         seconds=time.monotonic() - started,
         info=info,
     )
@@ -263,6 +275,31 @@ def _dag_lines(run: Any) -> list[str]:
             f"checks     Great Expectations suite {gx['suite']}: {gx['passed']} of {gx['evaluated']} "
             f"expectations passed on {gx['rows']:,} rows"
         )
+    if recon := steps.get("reconciliation"):
+        lines.append(
+            f"           marts reconciled with raw ({recon['suite']}): {recon['passed']} of "
+            f"{recon['evaluated']} expectations passed (totals per mart, no gaps in the zone time spine)"
+        )
+    return lines
+
+
+def _daily_lines(run: Any) -> list[str]:
+    failed = sorted(t for t, state in run.task_states.items() if state in ("failed", "upstream_failed"))
+    lines = [
+        f"daily      citypulse_daily {run.day:%Y-%m-%d}: {run.state} in {run.seconds:.0f} s"
+        + (f" (failed: {', '.join(failed)})" if failed else "")
+    ]
+    if build := run.summaries.get("dbt_build_daily"):
+        lines.append(
+            f"           daily marts: models {build['models_passed']} passed, {build['models_failed']} failed; "
+            f"tests {build['tests_passed']} passed, {build['tests_failed']} failed"
+        )
+    docs = run.summaries.get("data_docs") or {}
+    lines += [
+        f"docs       dbt docs: {run.dbt_docs}" + ("" if run.dbt_docs.is_file() else " (not written)"),
+        f"           Great Expectations data docs: {run.data_docs}"
+        + (f" ({docs['validation_pages']} validation results)" if docs else " (not written)"),
+    ]
     return lines
 
 
@@ -287,6 +324,8 @@ def render_summary(r: DemoResult, state_dir: Path) -> str:
     lines.append(f"alerts     delivered through EventBridge to the alert feed: {alerts}")
     if r.dag is not None:
         lines += _dag_lines(r.dag)
+    if r.daily is not None:
+        lines += _daily_lines(r.daily)
     lines += [
         f"platform   still running for inspection (state in {state_dir}); stop it with `citypulse down`",
         f"           AWS emulator {r.info.endpoints.get('ministack')}, MQTT {r.info.endpoints.get('mqtt')}",

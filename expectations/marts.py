@@ -1,0 +1,136 @@
+"""The marts reconciliation suites: what dbt built for an interval adds up to what was loaded.
+
+Place in the flow: the hourly DAG's second quality gate, after `dbt build` and beside the
+readings checkpoint. For each traffic mart the interval's rows are set against the same
+interval's `raw.readings`, grouped here in pandas by the mart's entity and time bucket, so
+a bucketing or filtering bug in the models cannot hide in both sides at once:
+
+* reconciliation - per (entity, bucket) the mart's `reading_count` and `vehicle_count` equal
+  the raw ones (a row on one side only counts 0 on the other), and the interval's mart totals
+  equal the raw totals;
+* time spine (zone marts) - every zone with a reading in the interval has a row for every
+  15-minute bucket (resp. hour) of the interval. A zone that reported in the hour but is
+  missing a whole bucket is a gap: either the mart lost it or the zone went dark for
+  15 minutes; both must be looked at before the hour is published.
+
+Like `expectations.readings`, the suites are plain data (no Great Expectations import);
+`expectations.runner` runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from expectations.readings import ExpectationSpec
+
+SUITE_PREFIX = "citypulse_reconcile_"
+MARTS_SCHEMA = "marts"
+COLUMNS = [
+    "entity_id",
+    "bucket_start",
+    "raw_reading_count",
+    "mart_reading_count",
+    "raw_vehicle_count",
+    "mart_vehicle_count",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MartSpec:
+    """A traffic mart: its table, entity key, bucket column and grain, and whether it has a spine."""
+
+    table: str
+    entity: str
+    bucket: str
+    minutes: int
+    spine: bool
+
+    @property
+    def suite(self) -> str:
+        return SUITE_PREFIX + self.table
+
+    @property
+    def relation(self) -> str:
+        return f"{MARTS_SCHEMA}.{self.table}"
+
+    def buckets(self, start: datetime, end: datetime) -> list[datetime]:
+        """The bucket starts of [start, end) (naive UTC, as the warehouse stores them)."""
+        step = timedelta(minutes=self.minutes)
+        out, moment = [], _naive_utc(start)
+        while moment < _naive_utc(end):
+            out.append(moment)
+            moment += step
+        return out
+
+
+TRAFFIC_MARTS: tuple[MartSpec, ...] = (
+    MartSpec("fct_sensor_traffic_15min", "sensor_id", "bucket_start", 15, spine=False),
+    MartSpec("fct_sensor_traffic_hourly", "sensor_id", "hour_start", 60, spine=False),
+    MartSpec("fct_zone_traffic_15min", "zone_id", "bucket_start", 15, spine=True),
+    MartSpec("fct_zone_traffic_hourly", "zone_id", "hour_start", 60, spine=True),
+)
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def reconciliation_frame(
+    spec: MartSpec, readings: Any, mart_rows: Iterable[tuple[Any, ...]], start: datetime, end: datetime
+) -> Any:
+    """One row per (entity, bucket) seen in raw, in the mart, or on the spine, with both sides' counts.
+
+    `readings`: the interval's `raw.readings` (pyarrow Table or pandas DataFrame with at least
+    sensor_id, zone_id, ts, vehicle_count); `mart_rows`: (entity, bucket_start, reading_count,
+    vehicle_count) of the mart's rows inside the interval.
+    """
+    import pandas as pd
+
+    raw = readings if isinstance(readings, pd.DataFrame) else readings.to_pandas()
+    raw = raw[[spec.entity, "ts", "vehicle_count"]].copy()
+    raw["bucket_start"] = pd.to_datetime(raw["ts"]).dt.floor(f"{spec.minutes}min").astype("datetime64[us]")
+    raw_counts = (
+        raw.groupby([spec.entity, "bucket_start"])
+        .agg(raw_reading_count=("ts", "size"), raw_vehicle_count=("vehicle_count", "sum"))
+        .reset_index()
+        .rename(columns={spec.entity: "entity_id"})
+    )
+    mart = pd.DataFrame(
+        [(str(e), pd.Timestamp(b), int(n), int(v)) for e, b, n, v in mart_rows],
+        columns=["entity_id", "bucket_start", "mart_reading_count", "mart_vehicle_count"],
+    ).astype({"bucket_start": "datetime64[us]"})
+    frame = raw_counts.merge(mart, on=["entity_id", "bucket_start"], how="outer")
+    if spec.spine:
+        entities = sorted(raw_counts["entity_id"].unique())
+        spine = pd.DataFrame(
+            [(e, b) for e in entities for b in spec.buckets(start, end)], columns=["entity_id", "bucket_start"]
+        ).astype({"bucket_start": "datetime64[us]"})
+        frame = frame.merge(spine, on=["entity_id", "bucket_start"], how="outer")
+    counts = [c for c in COLUMNS if c.endswith("_count")]
+    frame[counts] = frame[counts].fillna(0).astype("int64")
+    return frame[COLUMNS].sort_values(["entity_id", "bucket_start"]).reset_index(drop=True)
+
+
+def reconciliation_expectations(spec: MartSpec, frame: Any) -> list[ExpectationSpec]:
+    """The suite for one mart's reconciliation frame: per-bucket and total equality, and the spine."""
+    specs = [
+        ExpectationSpec(
+            "ExpectColumnPairValuesToBeEqual", {"column_A": "raw_reading_count", "column_B": "mart_reading_count"}
+        ),
+        ExpectationSpec(
+            "ExpectColumnPairValuesToBeEqual", {"column_A": "raw_vehicle_count", "column_B": "mart_vehicle_count"}
+        ),
+    ]
+    for measure in ("reading_count", "vehicle_count"):
+        total = int(frame[f"raw_{measure}"].sum())
+        specs.append(
+            ExpectationSpec(
+                "ExpectColumnSumToBeBetween", {"column": f"mart_{measure}", "min_value": total, "max_value": total}
+            )
+        )
+    if spec.spine:
+        specs.append(ExpectationSpec("ExpectColumnValuesToBeBetween", {"column": "mart_reading_count", "min_value": 1}))
+    return specs

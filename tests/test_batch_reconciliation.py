@@ -1,0 +1,113 @@
+"""The marts reconciliation (Great Expectations 1.x): marts add up to raw, and zones have no gaps.
+
+Unit tests: the real GX checkpoints on in-memory frames (no servers). The marts are computed
+here from the readings the simple way, then broken on purpose; the engines' side is in
+`test_batch_known_answers.py` (DuckDB, PostgreSQL) and the gate in `test_hourly_dag_run.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from expectations.marts import TRAFFIC_MARTS, reconciliation_frame
+from expectations.runner import run_reconciliation
+
+START = datetime(2026, 3, 2, 10, tzinfo=UTC)
+END = START + timedelta(hours=1)
+ZONE_15 = "fct_zone_traffic_15min"
+
+
+def _readings(minutes: tuple[int, ...] = (1, 16, 31, 46)) -> pd.DataFrame:
+    rows = []
+    for n in range(4):
+        for minute in minutes:
+            ts = datetime(2026, 3, 2, 10, minute, n)
+            rows.append({"sensor_id": f"S-{n}", "zone_id": f"Z-{n % 2}", "ts": ts, "vehicle_count": n + minute})
+    return pd.DataFrame(rows)
+
+
+def _marts(readings: pd.DataFrame) -> dict[str, list[tuple[Any, ...]]]:
+    """What a correct build holds: (entity, bucket, readings, vehicles) per mart."""
+    out = {}
+    for spec in TRAFFIC_MARTS:
+        frame = readings.assign(bucket=readings["ts"].dt.floor(f"{spec.minutes}min"))
+        grouped = frame.groupby([spec.entity, "bucket"]).agg(n=("ts", "size"), v=("vehicle_count", "sum"))
+        out[spec.table] = [(e, b.to_pydatetime(), int(n), int(v)) for (e, b), (n, v) in grouped.iterrows()]
+    return out
+
+
+def _failed(result: Any) -> set[tuple[str, str, str]]:
+    return {
+        (f["suite"].removeprefix("citypulse_reconcile_"), f["expectation"], str(f["column"])) for f in result.failures
+    }
+
+
+def test_a_correct_build_reconciles_every_mart() -> None:
+    readings = _readings()
+    result = run_reconciliation(readings, _marts(readings), START, END)
+    assert result.success, result.failures
+    # 4 marts x (2 pair equalities + 2 totals) + the spine of the 2 zone marts
+    assert result.evaluated == result.passed == 18
+
+
+def test_a_bucket_counted_wrong_in_one_mart_fails_its_buckets_and_totals() -> None:
+    readings = _readings()
+    marts = _marts(readings)
+    zone, bucket, count, vehicles = marts[ZONE_15][2]
+    marts[ZONE_15][2] = (zone, bucket, count + 1, vehicles)
+    result = run_reconciliation(readings, marts, START, END)
+    assert not result.success
+    assert _failed(result) == {
+        (
+            "fct_zone_traffic_15min",
+            "expect_column_pair_values_to_be_equal",
+            "['raw_reading_count', 'mart_reading_count']",
+        ),
+        ("fct_zone_traffic_15min", "expect_column_sum_to_be_between", "mart_reading_count"),
+    }
+    assert result.passed == result.evaluated - 2
+
+
+def test_a_bucket_missing_from_the_mart_is_a_gap_and_a_shortfall() -> None:
+    readings = _readings()
+    marts = _marts(readings)
+    del marts[ZONE_15][0]
+    result = run_reconciliation(readings, marts, START, END)
+    assert {(mart, expectation) for mart, expectation, _ in _failed(result)} == {
+        ("fct_zone_traffic_15min", "expect_column_pair_values_to_be_equal"),
+        ("fct_zone_traffic_15min", "expect_column_sum_to_be_between"),
+        ("fct_zone_traffic_15min", "expect_column_values_to_be_between"),  # the spine
+    }
+
+
+def test_a_zone_silent_for_a_whole_quarter_is_a_gap_even_when_the_totals_agree() -> None:
+    readings = _readings()
+    # Zone Z-1 (sensors S-1, S-3) sends nothing in 10:15-10:30; raw and marts agree on that.
+    readings = readings[~((readings["zone_id"] == "Z-1") & (readings["ts"].dt.minute == 16))]
+    result = run_reconciliation(readings, _marts(readings), START, END)
+    assert _failed(result) == {("fct_zone_traffic_15min", "expect_column_values_to_be_between", "mart_reading_count")}
+    (failure,) = result.failures
+    assert failure["unexpected_count"] == 1
+
+
+def test_rows_outside_the_raw_data_count_as_zero_on_the_raw_side() -> None:
+    readings = _readings()
+    marts = _marts(readings)
+    marts["fct_sensor_traffic_hourly"].append(("S-9", datetime(2026, 3, 2, 10), 3, 12))
+    frame = reconciliation_frame(TRAFFIC_MARTS[1], readings, marts["fct_sensor_traffic_hourly"], START, END)
+    ghost = frame[frame["entity_id"] == "S-9"].iloc[0]
+    assert (ghost["raw_reading_count"], ghost["mart_reading_count"], ghost["mart_vehicle_count"]) == (0, 3, 12)
+    assert not run_reconciliation(readings, marts, START, END).success
+
+
+@pytest.mark.parametrize("spec", TRAFFIC_MARTS, ids=lambda s: s.table)
+def test_the_spine_covers_every_bucket_of_the_interval_for_zones_only(spec: Any) -> None:
+    readings = _readings(minutes=(1,))  # data in the first quarter only
+    frame = reconciliation_frame(spec, readings, [], START, END)
+    entities = readings[spec.entity].nunique()
+    buckets = 60 // spec.minutes if spec.spine else 1
+    assert len(frame) == entities * buckets

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import orjson
 
-from streaming.contract import gateway_message
+from streaming.contract import device_message
 from streaming.devices.topics import telemetry_topic
 from streaming.devices.traffic import Faults, TrafficModel
 from streaming.registry import generate_city
@@ -44,12 +44,12 @@ TEMPLATE_MAX_SHARDS = 64  # the template's ShardCount MaxValue
 
 
 def encode_gateway_message(gateway_id: str, zone_id: str, sent_at_ms: int, readings: list[dict[str, Any]]) -> bytes:
-    """The bytes a gateway publishes: the contract's envelope, orjson-encoded, as the devices send it.
+    """The bytes a gateway publishes: the contract's message (`device_message`: columnar,
+    schema_version 2), orjson-encoded, as the devices send it.
 
-    The one place the plan learns the payload format: when gateways switch encoders (a
-    columnar schema_version 2), call that encoder here and every size below follows.
+    The one place the plan learns the payload format: every size below follows it.
     """
-    return orjson.dumps(gateway_message(gateway_id, zone_id, sent_at_ms, readings))
+    return orjson.dumps(device_message(gateway_id, zone_id, sent_at_ms, readings))
 
 
 @dataclass(frozen=True)

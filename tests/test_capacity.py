@@ -23,6 +23,7 @@ from infra.capacity import (
     tiered,
     zone_shares,
 )
+from streaming.contract import GATEWAY_V2, device_message
 from streaming.devices.topics import telemetry_topic
 
 PRICES = load_prices()
@@ -140,19 +141,13 @@ def test_default_sizes_are_measured_with_the_devices_encoder() -> None:
     reading = {"sensor_id": "S-000001", "zone_id": "Z-001", "ts": "2026-03-02T10:00:00.000Z", "seq": 1}
     one = message_sizes([("gw-001-00", "Z-001", 0, [reading] * 4)])
     encoded = encode_gateway_message("gw-001-00", "Z-001", 0, [reading] * 4)
-    assert encoded == orjson.dumps(
-        {
-            "schema_version": 1,
-            "gateway_id": "gw-001-00",
-            "zone_id": "Z-001",
-            "sent_at": "1970-01-01T00:00:00.000Z",
-            "readings": [reading] * 4,
-        }
-    )
+    assert encoded == orjson.dumps(device_message("gw-001-00", "Z-001", 0, [reading] * 4))
+    assert orjson.loads(encoded)["schema_version"] == GATEWAY_V2  # what gateways publish: columns
     topic = len(telemetry_topic("Z-001", "gw-001-00"))
     assert one.overhead_bytes + 4 * one.reading_bytes == len(encoded) + topic
-    # A v1 JSON reading of the simulator is ~180-200 B.
-    assert 150 < sizes.reading_bytes < 250
+    # A reading of the simulator costs ~70 B in a v2 message, its own ts included (the model's
+    # detectors do not report in step); a v1 JSON object costs ~180-200 B.
+    assert 40 < sizes.reading_bytes < 100
 
 
 def test_citypulse_is_at_least_twenty_times_cheaper_than_naive() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from infra.local.dashboard_server import DASHBOARD_DIR, DashboardServer, ensure_assets
-from infra.local.platform import REPO_ROOT, PlatformInfo, demo_city, down, up
+from infra.local.platform import REPO_ROOT, PlatformInfo, demo_city, down, gateway_connector, up
 from streaming.readapi.params import format_ts
 
 pytestmark = pytest.mark.integration
@@ -58,30 +58,12 @@ class Scenario:
 
 def _publish(info: PlatformInfo, start_ms: int, minutes: int, incidents: list[Any], seconds: float) -> int:
     """Play `minutes` simulated minutes of the city through the real device path."""
-    from infra.local.certs import LocalCA
-    from streaming.devices.gateway import Gateway
     from streaming.devices.simulator import run_simulation
     from streaming.devices.traffic import Faults, TrafficModel
 
     city = demo_city(SENSORS, SEED)
     model = TrafficModel(city, SEED, start_ms, incidents, Faults.none())
-    ca = LocalCA.load_or_create(Path(info.env["CITYPULSE_PKI_DIR"]))
-    host, port = info.env["CITYPULSE_MQTT_HOST"], int(info.env["CITYPULSE_MQTT_PORT"])
-
-    def connect(gateway_id: str) -> Gateway:
-        identity = ca.device_identity(gateway_id)
-        gateway = Gateway(
-            gateway_id,
-            endpoint=host,
-            port=port,
-            cert_path=identity.cert_path,
-            key_path=identity.key_path,
-            ca_path=ca.cert_path,
-        )
-        gateway.connect()
-        return gateway
-
-    result = run_simulation(model, minutes, seconds, connect)
+    result = run_simulation(model, minutes, seconds, gateway_connector(info.env))
     assert result.failed_publishes == 0
     return result.readings
 

@@ -46,30 +46,14 @@ def test_a_cursor_round_trips_only_for_its_own_query() -> None:
 
 
 def test_aggregation_averages_from_sums_not_from_averages() -> None:
+    columns = ("readings", "vehicles", "speed_sum", "speed_n", "occupancy_sum", "occupancy_n", "congestion_sum")
     rows = [
-        MinuteRow(
-            10,
-            readings=10,
-            vehicles=100,
-            speed_sum=500.0,
-            speed_n=10,
-            occupancy_sum=100.0,
-            occupancy_n=10,
-            congestion_sum=1.0,
-        ),
-        MinuteRow(
-            11,
-            readings=30,
-            vehicles=300,
-            speed_sum=300.0,
-            speed_n=30,
-            occupancy_sum=300.0,
-            occupancy_n=30,
-            congestion_sum=27.0,
-        ),
-        MinuteRow(
-            15, readings=5, vehicles=5, speed_sum=0.0, speed_n=0, occupancy_sum=0.0, occupancy_n=0, congestion_sum=0.5
-        ),
+        MinuteRow(minute, **dict(zip(columns, values, strict=True)))
+        for minute, *values in (
+            (10, 10, 100, 500.0, 10, 100.0, 10, 1.0),
+            (11, 30, 300, 300.0, 30, 300.0, 30, 27.0),
+            (15, 5, 5, 0.0, 0, 0.0, 0, 0.5),
+        )
     ]
     five = aggregate_minutes(rows, 5)
     assert [r["minutes_with_data"] for r in five] == [2, 1]

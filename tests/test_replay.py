@@ -4,8 +4,7 @@ and CSV / Parquet files published through a real broker and the rule bridge into
 from __future__ import annotations
 
 import base64
-import time
-from collections.abc import Iterator
+import functools
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,12 +14,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mqtt_stream import StreamReader, connect_gateway, create_stream, start_bridge
 
-from infra.local.broker import Broker, start_broker
+from infra.local.broker import Broker
 from infra.local.certs import LocalCA
-from infra.local.rule_bridge import RuleBridge
+from infra.local.emulators import Emulator, kinesis_client
 from streaming.contract import format_ts, message_readings, validate_reading
-from streaming.devices.gateway import Gateway
 from streaming.devices.replay import (
     REPLAY_GATEWAY,
     ColumnMap,
@@ -34,11 +33,6 @@ from streaming.devices.replay import (
 from streaming.registry import City, generate_city
 
 T0 = parse_time_ms("2026-03-02T07:00:00Z")
-SQL = (
-    "SELECT encode(*, 'base64') AS payload, topic(3) AS zone_id, topic(4) AS gateway_id, "
-    "clientid() AS client_id, timestamp() AS received_at FROM 'citypulse/telemetry/+/+'"
-)
-TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -198,78 +192,16 @@ def test_the_replay_publishes_each_message_at_its_scheduled_offset(registry: dic
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return LocalCA.load_or_create(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def broker(ca: LocalCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with start_broker(tmp_path_factory.mktemp("broker"), ca) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def kinesis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from infra.local.emulators import kinesis_client, start_kinesalite
-
-    emulator = start_kinesalite(tmp_path_factory.mktemp("kinesalite"))
-    try:
-        yield kinesis_client(emulator.endpoint_url)
-    finally:
-        emulator.stop()
-
-
-def _stream_with_bridge(kinesis: Any, ca: LocalCA, broker: Broker, name: str) -> RuleBridge:
-    kinesis.create_stream(StreamName=name, ShardCount=1)
-    deadline = time.monotonic() + TIMEOUT
-    while kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"] != "ACTIVE":
-        assert time.monotonic() < deadline
-    ident = ca.bridge_identity()
-    bridge = RuleBridge(
-        sql=SQL,
-        partition_key="${topic(3)}",
-        stream_name=name,
-        broker_host="localhost",
-        broker_port=broker.port,
-        ca_path=ca.cert_path,
-        cert_path=ident.cert_path,
-        key_path=ident.key_path,
-        kinesis_client=kinesis,
-    )
-    bridge.start()
-    return bridge
+def kinesis(kinesalite: Emulator) -> Any:
+    return kinesis_client(kinesalite.endpoint_url)
 
 
 def _read_messages(kinesis: Any, stream: str, expected_messages: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    shard = kinesis.list_shards(StreamName=stream)["Shards"][0]["ShardId"]
-    it = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    deadline = time.monotonic() + TIMEOUT
-    while len(out) < expected_messages:
-        assert time.monotonic() < deadline, f"{len(out)} of {expected_messages} messages reached Kinesis"
-        resp = kinesis.get_records(ShardIterator=it, Limit=1000)
-        it = resp["NextShardIterator"]
-        for rec in resp["Records"]:
-            record = orjson.loads(rec["Data"])
-            out.append((record, orjson.loads(base64.b64decode(record["payload"]))))
+    out = []
+    for rec in StreamReader(kinesis, stream).wait_for_count(expected_messages):
+        record = orjson.loads(rec["Data"])
+        out.append((record, orjson.loads(base64.b64decode(record["payload"]))))
     return out
-
-
-def _connector(ca: LocalCA, broker: Broker) -> Any:
-    def connect(gateway_id: str) -> Gateway:
-        ident = ca.device_identity(gateway_id)
-        gw = Gateway(
-            gateway_id,
-            endpoint="localhost",
-            port=broker.port,
-            cert_path=ident.cert_path,
-            key_path=ident.key_path,
-            ca_path=ca.cert_path,
-        )
-        gw.connect(TIMEOUT)
-        return gw
-
-    return connect
 
 
 def _recorded(registry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -327,9 +259,10 @@ def test_every_recorded_row_arrives_in_kinesis_as_a_reading_with_the_mapped_valu
     plan = plan_replay(read_rows(path, ColumnMap.parse(MAP)), registry, speed=float("inf"), unknown_zone="Z-004")
     assert plan.unknown_sensors == {"LOOP-0001", "LOOP-0002"}
     stream = f"replay-{fmt}"
-    bridge = _stream_with_bridge(kinesis, ca, broker, stream)
+    create_stream(kinesis, stream, shards=1)
+    bridge = start_bridge(kinesis, ca, broker, stream)
     try:
-        result = run_replay(plan, _connector(ca, broker))
+        result = run_replay(plan, functools.partial(connect_gateway, ca, broker))
         messages = _read_messages(kinesis, stream, len(plan.messages))
     finally:
         bridge.stop()

@@ -12,19 +12,20 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from mqtt_stream import PROJECT_KEY, PROJECT_SQL, TIMEOUT, StreamReader, connect_gateway, create_stream, start_bridge
+from mqtt_stream import offline_bridge as _bridge
 
 from infra.local.broker import DEFAULT_MAX_INFLIGHT_MESSAGES, Broker, start_broker
 from infra.local.certs import LocalCA
+from infra.local.emulators import Emulator, kinesis_client
 from infra.local.rule_bridge import (
     MessageContext,
     PartitionKeyTemplate,
-    RuleBridge,
     RuleEvaluationError,
     UnsupportedRuleSql,
     _Pending,
@@ -33,13 +34,7 @@ from infra.local.rule_bridge import (
 )
 from streaming.devices.gateway import Gateway
 
-PROJECT_SQL = (
-    "SELECT encode(*, 'base64') AS payload, topic(3) AS zone_id, topic(4) AS gateway_id, "
-    "clientid() AS client_id, timestamp() AS received_at FROM 'citypulse/telemetry/+/+'"
-)
-PROJECT_KEY = "${topic(3)}"
 CTX = MessageContext(topic="citypulse/telemetry/Z-012/gw-00012", client_id="gw-00012", received_at_ms=1_795_000_000_123)
-TIMEOUT = 30.0
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -130,21 +125,6 @@ def test_unsupported_partition_key_templates_are_refused(template: str) -> None:
         PartitionKeyTemplate.parse(template)
 
 
-def _bridge(kinesis: Any, sql: str = PROJECT_SQL, key: str = PROJECT_KEY, **kw: Any) -> RuleBridge:
-    return RuleBridge(
-        sql=sql,
-        partition_key=key,
-        stream_name="s",
-        broker_host="localhost",
-        broker_port=1,
-        ca_path="ca",
-        cert_path="c",
-        key_path="k",
-        kinesis_client=kinesis,
-        **kw,
-    )
-
-
 def test_unsupported_rule_fails_at_construction_and_the_cli_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UnsupportedRuleSql):
         _bridge(object(), sql=PROJECT_SQL + " WHERE 1 = 1")
@@ -189,90 +169,12 @@ def test_only_failed_entries_are_retried() -> None:
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return LocalCA.load_or_create(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def broker(ca: LocalCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with start_broker(tmp_path_factory.mktemp("broker"), ca) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def kinesalite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from infra.local.emulators import start_kinesalite
-
-    emulator = start_kinesalite(tmp_path_factory.mktemp("kinesalite"))
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
-
-
-@pytest.fixture(scope="module")
-def kinesis(kinesalite: Any) -> Any:
-    from infra.local.emulators import kinesis_client
-
+def kinesis(kinesalite: Emulator) -> Any:
     return kinesis_client(kinesalite.endpoint_url)
 
 
-def create_stream(kinesis: Any, name: str, shards: int = 2) -> None:
-    kinesis.create_stream(StreamName=name, ShardCount=shards)
-    deadline = time.monotonic() + TIMEOUT
-    while kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"] != "ACTIVE":
-        assert time.monotonic() < deadline, f"stream {name} never became ACTIVE"
-
-
-class StreamReader:
-    """Reads every shard of a stream from the start, accumulating records across calls."""
-
-    def __init__(self, kinesis: Any, stream: str) -> None:
-        self.kinesis = kinesis
-        self.records: list[dict[str, Any]] = []
-        shards = kinesis.list_shards(StreamName=stream)["Shards"]
-        self.iterators = {
-            s["ShardId"]: kinesis.get_shard_iterator(
-                StreamName=stream, ShardId=s["ShardId"], ShardIteratorType="TRIM_HORIZON"
-            )["ShardIterator"]
-            for s in shards
-        }
-
-    def poll(self) -> int:
-        for shard, it in self.iterators.items():
-            resp = self.kinesis.get_records(ShardIterator=it, Limit=10_000)
-            self.iterators[shard] = resp["NextShardIterator"]
-            self.records += resp["Records"]
-        return len(self.records)
-
-    def payloads(self) -> Counter[bytes]:
-        return Counter(base64.b64decode(orjson.loads(r["Data"])["payload"]) for r in self.records)
-
-    def wait_for_all(self, expected: set[bytes]) -> Counter[bytes]:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            self.poll()
-            seen = self.payloads()
-            if expected <= set(seen):
-                return seen
-            assert time.monotonic() < deadline, f"{len(expected - set(seen))} of {len(expected)} never arrived"
-
-
 def gateways(ca: LocalCA, broker: Broker, n: int) -> list[Gateway]:
-    out = []
-    for i in range(n):
-        ident = ca.device_identity(f"gw-{i + 1:05d}")
-        gw = Gateway(
-            ident.name,
-            endpoint="localhost",
-            port=broker.port,
-            cert_path=ident.cert_path,
-            key_path=ident.key_path,
-            ca_path=ca.cert_path,
-        )
-        gw.connect(TIMEOUT)
-        out.append(gw)
-    return out
+    return [connect_gateway(ca, broker, f"gw-{i + 1:05d}") for i in range(n)]
 
 
 def zone_of(gateway_id: str) -> str:
@@ -292,19 +194,7 @@ def publish_round(gws: list[Gateway], tag: str, per_gateway: int) -> set[bytes]:
 @pytest.mark.integration
 def test_every_message_reaches_kinesis_once_with_the_rule_fields(ca: LocalCA, broker: Broker, kinesis: Any) -> None:
     create_stream(kinesis, "telemetry-a")
-    ident = ca.bridge_identity()
-    bridge = RuleBridge(
-        sql=PROJECT_SQL,
-        partition_key=PROJECT_KEY,
-        stream_name="telemetry-a",
-        broker_host="localhost",
-        broker_port=broker.port,
-        ca_path=ca.cert_path,
-        cert_path=ident.cert_path,
-        key_path=ident.key_path,
-        kinesis_client=kinesis,
-    )
-    bridge.start()
+    bridge = start_bridge(kinesis, ca, broker, "telemetry-a")
     started_ms = time.time_ns() // 1_000_000
     gws = gateways(ca, broker, 3)
     try:
@@ -340,19 +230,7 @@ def test_a_lone_message_after_a_quiet_spell_is_forwarded_without_further_traffic
 ) -> None:
     """The tail of a burst must not wait for the next burst to push it out."""
     create_stream(kinesis, "telemetry-quiet")
-    ident = ca.bridge_identity()
-    bridge = RuleBridge(
-        sql=PROJECT_SQL,
-        partition_key=PROJECT_KEY,
-        stream_name="telemetry-quiet",
-        broker_host="localhost",
-        broker_port=broker.port,
-        ca_path=ca.cert_path,
-        cert_path=ident.cert_path,
-        key_path=ident.key_path,
-        kinesis_client=kinesis,
-    )
-    bridge.start()
+    bridge = start_bridge(kinesis, ca, broker, "telemetry-quiet")
     (gw,) = gateways(ca, broker, 1)
     try:
         reader = StreamReader(kinesis, "telemetry-quiet")
@@ -458,19 +336,7 @@ def test_nothing_is_lost_when_the_bridge_is_killed_mid_stream(
 def test_nothing_is_lost_across_a_broker_restart(ca: LocalCA, kinesis: Any, tmp_path: Path) -> None:
     create_stream(kinesis, "telemetry-c", shards=1)
     own = start_broker(tmp_path / "broker", ca, persistence=True)
-    ident = ca.bridge_identity()
-    bridge = RuleBridge(
-        sql=PROJECT_SQL,
-        partition_key=PROJECT_KEY,
-        stream_name="telemetry-c",
-        broker_host="localhost",
-        broker_port=own.port,
-        ca_path=ca.cert_path,
-        cert_path=ident.cert_path,
-        key_path=ident.key_path,
-        kinesis_client=kinesis,
-    )
-    bridge.start()
+    bridge = start_bridge(kinesis, ca, own, "telemetry-c")
     gws = gateways(ca, own, 2)
     try:
         sent = publish_round(gws, "before", 500)

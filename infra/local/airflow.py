@@ -51,16 +51,13 @@ class AirflowRunError(RuntimeError):
     """Airflow could not run the DAG at all (no DAG run recorded); the message has the log tail."""
 
 
-@dataclass(frozen=True)
-class HourlyRun:
-    """One local run of `citypulse_hourly`: its DAG run state, task states and run report."""
+@dataclass(frozen=True, kw_only=True)
+class DagRun:
+    """One local `airflow dags test` run: its DAG run and task states, log, duration and exit code."""
 
-    interval_start: datetime
-    interval_end: datetime
     run_id: str
     state: str
     task_states: dict[str, str]
-    report: dict[str, Any] | None
     log_path: Path
     seconds: float
     returncode: int
@@ -71,6 +68,15 @@ class HourlyRun:
 
     def log_tail(self, lines: int = _TAIL_LINES) -> str:
         return _tail(self.log_path, lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HourlyRun(DagRun):
+    """One local run of `citypulse_hourly`: its DAG run state, task states and run report."""
+
+    interval_start: datetime
+    interval_end: datetime
+    report: dict[str, Any] | None
 
 
 def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
@@ -253,6 +259,51 @@ def read_report(env: Mapping[str, str], interval_start: datetime) -> dict[str, A
     return Lake(bucket, client).read_json(report_key(Interval.hour(interval_start)))
 
 
+def _dags_test(
+    dag_id: str,
+    interval_start: datetime,
+    interval_end: datetime,
+    label: str,
+    log_name: str,
+    full_env: Mapping[str, str],
+    airflow_home: Path,
+    timeout: float,
+) -> dict[str, Any]:
+    """Run `airflow dags test` for `dag_id`'s interval [start, end): the DagRun fields of the run it recorded.
+
+    `label` names the interval in errors; the output goes to `<airflow_home>/runs/<log_name>`.
+    """
+    runs_dir = airflow_home / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    log_path = runs_dir / log_name
+    # For a data-interval timetable `dags test` infers the interval that ENDS at the given
+    # date ("the last complete period"), so pass the end to run [start, end).
+    argv = [sys.executable, "-m", "airflow", "dags", "test", dag_id, interval_end.isoformat()]
+    started = time.monotonic()
+    try:
+        code = _run_logged(argv, full_env, log_path, timeout)
+    except subprocess.TimeoutExpired:
+        raise AirflowRunError(
+            f"`airflow dags test {dag_id}` for {label} did not finish within "
+            f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}"
+        ) from None
+    seconds = round(time.monotonic() - started, 1)
+    found = read_run_states(airflow_home, interval_start, dag_id)
+    if found is None:
+        raise AirflowRunError(
+            f"`airflow dags test` (exit {code}) recorded no run of {dag_id} for {label}; {log_path}:\n{_tail(log_path)}"
+        )
+    run_id, state, tasks = found
+    return {
+        "run_id": run_id,
+        "state": state,
+        "task_states": tasks,
+        "log_path": log_path,
+        "seconds": seconds,
+        "returncode": code,
+    }
+
+
 def run_hourly(
     interval_start: datetime, env: Mapping[str, str], airflow_home: Path, *, timeout: float = 900
 ) -> HourlyRun:
@@ -271,75 +322,44 @@ def run_hourly(
     ensure_metadata_db(airflow_home, env)
     full_env = airflow_environment(env, airflow_home)
 
-    runs_dir = airflow_home / "runs"
-    runs_dir.mkdir(exist_ok=True)
-    log_path = runs_dir / f"{DAG_ID}-{interval_start:%Y%m%dT%H%M}.log"
-    # For a data-interval timetable `dags test` infers the interval that ENDS at the given
-    # date ("the last complete period"), so pass the end to run [start, end).
-    argv = [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, interval_end.isoformat()]
-    started = time.monotonic()
-    try:
-        code = _run_logged(argv, full_env, log_path, timeout)
-    except subprocess.TimeoutExpired:
-        raise AirflowRunError(
-            f"`airflow dags test` for {interval_start.isoformat()} did not finish within "
-            f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}"
-        ) from None
-    seconds = round(time.monotonic() - started, 1)
-
-    found = read_run_states(airflow_home, interval_start)
-    if found is None:
-        raise AirflowRunError(
-            f"`airflow dags test` (exit {code}) recorded no run of {DAG_ID} for "
-            f"{interval_start.isoformat()}; {log_path}:\n{_tail(log_path)}"
-        )
-    run_id, state, tasks = found
-    run = HourlyRun(
+    dag_run = _dags_test(
+        DAG_ID,
         interval_start,
         interval_end,
-        run_id,
-        state,
-        tasks,
-        read_report(full_env, interval_start),
-        log_path,
-        seconds,
-        code,
+        interval_start.isoformat(),
+        f"{DAG_ID}-{interval_start:%Y%m%dT%H%M}.log",
+        full_env,
+        airflow_home,
+        timeout,
+    )
+    run = HourlyRun(
+        interval_start=interval_start,
+        interval_end=interval_end,
+        report=read_report(full_env, interval_start),
+        **dag_run,
     )
     if not run.succeeded:
-        failed = sorted(t for t, s in tasks.items() if s in ("failed", "upstream_failed"))
+        failed = sorted(t for t, s in run.task_states.items() if s in ("failed", "upstream_failed"))
         log.warning(
             "%s %s: DAG run %s (%s); log %s, tail:\n%s",
             DAG_ID,
             interval_start.isoformat(),
-            state,
+            run.state,
             ", ".join(failed),
-            log_path,
+            run.log_path,
             run.log_tail(),
         )
     return run
 
 
-@dataclass(frozen=True)
-class DailyRun:
+@dataclass(frozen=True, kw_only=True)
+class DailyRun(DagRun):
     """One local run of `citypulse_daily`: states, per-task summaries and where the docs landed."""
 
     day: date
-    run_id: str
-    state: str
-    task_states: dict[str, str]
     summaries: dict[str, Any]
     dbt_docs: Path
     data_docs: Path
-    log_path: Path
-    seconds: float
-    returncode: int
-
-    @property
-    def succeeded(self) -> bool:
-        return self.state == "success"
-
-    def log_tail(self, lines: int = _TAIL_LINES) -> str:
-        return _tail(self.log_path, lines)
 
 
 def read_summaries(airflow_home: Path, dag_id: str, run_id: str) -> dict[str, Any]:
@@ -375,41 +395,26 @@ def run_daily(day: date, env: Mapping[str, str], airflow_home: Path, *, timeout:
     ensure_metadata_db(airflow_home, env)
     full_env = airflow_environment(env, airflow_home)
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-    runs_dir = airflow_home / "runs"
-    runs_dir.mkdir(exist_ok=True)
-    log_path = runs_dir / f"{DAILY_DAG_ID}-{day:%Y%m%d}.log"
-    # As for the hourly DAG: `dags test` runs the interval that ends at the given date.
-    argv = [sys.executable, "-m", "airflow", "dags", "test", DAILY_DAG_ID, (start + timedelta(days=1)).isoformat()]
-    started = time.monotonic()
-    try:
-        code = _run_logged(argv, full_env, log_path, timeout)
-    except subprocess.TimeoutExpired:
-        raise AirflowRunError(
-            f"`airflow dags test {DAILY_DAG_ID}` for {day} did not finish within "
-            f"{timeout:.0f} s (killed); {log_path}:\n{_tail(log_path)}"
-        ) from None
-    seconds = round(time.monotonic() - started, 1)
-    found = read_run_states(airflow_home, start, DAILY_DAG_ID)
-    if found is None:
-        raise AirflowRunError(
-            f"`airflow dags test` (exit {code}) recorded no run of {DAILY_DAG_ID} for {day}; "
-            f"{log_path}:\n{_tail(log_path)}"
-        )
-    run_id, state, tasks = found
+    # As for the hourly DAG: the interval [start, start + 1 day).
+    dag_run = _dags_test(
+        DAILY_DAG_ID,
+        start,
+        start + timedelta(days=1),
+        str(day),
+        f"{DAILY_DAG_ID}-{day:%Y%m%d}.log",
+        full_env,
+        airflow_home,
+        timeout,
+    )
     run = DailyRun(
-        day,
-        run_id,
-        state,
-        tasks,
-        read_summaries(airflow_home, DAILY_DAG_ID, run_id),
-        docs / "dbt" / "index.html",
-        docs / "gx" / "index.html",
-        log_path,
-        seconds,
-        code,
+        day=day,
+        summaries=read_summaries(airflow_home, DAILY_DAG_ID, dag_run["run_id"]),
+        dbt_docs=docs / "dbt" / "index.html",
+        data_docs=docs / "gx" / "index.html",
+        **dag_run,
     )
     if not run.succeeded:
-        log.warning("%s %s: DAG run %s; log %s, tail:\n%s", DAILY_DAG_ID, day, state, log_path, run.log_tail())
+        log.warning("%s %s: DAG run %s; log %s, tail:\n%s", DAILY_DAG_ID, day, run.state, run.log_path, run.log_tail())
     return run
 
 

@@ -70,30 +70,43 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    # Created 0600 from the start (not chmod-ed after) so the key is never world-readable,
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    # Created with `mode` from the start (not chmod-ed after), so a key is never world-readable,
     # and renamed into place so a reader never sees half a file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, data, 0o644)
+
+
+_UNUSED_KEY_USAGES = (
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Signing only: a CA also signs certificates and CRLs; every other usage is off."""
+    return x509.KeyUsage(
+        digital_signature=True, key_cert_sign=ca, crl_sign=ca, **dict.fromkeys(_UNUSED_KEY_USAGES, False)
+    )
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -158,20 +171,7 @@ class LocalCA:
                     .not_valid_before(now - _BACKDATE)
                     .not_valid_after(now + _CA_VALIDITY)
                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                    .add_extension(
-                        x509.KeyUsage(
-                            digital_signature=True,
-                            content_commitment=False,
-                            key_encipherment=False,
-                            data_encipherment=False,
-                            key_agreement=False,
-                            key_cert_sign=True,
-                            crl_sign=True,
-                            encipher_only=False,
-                            decipher_only=False,
-                        ),
-                        critical=True,
-                    )
+                    .add_extension(_key_usage(ca=True), critical=True)
                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                     .sign(key, hashes.SHA256())
                 )
@@ -321,20 +321,7 @@ class LocalCA:
             .not_valid_before(now - _BACKDATE)
             .not_valid_after(min(now + _LEAF_VALIDITY, self._cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
         )

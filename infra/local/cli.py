@@ -69,9 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     import boto3
 
-    from infra.local.certs import LocalCA
-    from infra.local.platform import require_running
-    from streaming.devices.gateway import Gateway
+    from infra.local.platform import gateway_connector, require_running
     from streaming.devices.replay import ColumnMap, ReplayError, plan_replay, read_rows, run_replay
     from streaming.registry import load_registry
 
@@ -100,23 +98,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{', '.join(sorted(plan.unknown_sensors)[:3])}): published anyway by gw-replay in zone {zone}; "
             "the processor quarantines them as unknown_sensor"
         )
-    ca = LocalCA.load_or_create(Path(env["CITYPULSE_PKI_DIR"]))
-    host, port = env["CITYPULSE_MQTT_HOST"], int(env["CITYPULSE_MQTT_PORT"])
-
-    def connect(gateway_id: str) -> Gateway:
-        identity = ca.device_identity(gateway_id)  # one X.509 certificate per device
-        gateway = Gateway(
-            gateway_id,
-            endpoint=host,
-            port=port,
-            cert_path=identity.cert_path,
-            key_path=identity.key_path,
-            ca_path=ca.cert_path,
-        )
-        gateway.connect()
-        return gateway
-
-    result = run_replay(plan, connect)
+    result = run_replay(plan, gateway_connector(env))
     print(
         f"published {result.readings:,} readings in {result.messages:,} messages in {result.seconds:.1f} s "
         f"({result.readings_per_s:,.0f} readings/s), {result.failed_publishes} failed"

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from infra.local.platform import PlatformInfo, demo_city, up
+from infra.local.platform import PlatformInfo, demo_city, gateway_connector, up
 
 HOUR_MS = 3_600_000
 
@@ -186,8 +186,6 @@ def run_demo(
 ) -> DemoResult:
     """The main job. Raises PlatformError if the platform cannot start."""
     from infra.local.airflow import run_daily, run_hourly
-    from infra.local.certs import LocalCA
-    from streaming.devices.gateway import Gateway
     from streaming.devices.simulator import run_simulation
     from streaming.devices.traffic import TrafficModel
 
@@ -199,23 +197,8 @@ def run_demo(
     city = demo_city(sensors, seed)
     hour_start = (int(time.time() * 1000) // HOUR_MS - 1) * HOUR_MS
     model = TrafficModel.with_random_incidents(city, seed, hour_start, 60)
-    ca = LocalCA.load_or_create(Path(info.env["CITYPULSE_PKI_DIR"]))
-    host, port = info.env["CITYPULSE_MQTT_HOST"], int(info.env["CITYPULSE_MQTT_PORT"])
-
-    def connect(gateway_id: str) -> Gateway:
-        identity = ca.device_identity(gateway_id)  # one X.509 certificate per device
-        # Basic Ingest: messages go straight to the rule (no IoT Core messaging charge in AWS).
-        gateway = Gateway(
-            gateway_id,
-            endpoint=host,
-            port=port,
-            cert_path=identity.cert_path,
-            key_path=identity.key_path,
-            ca_path=ca.cert_path,
-            basic_ingest_rule=info.env["CITYPULSE_TOPIC_RULE"],
-        )
-        gateway.connect()
-        return gateway
+    # Basic Ingest: messages go straight to the rule (no IoT Core messaging charge in AWS).
+    connect = gateway_connector(info.env, basic_ingest_rule=info.env["CITYPULSE_TOPIC_RULE"])
 
     def progress(minute: int, sim: Any) -> None:
         if minute % 10 == 9 or minute == 0:

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from infra.local.demo import Accounting, latency_percentiles, read_accounting, wait_until_accounted
-from infra.local.platform import REPO_ROOT, PlatformError, demo_city, pid_alive, require_running, up
+from infra.local.platform import REPO_ROOT, PlatformError, demo_city, gateway_connector, pid_alive, require_running, up
 
 MINUTE_MS = 60_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -196,9 +196,7 @@ def publisher_main(argv: list[str] | None = None) -> None:
     """
     from dataclasses import asdict
 
-    from infra.local.certs import LocalCA
     from streaming.contract import device_message
-    from streaming.devices.gateway import Gateway
     from streaming.devices.traffic import Faults, Incident, TrafficModel
 
     p = argparse.ArgumentParser()
@@ -210,24 +208,9 @@ def publisher_main(argv: list[str] | None = None) -> None:
     model = TrafficModel(city, spec["seed"], spec["start_ms"], incidents, Faults.none())
     all_gateways = city.gateways()
     mine = [gw for i, gw in enumerate(all_gateways) if i % spec["count"] == spec["index"]]
-    ca = LocalCA.load_or_create(Path(env["CITYPULSE_PKI_DIR"]))
-    host, port = env["CITYPULSE_MQTT_HOST"], int(env["CITYPULSE_MQTT_PORT"])
-    rule = env["CITYPULSE_TOPIC_RULE"]
-
-    def connect(gateway_id: str) -> Gateway:
-        identity = ca.device_identity(gateway_id)
-        gw = Gateway(
-            gateway_id,
-            endpoint=host,
-            port=port,
-            cert_path=identity.cert_path,
-            key_path=identity.key_path,
-            ca_path=ca.cert_path,
-            basic_ingest_rule=rule,
-            max_in_flight=spec.get("max_in_flight", 100),
-        )
-        gw.connect()
-        return gw
+    connect = gateway_connector(
+        env, basic_ingest_rule=env["CITYPULSE_TOPIC_RULE"], max_in_flight=spec.get("max_in_flight", 100)
+    )
 
     res = PublisherResult()
     started = time.monotonic()

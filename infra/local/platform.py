@@ -36,6 +36,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from infra.local.certs import LocalCA
+    from streaming.devices.gateway import Gateway
     from streaming.registry import City
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +100,41 @@ def demo_city(sensors: int, seed: int) -> City:
     from streaming.registry import generate_city
 
     return generate_city(sensors=sensors, zones=min(256, max(1, sensors // 16)), seed=seed)
+
+
+def device_gateway(ca: LocalCA, gateway_id: str, host: str, port: int, **options: Any) -> Gateway:
+    """A gateway (not yet connected) with its own X.509 device certificate from the local CA."""
+    from streaming.devices.gateway import Gateway
+
+    identity = ca.device_identity(gateway_id)  # one X.509 certificate per device
+    return Gateway(
+        gateway_id,
+        endpoint=host,
+        port=port,
+        cert_path=identity.cert_path,
+        key_path=identity.key_path,
+        ca_path=ca.cert_path,
+        **options,
+    )
+
+
+def gateway_connector(env: Mapping[str, str], **options: Any) -> Callable[[str], Gateway]:
+    """`connect(gateway_id)`: a connected gateway on the running platform's broker, as `env` describes it.
+
+    `env` is the platform's environment (`CITYPULSE_PKI_DIR`, `CITYPULSE_MQTT_HOST`, `CITYPULSE_MQTT_PORT`);
+    `options` go to every Gateway (e.g. `basic_ingest_rule`, `max_in_flight`).
+    """
+    from infra.local.certs import LocalCA
+
+    ca = LocalCA.load_or_create(Path(env["CITYPULSE_PKI_DIR"]))
+    host, port = env["CITYPULSE_MQTT_HOST"], int(env["CITYPULSE_MQTT_PORT"])
+
+    def connect(gateway_id: str) -> Gateway:
+        gateway = device_gateway(ca, gateway_id, host, port, **options)
+        gateway.connect()
+        return gateway
+
+    return connect
 
 
 def process_start(pid: int) -> int | None:

@@ -190,7 +190,7 @@ def run_readings_checkpoint(
 
 
 def run_reconciliation(
-    readings: Any,
+    raw_rows: dict[str, list[tuple[Any, ...]]],
     mart_rows: dict[str, list[tuple[Any, ...]]],
     interval_start: datetime,
     interval_end: datetime,
@@ -200,11 +200,12 @@ def run_reconciliation(
 ) -> CheckpointSummary:
     """The marts gate: each traffic mart's interval reconciled with the interval's raw readings.
 
-    `mart_rows`: table name -> (entity, bucket_start, reading_count, vehicle_count) rows of
-    that mart inside the interval (`Warehouse.read_mart_counts`).
+    `raw_rows`, `mart_rows`: table name -> (entity, bucket_start, reading_count, vehicle_count)
+    of raw grouped by that mart's entity and buckets (`Warehouse.read_raw_bucket_counts`), and
+    of the mart's rows inside the interval (`Warehouse.read_bucket_counts`).
     """
     validations = []
     for spec in TRAFFIC_MARTS:
-        frame = reconciliation_frame(spec, readings, mart_rows[spec.table], interval_start, interval_end)
+        frame = reconciliation_frame(spec, raw_rows[spec.table], mart_rows[spec.table], interval_start, interval_end)
         validations.append(Validation(spec.suite, frame, reconciliation_expectations(spec, frame)))
     return run_validations(RECONCILIATION_NAME, validations, results_root=results_root, run_name=run_name)

@@ -1,8 +1,10 @@
 """The marts reconciliation (Great Expectations 1.x): marts add up to raw, and zones have no gaps.
 
-Unit tests: the real GX checkpoints on in-memory frames (no servers). The marts are computed
-here from the readings the simple way, then broken on purpose; the engines' side is in
-`test_batch_known_answers.py` (DuckDB, PostgreSQL) and the gate in `test_hourly_dag_run.py`.
+Unit tests: the real GX checkpoints on in-memory frames (no servers). Both sides' counts are
+computed here from the readings the simple way (the raw side as the warehouse groups it), then
+the marts are broken on purpose; the engines' side (`Warehouse.read_raw_bucket_counts` against
+the dbt marts) is in `test_batch_known_answers.py` (DuckDB, PostgreSQL) and the gate in
+`test_hourly_dag_run.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _readings(minutes: tuple[int, ...] = (1, 16, 31, 46)) -> pd.DataFrame:
 
 
 def _marts(readings: pd.DataFrame) -> dict[str, list[tuple[Any, ...]]]:
-    """What a correct build holds: (entity, bucket, readings, vehicles) per mart."""
+    """(entity, bucket, readings, vehicles) per mart: raw grouped by the mart's buckets, what a correct build holds."""
     out = {}
     for spec in TRAFFIC_MARTS:
         frame = readings.assign(bucket=readings["ts"].dt.floor(f"{spec.minutes}min"))
@@ -48,7 +50,7 @@ def _failed(result: Any) -> set[tuple[str, str, str]]:
 
 def test_a_correct_build_reconciles_every_mart() -> None:
     readings = _readings()
-    result = run_reconciliation(readings, _marts(readings), START, END)
+    result = run_reconciliation(_marts(readings), _marts(readings), START, END)
     assert result.success, result.failures
     # 4 marts x (2 pair equalities + 2 totals) + the spine of the 2 zone marts
     assert result.evaluated == result.passed == 18
@@ -59,7 +61,7 @@ def test_a_bucket_counted_wrong_in_one_mart_fails_its_buckets_and_totals() -> No
     marts = _marts(readings)
     zone, bucket, count, vehicles = marts[ZONE_15][2]
     marts[ZONE_15][2] = (zone, bucket, count + 1, vehicles)
-    result = run_reconciliation(readings, marts, START, END)
+    result = run_reconciliation(_marts(readings), marts, START, END)
     assert not result.success
     assert _failed(result) == {
         (
@@ -76,7 +78,7 @@ def test_a_bucket_missing_from_the_mart_is_a_gap_and_a_shortfall() -> None:
     readings = _readings()
     marts = _marts(readings)
     del marts[ZONE_15][0]
-    result = run_reconciliation(readings, marts, START, END)
+    result = run_reconciliation(_marts(readings), marts, START, END)
     assert {(mart, expectation) for mart, expectation, _ in _failed(result)} == {
         ("fct_zone_traffic_15min", "expect_column_pair_values_to_be_equal"),
         ("fct_zone_traffic_15min", "expect_column_sum_to_be_between"),
@@ -88,7 +90,7 @@ def test_a_zone_silent_for_a_whole_quarter_is_a_gap_even_when_the_totals_agree()
     readings = _readings()
     # Zone Z-1 (sensors S-1, S-3) sends nothing in 10:15-10:30; raw and marts agree on that.
     readings = readings[~((readings["zone_id"] == "Z-1") & (readings["ts"].dt.minute == 16))]
-    result = run_reconciliation(readings, _marts(readings), START, END)
+    result = run_reconciliation(_marts(readings), _marts(readings), START, END)
     assert _failed(result) == {("fct_zone_traffic_15min", "expect_column_values_to_be_between", "mart_reading_count")}
     (failure,) = result.failures
     assert failure["unexpected_count"] == 1
@@ -98,16 +100,18 @@ def test_rows_outside_the_raw_data_count_as_zero_on_the_raw_side() -> None:
     readings = _readings()
     marts = _marts(readings)
     marts["fct_sensor_traffic_hourly"].append(("S-9", datetime(2026, 3, 2, 10), 3, 12))
-    frame = reconciliation_frame(TRAFFIC_MARTS[1], readings, marts["fct_sensor_traffic_hourly"], START, END)
+    frame = reconciliation_frame(
+        TRAFFIC_MARTS[1], _marts(readings)["fct_sensor_traffic_hourly"], marts["fct_sensor_traffic_hourly"], START, END
+    )
     ghost = frame[frame["entity_id"] == "S-9"].iloc[0]
     assert (ghost["raw_reading_count"], ghost["mart_reading_count"], ghost["mart_vehicle_count"]) == (0, 3, 12)
-    assert not run_reconciliation(readings, marts, START, END).success
+    assert not run_reconciliation(_marts(readings), marts, START, END).success
 
 
 @pytest.mark.parametrize("spec", TRAFFIC_MARTS, ids=lambda s: s.table)
 def test_the_spine_covers_every_bucket_of_the_interval_for_zones_only(spec: Any) -> None:
     readings = _readings(minutes=(1,))  # data in the first quarter only
-    frame = reconciliation_frame(spec, readings, [], START, END)
+    frame = reconciliation_frame(spec, _marts(readings)[spec.table], [], START, END)
     entities = readings[spec.entity].nunique()
     buckets = 60 // spec.minutes if spec.spine else 1
     assert len(frame) == entities * buckets

@@ -59,11 +59,17 @@ class Interval:
     def sql_bounds(self) -> tuple[str, str]:
         """Start and end as SQL timestamp literals (UTC, no zone) that Redshift, PostgreSQL and
         DuckDB all read. Built from datetimes, never from user text."""
-        fmt = "timestamp '%Y-%m-%d %H:%M:%S'"
-        return self.start.strftime(fmt), self.end.strftime(fmt)
+        return sql_timestamp(self.start), sql_timestamp(self.end)
 
     def to_json(self) -> dict[str, str]:
         return {"start": _iso(self.start), "end": _iso(self.end)}
+
+
+def sql_timestamp(moment: datetime) -> str:
+    """A UTC moment as a SQL timestamp literal without zone, read alike by Redshift, PostgreSQL, DuckDB."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.strftime("timestamp '%Y-%m-%d %H:%M:%S'")
 
 
 def _iso(moment: datetime) -> str:

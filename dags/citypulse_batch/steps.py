@@ -159,12 +159,16 @@ def reconciliation(engine: Any, interval: Interval, results_root: Path | None = 
     from expectations.marts import TRAFFIC_MARTS
     from expectations.runner import run_reconciliation
 
+    raw = {
+        spec.table: engine.read_raw_bucket_counts(spec.buckets(interval.start, interval.end), spec.minutes, spec.entity)
+        for spec in TRAFFIC_MARTS
+    }
     marts = {
         spec.table: engine.read_bucket_counts(interval, spec.relation, spec.entity, spec.bucket)
         for spec in TRAFFIC_MARTS
     }
     return run_reconciliation(
-        engine.read_readings(interval),
+        raw,
         marts,
         interval.start,
         interval.end,

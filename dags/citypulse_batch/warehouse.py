@@ -10,8 +10,9 @@ connection `citypulse_warehouse` (configuration, not code paths):
 * ``redshift`` - AWS; `COPY ... FORMAT AS PARQUET` from the lake with the cluster's IAM role,
   through the Amazon provider's `RedshiftSQLHook`.
 
-Whatever the engine, a load is one transaction: stage the interval's files in temporary
-tables, delete exactly `[start, end)` by `ts` from `raw.readings`, insert the staged rows
+Whatever the engine, a load is one transaction: stage the interval's files (temporary tables
+copied into; on DuckDB temporary views over the Parquet, read once by the insert), delete
+exactly `[start, end)` by `ts` from `raw.readings`, insert the staged rows
 deduplicated on (`sensor_id`, `seq`), replace the registry tables and the interval's
 quarantine counts. Running it twice leaves the same tables. The DDL of `raw.readings` comes
 from `streaming.contract.warehouse_columns()`, the registry's from `streaming.registry`.
@@ -26,6 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -37,6 +39,7 @@ from citypulse_batch.lake import (
     Lake,
     quarantine_prefixes,
     readings_prefixes,
+    sql_timestamp,
 )
 from streaming.contract import KEY_FIELDS, QUARANTINE_FIELDS, lake_arrow_schema, warehouse_columns
 from streaming.registry import Sensor, Zone
@@ -122,9 +125,9 @@ class Warehouse(ABC):
     def transaction(self) -> Iterator[Any]:
         """A DB-API cursor inside one transaction: committed on success, rolled back on error."""
 
-    @abstractmethod
     def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
-        """Append the rows of the lake's Parquet files to a staging table."""
+        """Append the rows of the lake's Parquet files to a staging table (engines that stage by copying)."""
+        raise NotImplementedError(f"{type(self).__name__} stages Parquet through its own _stage_files")
 
     @abstractmethod
     def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
@@ -133,6 +136,12 @@ class Warehouse(ABC):
     def _staging_table(self, cur: Any, name: str, columns: Sequence[Column]) -> None:
         cur.execute(f"drop table if exists {name}")
         cur.execute(create_table_sql(name, columns, temporary=True))
+
+    def _stage_files(self, cur: Any, name: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
+        """A staging relation `name` holding the rows of the lake's Parquet files: a temporary table, copied into."""
+        self._staging_table(cur, name, columns)
+        if keys:
+            self._stage_parquet(cur, name, lake, keys, columns)
 
     def existing_tables(self, cur: Any) -> set[str]:
         """`schema.table` of every base table (information_schema: the same on all three engines)."""
@@ -159,14 +168,10 @@ class Warehouse(ABC):
 
         with self.transaction() as cur:
             self.ensure_raw_tables(cur)
-            self._staging_table(cur, "stage_readings", READINGS_COLUMNS)
-            self._staging_table(cur, "stage_quarantine", QUARANTINE_STAGE_COLUMNS)
+            self._stage_files(cur, "stage_readings", lake, reading_keys, READINGS_COLUMNS)
+            self._stage_files(cur, "stage_quarantine", lake, quarantine_keys, QUARANTINE_STAGE_COLUMNS)
             self._staging_table(cur, "stage_sensor_registry", RAW_TABLES["sensor_registry"])
             self._staging_table(cur, "stage_zones", RAW_TABLES["zones"])
-            if reading_keys:
-                self._stage_parquet(cur, "stage_readings", lake, reading_keys, READINGS_COLUMNS)
-            if quarantine_keys:
-                self._stage_parquet(cur, "stage_quarantine", lake, quarantine_keys, QUARANTINE_STAGE_COLUMNS)
             self._stage_csv(cur, "stage_sensor_registry", lake, SENSOR_REGISTRY_KEY, RAW_TABLES["sensor_registry"])
             self._stage_csv(cur, "stage_zones", lake, ZONES_KEY, RAW_TABLES["zones"])
 
@@ -253,6 +258,31 @@ class Warehouse(ABC):
         )
         names = schema.names
         return pa.Table.from_pylist([dict(zip(names, row, strict=True)) for row in rows], schema=schema)
+
+    def read_raw_bucket_counts(
+        self, bucket_starts: Sequence[datetime], minutes: int, entity: str
+    ) -> list[tuple[Any, ...]]:
+        """(entity, bucket start, reading count, vehicle count) of `raw.readings` per entity and bucket.
+
+        The raw side of the marts reconciliation, computed where the rows are and independently
+        of the dbt models: the buckets are literal [start, start + minutes) ranges (portable SQL
+        on all three engines), not the models' bucketing expressions.
+        """
+        step = timedelta(minutes=minutes)
+        spine = "\n    union all ".join(
+            f"select {sql_timestamp(b)} as bucket_start, {sql_timestamp(b + step)} as bucket_end" for b in bucket_starts
+        )
+        start, end = sql_timestamp(bucket_starts[0]), sql_timestamp(bucket_starts[-1] + step)
+        with self.transaction() as cur:
+            cur.execute(
+                f"select r.{entity}, b.bucket_start, count(*), coalesce(sum(r.vehicle_count), 0)\n"
+                f"from {RAW_SCHEMA}.readings r\n"
+                f"join (\n    {spine}\n) b on r.ts >= b.bucket_start and r.ts < b.bucket_end\n"
+                f"where r.ts >= {start} and r.ts < {end}\n"
+                f"group by r.{entity}, b.bucket_start\n"
+                f"order by 1, 2"
+            )
+            return [tuple(row) for row in cur.fetchall()]
 
     def read_bucket_counts(self, interval: Interval, relation: str, entity: str, bucket: str) -> list[tuple[Any, ...]]:
         """(entity, bucket, reading_count, vehicle_count) of a traffic mart's buckets inside the interval."""
@@ -352,11 +382,18 @@ class DuckDBWarehouse(Warehouse):
         cur.execute(f"load {_quote(_httpfs_extension())}")
         cur.execute(duckdb_s3_secret_sql(lake))
 
-    def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
-        self._with_s3(cur, lake)
-        files = ", ".join(_quote(lake.uri(k)) for k in keys)
-        names = _names(columns)
-        cur.execute(f"insert into {table} ({names}) select {names} from read_parquet([{files}])")
+    def _stage_files(self, cur: Any, name: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
+        # DuckDB reads Parquet where it lies: the staging relation is a view over the files, so
+        # the dedupe insert reads them once instead of after a copy into a staging table
+        # (docs/performance.md, Batch). No files: a view with the columns and no rows.
+        typed = ", ".join(f"cast({col} as {sql_type}) as {col}" for col, sql_type, _ in columns)
+        if keys:
+            self._with_s3(cur, lake)
+            files = ", ".join(_quote(lake.uri(k)) for k in keys)
+            source = f"select {typed} from read_parquet([{files}])"
+        else:
+            source = f"select {typed} from (select {', '.join(f'null as {col}' for col, _, _ in columns)}) where false"
+        cur.execute(f"create or replace temporary view {name} as {source}")
 
     def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
         self._with_s3(cur, lake)

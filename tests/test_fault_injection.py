@@ -160,13 +160,13 @@ def build_workload() -> Workload:
         message(s, [_r(s[0], 51, _BASE - 20 * MINUTE_MS)], _T0),
     ]
     p.stored += 2
-    # Clock skew, after the zone's minutes: 2 min ahead is accepted (and moves the watermark);
-    # 12 min ahead is quarantined; behind by 8 min is aggregated, behind by 20 min is late.
+    # Clock skew, after the zone's minutes: 2 min ahead of the module's start is accepted;
+    # 6 h ahead is quarantined; behind by 8 min is aggregated, behind by 20 min is late.
     s = plans[t_skew].sensors
     p = plans[t_skew]
     p.tail += [
         message(s, [_r(s[0], 60, _T0 + 2 * MINUTE_MS)], _T0),
-        message(s, [_r(s[1], 60, _T0 + 12 * MINUTE_MS)], _T0),
+        message(s, [_r(s[1], 60, _T0 + 6 * HOUR_MS)], _T0),  # far ahead however late the module runs
         message(s, [_r(s[2], 60, _T0 - 8 * MINUTE_MS)], _T0),
         message(s, [_r(s[3], 60, _T0 - 20 * MINUTE_MS)], _T0),
     ]
@@ -379,7 +379,7 @@ def test_late_out_of_order_skewed_and_boundary_readings_match_the_clean_run(
     assert (t_late, f"m#{beyond:%Y-%m-%dT%H:%M}") not in got.minutes
     assert got.counters[t_late]["late"] == 1
     assert any(row[4] == 51 for row in got.lake[WORKLOAD.zones[t_late].sensors[0].sensor_id])
-    # Skew: ahead 2 min stored; ahead 12 min quarantined; after the ahead reading moved the
+    # Skew: ahead 2 min stored; ahead 6 h quarantined; after the ahead reading moved the
     # watermark, 20 min behind is late (as is the barrier, 30 min behind) and 8 min behind is not.
     s = WORKLOAD.zones[t_skew].sensors
     assert got.quarantine[s[1].sensor_id] == Counter(future_timestamp=1, out_of_range=1)  # and its bad minute

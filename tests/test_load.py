@@ -8,6 +8,7 @@ is stored or quarantined, none twice, by the processor's redelivery-proof counte
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ DURATION_S = 20
 def test_load_loses_no_reading(tmp_path: Path) -> None:
     state = tmp_path / "state"
     lines: list[str] = []
+    session_env = dict(os.environ)  # run_load points this process's boto3 at its own platform
     try:
         result = run_load(
             state, rate=RATE, duration_s=DURATION_S, publishers=2, warmup_s=5, fresh=True, echo=lines.append
@@ -31,6 +33,8 @@ def test_load_loses_no_reading(tmp_path: Path) -> None:
         report = render(result)
     finally:
         down(state, echo=lines.append)
+        os.environ.clear()
+        os.environ.update(session_env)  # later tests keep the session's emulators
     assert result.sensors == RATE and result.publishers == 2
     # Every tick of the run was published: one reading per sensor per tick, warm-up included.
     assert result.failed_publishes == 0, report

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib
 import os
+import pkgutil
 import signal
 import sys
 import threading
@@ -365,8 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         help="redrive: function naming the records the processor's state has moved past",
     )
     args = p.parse_args(argv)
-    module, func = args.handler.rsplit(".", 1)
-    handler = getattr(importlib.import_module(module), func)
+    handler = pkgutil.resolve_name(args.handler)
     sqs = boto3.client("sqs") if args.dlq_url else None
 
     def on_failure(payload: dict[str, Any]) -> None:
@@ -383,7 +382,6 @@ def main(argv: list[str] | None = None) -> None:
     if redriving:
         if sqs is None:
             p.error("redrive needs --dlq-url")
-        module, func = args.already_applied.rsplit(".", 1)
         n, held = redrive(
             sqs=sqs,
             queue_url=args.dlq_url,
@@ -392,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             function_name=args.function_name,
             config=config,
             on_failure=on_failure,
-            already_applied=getattr(importlib.import_module(module), func),
+            already_applied=pkgutil.resolve_name(args.already_applied),
         )
         if held:
             print(

@@ -10,7 +10,7 @@ schedule, as a scheduled invocation whose retries ran out is dropped in AWS.
 from __future__ import annotations
 
 import argparse
-import importlib
+import pkgutil
 import signal
 import threading
 import time
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--function-name", required=True)
     p.add_argument("--rule-arn", default="arn:aws:events:us-east-1:000000000000:rule/local-schedule")
     args = p.parse_args(argv)
-    module, func = args.handler.rsplit(".", 1)
-    handler = getattr(importlib.import_module(module), func)
+    handler = pkgutil.resolve_name(args.handler)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

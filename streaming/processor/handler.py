@@ -20,10 +20,9 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
-from botocore.config import Config
 
 from streaming.processor.core import DetectorSettings, Record, apply_batch, decode_batch
-from streaming.processor.store import AlertPublisher, LakeWriter, StateStore
+from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config
 from streaming.registry import Sensor, load_registry
 
 logger = Logger(service="citypulse-processor")
@@ -41,12 +40,6 @@ class Settings:
     metrics_table: str
     event_bus: str
     registry_key: str
-    # Total attempts per AWS call, in botocore's `standard` retry mode: throttling and 5xx errors
-    # retried with exponential back-off and full jitter, under a retry quota. Not `adaptive`: its
-    # client-side rate limiter is per container and the event-source mapping is already the outer
-    # back-off. Beyond these attempts the batch is reported failed (batchItemFailures), retried by
-    # the mapping, then sent to its on-failure destination.
-    aws_max_attempts: int = 10
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,7 +50,6 @@ class Settings:
             metrics_table=env["CITYPULSE_ZONE_METRICS_TABLE"],
             event_bus=env["CITYPULSE_EVENT_BUS"],
             registry_key=env.get("CITYPULSE_REGISTRY_KEY", "registry/sensor_registry.csv"),
-            aws_max_attempts=int(env.get("CITYPULSE_AWS_MAX_ATTEMPTS", "10")),
         )
 
 
@@ -76,9 +68,7 @@ class Processor:
     @classmethod
     def from_env(cls) -> Processor:
         settings = Settings.from_env()
-        config = Config(
-            retries={"total_max_attempts": settings.aws_max_attempts, "mode": "standard"}, max_pool_connections=32
-        )
+        config = client_config()
         lake = LakeWriter(boto3.client("s3", config=config), settings.lake_bucket)
         registry = load_registry(lake.read_bytes(settings.registry_key))
         return cls(

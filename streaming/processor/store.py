@@ -11,6 +11,7 @@ marker when the batch is delivered again.
 from __future__ import annotations
 
 import io
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.config import Config
 
 from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
 from streaming.processor.core import HOUR_MS, MINUTE_MS, Alert, LakeColumns, QuarantineColumns
@@ -29,6 +31,17 @@ from streaming.processor.state import MinuteAggregate, ShardCounters, ZoneState
 # Live zone-minute metrics are for dashboards and alerts; the lake and warehouse keep history.
 METRICS_TTL_S = 7 * 24 * 3600
 _T = TypeVar("_T")
+
+
+def client_config(env: Mapping[str, str] = os.environ) -> Config:
+    """The botocore config of every processor-side AWS client (processor and sweeper): `standard`
+    retries — throttling and 5xx retried with exponential back-off and full jitter, under a retry
+    quota — for `CITYPULSE_AWS_MAX_ATTEMPTS` total attempts (default 10). Not `adaptive`: its
+    client-side rate limiter is per container, and the event-source mapping (or the next scheduled
+    sweep) is already the outer back-off. Beyond these attempts a batch is reported failed
+    (batchItemFailures), retried by the mapping, then sent to its on-failure destination."""
+    attempts = int(env.get("CITYPULSE_AWS_MAX_ATTEMPTS", "10"))
+    return Config(retries={"total_max_attempts": attempts, "mode": "standard"}, max_pool_connections=32)
 
 
 class StoreError(RuntimeError):

@@ -37,12 +37,11 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from streaming.processor.core import Alert, DetectorSettings, detect_silence
 from streaming.processor.state import ZoneState
-from streaming.processor.store import AlertPublisher
+from streaming.processor.store import AlertPublisher, client_config
 
 logger = Logger(service="citypulse-sweeper")
 metrics = Metrics(namespace="citypulse", service="sweeper")
@@ -70,7 +69,7 @@ class Sweeper:
 
     @classmethod
     def from_env(cls) -> Sweeper:
-        config = Config(retries={"max_attempts": 10, "mode": "adaptive"})
+        config = client_config()
         env = os.environ
         return cls(
             dynamodb=boto3.client("dynamodb", config=config),

@@ -228,7 +228,9 @@ def test_gateway_publishes_survive_a_broker_restart(ca: LocalCA, tmp_path: Path)
         # lands with up to 100 publishes unacknowledged; the rest go out after the restart.
         futures = [gw.publish_telemetry("Z-5", f"m{i}".encode()) for i in range(300)]
         own.kill()
+        assert gw.wait_online(False, TIMEOUT).interruptions == 1
         own = start_broker(tmp_path / "broker", ca, port=own.port)
+        assert gw.wait_online(True, TIMEOUT).resumptions == 1
         futures += [gw.publish_telemetry("Z-5", f"m{i}".encode(), timeout=TIMEOUT) for i in range(300, 350)]
         stats = gw.flush(TIMEOUT * 2)
         assert all(f.exception() is None for f in futures)

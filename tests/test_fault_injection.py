@@ -533,18 +533,20 @@ def test_broker_kill_9_with_messages_in_flight_loses_nothing_and_doubles_nothing
     zones = WORKLOAD.groups["broker"]
     plan = WORKLOAD.plan("broker")
     half = {gw_id: len(msgs) // 2 for gw_id, msgs in plan.items()}
-    # Each gateway's offline buffer (its in-flight window) holds exactly what it sends after the first half.
+    window = {gw_id: len(msgs) - half[gw_id] for gw_id, msgs in plan.items()}
+    # Each gateway's offline buffer (its in-flight window) can hold everything it sends after the first half.
     gateways = {
-        gw_id: p.connect(gw_id, basic_ingest=False, max_in_flight=len(msgs) - half[gw_id], reconnect_max_timeout_secs=2)
-        for gw_id, msgs in plan.items()
+        gw_id: p.connect(gw_id, basic_ingest=False, max_in_flight=window[gw_id], reconnect_max_timeout_secs=2)
+        for gw_id in plan
     }
     zone_of = {gw_id: p.gateways[gw_id][0].zone_id for gw_id in plan}
+    resent = dict.fromkeys(plan, 0)
     try:
         for gw_id, gw in gateways.items():
             for payload in plan[gw_id][: half[gw_id]]:
                 gw.publish_telemetry(zone_of[gw_id], payload)
             gw.flush(60)
-        # The next message of each gateway goes out with the kill: its PUBACK may never come.
+        # The next message of each gateway goes out with the kill: its PUBACK may or may not come.
         for gw_id, gw in gateways.items():
             gw.publish_telemetry(zone_of[gw_id], plan[gw_id][half[gw_id]])
         pid = p.info.pids["mosquitto"]
@@ -554,11 +556,18 @@ def test_broker_kill_9_with_messages_in_flight_loses_nothing_and_doubles_nothing
         while process_start(pid) is not None:
             assert time.monotonic() < deadline, "mosquitto survived SIGKILL"
             time.sleep(0.05)  # waiting for the kernel to reap another process
-        # Offline: the gateways buffer the rest, which fills their window; one more is refused,
-        # counted, and stays with the caller (a resend of the first message, published later).
+        # Offline: the gateways buffer the rest. Once a gateway has seen the drop, its in-flight count
+        # is final, so the test tops the window up with resends of the first message (duplicates) until
+        # it is full; one more publish is then refused, counted, and stays with the caller.
         for gw_id, gw in gateways.items():
+            unacked = gw.wait_online(False, timeout=30).in_flight
+            assert unacked in (0, 1)  # the message sent with the kill
             for payload in plan[gw_id][half[gw_id] + 1 :]:
                 gw.publish_telemetry(zone_of[gw_id], payload, timeout=5)
+            resent[gw_id] = window[gw_id] - gw.stats.in_flight
+            assert resent[gw_id] == 1 - unacked
+            for _ in range(resent[gw_id]):
+                gw.publish_telemetry(zone_of[gw_id], plan[gw_id][0], timeout=5)
             with pytest.raises(TimeoutError):
                 gw.publish_telemetry(zone_of[gw_id], plan[gw_id][0], timeout=0.2)
             assert gw.stats.refused == 1
@@ -572,7 +581,7 @@ def test_broker_kill_9_with_messages_in_flight_loses_nothing_and_doubles_nothing
         )
         for gw_id, gw in gateways.items():
             stats = gw.flush(60)
-            n = len(plan[gw_id])
+            n = len(plan[gw_id]) + resent[gw_id]
             assert (stats.published, stats.acked, stats.failed, stats.refused) == (n, n, 0, 1)
             assert stats.interruptions >= 1 and stats.resumptions >= 1
             gw.publish_telemetry(zone_of[gw_id], plan[gw_id][0])  # the refused one, now: a duplicate

@@ -173,8 +173,9 @@ class Gateway:
             result: dict[str, Any] = self._connection.connect().result(timeout)
         except Exception as e:
             raise GatewayError(f"{self.gateway_id} could not connect to {self.endpoint}:{self.port}: {e}") from e
-        with self._lock:
+        with self._settled:
             self._online = True
+            self._settled.notify_all()
         self._drain_resubmits()
         return bool(result.get("session_present", False))
 
@@ -235,6 +236,18 @@ class Gateway:
                     f"{self.gateway_id}: {self._published - self._acked - self._failed} messages "
                     f"still unacknowledged after {timeout}s"
                 )
+        return self.stats
+
+    def wait_online(self, online: bool, timeout: float | None = 30.0) -> GatewayStats:
+        """Wait until the connection is (``online=True``) or is no longer (``False``) up.
+
+        Once the gateway has seen its connection drop, every PUBACK the broker sent before it went
+        away has been settled (the socket is read in order), so ``stats.in_flight`` is then exactly
+        what the offline buffer holds. ``TimeoutError`` if the state is not reached in time.
+        """
+        with self._settled:
+            if not self._settled.wait_for(lambda: self._online == online, timeout):
+                raise TimeoutError(f"{self.gateway_id}: still {'offline' if online else 'online'} after {timeout}s")
         return self.stats
 
     @property
@@ -303,14 +316,16 @@ class Gateway:
             self._submit(topic, payload, future)
 
     def _on_interrupted(self, connection: mqtt.Connection, error: AwsCrtError, **kwargs: Any) -> None:
-        with self._lock:
+        with self._settled:
             self._online = False
             self._interruptions += 1
+            self._settled.notify_all()
 
     def _on_resumed(
         self, connection: mqtt.Connection, return_code: mqtt.ConnectReturnCode, session_present: bool, **kwargs: Any
     ) -> None:
-        with self._lock:
+        with self._settled:
             self._resumptions += 1
             self._online = return_code == mqtt.ConnectReturnCode.ACCEPTED
+            self._settled.notify_all()
         self._drain_resubmits()

@@ -20,11 +20,12 @@ from streaming.contract import EARLIEST_TS, KEY_FIELDS, LAKE_FIELDS, LATEST_TS, 
 
 SUITE_NAME = f"citypulse_readings_v{SCHEMA_VERSION}"
 
-# pandas dtype names each contract kind may arrive as from a warehouse. Text is checked as an
-# `object` column, value by value (`str`): the runner converts pandas' StringDtype variants,
-# which GX's type list cannot name (pandas 3 reads text as StringDtype(na_value=nan)).
+# pandas dtype names each contract kind may arrive as from a warehouse. Text arrives as pandas'
+# `StringDtype()` (the runner converts the other text dtypes to it), whose values can only be
+# strings or nulls: GX then checks the column's dtype once. An `object` column (a frame built by
+# hand) is checked value by value (`str`).
 PANDAS_TYPES: dict[str, list[str]] = {
-    "string": ["object", "str"],
+    "string": ["StringDtype", "object", "str"],
     "integer": ["int64", "int32", "Int64", "Int32"],
     "number": ["float64", "float32", "Float64"],
     "timestamp": ["datetime64[ns]", "datetime64[us]", "datetime64[ms]"],

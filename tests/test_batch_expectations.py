@@ -85,6 +85,22 @@ def test_every_broken_row_fails_the_checkpoint_and_is_named() -> None:
     assert speed["unexpected_count"] == 1 and speed["unexpected_sample"] == [251.0]
 
 
+def test_text_is_checked_on_its_arrow_dtype_and_a_numeric_text_column_fails() -> None:
+    # From Arrow, text becomes pandas' StringDtype() and its type is checked once on the dtype
+    # (not per value); a warehouse column of numbers where the contract says text still fails.
+    rows = _rows()
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    table = table.set_column(
+        table.schema.get_field_index("gateway_id"), "gateway_id", pa.array([7] * len(rows), pa.int64())
+    )
+
+    result = run_readings_checkpoint(table, START, END)
+
+    type_failures = [f for f in result.failures if f["expectation"] == "expect_column_values_to_be_in_type_list"]
+    assert [f["column"] for f in type_failures] == ["gateway_id"]
+    assert type_failures[0]["observed"] == "int64"
+
+
 def test_an_empty_interval_fails_on_row_count() -> None:
     result = _check([])
     assert not result.success

@@ -108,6 +108,7 @@ FLOOR = "floor (a2b_base64 + orjson)"
 KINDS = {
     "gateway": "gateway records, v1 (reading objects)",
     "columnar": "gateway records, v2 (columns)",
+    "per_detector": "gateway records, v2, each detector's own event time",
     "single": "single-reading records",
 }
 

@@ -70,16 +70,21 @@ def _event_record(data: bytes, sequence: int, partition_key: str) -> dict[str, A
 
 
 def _gateway_payloads(
-    city: City, start_ms: int, first_minute: int, columnar: bool = False
+    city: City, start_ms: int, first_minute: int, columnar: bool = False, per_detector: bool = False
 ) -> Iterator[tuple[bytes, Sensor, int]]:
-    """One gateway message per gateway per minute, forever (seq = minute index); v1, or v2 with `columnar`."""
+    """One gateway message per gateway per minute, forever (seq = minute index); v1, or v2 with
+    `columnar`. Every reading of a message carries the minute's last millisecond, as gateways
+    reporting in step do, or with `per_detector` its detector's own time within the minute."""
     gateways = list(city.gateways().values())
     build = columnar_message if columnar else gateway_message
     minute = first_minute
     while True:
         ts = start_ms + (minute + 1) * 60_000 - 1
         for sensors in gateways:
-            msg = build(sensors[0].gateway_id, sensors[0].zone_id, ts, [reading(s, minute, ts) for s in sensors])
+            readings = [
+                reading(s, minute, ts - (i * 7_919 % 60_000 if per_detector else 0)) for i, s in enumerate(sensors)
+            ]
+            msg = build(sensors[0].gateway_id, sensors[0].zone_id, ts, readings)
             yield orjson.dumps(msg), sensors[0], ts + 500
         minute += 1
 
@@ -96,12 +101,15 @@ def _single_payloads(city: City, start_ms: int, first_minute: int) -> Iterator[t
 
 def kinesis_events(city: City, kind: str, records: int, batches: int) -> list[dict[str, Any]]:
     """`batches` consecutive Lambda events of `records` records each, of `kind` "gateway" (v1
-    messages), "columnar" (the same readings as v2 messages) or "single", continuing one stream
+    messages), "columnar" (the same readings as v2 messages), "per_detector" (v2 messages whose
+    readings each carry their own time within the minute) or "single", continuing one stream
     (sequence numbers and event time keep increasing)."""
     if kind == "single":
         payloads = _single_payloads(city, BASE_MS, 0)
     else:
-        payloads = _gateway_payloads(city, BASE_MS, 0, columnar=kind == "columnar")
+        payloads = _gateway_payloads(
+            city, BASE_MS, 0, columnar=kind in ("columnar", "per_detector"), per_detector=kind == "per_detector"
+        )
     sequence = FIRST_SEQUENCE
     events = []
     for _ in range(batches):

@@ -13,6 +13,7 @@ written), and requires identical DecodedBatch and BatchOutput from both paths.
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -123,10 +124,11 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
     same_zone_other_gw = [s for g in GATEWAYS if g[0].zone_id == zone and g is not own for s in g]
     other_zone = [s for g in GATEWAYS if g[0].zone_id != zone for s in g]
     out: list[Any] = []
-    # Half the messages share one event time, as a gateway's do: the shape decode_batch marks as a
-    # block for apply_batch (with duplicates, late, beyond-window and future readings inside).
+    # Half the messages fall in one event-time minute, as a gateway's do: the shape decode_batch
+    # marks as a block for apply_batch (with duplicates, late, beyond-window and future readings
+    # inside). Of those, half share one event time; the others give each detector its own.
     shared_minute = draw(st.one_of(st.none(), st.integers(0, 80)))
-    shared_offset = draw(st.sampled_from([0, 999, 30_500]))
+    shared_offset = draw(st.one_of(st.none(), st.sampled_from([0, 999, 30_500])))
     # "clean": every reading plainly valid; "one_bad": all but one, whose mutation the block's
     # column checks must catch. Both only with a shared event time (the block shape).
     mode = draw(st.sampled_from(["clean", "one_bad", "mixed"])) if shared_minute is not None else "mixed"
@@ -148,7 +150,8 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
             minute = draw(st.integers(0, 80))  # crosses an hour and the 15-minute lateness bound
             offset = draw(st.sampled_from([0, 999, 30_500]))
         else:
-            minute, offset = shared_minute, shared_offset
+            minute = shared_minute
+            offset = draw(st.sampled_from([0, 999, 30_500, 59_999])) if shared_offset is None else shared_offset
         r: dict[str, Any] = {
             "sensor_id": sensor.sensor_id,
             "zone_id": sensor.zone_id,
@@ -312,27 +315,33 @@ def _output_view(o: BatchOutput) -> Any:
     )
 
 
-def _both(records: list[Record], zone_states: dict, minutes: dict, shards: dict) -> BatchOutput:
+def _both(
+    records: list[Record], zone_states: dict, minutes: dict, shards: dict, detectors: DetectorSettings = DETECTORS
+) -> BatchOutput:
     fast_decoded = decode_batch(records, REGISTRY, ZONES)
     ref_decoded = decode_batch_reference(records, REGISTRY, ZONES)
     assert _decoded_view(fast_decoded) == _decoded_view(ref_decoded)
-    fast = apply_batch(fast_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, DETECTORS)
-    ref = apply_batch_reference(ref_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, DETECTORS)
+    fast = apply_batch(fast_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, detectors)
+    ref = apply_batch_reference(ref_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, detectors)
     assert _output_view(fast) == _output_view(ref)
     return ref
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batches())
-def test_fast_path_equals_reference_on_any_batch(case: tuple[list[Record], list[Record], bool]) -> None:
+@given(batches(), st.sampled_from([DETECTORS, replace(DETECTORS, allowed_lateness_ms=20_000)]))
+def test_fast_path_equals_reference_on_any_batch(
+    case: tuple[list[Record], list[Record], bool], detectors: DetectorSettings
+) -> None:
+    # A lateness of 20 s is shorter than a minute: a block's own readings could then make each
+    # other late, so such a block must take the reference's steps.
     first, second, crashed = case
-    out = _both(first, {}, {}, {})
+    out = _both(first, {}, {}, {}, detectors)
     # The second batch meets the first one's writes: all of them, or (a crash before the commit
     # point) only the aggregates.
     zone_states = {} if crashed else out.zone_states
     shards = {} if crashed else out.shard_counters
-    _both(second, zone_states, out.minutes, shards)
-    _both(first + second, zone_states, out.minutes, shards)
+    _both(second, zone_states, out.minutes, shards, detectors)
+    _both(first + second, zone_states, out.minutes, shards, detectors)
 
 
 def test_fast_path_equals_reference_on_a_quiet_then_busy_zone() -> None:
@@ -510,3 +519,24 @@ def test_v1_and_v2_messages_of_the_same_readings_have_the_same_outcome() -> None
     # Quarantine rows differ only in the raw bytes: v1 keeps the object, v2 the rebuilt row.
     q1, q2 = (next(iter(o.quarantine.values())).columns for o in outs)
     assert {k: v for k, v in q1.items() if k != "raw"} == {k: v for k, v in q2.items() if k != "raw"}
+
+
+def test_a_block_whose_minute_straddles_the_lateness_bound_is_late_reading_by_reading() -> None:
+    """Per-detector event times in one minute: the zone's lateness bound falls inside the
+    minute, so the block's readings before it are late (stored, not aggregated) and the rest
+    are not. Both paths agree, and the block path was the one taken."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    watermark = BASE_MS + 20 * MINUTE_MS + 30_500  # bound: minute 5 + 30.5 s
+    ahead = b.gateway_record(sensors, [reading(s, 50, watermark) for s in sensors], watermark + 1000, columnar=True)
+    first = _both([ahead], {}, {}, {})
+    straddling = [reading(s, 60, BASE_MS + 5 * MINUTE_MS + (0 if i % 2 else 59_999)) for i, s in enumerate(sensors)]
+    record = b.gateway_record(sensors, straddling, watermark + 2000, columnar=True)
+    decoded = decode_batch([record], REGISTRY, ZONES)
+    assert [type(item) for item in decoded.by_zone[sensors[0].zone_id]] == [ColumnBlock]
+    out = _both([record], first.zone_states, first.minutes, first.shard_counters)
+    late = sum(1 for i in range(len(sensors)) if i % 2)
+    assert 0 < late < len(sensors)
+    assert out.counts["late"] == late and out.counts["stored"] == len(sensors)
+    minute = out.minutes[(sensors[0].zone_id, (BASE_MS + 5 * MINUTE_MS) // MINUTE_MS)]
+    assert minute.readings == len(sensors) - late

@@ -2,7 +2,7 @@
 
 Part of phase 1 and 2 of `streaming.processor.core` (`decode_batch`, `apply_batch`). A gateway
 message — v2 (columnar, what gateways publish) or v1 (a list of reading objects) — whose
-readings are all plainly valid and share one event time is checked column by column with
+readings are all plainly valid and fall in one event-time minute is checked column by column with
 C-level builtins (`accept`) and kept as columns (`ColumnBlock`): no Reading, no item, no dict
 per reading. `apply_block` then does per reading only what must be per reading — the dedupe
 window and the sensor's live values — and lands the lake rows, the zone-minute aggregate, the
@@ -34,6 +34,8 @@ _ROW = operator.itemgetter(
     "sensor_id", "zone_id", "ts", "seq", "vehicle_count", "avg_speed_kmh", "occupancy_pct", "congestion_index", "lane"
 )
 _INT_ONLY = {int}
+_STR_ONLY = {str}
+_SEQUENCES = (list, tuple)
 _FLOAT_ONLY = {float}
 _FLOAT_OR_NULL = {float, type(None)}
 
@@ -41,14 +43,16 @@ _FLOAT_OR_NULL = {float, type(None)}
 @dataclass(slots=True)
 class ColumnBlock:
     """A whole gateway message whose readings are all plainly valid (every required field
-    present, exact types, in range, registered to the message's zone and gateway) and share
-    one event time, kept as columns. It stands in `DecodedBatch.by_zone` where the reference
-    has the message's items; `items()` rebuilds those."""
+    present, exact types, in range, registered to the message's zone and gateway) and fall in
+    one event-time minute, kept as columns. It stands in `DecodedBatch.by_zone` where the
+    reference has the message's items; `items()` rebuilds those."""
 
     record: core.Record
     envelope: Envelope
+    first_ms: int  # the earliest and the latest event time of its readings (one minute)
     ts_ms: int
     sensor_ids: Sequence[str]
+    stamps: Sequence[int]  # each reading's event time, epoch ms
     seqs: Sequence[int]
     vehicles: Sequence[int]
     speeds: Sequence[float | None]
@@ -62,14 +66,15 @@ class ColumnBlock:
         again from the message bytes rather than kept: a block rarely needs them (a reading from
         the future is quarantined with its bytes), and a batch of them alive would cost every
         garbage collection a walk through ~300,000 objects."""
-        rec, env, zone_id, ts_ms = self.record, self.envelope, self.envelope.zone_id, self.ts_ms
+        rec, env, zone_id = self.record, self.envelope, self.envelope.zone_id
         raws, _ = parse_readings(env)
         return [
             core._Item(rec, env, i, raw, Reading(sid, zone_id, ts_ms, seq, vc, sp, oc, ci, lane), None)
-            for i, (raw, sid, seq, vc, sp, oc, ci, lane) in enumerate(
+            for i, (raw, sid, ts_ms, seq, vc, sp, oc, ci, lane) in enumerate(
                 zip(
                     raws,
                     self.sensor_ids,
+                    self.stamps,
                     self.seqs,
                     self.vehicles,
                     self.speeds,
@@ -113,12 +118,13 @@ def accept(
     members: frozenset[str] | None,
     ts_cache: dict[str, int],
 ) -> ColumnBlock | None:
-    """The message as a ColumnBlock if every reading is plainly valid and they share one event
-    time; None when in any doubt (the caller then takes the message one reading at a time).
+    """The message as a ColumnBlock if every reading is plainly valid and they fall in one
+    event-time minute; None when in any doubt (the caller then takes the message one reading at
+    a time).
 
     The same conditions as `core._accept` on each reading, stated over columns: `issuperset`
-    against the sensors the registry gives this zone and gateway, `count` for the zone and the
-    one `ts`; types and ranges by msgspec for v2 (`_PlainColumns`), and for v1 by
+    against the sensors the registry gives this zone and gateway, `count` for the zone, each
+    distinct `ts` parsed once (`_stamps`); types and ranges by msgspec for v2 (`_PlainColumns`), and for v1 by
     `set(map(type, ...))` for exact types (bool and integral floats, which the reference
     converts, defer), `min`/`max` for ranges and a sum for NaN."""
     if members is None or not raws:  # no sensor of the registry belongs to this zone and gateway
@@ -133,10 +139,28 @@ def accept(
             return None
     except TypeError:
         return None
-    ts_ms = core.cached_ts_ms(ts, ts_cache)
-    if ts_ms < 0:
+    if type(ts) is str:  # one event time for all
+        first = last = core.cached_ts_ms(ts, ts_cache)
+        stamps = [first] * len(sensor_ids)
+    else:
+        stamps = _stamps(ts, ts_cache)
+        if stamps is None:
+            return None
+        first, last = min(stamps), max(stamps)
+    if first < 0 or first // core.MINUTE_MS != last // core.MINUTE_MS:
         return None
-    return ColumnBlock(rec, env, ts_ms, sensor_ids, *rest)
+    return ColumnBlock(rec, env, first, last, sensor_ids, stamps, *rest)
+
+
+def _stamps(ts: Any, ts_cache: dict[str, int]) -> list[int] | None:
+    """Epoch ms of each reading's `ts` (-1 for a string that is not a valid timestamp), each
+    distinct string parsed once per batch; None when one is not a string."""
+    if type(ts) not in _SEQUENCES or set(map(type, ts)) != _STR_ONLY:
+        return None
+    stamps = list(map(ts_cache.get, ts))
+    if None in stamps:  # a timestamp not seen before in this batch
+        stamps = [core.cached_ts_ms(t, ts_cache) for t in ts]
+    return stamps
 
 
 Columns = tuple[
@@ -145,8 +169,9 @@ Columns = tuple[
 
 
 def _plain_columns(raws: ColumnarReadings) -> Columns | None:
-    """ts, sensor ids, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes of
-    a v2 message whose values all have the contract's types and ranges and one `ts`; else None.
+    """ts (one string, or one per reading), sensor ids, seqs, vehicle counts, speeds, occupancies,
+    congestion indexes and lanes of a v2 message whose values all have the contract's types and
+    ranges; else None.
     (The message's zone is every reading's zone, and `parse_readings` matched it to the topic.)"""
     try:
         c = msgspec.convert({"sensor_id": raws.sensor_ids, "ts": raws.ts, **raws.columns}, _PlainColumns)
@@ -154,10 +179,8 @@ def _plain_columns(raws: ColumnarReadings) -> Columns | None:
         return None
     n = len(c.sensor_id)
     ts = c.ts
-    if type(ts) is list:
-        ts = ts[0]
-        if c.ts.count(ts) != n:
-            return None
+    if type(ts) is list and ts and ts.count(ts[0]) == n:
+        ts = ts[0]  # one event time, as a list
     none = [None] * n
     return (
         ts,
@@ -173,7 +196,7 @@ def _plain_columns(raws: ColumnarReadings) -> Columns | None:
 
 def _plain_objects(raws: Sequence[Any], zone_id: str) -> Columns | None:
     """The same columns of a v1 message whose reading objects all have every field, the
-    contract's exact types and ranges, `zone_id` and one `ts`; else None."""
+    contract's exact types and ranges and `zone_id`; else None."""
     n = len(raws)
     try:
         # KeyError: a field is absent; TypeError: a reading is not an object.
@@ -182,8 +205,12 @@ def _plain_objects(raws: Sequence[Any], zone_id: str) -> Columns | None:
         )
     except (KeyError, TypeError):
         return None
+    if zone_ids.count(zone_id) != n:
+        return None
     ts = stamps[0]
-    if type(ts) is not str or zone_ids.count(zone_id) != n or stamps.count(ts) != n:
+    if stamps.count(ts) == n:
+        stamps = ts  # one event time (not a string: `_stamps` defers it)
+    elif type(ts) is not str:
         return None
     if set(map(type, seqs + vehicles + lanes)) != _INT_ONLY or set(map(type, congestions)) != _FLOAT_ONLY:
         return None
@@ -218,7 +245,7 @@ def _plain_objects(raws: Sequence[Any], zone_id: str) -> Columns | None:
     total = sum(present_speeds) + sum(present_occupancies) + sum(congestions)
     if total != total:
         return None
-    return ts, sensor_ids, seqs, vehicles, speeds, occupancies, congestions, lanes
+    return stamps, sensor_ids, seqs, vehicles, speeds, occupancies, congestions, lanes
 
 
 # --- phase 2 -----------------------------------------------------------------------------
@@ -271,19 +298,25 @@ def apply_block(
     processed_at_ms: int,
     settings: core.DetectorSettings,
 ) -> tuple[int, int, int]:
-    """A block of a record not applied before, its event time not in the future: what
-    `core._apply_item` does reading by reading, with the per-message work done once. Returns
-    (received, stored, late); the caller keeps the counters.
+    """A block of a record not applied before, none of its event times in the future and their
+    spread within the allowed lateness: what `core._apply_item` does reading by reading, with
+    the per-message work done once. Returns (received, stored, late); the caller keeps the
+    counters.
 
-    Why it is the same: one event time means one minute, one lake hour and one lateness verdict
-    (aggregating a reading only raises the watermark to that time, which cannot make the next
-    one late); one record means one aggregate marker check. Dedupe stays per reading. Lake rows
-    keep their order; float sums keep the reference's order (`add_in_order`). The live sensor
-    update is the reference's own (`core.update_sensors`), once per block, after the dedupe loop:
-    it touches no field that dedupe or lateness read."""
-    env, rec, ts = block.envelope, block.record, block.ts_ms
+    Why it is the same: one minute means one zone-minute aggregate and one lake hour; one record
+    means one aggregate marker check. Lateness is judged against the watermark the block starts
+    from: aggregating a reading raises the watermark to at most the block's latest event time,
+    and a spread within `allowed_lateness_ms` keeps every reading of the block at or above that
+    minus the lateness, so no reading of the block can make another late. Dedupe stays per
+    reading. Lake rows keep their order; float sums keep the reference's order (`add_in_order`).
+    The live sensor update is the reference's own (`core.update_sensors`), once per block, after
+    the dedupe loop: it touches no field that dedupe or lateness read."""
+    env, rec = block.envelope, block.record
     received_at = env.received_at_ms
-    late_block = ts < state.watermark_ms - settings.allowed_lateness_ms
+    threshold = state.watermark_ms - settings.allowed_lateness_ms  # older than this: late
+    late_all = block.ts_ms < threshold
+    late_some = not late_all and block.first_ms < threshold
+    stamps = block.stamps
     sensors = state.sensors
     own_get = own.get
     # Positions (in message order) of duplicates, and of readings stored but not aggregated.
@@ -311,15 +344,17 @@ def apply_block(
                 s.late += 1
                 stale.append(i)
                 continue
-        if late_block:
+        if late_all or (late_some and stamps[i] < threshold):
             s.late += 1
+            stale.append(i)
             continue
         live_sensors.append(s)
     n = i + 1
     stored = n - len(dropped)
-    late = stored if late_block else len(stale)
+    late = len(stale)
     columns = (
         block.sensor_ids,
+        stamps,
         block.seqs,
         block.vehicles,
         block.speeds,
@@ -328,10 +363,9 @@ def apply_block(
         block.lanes,
     )
     if stored:  # the reference only creates a lake file it puts a row in
-        out.lake[ts // core.HOUR_MS].extend(
+        out.lake[block.ts_ms // core.HOUR_MS].extend(
             _without(columns, n, dropped),
             zone_id=state.zone_id,
-            ts_ms=ts,
             gateway_id=env.gateway_id,
             received_at_ms=received_at,
             processed_at_ms=processed_at_ms,
@@ -339,15 +373,16 @@ def apply_block(
     live_n = stored - late
     if not live_n:
         return n, stored, late
-    sensor_ids, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
+    sensor_ids, stamps, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
     core.update_sensors(
         live_sensors,
-        zip(sensor_ids, [ts] * live_n, vehicles, speeds, occupancies, congestions, strict=True),
+        zip(sensor_ids, stamps, vehicles, speeds, occupancies, congestions, strict=True),
         received_at,
         state.zone_id,
         out.alerts,
         settings.stuck_run_readings,
     )
+    ts = block.ts_ms if live_n == n else max(stamps)  # the latest aggregated reading's
     watermark = min(ts, received_at)  # the reference's rule: a clock ahead of receive time cannot move it further
     if watermark > state.watermark_ms:
         state.watermark_ms = watermark

@@ -225,8 +225,8 @@ def decode_batch(records: Iterable[Record], registry: Mapping[str, Sensor], zone
     and explains a rejection: the fast path may only accept what the reference accepts, and
     then builds the same Reading.
 
-    A gateway message (v2 columns, or v1 objects) whose readings are all plainly valid and share
-    one `ts` is checked a column at a time and kept as columns (`columnar.accept`), for
+    A gateway message (v2 columns, or v1 objects) whose readings are all plainly valid and fall
+    in one event-time minute is checked a column at a time and kept as columns (`columnar.accept`), for
     `apply_batch` to take as a block.
     """
     with _gc_paused():
@@ -264,7 +264,7 @@ def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: se
         if len(raws) > 1 or type(raws) is not list:
             block = columnar.accept(rec, env, raws, members.get((zone_id, gateway_id)), ts_cache)
             if block is not None:
-                # Every reading plainly valid and of one event time: phase 2 may apply them as a block.
+                # Every reading plainly valid and of one event-time minute: phase 2 may apply them as a block.
                 items.append(block)
                 continue
         for index, raw in enumerate(raws):
@@ -438,19 +438,18 @@ class LakeColumns:
         columns: tuple[Sequence[Any], ...],
         *,
         zone_id: str,
-        ts_ms: int,
         gateway_id: str,
         received_at_ms: int,
         processed_at_ms: int,
     ) -> None:
-        """`append` of each row of a block of one zone and event time: `columns` are its
-        sensor ids, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes."""
+        """`append` of each row of a block of one zone and message: `columns` are its sensor
+        ids, event times, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes."""
         c = self.columns
-        sensor_ids, seqs, vehicles, speeds, occupancies, congestions, lanes = columns
+        sensor_ids, stamps, seqs, vehicles, speeds, occupancies, congestions, lanes = columns
         k = len(seqs)
         c["sensor_id"] += sensor_ids
         c["zone_id"] += [zone_id] * k
-        c["ts"] += [ts_ms] * k
+        c["ts"] += stamps
         c["seq"] += seqs
         c["vehicle_count"] += vehicles
         c["avg_speed_kmh"] += speeds
@@ -705,14 +704,14 @@ def _apply_zone_fast(
                 redelivered += 1
             continue
         if type(item) is columnar.ColumnBlock:
-            if item.ts_ms <= limit:
+            if item.ts_ms <= limit and item.ts_ms - item.first_ms <= lateness:
                 n, n_stored, n_late = columnar.apply_block(state, own, item, minutes, out, processed_at_ms, settings)
                 received += n
                 stored += n_stored
                 duplicates += n - n_stored
                 late += n_late
                 continue
-            for one in item.items():  # in the future: the reference's steps
+            for one in item.items():  # in the future (or a spread wider than the lateness): the reference's steps
                 columnar.own_sensor(sensors, own, one.reading.sensor_id)  # type: ignore[union-attr]
                 _apply_item(state, one, minutes, out, processed_at_ms, settings)
             continue

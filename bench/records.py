@@ -77,13 +77,14 @@ def _gateway_payloads(
     reporting in step do, or with `per_detector` its detector's own time within the minute."""
     gateways = list(city.gateways().values())
     build = columnar_message if columnar else gateway_message
+    # A detector's own millisecond in the minute, spread over the city: nearly every reading's
+    # `ts` string is then distinct, as real detectors' are.
+    offset = {s.sensor_id: i * 7_919 % 60_000 if per_detector else 0 for i, s in enumerate(city.sensors)}
     minute = first_minute
     while True:
         ts = start_ms + (minute + 1) * 60_000 - 1
         for sensors in gateways:
-            readings = [
-                reading(s, minute, ts - (i * 7_919 % 60_000 if per_detector else 0)) for i, s in enumerate(sensors)
-            ]
+            readings = [reading(s, minute, ts - offset[s.sensor_id]) for s in sensors]
             msg = build(sensors[0].gateway_id, sensors[0].zone_id, ts, readings)
             yield orjson.dumps(msg), sensors[0], ts + 500
         minute += 1

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, envelope, reading
 
-from streaming.contract import columnar_message, format_ts, gateway_message
+from streaming.contract import ContractError, columnar_message, format_ts, gateway_message, parse_ts_ms
 from streaming.processor.columnar import ColumnBlock
 from streaming.processor.core import (
     MINUTE_MS,
@@ -31,6 +31,7 @@ from streaming.processor.core import (
     Record,
     apply_batch,
     apply_batch_reference,
+    cached_ts_ms,
     decode_batch,
     decode_batch_reference,
 )
@@ -540,3 +541,30 @@ def test_a_block_whose_minute_straddles_the_lateness_bound_is_late_reading_by_re
     assert out.counts["late"] == late and out.counts["stored"] == len(sensors)
     minute = out.minutes[(sensors[0].zone_id, (BASE_MS + 5 * MINUTE_MS) // MINUTE_MS)]
     assert minute.readings == len(sensors) - late
+
+
+def _reference_ts_ms(ts: str) -> int:
+    try:
+        return parse_ts_ms(ts)
+    except ContractError:
+        return -1
+
+
+# Epoch ms from 1999 to 2101: both ends of the contract's range inside, and beyond them.
+_ANY_MS = st.integers(915_148_800_000, 4_133_980_800_000)
+# What may replace one character of a canonical timestamp: ASCII and non-ASCII digits, the form's
+# own separators, their look-alikes, and a character too many or too few.
+_SWAPS = st.sampled_from([*"0123456789", "\u0663", "\uff11", ":", ".", "-", "T", "Z", "z", " ", "", "00", "+"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_ANY_MS, st.one_of(st.none(), st.tuples(st.integers(0, 23), _SWAPS)), st.integers(0, 23))
+def test_cached_timestamps_equal_the_contracts_parse(ms: int, swap: tuple[int, str] | None, probe: int) -> None:
+    """`cached_ts_ms` (which skips the regex and datetime for canonical strings of a minute it has
+    parsed) returns exactly what the contract's `parse_ts_ms` does, -1 for what it rejects."""
+    canonical = format_ts(ms)
+    ts = canonical if swap is None else canonical[: swap[0]] + swap[1] + canonical[swap[0] + 1 :]
+    cache: dict[str, int] = {}
+    cached_ts_ms(format_ts(ms - ms % MINUTE_MS), cache)  # the minute's prefix seen first
+    assert cached_ts_ms(ts, cache) == _reference_ts_ms(ts)
+    assert cached_ts_ms(ts, {}) == _reference_ts_ms(ts)

@@ -31,7 +31,7 @@ import msgspec
 import orjson
 
 from bench.records import BASE_MS, kinesis_events
-from streaming.contract import GATEWAY_V2, message_readings
+from streaming.contract import GATEWAY_V2, READING_FIELDS, message_readings
 from streaming.processor import core
 from streaming.processor.handler import records_from_event
 from streaming.registry import generate_city
@@ -73,16 +73,16 @@ class _Envelope(msgspec.Struct):
     received_at: int
 
 
-class _Reading(msgspec.Struct):
-    sensor_id: str
-    zone_id: str
-    ts: str
-    seq: int
-    vehicle_count: int
-    congestion_index: float
-    lane: int
-    avg_speed_kmh: float | None = None
-    occupancy_pct: float | None = None
+# A reading's JSON types, derived from the contract's fields (ranges are left to the core).
+_JSON_TYPES = {"string": str, "timestamp": str, "integer": int, "number": float}
+_Reading = msgspec.defstruct(
+    "Reading",
+    [
+        (f.name, _JSON_TYPES[f.kind]) if f.required else (f.name, _JSON_TYPES[f.kind] | None, None)
+        for f in READING_FIELDS
+    ],
+    kw_only=True,
+)
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)

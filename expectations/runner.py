@@ -157,9 +157,10 @@ def run_validations(
         frame = _frame(validation.data)
         rows += len(frame)
         batch = source.add_dataframe_asset(validation.suite).add_batch_definition_whole_dataframe("interval")
-        suite = context.suites.add_or_update(gx.ExpectationSuite(name=validation.suite))
-        for spec in validation.specs:
-            suite.add_expectation(getattr(gxe, spec.expectation)(**spec.kwargs))
+        # The whole suite in one call: added one at a time, each expectation re-serialises the
+        # suite so far into the store (quadratic; ~0.8 s for the 53 of the readings suite).
+        expectations = [getattr(gxe, spec.expectation)(**spec.kwargs) for spec in validation.specs]
+        suite = context.suites.add_or_update(gx.ExpectationSuite(name=validation.suite, expectations=expectations))
         definition = context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=f"{validation.suite}_interval", data=batch, suite=suite)
         )

@@ -277,3 +277,34 @@ def test_a_moved_sensor_gets_a_new_current_version_and_keeps_its_history(tmp_pat
         zones = cur.fetchall()
     assert [tuple(v) for v in versions] == [("Z-002", False, False), ("Z-001", True, True)]
     assert [tuple(z) for z in zones] == [("Z-001", 3), ("Z-002", 2)]
+
+
+def _unique_failures(summary: DbtSummary) -> list[str]:
+    return [f for f in summary.failures if "unique_combination_of_columns_stg_lake__readings" in f]
+
+
+def test_an_hourly_build_tests_its_interval_and_a_build_without_one_tests_everything(tmp_path: Path) -> None:
+    """A duplicate in an earlier hour fails only the unscoped build; one inside the hour fails the hour's."""
+    warehouse = DuckDBWarehouse(tmp_path / "scoped.duckdb")
+    load_city_hour(warehouse, "?")
+    project = find_project_dir()
+    select, exclude = "source:lake+ source:registry+", "tag:daily"
+
+    def build(interval: Interval | None) -> DbtSummary:
+        return run_dbt_build(project, "duckdb", interval, warehouse.dbt_env(), select=select, exclude=exclude)
+
+    def duplicate_first_reading(shift: timedelta) -> None:
+        with warehouse.transaction() as cur:
+            cur.execute("create or replace temporary table twin as select * from raw.readings order by seq limit 1")
+            cur.execute(f"update twin set ts = ts + interval '{int(shift.total_seconds())} seconds'")
+            cur.execute("insert into raw.readings select * from twin")
+
+    duplicate_first_reading(-timedelta(hours=2))  # the copy lies in 08:00-09:00, outside the interval
+    hourly = build(Interval.hour(HOUR))
+    assert hourly.success, hourly.failures or hourly.error
+    everything = build(None)
+    assert not everything.success and _unique_failures(everything), everything.failures
+
+    duplicate_first_reading(timedelta(minutes=1))  # a second copy inside 10:00-11:00
+    hourly = build(Interval.hour(HOUR))
+    assert not hourly.success and _unique_failures(hourly), hourly.failures

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,13 +165,26 @@ class PublisherResult:
 
 class TickReadings:
     """One gateway's readings per tick: the traffic model's values for the current minute
-    (computed once per sensor-minute), stamped with the tick's event time and sequence number."""
+    (computed once per sensor-minute), stamped with the tick's event time and sequence number.
 
-    def __init__(self, model: Any, sensors: list[Any]) -> None:
+    A reading counts the vehicles of its own tick: a Poisson draw around the minute's flow
+    scaled to the tick (seeded per gateway), so a 1 s detector reports 0, 1 or 2 vehicles,
+    not the minute's whole count every second. Repeating that count would overstate traffic
+    60 times and is what a stuck detector looks like: the processor would rightly raise
+    `SensorStuck` for nearly every sensor. Ticks of a minute or longer send the minute's count."""
+
+    def __init__(self, model: Any, sensors: list[Any], tick_s: float) -> None:
+        import zlib
+
+        import numpy as np
+
         self.model = model
         self.sensors = sensors
+        self.share = tick_s * 1000 / MINUTE_MS  # of the minute's vehicles, expected per tick
+        self.rng = np.random.default_rng([model.seed, zlib.crc32(sensors[0].gateway_id.encode())])
         self.minute = -(10**9)
         self.readings: list[dict[str, Any]] = []
+        self.rates: Any = None
 
     def at(self, ts_ms: int, seq: int) -> list[dict[str, Any]]:
         from streaming.contract import format_ts
@@ -179,11 +192,15 @@ class TickReadings:
         minute = (ts_ms - self.model.start_ms) // MINUTE_MS
         if minute != self.minute:
             self.readings = [self.model.reading(s, minute) for s in self.sensors]
+            self.rates = [r["vehicle_count"] * self.share for r in self.readings]
             self.minute = minute
         ts = format_ts(ts_ms)
-        for r in self.readings:
+        counts = self.rng.poisson(self.rates).tolist() if self.share < 1 else None
+        for i, r in enumerate(self.readings):
             r["ts"] = ts
             r["seq"] = seq
+            if counts is not None:
+                r["vehicle_count"] = counts[i]
         return self.readings
 
 
@@ -218,7 +235,7 @@ def publisher_main(argv: list[str] | None = None) -> None:
         conns = list(pool.map(connect, mine))
     res.connect_s = time.monotonic() - started
     sources = [
-        (conn, all_gateways[gw][0].zone_id, TickReadings(model, all_gateways[gw]))
+        (conn, all_gateways[gw][0].zone_id, TickReadings(model, all_gateways[gw], spec["tick_s"]))
         for gw, conn in zip(mine, conns, strict=True)
     ]
     print(orjson.dumps({"connected": len(conns)}).decode(), flush=True)
@@ -296,6 +313,7 @@ class LoadResult:
     after: Accounting
     latency: dict[str, float]
     alert: dict[str, Any]
+    alerts_raised: dict[str, int]  # by the processor during the run, by type
     cpu_s: dict[str, float]  # per component from the end of the warm-up until all was accounted for
     publisher_cpu_s: float
     peak_rss_kb: dict[str, int]
@@ -357,22 +375,35 @@ def _log_offsets(log_dir: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for p in log_dir.glob("poller-*.log")}
 
 
+def _batches(log_dir: Path, since: dict[Path, int]) -> Iterator[dict[str, Any]]:
+    """The processor's "batch processed" log entries written after the `since` offsets."""
+    for path in log_dir.glob("poller-*.log"):
+        with open(path, "rb") as f:
+            f.seek(since.get(path, 0))
+            for line in f:
+                if b'"batch processed"' in line:
+                    yield orjson.loads(line)
+
+
 def _processed_between(log_dir: Path, since: dict[Path, int], t_from: float, t_to: float) -> int:
     """Readings the processor committed in batches logged between t_from and t_to (epoch s)."""
     from datetime import datetime
 
     total = 0
-    for path in log_dir.glob("poller-*.log"):
-        with open(path, "rb") as f:
-            f.seek(since.get(path, 0))
-            for line in f:
-                if b'"batch processed"' not in line:
-                    continue
-                entry = orjson.loads(line)
-                ts = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
-                if t_from <= ts <= t_to:
-                    total += entry.get("counts", {}).get("received", 0)
+    for entry in _batches(log_dir, since):
+        ts = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+        if t_from <= ts <= t_to:
+            total += entry.get("counts", {}).get("received", 0)
     return total
+
+
+def _alerts_raised(log_dir: Path, since: dict[Path, int]) -> dict[str, int]:
+    """Alerts the processor published after the `since` offsets, by detail type."""
+    raised: dict[str, int] = {}
+    for entry in _batches(log_dir, since):
+        for kind in entry.get("alert_types", ()):
+            raised[kind] = raised.get(kind, 0) + 1
+    return dict(sorted(raised.items()))
 
 
 class AlertWatcher:
@@ -567,6 +598,7 @@ def run_load(
         after=after,
         latency=latency_percentiles(log_dir, since=offsets),
         alert=alert,
+        alerts_raised=_alerts_raised(log_dir, offsets),
         cpu_s={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after},
         publisher_cpu_s=pub_cpu_after,
         peak_rss_kb=monitor.peak_kb,
@@ -616,6 +648,8 @@ def render(r: LoadResult) -> str:
         )
     else:
         lines.append(f"alert      incident in {a['zone']}: no CongestionDetected arrived on the alert feed")
+    raised = ", ".join(f"{kind} {n:,}" for kind, n in r.alerts_raised.items()) or "none"
+    lines.append(f"alerts     raised by the processor after the warm-up: {raised}")
     pollers = r.cpu_s.get("pollers", 0.0)
     lines.append(
         f"cpu        pollers {pollers:.1f} s for {r.received_after_measure:,} readings = "

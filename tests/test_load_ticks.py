@@ -1,0 +1,59 @@
+"""The load generator's readings: each tick counts the vehicles of that tick, not the minute's.
+
+Unit tests of `infra.local.load.TickReadings` (no platform): at 1 s ticks a detector reports a
+Poisson share of the minute's flow, so the minute's vehicles are not multiplied by 60 and a
+fault-free sensor does not look stuck to the processor's detector.
+"""
+
+from __future__ import annotations
+
+import math
+
+from infra.local.load import TickReadings
+from infra.local.platform import demo_city
+from streaming.devices.traffic import Faults, TrafficModel
+from streaming.processor.core import DetectorSettings
+
+START_MS = 1_772_438_400_000  # 2026-03-02 08:00 UTC, a Monday morning peak
+CITY = demo_city(400, 7)
+MODEL = TrafficModel(CITY, 7, START_MS, [], Faults.none())
+GATEWAYS = list(CITY.gateways().values())
+
+
+def _minute(tick_s: float, sensors: list, minute: int = 3) -> list[list[int]]:
+    """Each tick's vehicle counts, sensor by sensor, over one minute."""
+    source = TickReadings(MODEL, sensors, tick_s)
+    ticks = round(60 / tick_s)
+    start = START_MS + minute * 60_000
+    return [[r["vehicle_count"] for r in source.at(start + round(k * tick_s * 1000), k)] for k in range(ticks)]
+
+
+def test_one_second_ticks_share_out_the_minutes_vehicles() -> None:
+    expected = observed = 0
+    for sensors in GATEWAYS:
+        minute_counts = [MODEL.reading(s, 3)["vehicle_count"] for s in sensors]
+        ticks = _minute(1, sensors)
+        expected += sum(minute_counts)
+        observed += sum(map(sum, ticks))
+    assert expected > 1_000
+    # A sum of Poisson draws: mean `expected`, standard deviation its square root.
+    assert abs(observed - expected) < 5 * math.sqrt(expected)
+
+
+def test_a_fault_free_sensor_does_not_repeat_its_count_like_a_stuck_one() -> None:
+    run_limit = DetectorSettings().stuck_run_readings
+    longest = 0
+    for sensors in GATEWAYS:
+        ticks = _minute(1, sensors)
+        for i in range(len(sensors)):
+            run = 0
+            for k, counts in enumerate(ticks):
+                count = counts[i]
+                run = run + 1 if k and count and count == ticks[k - 1][i] else (1 if count else 0)
+                longest = max(longest, run)
+    assert 1 < longest < run_limit
+
+
+def test_ticks_of_a_minute_send_the_minutes_count() -> None:
+    sensors = GATEWAYS[0]
+    assert _minute(60, sensors) == [[MODEL.reading(s, 3)["vehicle_count"] for s in sensors]]

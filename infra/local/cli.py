@@ -228,7 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=2000, help="readings per second (default 2000)")
     p.add_argument("--duration", type=float, default=60, help="seconds at that rate (default 60)")
     p.add_argument("--tick", type=float, default=1.0, help="seconds between a gateway's messages (default 1)")
-    p.add_argument("--warmup", type=float, default=10.0, help="seconds left out of the timings (default 10)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=30.0,
+        help="seconds left out of the timings: the pollers' cold start (default 30)",
+    )
     p.add_argument("--publishers", type=int, default=0, help="publisher processes (0: one per 1,500 msg/s)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="use the running platform instead of a fresh one")

@@ -447,7 +447,7 @@ def run_load(
     duration_s: float,
     tick_s: float = 1.0,
     publishers: int = 0,
-    warmup_s: float = 10.0,
+    warmup_s: float = 30.0,
     seed: int = 7,
     fresh: bool = True,
     drain_timeout_s: float = 600.0,

@@ -455,6 +455,7 @@ def run_load(
 ) -> LoadResult:
     """Run the load; `fresh` starts a new platform for a city of rate x tick sensors, otherwise
     the running platform is used (its city must have that many sensors)."""
+    from streaming.contract import parse_ts_ms
     from streaming.devices.traffic import Incident
 
     sensors = round(rate * tick_s)
@@ -575,6 +576,10 @@ def run_load(
                 started_at=detail.get("started_at"),
                 minute=detail.get("minute"),
             )
+            if isinstance(detail.get("minute"), str):
+                # The raising minute is judged once it has closed: what the pipeline adds to the rule.
+                closed_s = parse_ts_ms(detail["minute"]) / 1000 + MINUTE_MS / 1000
+                alert["after_close_s"] = arrived - closed_s
     return LoadResult(
         rate=rate,
         duration_s=duration_s,
@@ -645,6 +650,7 @@ def render(r: LoadResult) -> str:
             f"alert      incident in {a['zone']} at {time.strftime('%H:%M:%S', time.gmtime(a['incident_start']))}Z -> "
             f"CongestionDetected (started_at {a['started_at']}, minute {a['minute']}) on the alert feed after "
             f"{a['latency_s']:.1f} s"
+            + (f", {a['after_close_s']:.1f} s after that minute closed" if "after_close_s" in a else "")
         )
     else:
         lines.append(f"alert      incident in {a['zone']}: no CongestionDetected arrived on the alert feed")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,20 +91,24 @@ def wait_until_accounted(expected_received: int, timeout: float, echo: Callable[
         time.sleep(1.0)  # polling another process's progress; there is no event to wait on
 
 
-def latency_percentiles(log_dir: Path, since: dict[Path, int] | None = None) -> dict[str, float]:
-    """Publish → committed-to-live-store latency, merged from the processor's per-batch
-    histograms in its logs (what CloudWatch would aggregate from the EMF metrics).
-    `since` gives a byte offset per log file to start from (a run against a running platform)."""
-    hist: dict[int, int] = {}
+def batch_log_entries(log_dir: Path, since: dict[Path, int] | None = None) -> Iterator[dict[str, Any]]:
+    """The processor's "batch processed" log entries, from every poller's log; `since` gives a
+    byte offset per log file to start from (a run against a running platform)."""
     for path in log_dir.glob("poller-*.log"):
         with open(path, "rb") as f:
             f.seek((since or {}).get(path, 0))
-            data = f.read()
-        for line in data.splitlines():
-            if b'"batch processed"' not in line:
-                continue
-            for bucket, count in orjson.loads(line).get("latency_ms_histogram", {}).items():
-                hist[int(bucket)] = hist.get(int(bucket), 0) + count
+            for line in f:
+                if b'"batch processed"' in line:
+                    yield orjson.loads(line)
+
+
+def latency_percentiles(log_dir: Path, since: dict[Path, int] | None = None) -> dict[str, float]:
+    """Publish → committed-to-live-store latency, merged from the processor's per-batch
+    histograms in its logs (what CloudWatch would aggregate from the EMF metrics)."""
+    hist: dict[int, int] = {}
+    for entry in batch_log_entries(log_dir, since):
+        for bucket, count in entry.get("latency_ms_histogram", {}).items():
+            hist[int(bucket)] = hist.get(int(bucket), 0) + count
     total = sum(hist.values())
     out: dict[str, float] = {"messages": float(total)}
     if not total:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,13 @@ from typing import Any
 
 import orjson
 
-from infra.local.demo import Accounting, latency_percentiles, read_accounting, wait_until_accounted
+from infra.local.demo import (
+    Accounting,
+    batch_log_entries,
+    latency_percentiles,
+    read_accounting,
+    wait_until_accounted,
+)
 from infra.local.platform import REPO_ROOT, PlatformError, demo_city, gateway_connector, pid_alive, require_running, up
 
 MINUTE_MS = 60_000
@@ -375,22 +381,12 @@ def _log_offsets(log_dir: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for p in log_dir.glob("poller-*.log")}
 
 
-def _batches(log_dir: Path, since: dict[Path, int]) -> Iterator[dict[str, Any]]:
-    """The processor's "batch processed" log entries written after the `since` offsets."""
-    for path in log_dir.glob("poller-*.log"):
-        with open(path, "rb") as f:
-            f.seek(since.get(path, 0))
-            for line in f:
-                if b'"batch processed"' in line:
-                    yield orjson.loads(line)
-
-
 def _processed_between(log_dir: Path, since: dict[Path, int], t_from: float, t_to: float) -> int:
     """Readings the processor committed in batches logged between t_from and t_to (epoch s)."""
     from datetime import datetime
 
     total = 0
-    for entry in _batches(log_dir, since):
+    for entry in batch_log_entries(log_dir, since):
         ts = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
         if t_from <= ts <= t_to:
             total += entry.get("counts", {}).get("received", 0)
@@ -400,7 +396,7 @@ def _processed_between(log_dir: Path, since: dict[Path, int], t_from: float, t_t
 def _alerts_raised(log_dir: Path, since: dict[Path, int]) -> dict[str, int]:
     """Alerts the processor published after the `since` offsets, by detail type."""
     raised: dict[str, int] = {}
-    for entry in _batches(log_dir, since):
+    for entry in batch_log_entries(log_dir, since):
         for kind in entry.get("alert_types", ()):
             raised[kind] = raised.get(kind, 0) + 1
     return dict(sorted(raised.items()))

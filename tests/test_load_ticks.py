@@ -12,7 +12,8 @@ import math
 from infra.local.load import TickReadings
 from infra.local.platform import demo_city
 from streaming.devices.traffic import Faults, TrafficModel
-from streaming.processor.core import DetectorSettings
+from streaming.processor.core import Alert, DetectorSettings, update_sensors
+from streaming.processor.state import SensorState
 
 START_MS = 1_772_438_400_000  # 2026-03-02 08:00 UTC, a Monday morning peak
 CITY = demo_city(400, 7)
@@ -41,17 +42,19 @@ def test_one_second_ticks_share_out_the_minutes_vehicles() -> None:
 
 
 def test_a_fault_free_sensor_does_not_repeat_its_count_like_a_stuck_one() -> None:
+    """A minute of 1 s ticks through the processor's own live-state update: counts repeat
+    now and then, as real ones do, but never long enough to raise `SensorStuck`."""
     run_limit = DetectorSettings().stuck_run_readings
+    alerts: list[Alert] = []
     longest = 0
     for sensors in GATEWAYS:
-        ticks = _minute(1, sensors)
-        for i in range(len(sensors)):
-            run = 0
-            for k, counts in enumerate(ticks):
-                count = counts[i]
-                run = run + 1 if k and count and count == ticks[k - 1][i] else (1 if count else 0)
-                longest = max(longest, run)
-    assert 1 < longest < run_limit
+        states = [SensorState() for _ in sensors]
+        for k, counts in enumerate(_minute(1, sensors)):
+            rows = [(s.sensor_id, k, count, None, None, 0.0) for s, count in zip(sensors, counts, strict=True)]
+            update_sensors(states, rows, k, sensors[0].zone_id, alerts, run_limit)
+            longest = max(longest, *(state.repeat_run for state in states))
+    assert alerts == []
+    assert longest > 1
 
 
 def test_ticks_of_a_minute_send_the_minutes_count() -> None:

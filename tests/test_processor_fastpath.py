@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, envelope, reading
 
 from streaming.contract import ContractError, columnar_message, format_ts, gateway_message, parse_ts_ms
-from streaming.processor.columnar import ColumnBlock
+from streaming.processor.columnar import ColumnBlock, decode_plain
 from streaming.processor.core import (
     MINUTE_MS,
     BatchOutput,
@@ -32,9 +32,11 @@ from streaming.processor.core import (
     apply_batch,
     apply_batch_reference,
     cached_ts_ms,
+    canonical_stamps,
     decode_batch,
     decode_batch_reference,
 )
+from streaming.processor.envelope import decode_envelope
 from streaming.registry import generate_city
 
 CITY = generate_city(sensors=96, zones=3, seed=11)
@@ -201,6 +203,17 @@ def _broken(kind: str, gateway: int, received: int) -> bytes:
         "v2_no_sensor_ids": envelope(orjson.dumps({**v2, "sensor_id": None}), zone, gw, received),
         "v2_ts_number": envelope(orjson.dumps({**v2, "ts": 5}), zone, gw, received),
         "v2_with_readings": envelope(orjson.dumps({**v2, "readings": []}), zone, gw, received),
+        # Shapes the typed v2 decode (columnar.decode_plain) must leave to the reference's parse:
+        # valid for the reference (a field it ignores, a version that equals 2, a key given
+        # twice, the last one winning), or refused by it (a lone surrogate, an integer orjson
+        # reads as a float).
+        "v2_extra_field": envelope(orjson.dumps({**v2, "firmware": "1.2.0"}), zone, gw, received),
+        "v2_version_float": envelope(orjson.dumps({**v2, "schema_version": 2.0}), zone, gw, received),
+        "v2_key_twice": envelope(orjson.dumps(v2)[:-1] + b',"seq":[7,8,9]}', zone, gw, received),
+        "v2_lone_surrogate": envelope(
+            orjson.dumps(v2).replace(sensors[0].sensor_id.encode(), b"\\ud800"), zone, gw, received
+        ),
+        "v2_huge_seq": envelope(orjson.dumps(v2)[:-1] + b',"seq":[99999999999999999999999,1,2]}', zone, gw, received),
         "bom": envelope(b"\xef\xbb\xbf{}", zone, gw, received),
     }
     return payloads[kind]
@@ -223,6 +236,11 @@ BROKEN_KINDS = [
     "v2_no_sensor_ids",
     "v2_ts_number",
     "v2_with_readings",
+    "v2_extra_field",
+    "v2_version_float",
+    "v2_key_twice",
+    "v2_lone_surrogate",
+    "v2_huge_seq",
 ]
 
 
@@ -568,3 +586,68 @@ def test_cached_timestamps_equal_the_contracts_parse(ms: int, swap: tuple[int, s
     cached_ts_ms(format_ts(ms - ms % MINUTE_MS), cache)  # the minute's prefix seen first
     assert cached_ts_ms(ts, cache) == _reference_ts_ms(ts)
     assert cached_ts_ms(ts, {}) == _reference_ts_ms(ts)
+
+
+def test_the_typed_v2_decode_takes_only_plain_columns_and_the_reference_agrees_on_the_rest() -> None:
+    """`columnar.decode_plain` decodes a v2 message straight into checked columns. On the shapes
+    it must not take (a field the reference ignores, a float version, a lone surrogate, an
+    integer orjson reads as a float, a `readings` list) it declines, and the message is parsed
+    the reference's way; a key given twice is taken with the last value, as orjson takes it.
+    Both paths reach the same result, and the valid shapes still become blocks."""
+    gateway = 2
+    received = BASE_MS + 7 * MINUTE_MS
+    zone = GATEWAYS[gateway][0].zone_id
+    # kind: (seqs the typed decode yields or None, a block?, counts)
+    expected: dict[str, tuple[list[int] | None, bool, dict[str, int]]] = {
+        "v2_extra_field": (None, True, {"received": 3, "stored": 3}),
+        "v2_version_float": (None, True, {"received": 3, "stored": 3}),
+        "v2_key_twice": ([7, 8, 9], True, {"received": 3, "stored": 3}),
+        "v2_huge_seq": (None, False, {"received": 3, "stored": 2, "quarantined": 1}),
+        "v2_lone_surrogate": (None, False, {"quarantined_messages": 1}),
+        "v2_with_readings": (None, False, {"quarantined_messages": 1}),
+    }
+    for kind, (seqs, is_block, counts) in expected.items():
+        record = StreamBuilder(SHARD).record(_broken(kind, gateway, received))
+        plain = decode_plain(decode_envelope(record.data))
+        assert (plain.columns[2] if plain else None) == seqs, kind
+        items = decode_batch([record], REGISTRY, ZONES).by_zone[zone]
+        assert (type(items[0]) is ColumnBlock) == is_block, kind
+        assert dict(_both([record], {}, {}, {}).counts) == counts, kind
+
+
+def _swapped(ts: str, swap: tuple[int, str] | None) -> str:
+    return ts if swap is None else ts[: swap[0]] + swap[1] + ts[swap[0] + 1 :]
+
+
+_COLUMN = st.tuples(
+    _ANY_MS,  # the column's minute
+    st.lists(
+        st.tuples(
+            st.integers(0, MINUTE_MS - 1), st.one_of(st.none(), st.none(), st.tuples(st.integers(0, 23), _SWAPS))
+        ),
+        max_size=6,
+    ),
+    st.booleans(),  # one string of the next minute
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(_COLUMN, max_size=5))
+def test_a_batch_of_timestamp_columns_parses_as_each_string_does(columns: list[Any]) -> None:
+    """`canonical_stamps` (every `ts` column of a batch at once, with numpy) gives a column
+    exactly the per-string `parse_ts_ms` of its strings, or None (the column then goes one
+    string at a time); never a different number. It gives None only when a string is invalid,
+    not in `format_ts`'s canonical form, or of another minute than the column's first."""
+    texts = []
+    for minute_ms, rows, next_minute in columns:
+        minute_ms -= minute_ms % MINUTE_MS
+        column = [_swapped(format_ts(minute_ms + offset), swap) for offset, swap in rows]
+        if next_minute:
+            column.append(format_ts(minute_ms + MINUTE_MS))
+        texts.append(column)
+    for column, stamps in zip(texts, canonical_stamps(texts), strict=True):
+        expected = [_reference_ts_ms(t) for t in column]
+        canonical = all(ms >= 0 and format_ts(ms) == t for t, ms in zip(column, expected, strict=True))
+        one_minute = len({ms // MINUTE_MS for ms in expected}) == 1
+        if stamps is not None or (canonical and one_minute):
+            assert stamps == expected and canonical and one_minute, column

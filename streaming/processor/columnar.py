@@ -24,9 +24,15 @@ from typing import Annotated, Any
 
 import msgspec
 
-from streaming.contract import READING_FIELDS, ColumnarReadings, FieldSpec, Reading
+from streaming.contract import GATEWAY_V2, READING_FIELDS, ColumnarReadings, FieldSpec, Reading
 from streaming.processor import core
-from streaming.processor.envelope import Envelope, parse_readings
+from streaming.processor.envelope import (
+    MAX_PAYLOAD_BYTES,
+    MAX_READINGS_PER_MESSAGE,
+    Envelope,
+    parse_readings,
+    sent_at_ms,
+)
 from streaming.processor.state import _WINDOW_MASK, DEDUPE_WINDOW, DUPLICATE, MinuteAggregate, SensorState, ZoneState
 
 # The fields of a v1 reading object, in the order `accept` unpacks them.
@@ -96,19 +102,27 @@ def _column_type(f: FieldSpec) -> Any:
 # The columns of a v2 message whose readings are all plainly valid, as one msgspec type derived
 # from the contract: `msgspec.convert` checks every value's exact type (no bool for an int, no
 # float for an int; an int for a float is converted, as the reference does) and range in C.
-_PlainColumns = msgspec.defstruct(
-    "PlainColumns",
-    [
-        ("sensor_id", list[str]),
-        ("ts", str | list[str]),
-        *(
-            (f.name, _column_type(f)) if f.required else (f.name, _column_type(f), None)
-            for f in READING_FIELDS
-            if f.kind in ("integer", "number")
-        ),
-    ],
+_NUMERIC = [f for f in READING_FIELDS if f.kind in ("integer", "number")]
+_COLUMN_FIELDS = [
+    ("sensor_id", list[str]),
+    ("ts", str | list[str]),
+    *((f.name, _column_type(f)) if f.required else (f.name, _column_type(f), None) for f in _NUMERIC),
+]
+_PlainColumns = msgspec.defstruct("PlainColumns", _COLUMN_FIELDS, kw_only=True)
+
+# A whole v2 message of plainly valid columns, decoded from its bytes in one pass (no dict, no
+# list of untyped values first). Unknown fields are refused, so a message the typed decode
+# accepts holds nothing the reference's orjson parse would see and this one would skip (a
+# `readings` list that makes it v1, a string orjson rejects); any refusal sends the message
+# the reference's way (`parse_readings`), which alone words a rejection.
+_PlainMessage = msgspec.defstruct(
+    "PlainMessage",
+    [("schema_version", int), ("gateway_id", str), ("zone_id", str), ("sent_at", Any, None), *_COLUMN_FIELDS],
     kw_only=True,
+    forbid_unknown_fields=True,
 )
+_PLAIN_MESSAGE = msgspec.json.Decoder(_PlainMessage)
+_V2_KEY = b'"schema_version"'
 
 
 def accept(
@@ -130,7 +144,22 @@ def accept(
     if members is None or not raws:  # no sensor of the registry belongs to this zone and gateway
         return None
     columns = _plain_columns(raws) if type(raws) is ColumnarReadings else _plain_objects(raws, env.zone_id)
-    if columns is None:
+    return block_of(rec, env, columns, members, ts_cache)
+
+
+def block_of(
+    rec: core.Record,
+    env: Envelope,
+    columns: Columns | None,
+    members: frozenset[str] | None,
+    ts_cache: dict[str, int],
+    stamps: list[int] | None = None,
+) -> ColumnBlock | None:
+    """The message's plainly valid columns (`_plain_columns`, `_plain_objects`, `decode_plain`)
+    as a ColumnBlock, if its sensors are the registry's for this zone and gateway and its
+    readings fall in one event-time minute; else None. `stamps`: the epoch ms of a `ts` list,
+    when `core.canonical_stamps` has them already."""
+    if columns is None or members is None:
         return None
     ts, sensor_ids, *rest = columns
     try:
@@ -143,9 +172,10 @@ def accept(
         first = last = core.cached_ts_ms(ts, ts_cache)
         stamps = [first] * len(sensor_ids)
     else:
-        stamps = _stamps(ts, ts_cache)
         if stamps is None:
-            return None
+            stamps = _stamps(ts, ts_cache)
+            if stamps is None:
+                return None
         first, last = min(stamps), max(stamps)
     if first < 0 or first // core.MINUTE_MS != last // core.MINUTE_MS:
         return None
@@ -177,6 +207,59 @@ def _plain_columns(raws: ColumnarReadings) -> Columns | None:
         c = msgspec.convert({"sensor_id": raws.sensor_ids, "ts": raws.ts, **raws.columns}, _PlainColumns)
     except msgspec.ValidationError:
         return None
+    return _columns_of(c)
+
+
+@dataclass(slots=True)
+class PlainMessage:
+    """A v2 message `decode_plain` decoded into checked columns."""
+
+    columns: Columns
+    sent_at_ms: int | None
+    stamps: list[int] | None = None  # each reading's epoch ms, once `core.canonical_stamps` has them
+
+    @property
+    def ts_list(self) -> list[str] | None:
+        """The readings' own `ts` strings, when they are not all one."""
+        ts = self.columns[0]
+        return ts if type(ts) is list else None
+
+
+def decode_plain(env: Envelope) -> PlainMessage | None:
+    """The columns of a v2 message and its `sent_at` (epoch ms, or None), straight from the
+    message bytes, when the message is what `parse_readings` and `_plain_columns` would make
+    columns of: a v2 object of this envelope's gateway and zone, no field but the contract's,
+    every column a list as long as `sensor_id` (1 to MAX_READINGS_PER_MESSAGE) of values with
+    the contract's types and ranges. None in any doubt: the caller then parses the message the
+    reference's way. One typed decode instead of orjson, `ColumnarReadings` and
+    `msgspec.convert` (docs/performance.md, "Processor")."""
+    payload = env.payload
+    # Without the key (as plain bytes) it is not a v2 message, or not a plain one: a single
+    # reading, say, is left to the reference's parse without a typed decode failing first.
+    if len(payload) > MAX_PAYLOAD_BYTES or _V2_KEY not in payload:
+        return None
+    try:
+        m = _PLAIN_MESSAGE.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    n = len(m.sensor_id)
+    if (
+        m.schema_version != GATEWAY_V2
+        or m.gateway_id != env.gateway_id
+        or m.zone_id != env.zone_id
+        or not 0 < n <= MAX_READINGS_PER_MESSAGE
+        or (type(m.ts) is list and len(m.ts) != n)
+    ):
+        return None
+    for f in _NUMERIC:
+        column = getattr(m, f.name)
+        if column is not None and len(column) != n:
+            return None
+    return PlainMessage(_columns_of(m), sent_at_ms(m.sent_at))
+
+
+def _columns_of(c: Any) -> Columns:
+    """The `Columns` of a converted or decoded v2 message (`_PlainColumns`, `_PlainMessage`)."""
     n = len(c.sensor_id)
     ts = c.ts
     if type(ts) is list and ts and ts.count(ts[0]) == n:

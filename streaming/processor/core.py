@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import orjson
 
 from streaming.contract import (
@@ -134,12 +135,12 @@ def _detached(exc: ContractError) -> ContractError:
     return exc
 
 
-def _open_record(
+def _open_envelope(
     rec: Record, out: DecodedBatch, zones: set[str]
-) -> tuple[Envelope, list[_Item | columnar.ColumnBlock], Sequence[Any]] | None:
-    """The part of phase 1 both decoders share: note the record's position, decode its
-    envelope and message, and record what cannot be split into readings. Returns the
-    envelope, the zone's item list and the raw readings, or None when nothing is left to do."""
+) -> tuple[Envelope, list[_Item | columnar.ColumnBlock]] | None:
+    """The first part of phase 1 both decoders share: note the record's position, decode its
+    envelope, and record a record that names no zone of the registry. Returns the envelope and
+    the zone's item list, or None when nothing is left to do."""
     out.last_sequence[rec.shard_id] = max(out.last_sequence.get(rec.shard_id, -1), rec.sequence_number)
     try:
         env = decode_envelope(rec.data)
@@ -150,7 +151,14 @@ def _open_record(
         unknown = ContractError("unknown_zone", f"topic zone {env.zone_id} is not in the registry")
         out.unattributed.append((rec, unknown, env.payload, env))
         return None
-    items = out.by_zone.setdefault(env.zone_id, [])
+    return env, out.by_zone.setdefault(env.zone_id, [])
+
+
+def _open_message(
+    rec: Record, env: Envelope, items: list[_Item | columnar.ColumnBlock], out: DecodedBatch
+) -> Sequence[Any] | None:
+    """The second part: parse the message into its raw readings, or record why it cannot be
+    split into readings (and return None)."""
     try:
         raws, sent_at_ms = parse_readings(env)
     except ContractError as exc:
@@ -158,7 +166,7 @@ def _open_record(
         return None
     if sent_at_ms is not None:
         out.sent_at.append(sent_at_ms)
-    return env, items, raws
+    return raws
 
 
 def decode_batch_reference(records: Iterable[Record], registry: Mapping[str, Sensor], zones: set[str]) -> DecodedBatch:
@@ -167,10 +175,13 @@ def decode_batch_reference(records: Iterable[Record], registry: Mapping[str, Sen
     must produce exactly the same DecodedBatch (a property test holds them together)."""
     out = DecodedBatch()
     for rec in records:
-        opened = _open_record(rec, out, zones)
+        opened = _open_envelope(rec, out, zones)
         if opened is None:
             continue
-        env, items, raws = opened
+        env, items = opened
+        raws = _open_message(rec, env, items, out)
+        if raws is None:
+            continue
         for index, raw in enumerate(raws):
             try:
                 reading = validate_reading(raw)
@@ -272,12 +283,34 @@ def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: se
     owners = _owners_for(registry)
     members = _members_for(registry)
     ts_cache: dict[str, int] = {}
+    # First every envelope, and every v2 message decoded straight into checked columns, so
+    # that the batch's per-reading `ts` strings are parsed together (`canonical_stamps`).
+    opened = []
+    own_times: list[columnar.PlainMessage] = []  # those whose readings each have their own `ts`
     for rec in records:
-        opened = _open_record(rec, out, zones)
-        if opened is None:
-            continue
-        env, items, raws = opened
+        envelope_and_items = _open_envelope(rec, out, zones)
+        if envelope_and_items is not None:
+            env, items = envelope_and_items
+            plain = columnar.decode_plain(env)
+            if plain is not None and plain.ts_list is not None:
+                own_times.append(plain)
+            opened.append((rec, env, items, plain))
+    for plain, stamps in zip(own_times, canonical_stamps([p.ts_list for p in own_times]), strict=True):
+        plain.stamps = stamps
+    for rec, env, items, plain in opened:
         zone_id, gateway_id = env.zone_id, env.gateway_id
+        if plain is not None:
+            # Usually a block.
+            members_here = members.get((zone_id, gateway_id))
+            block = columnar.block_of(rec, env, plain.columns, members_here, ts_cache, plain.stamps)
+            if block is not None:
+                if plain.sent_at_ms is not None:
+                    out.sent_at.append(plain.sent_at_ms)
+                items.append(block)
+                continue
+        raws = _open_message(rec, env, items, out)
+        if raws is None:
+            continue
         if len(raws) > 1 or type(raws) is not list:
             block = columnar.accept(rec, env, raws, members.get((zone_id, gateway_id)), ts_cache)
             if block is not None:
@@ -381,7 +414,15 @@ def _canonical_ts_ms(ts: str) -> int | None:
     seconds, millis = ts[17:19], ts[20:23]
     if not (seconds.isascii() and seconds.isdigit() and millis.isascii() and millis.isdigit()) or seconds > "59":
         return None
-    prefix = ts[:17]
+    minute = _minute_ms(ts[:17])
+    if minute < 0:
+        return None
+    return minute + int(seconds) * 1000 + int(millis)
+
+
+def _minute_ms(prefix: str) -> int:
+    """Epoch ms of the minute a canonical prefix (`2026-11-23T18:05:`) names, or -1 unless
+    `parse_ts_ms` accepts the minute's first and last millisecond."""
     minute = _MINUTES.get(prefix)
     if minute is None:
         try:
@@ -392,9 +433,64 @@ def _canonical_ts_ms(ts: str) -> int | None:
         if len(_MINUTES) >= _MINUTES_MAX:
             _MINUTES.clear()
         _MINUTES[prefix] = minute
-    if minute < 0:
-        return None
-    return minute + int(seconds) * 1000 + int(millis)
+    return minute
+
+
+_TS_LEN_ONLY = {24}  # len("2026-11-23T18:05:07.123Z")
+_SECOND_AND_MILLI_DIGITS = np.array([17, 18, 20, 21, 22])
+
+
+def canonical_stamps(columns: Sequence[Sequence[str]]) -> list[list[int] | None]:
+    """For each column of timestamp strings (the `ts` list of a v2 message whose detectors each
+    report their own time), `[_canonical_ts_ms(t) for t in column]` when every string of the
+    column is in the canonical form and all share its first string's minute; None for any
+    other column (its strings are then parsed one at a time).
+
+    All columns of a batch in one pass: their strings are joined into one ASCII buffer read as
+    a 24-byte row per string, and the separators, the digits, the shared minute prefix and the
+    seconds (00-59) are checked with numpy, a column at a time; each column's minute comes from
+    `_minute_ms`, as for one string. Per string, `_canonical_ts_ms` costs ~0.8 µs of Python; a
+    batch of 285,000 such strings took ~220 ms that way (docs/performance.md, "Processor")."""
+    out: list[list[int] | None] = [None] * len(columns)
+    picked: list[int] = []  # positions in `columns` of the candidates, in order
+    minutes: list[int] = []
+    counts: list[int] = []
+    parts: list[str] = []
+    for i, column in enumerate(columns):
+        if not column or set(map(len, column)) != _TS_LEN_ONLY:
+            continue
+        joined = "".join(column)
+        if not joined.isascii():
+            continue
+        minute = _minute_ms(column[0][:17])
+        if minute < 0:
+            continue
+        picked.append(i)
+        minutes.append(minute)
+        counts.append(len(column))
+        parts.append(joined)
+    if not parts:
+        return out
+    rows = np.frombuffer("".join(parts).encode("ascii"), dtype=np.uint8).reshape(-1, 24)
+    n = np.array(counts)
+    starts = np.cumsum(n) - n
+    digits = rows[:, _SECOND_AND_MILLI_DIGITS].astype(np.int64) - ord("0")
+    seconds = digits[:, 0] * 10 + digits[:, 1]
+    ok = (
+        (rows[:, :17] == rows[np.repeat(starts, n), :17]).all(axis=1)
+        & (rows[:, 19] == ord("."))
+        & (rows[:, 23] == ord("Z"))
+        & ((digits >= 0) & (digits <= 9)).all(axis=1)
+        & (seconds <= 59)
+    )
+    whole = np.logical_and.reduceat(ok, starts).tolist()
+    stamps = (
+        np.repeat(np.array(minutes, dtype=np.int64), n) + seconds * 1000 + digits[:, 2:] @ np.array([100, 10, 1])
+    ).tolist()
+    for i, start, count, good in zip(picked, starts.tolist(), counts, whole, strict=True):
+        if good:
+            out[i] = stamps[start : start + count]
+    return out
 
 
 def _accept(

@@ -123,9 +123,13 @@ def parse_readings(env: Envelope) -> tuple[Sequence[Any], int | None]:
             "too_large",
             f"message from {env.gateway_id} has {len(readings)} readings, more than {MAX_READINGS_PER_MESSAGE}",
         )
-    sent_at = msg.get("sent_at")
+    return readings, sent_at_ms(msg.get("sent_at"))
+
+
+def sent_at_ms(sent_at: Any) -> int | None:
+    """A gateway message's `sent_at` as epoch ms; None when absent or not a timestamp (it is
+    only used to measure latency: a bad value must not cost the readings)."""
     try:
-        sent_at_ms = parse_ts_ms(sent_at, "sent_at") if sent_at is not None else None
+        return parse_ts_ms(sent_at, "sent_at") if sent_at is not None else None
     except ContractError:
-        sent_at_ms = None  # only used to measure latency; a bad value must not cost the readings
-    return readings, sent_at_ms
+        return None

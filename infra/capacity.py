@@ -122,10 +122,12 @@ class Workload:
     basic_ingest: bool = True  # publish on $aws/rules/<rule>/...: no messaging charge
     batching_window_s: float = 1.0  # event-source mapping window
     # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
-    # CPU (the rest waits on DynamoDB/S3). Speeds: bench/processor_bench.py on gateway records,
-    # core and naive handler measured side by side (docs/performance.md, "Processor").
-    processor_readings_per_core_s: float = 139_454
-    naive_readings_per_core_s: float = 102_648
+    # CPU (the rest waits on DynamoDB/S3). Speeds from one run of bench/processor_bench.py
+    # (docs/performance.md, "Processor"): the core on v2 gateway records with each detector's
+    # own event time (what the devices send), the naive handler on single-reading records
+    # (the naive design's one message per reading).
+    processor_readings_per_core_s: float = 353_562
+    naive_readings_per_core_s: float = 76_212
     processor_cpu_share: float = 0.5
     lambda_memory_mb: int = 1769  # = one vCPU
     zone_state_bytes_per_sensor: int = 40  # compressed per-sensor dedupe + live state

@@ -9,10 +9,13 @@ Airflow 3, so it cannot live in the project's environment; a missing tool env fa
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +324,39 @@ def test_shell_scripts_parse() -> None:
     for script in sorted((REPO_ROOT / ".github" / "scripts").glob("*.sh")):
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
         assert result.returncode == 0, (script.name, result.stderr)
+
+
+def test_the_lambda_package_holds_every_declared_dependency_its_handlers_import() -> None:
+    """The deploy zip gets `package_lambda.RUNTIME_PACKAGES` and nothing else but the runtime's
+    own boto3. Each project dependency the template's handlers import at run time (a clean
+    interpreter importing each `Handler:` module) must be in that list: a processor module that
+    starts importing a new package fails here, not in the deployed Lambda."""
+    handlers = sorted({h.rsplit(".", 1)[0] for h in re.findall(r"Handler: ([\w.]+)", MAIN_TEMPLATE.read_text())})
+    assert "streaming.processor.handler" in handlers
+    probe = (
+        "import importlib, importlib.metadata as md, json, sys\n"
+        "for m in sys.argv[1:]: importlib.import_module(m)\n"
+        "dists = md.packages_distributions()\n"
+        "print(json.dumps(sorted({d for n in list(sys.modules) for d in dists.get(n.split('.')[0], [])})))\n"
+    )
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
+    out = subprocess.run([sys.executable, "-c", probe, *handlers], capture_output=True, text=True, env=env, check=True)
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {norm(re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0]) for d in project}
+    imported = {norm(d) for d in json.loads(out.stdout)} & declared
+    packaged = {norm(p) for p in _package_lambda().RUNTIME_PACKAGES}
+    assert "orjson" in imported  # the probe saw the processor's own imports
+    assert imported - {"boto3"} <= packaged, sorted(imported - {"boto3"} - packaged)
+
+
+def _package_lambda() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "package_lambda", REPO_ROOT / ".github" / "scripts" / "package_lambda.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

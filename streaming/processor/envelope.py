@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pybase64
 
 from streaming.contract import GATEWAY_V1, GATEWAY_V2, ColumnarReadings, ContractError, is_plain_id, parse_ts_ms
 
@@ -71,7 +72,7 @@ def decode_envelope(data: bytes) -> Envelope:
     if not isinstance(encoded, str):
         raise ContractError("bad_envelope", "envelope has no base64 payload")
     try:
-        payload = binascii.a2b_base64(encoded, strict_mode=True)
+        payload = pybase64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ContractError("bad_envelope", f"envelope payload is not base64: {exc}") from exc
     return Envelope(zone_id, gateway_id, received_at, payload)

@@ -10,7 +10,6 @@ write is idempotent, so redelivery is safe and nothing is lost or doubled.
 
 from __future__ import annotations
 
-import binascii
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from functools import cache
 from typing import Any
 
 import boto3
+import pybase64
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -141,7 +141,7 @@ def records_from_event(event: dict[str, Any]) -> list[Record]:
     for r in event["Records"]:
         shard_id = r["eventID"].split(":", 1)[0]
         k = r["kinesis"]
-        out.append(Record(shard_id, int(k["sequenceNumber"]), binascii.a2b_base64(k["data"])))
+        out.append(Record(shard_id, int(k["sequenceNumber"]), pybase64.b64decode(k["data"])))
     return out
 
 

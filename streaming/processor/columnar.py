@@ -115,13 +115,13 @@ _PlainColumns = msgspec.defstruct("PlainColumns", _COLUMN_FIELDS, kw_only=True)
 # accepts holds nothing the reference's orjson parse would see and this one would skip (a
 # `readings` list that makes it v1, a string orjson rejects); any refusal sends the message
 # the reference's way (`parse_readings`), which alone words a rejection.
-_PlainMessage = msgspec.defstruct(
-    "PlainMessage",
+_WireMessage = msgspec.defstruct(
+    "WireMessage",
     [("schema_version", int), ("gateway_id", str), ("zone_id", str), ("sent_at", Any, None), *_COLUMN_FIELDS],
     kw_only=True,
     forbid_unknown_fields=True,
 )
-_PLAIN_MESSAGE = msgspec.json.Decoder(_PlainMessage)
+_WIRE_MESSAGE = msgspec.json.Decoder(_WireMessage)
 _V2_KEY = b'"schema_version"'
 
 
@@ -239,7 +239,7 @@ def decode_plain(env: Envelope) -> PlainMessage | None:
     if len(payload) > MAX_PAYLOAD_BYTES or _V2_KEY not in payload:
         return None
     try:
-        m = _PLAIN_MESSAGE.decode(payload)
+        m = _WIRE_MESSAGE.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
     n = len(m.sensor_id)
@@ -259,7 +259,7 @@ def decode_plain(env: Envelope) -> PlainMessage | None:
 
 
 def _columns_of(c: Any) -> Columns:
-    """The `Columns` of a converted or decoded v2 message (`_PlainColumns`, `_PlainMessage`)."""
+    """The `Columns` of a converted or decoded v2 message (`_PlainColumns`, `_WireMessage`)."""
     n = len(c.sensor_id)
     ts = c.ts
     if type(ts) is list and ts and ts.count(ts[0]) == n:

@@ -29,7 +29,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What the handlers import at run time (boto3 is in the Lambda runtime).
-RUNTIME_PACKAGES = ("orjson", "msgspec", "numpy", "pybase64", "pyarrow", "aws-lambda-powertools", "jmespath", "typing-extensions")
+RUNTIME_PACKAGES = (
+    "orjson",
+    "msgspec",
+    "numpy",
+    "pybase64",
+    "pyarrow",
+    "aws-lambda-powertools",
+    "jmespath",
+    "typing-extensions",
+)
 SOURCES = ("streaming",)
 
 

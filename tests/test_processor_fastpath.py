@@ -568,6 +568,10 @@ def _reference_ts_ms(ts: str) -> int:
         return -1
 
 
+def _swapped(ts: str, swap: tuple[int, str] | None) -> str:
+    return ts if swap is None else ts[: swap[0]] + swap[1] + ts[swap[0] + 1 :]
+
+
 # Epoch ms from 1999 to 2101: both ends of the contract's range inside, and beyond them.
 _ANY_MS = st.integers(915_148_800_000, 4_133_980_800_000)
 # What may replace one character of a canonical timestamp: ASCII and non-ASCII digits, the form's
@@ -581,7 +585,7 @@ def test_cached_timestamps_equal_the_contracts_parse(ms: int, swap: tuple[int, s
     """`cached_ts_ms` (which skips the regex and datetime for canonical strings of a minute it has
     parsed) returns exactly what the contract's `parse_ts_ms` does, -1 for what it rejects."""
     canonical = format_ts(ms)
-    ts = canonical if swap is None else canonical[: swap[0]] + swap[1] + canonical[swap[0] + 1 :]
+    ts = _swapped(canonical, swap)
     cache: dict[str, int] = {}
     cached_ts_ms(format_ts(ms - ms % MINUTE_MS), cache)  # the minute's prefix seen first
     assert cached_ts_ms(ts, cache) == _reference_ts_ms(ts)
@@ -613,10 +617,6 @@ def test_the_typed_v2_decode_takes_only_plain_columns_and_the_reference_agrees_o
         items = decode_batch([record], REGISTRY, ZONES).by_zone[zone]
         assert (type(items[0]) is ColumnBlock) == is_block, kind
         assert dict(_both([record], {}, {}, {}).counts) == counts, kind
-
-
-def _swapped(ts: str, swap: tuple[int, str] | None) -> str:
-    return ts if swap is None else ts[: swap[0]] + swap[1] + ts[swap[0] + 1 :]
 
 
 _COLUMN = st.tuples(

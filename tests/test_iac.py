@@ -9,6 +9,7 @@ Airflow 3, so it cannot live in the project's environment; a missing tool env fa
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -360,3 +361,22 @@ def _package_lambda() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Lambda's limit on a function's unzipped code, layers included.
+LAMBDA_UNZIPPED_LIMIT = 262_144_000
+
+
+def test_the_lambda_package_fits_lambdas_unzipped_size_limit() -> None:
+    """What `package_lambda.py` zips — the runtime packages, installed, and streaming/ — must
+    fit the 250 MB that Lambda allows unzipped. Measured on this environment's installs of the
+    same locked versions (the zip of 2026-12-05: 233.2 MB unzipped, of which pyarrow 171 MB and
+    numpy 57 MB); a new dependency that would break the deploy fails here first."""
+    size = 0
+    for name in _package_lambda().RUNTIME_PACKAGES:
+        for f in importlib.metadata.distribution(name).files or []:
+            path = Path(f.locate())
+            if "__pycache__" not in path.parts and path.is_file():
+                size += path.stat().st_size
+    size += sum(p.stat().st_size for p in (REPO_ROOT / "streaming").rglob("*.py"))
+    assert 100_000_000 < size < LAMBDA_UNZIPPED_LIMIT, f"{size:,} bytes"

@@ -18,6 +18,7 @@ lock give the same key.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import re
 import shutil
@@ -40,6 +41,21 @@ RUNTIME_PACKAGES = (
     "typing-extensions",
 )
 SOURCES = ("streaming",)
+# Parts of the runtime packages that no handler loads, left out of the zip (Lambda allows 250 MB
+# unzipped, and pyarrow alone installs 171 MB): Arrow Flight (RPC; nothing else links it), the
+# C++ headers, Cython sources and pyarrow's own tests. Substrait stays: pyarrow's core links it.
+# tests/test_iac.py imports the pruned pyarrow and round-trips Parquet with it.
+PRUNE = (
+    "pyarrow/include/*",
+    "pyarrow/includes/*",
+    "pyarrow/tests/*",
+    "pyarrow/libarrow_flight.so*",
+    "pyarrow/libarrow_python_flight.so*",
+    "pyarrow/_flight.*.so",
+    "pyarrow/_pyarrow_cpp_tests*",
+    "pyarrow/*.pyx",
+    "pyarrow/*.pxd",
+)
 
 
 def locked_requirements(uv: str) -> list[str]:
@@ -74,6 +90,18 @@ def install(requirements: list[str], target: Path) -> None:
     # fmt: on
 
 
+def pruned(relative: str) -> bool:
+    """Whether a file, by its path inside the installed packages, is one `PRUNE` leaves out."""
+    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in PRUNE)
+
+
+def prune(root: Path) -> None:
+    """Delete the `PRUNE` files under `root`, an installation directory."""
+    for path in list(root.rglob("*")):
+        if path.is_file() and pruned(path.relative_to(root).as_posix()):
+            path.unlink()
+
+
 def write_zip(roots: list[tuple[Path, Path]], out: Path) -> str:
     """Zip every file under each (directory, archive prefix base) deterministically; return its sha256."""
     entries: list[tuple[str, Path]] = []
@@ -99,6 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         deps = Path(tmp) / "deps"
         install(locked_requirements(args.uv if Path(args.uv).exists() else shutil.which("uv") or "uv"), deps)
+        prune(deps)
         digest = write_zip([(deps, deps), *((REPO_ROOT / s, REPO_ROOT) for s in SOURCES)], args.out)
     print(digest)
 

@@ -122,6 +122,11 @@ _WireMessage = msgspec.defstruct(
     forbid_unknown_fields=True,
 )
 _WIRE_MESSAGE = msgspec.json.Decoder(_WireMessage)
+# What a typed decode raises on bytes it will not take: its own errors (ValidationError is a
+# DecodeError), and two it lets through from Python: UnicodeDecodeError for invalid UTF-8 in a
+# string, RecursionError for nesting deeper than it goes. Any of them must only send the message
+# the reference's way (which quarantines it), never fail the batch.
+_DECLINED = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 _V2_KEY = b'"schema_version"'
 
 
@@ -240,7 +245,7 @@ def decode_plain(env: Envelope) -> PlainMessage | None:
         return None
     try:
         m = _WIRE_MESSAGE.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _DECLINED:
         return None
     n = len(m.sensor_id)
     if (

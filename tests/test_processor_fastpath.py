@@ -651,3 +651,59 @@ def test_a_batch_of_timestamp_columns_parses_as_each_string_does(columns: list[A
         one_minute = len({ms // MINUTE_MS for ms in expected}) == 1
         if stamps is not None or (canonical and one_minute):
             assert stamps == expected and canonical and one_minute, column
+
+
+# Byte-level damage: (where, as a fraction of the length; how many bytes to drop; what to put there).
+_DAMAGE = st.lists(
+    st.tuples(
+        st.floats(0, 1),
+        st.integers(0, 3),
+        st.one_of(
+            st.binary(max_size=4),
+            st.sampled_from([b"\xff", b"\xc3", b"\\ud800", b"[" * 3000, b"1e400", b"99999999999999999999", b'"', b","]),
+        ),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+def _damaged(data: bytes, damage: list[tuple[float, int, bytes]]) -> bytes:
+    for where, drop, put in damage:
+        at = int(where * len(data))
+        data = data[:at] + put + data[at + drop :]
+    return data
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["gateway", "columnar", "per_detector", "single"]),
+    st.integers(0, len(GATEWAYS) - 1),
+    _DAMAGE,
+    st.booleans(),
+)
+def test_a_message_damaged_anywhere_fails_no_batch_and_both_paths_agree(
+    kind: str, gateway: int, damage: list[tuple[float, int, bytes]], in_envelope: bool
+) -> None:
+    """Whatever bytes a message (or, with `in_envelope`, the rule's envelope around it) turns
+    into — invalid UTF-8, a lone surrogate, nesting past any parser's depth, numbers out of
+    range, a cut or a stray quote — decoding and applying the batch raises nothing, and the
+    fast path reaches exactly the reference's verdict for the damaged record and its clean
+    neighbour. (Found: msgspec's UnicodeDecodeError and RecursionError escaping the typed v2
+    decode, failing the whole batch.)"""
+    sensors = GATEWAYS[gateway]
+    gw, zone = sensors[0].gateway_id, sensors[0].zone_id
+    received = BASE_MS + 7 * MINUTE_MS
+    offsets = [i * 7_919 % MINUTE_MS if kind == "per_detector" else 0 for i in range(len(sensors))]
+    readings = [_plain(s, 3, received - MINUTE_MS + off) for s, off in zip(sensors, offsets, strict=True)]
+    if kind == "single":
+        payload = orjson.dumps(readings[0])
+    else:
+        build = gateway_message if kind == "gateway" else columnar_message
+        payload = orjson.dumps(build(gw, zone, received, readings))
+    b = StreamBuilder(SHARD)
+    data = envelope(payload, zone, gw, received)
+    data = _damaged(data, damage) if in_envelope else envelope(_damaged(payload, damage), zone, gw, received)
+    clean = b.gateway_record(sensors, [_plain(s, 4, received) for s in sensors], received, columnar=True)
+    out = _both([b.record(data), clean], {}, {}, {})
+    assert out.counts["stored"] >= len(sensors)  # the clean neighbour, whatever became of the damaged one

@@ -36,7 +36,7 @@ from streaming.processor.core import (
     decode_batch,
     decode_batch_reference,
 )
-from streaming.processor.envelope import decode_envelope
+from streaming.processor.envelope import _decode_untyped, decode_envelope
 from streaming.registry import generate_city
 
 CITY = generate_city(sensors=96, zones=3, seed=11)
@@ -707,3 +707,48 @@ def test_a_message_damaged_anywhere_fails_no_batch_and_both_paths_agree(
     clean = b.gateway_record(sensors, [_plain(s, 4, received) for s in sensors], received, columnar=True)
     out = _both([b.record(data), clean], {}, {}, {})
     assert out.counts["stored"] >= len(sensors)  # the clean neighbour, whatever became of the damaged one
+
+
+def _envelope_verdict(decode: Any, data: bytes) -> Any:
+    try:
+        return decode(data)
+    except ContractError as exc:
+        return exc.code, str(exc)
+
+
+_ENVELOPE_SHAPES = [
+    b'"received_at":9223372036854775807',
+    b'"received_at":9223372036854775808',
+    b'"received_at":18446744073709551615',
+    b'"received_at":18446744073709551616',
+    b'"received_at":5.0',
+    b'"received_at":true',
+    b'"received_at":0',
+    b'"received_at":-1',
+    b'"received_at":null',
+    b'"client_id":null',
+    b'"client_id":7',
+    b'"extra":{"a":[1e400]}',
+    b'"zone_id":"Z-1","zone_id":"bad zone"',
+    b'"payload":"e30"',
+    b'"payload":7',
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.sampled_from(_ENVELOPE_SHAPES).map(lambda b: [(0.5, 0, b"," + b)]), _DAMAGE), st.booleans())
+def test_the_typed_envelope_decode_reaches_the_untyped_verdict(
+    damage: list[tuple[float, int, bytes]], at_end: bool
+) -> None:
+    """`decode_envelope` decodes the rule's envelope typed and leaves everything else to the
+    untyped decode (`_decode_untyped`, the reference's). On any bytes — the rule's envelope with
+    a field added, repeated or of another type, or damaged anywhere — both give the same
+    Envelope or the same error."""
+    sensors = GATEWAYS[0]
+    data = envelope(orjson.dumps(_plain(sensors[0], 1, BASE_MS)), sensors[0].zone_id, sensors[0].gateway_id, BASE_MS)
+    if at_end:  # inserted before the closing brace, where a field is sure to be a whole one
+        at = data.rindex(b"}")
+        data = data[:at] + b"".join(put for _, _, put in damage) + data[at:]
+    else:
+        data = _damaged(data, damage)
+    assert _envelope_verdict(decode_envelope, data) == _envelope_verdict(_decode_untyped, data)

@@ -27,6 +27,7 @@ import msgspec
 from streaming.contract import GATEWAY_V2, READING_FIELDS, ColumnarReadings, FieldSpec, Reading
 from streaming.processor import core
 from streaming.processor.envelope import (
+    DECLINED,
     MAX_PAYLOAD_BYTES,
     MAX_READINGS_PER_MESSAGE,
     Envelope,
@@ -122,11 +123,6 @@ _WireMessage = msgspec.defstruct(
     forbid_unknown_fields=True,
 )
 _WIRE_MESSAGE = msgspec.json.Decoder(_WireMessage)
-# What a typed decode raises on bytes it will not take: its own errors (ValidationError is a
-# DecodeError), and two it lets through from Python: UnicodeDecodeError for invalid UTF-8 in a
-# string, RecursionError for nesting deeper than it goes. Any of them must only send the message
-# the reference's way (which quarantines it), never fail the batch.
-_DECLINED = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 _V2_KEY = b'"schema_version"'
 
 
@@ -245,7 +241,7 @@ def decode_plain(env: Envelope) -> PlainMessage | None:
         return None
     try:
         m = _WIRE_MESSAGE.decode(payload)
-    except _DECLINED:
+    except DECLINED:
         return None
     n = len(m.sensor_id)
     if (

@@ -37,6 +37,7 @@ from streaming.processor.core import (
     decode_batch_reference,
 )
 from streaming.processor.envelope import _decode_untyped, decode_envelope
+from streaming.processor.state import ZoneState
 from streaming.registry import generate_city
 
 CITY = generate_city(sensors=96, zones=3, seed=11)
@@ -343,6 +344,8 @@ def _both(
     fast = apply_batch(fast_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, detectors)
     ref = apply_batch_reference(ref_decoded, zone_states, minutes, shards, BASE_MS + 95 * MINUTE_MS, detectors)
     assert _output_view(fast) == _output_view(ref)
+    # Lossless: the store hands a container's own saved state back instead of its parse.
+    assert all(ZoneState.from_bytes(z.to_bytes()) == z for z in fast.zone_states.values())
     return ref
 
 

@@ -217,3 +217,20 @@ def test_a_processor_commit_during_a_sweep_is_not_overwritten(aws_env: dict[str,
     assert (retry.written, retry.conflicts) == (1, 0)
     assert {sid for sid, s in stack.state().sensors.items() if s.silent} == quiet
     assert stack.state().counters == state.counters
+
+
+@pytest.mark.integration
+def test_the_processor_takes_its_own_commit_back_unparsed_and_another_writers_fresh(aws_env: dict[str, str]) -> None:
+    """`StateStore` remembers the blob it saved: read back unchanged, it is the state it was made
+    from (no parse); changed by another writer (here the sweeper), it is parsed again."""
+    stack = Stack()
+    last = stack.send(0)
+    store = stack.processor.store
+    mine = store.load_zone_states([ZONE])[ZONE]
+    assert store.load_zone_states([ZONE])[ZONE] is mine  # the processor's own commit, unchanged
+    assert mine == stack.state()  # what parsing the stored blob gives
+    assert not any(s.silent for s in mine.sensors.values())
+    stack.sweeper.sweep(last + SILENCE)  # the sweeper writes the zone: the blob changes
+    swept = store.load_zone_states([ZONE])[ZONE]
+    assert swept is not mine and swept == stack.state()
+    assert all(s.silent for s in swept.sensors.values())

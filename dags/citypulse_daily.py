@@ -26,7 +26,7 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from citypulse_batch.airflow_compat import CronDataIntervalTimetable, task_failure
+from citypulse_batch.airflow_compat import CronDataIntervalTimetable
 from citypulse_batch.events import on_task_failure
 
 DEFAULT_ARGS: dict[str, Any] = {
@@ -41,18 +41,10 @@ DEFAULT_ARGS: dict[str, Any] = {
 
 
 def _run(step_name: str, context: dict[str, Any]) -> None:
-    """Run `citypulse_batch.steps.<step_name>` for the day; its summary goes to XCom `summary`."""
+    """Run `citypulse_batch.steps.<step_name>` for the day (`steps.run_step`)."""
     from citypulse_batch import steps
-    from citypulse_batch.lake import Interval
 
-    interval = Interval(context["data_interval_start"], context["data_interval_end"])
-    ti = context["ti"]
-    try:
-        summary = getattr(steps, step_name)(interval)
-    except steps.StepFailed as exc:
-        ti.xcom_push(key="summary", value=exc.summary)
-        raise task_failure(exc, exc.retryable) from exc
-    ti.xcom_push(key="summary", value=summary)
+    steps.run_step(getattr(steps, step_name), context)
 
 
 @dag(

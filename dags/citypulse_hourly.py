@@ -26,7 +26,6 @@ AWS differ only by configuration: Airflow connections `aws_default` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,11 +39,11 @@ from airflow.providers.amazon.aws.operators.quicksight import QuickSightCreateIn
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import dag, task
 
-from citypulse_batch.airflow_compat import CronDataIntervalTimetable, task_failure
+from citypulse_batch.airflow_compat import CronDataIntervalTimetable
 from citypulse_batch.events import HOURLY_LOAD_COMPLETED, SOURCE, on_task_failure
 from citypulse_batch.lake import readings_wildcard
 from citypulse_batch.settings import setting, setting_list
-from citypulse_batch.steps import crawler_config
+from citypulse_batch.steps import crawler_config, run_step
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "citypulse-data",
@@ -56,21 +55,6 @@ DEFAULT_ARGS: dict[str, Any] = {
     "execution_timeout": timedelta(minutes=30),
     "on_failure_callback": on_task_failure,
 }
-
-
-def _run_step(step: Callable[[Any], dict[str, Any]], context: dict[str, Any]) -> None:
-    """Run a step for the task's interval; its summary goes to XCom key `summary` even on failure."""
-    from citypulse_batch.lake import Interval
-    from citypulse_batch.steps import StepFailed
-
-    interval = Interval(context["data_interval_start"], context["data_interval_end"])
-    ti = context["ti"]
-    try:
-        summary = step(interval)
-    except StepFailed as exc:
-        ti.xcom_push(key="summary", value=exc.summary)
-        raise task_failure(exc, exc.retryable) from exc
-    ti.xcom_push(key="summary", value=summary)
 
 
 @dag(
@@ -120,25 +104,25 @@ def citypulse_hourly() -> None:
     def load_warehouse(**context: Any) -> None:
         from citypulse_batch import steps
 
-        _run_step(steps.load, context)
+        run_step(steps.load, context)
 
     @task(task_id="dbt_build", execution_timeout=timedelta(minutes=45))
     def dbt_build(**context: Any) -> None:
         from citypulse_batch import steps
 
-        _run_step(steps.build, context)
+        run_step(steps.build, context)
 
     @task(task_id="quality_check", execution_timeout=timedelta(minutes=20))
     def quality_check(**context: Any) -> None:
         from citypulse_batch import steps
 
-        _run_step(steps.check, context)
+        run_step(steps.check, context)
 
     @task(task_id="reconcile_marts", execution_timeout=timedelta(minutes=20))
     def reconcile_marts(**context: Any) -> None:
         from citypulse_batch import steps
 
-        _run_step(steps.reconcile, context)
+        run_step(steps.reconcile, context)
 
     @task(task_id="quicksight_datasets", execution_timeout=timedelta(minutes=5))
     def quicksight_datasets() -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,21 @@ def warehouse() -> Any:
     return warehouse_from_connection(BaseHook.get_connection(WAREHOUSE_CONN_ID))
 
 
+def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, Any]) -> None:
+    """Run a step for the Airflow task's data interval; its summary goes to XCom key `summary`,
+    also when the step fails (then a data verdict fails the task without retries)."""
+    from citypulse_batch.airflow_compat import task_failure
+
+    interval = Interval(context["data_interval_start"], context["data_interval_end"])
+    ti = context["ti"]
+    try:
+        summary = step(interval)
+    except StepFailed as exc:
+        ti.xcom_push(key="summary", value=exc.summary)
+        raise task_failure(exc, exc.retryable) from exc
+    ti.xcom_push(key="summary", value=summary)
+
+
 def load(interval: Interval) -> dict[str, Any]:
     """Load the interval into warehouse raw (one transaction, idempotent)."""
     return warehouse().load(interval, lake()).to_json()
@@ -84,6 +99,11 @@ def load(interval: Interval) -> dict[str, Any]:
 
 def build(interval: Interval) -> dict[str, Any]:
     """`dbt build` of the affected models for the interval, on the warehouse's dbt target."""
+    return _dbt_build(interval, "dbt build", select=setting("dbt_select"), exclude=setting("dbt_exclude"))
+
+
+def _dbt_build(interval: Interval, what: str, *, select: str, exclude: str = "") -> dict[str, Any]:
+    """`dbt build` of the `select`ed nodes for the interval; its summary, or StepFailed."""
     from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
 
     engine = warehouse()
@@ -92,8 +112,8 @@ def build(interval: Interval) -> dict[str, Any]:
         target=setting("dbt_target") or engine.dbt_target,
         interval=interval,
         env=engine.dbt_env(),
-        select=setting("dbt_select"),
-        exclude=setting("dbt_exclude"),
+        select=select,
+        exclude=exclude,
         executable=setting("dbt_executable"),
     ).to_json()
     if not summary["success"]:
@@ -101,7 +121,7 @@ def build(interval: Interval) -> dict[str, Any]:
         # Failed models or tests are a verdict on the data; an error before any node ran
         # (connection, profile) may be transient.
         raise StepFailed(
-            f"dbt build failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
+            f"{what} failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
             summary,
             retryable=failed == 0,
         )
@@ -204,25 +224,7 @@ def write_report(
 
 def build_daily(interval: Interval) -> dict[str, Any]:
     """`dbt build` of the daily marts (sensor health, corridors, peak profiles) for whole days."""
-    from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
-
-    engine = warehouse()
-    summary = run_dbt_build(
-        project_dir=find_project_dir(setting("dbt_project_dir")),
-        target=setting("dbt_target") or engine.dbt_target,
-        interval=interval,
-        env=engine.dbt_env(),
-        select=setting("dbt_daily_select"),
-        executable=setting("dbt_executable"),
-    ).to_json()
-    if not summary["success"]:
-        failed = summary["models_failed"] + summary["tests_failed"]
-        raise StepFailed(
-            f"daily dbt build failed: {failed} nodes failed; {summary['failures'] or summary['error']}",
-            summary,
-            retryable=failed == 0,
-        )
-    return summary
+    return _dbt_build(interval, "daily dbt build", select=setting("dbt_daily_select"))
 
 
 def retention(interval: Interval) -> dict[str, Any]:

@@ -255,21 +255,19 @@ class LakeWriter:
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue())
 
     def write_readings(self, by_hour: Mapping[int, LakeColumns], batch_name: str) -> list[str]:
-        schema = lake_arrow_schema()
-        keys = []
-        for hour, cols in by_hour.items():
-            if len(cols):
-                key = f"raw/readings/{_hour_path(hour)}/{batch_name}.parquet"
-                self._put(key, pa.Table.from_pydict(cols.columns, schema=schema))
-                keys.append(key)
-        return keys
+        return self._write_hours("raw/readings", lake_arrow_schema(), by_hour, batch_name)
 
     def write_quarantine(self, by_hour: Mapping[int, QuarantineColumns], batch_name: str) -> list[str]:
-        schema = quarantine_arrow_schema()
+        return self._write_hours("quarantine", quarantine_arrow_schema(), by_hour, batch_name)
+
+    def _write_hours(
+        self, prefix: str, schema: pa.Schema, by_hour: Mapping[int, LakeColumns | QuarantineColumns], batch_name: str
+    ) -> list[str]:
+        """One Parquet object per hour that has rows, `<prefix>/dt=/hour=/<batch>.parquet`; their keys."""
         keys = []
         for hour, cols in by_hour.items():
             if len(cols):
-                key = f"quarantine/{_hour_path(hour)}/{batch_name}.parquet"
+                key = f"{prefix}/{_hour_path(hour)}/{batch_name}.parquet"
                 self._put(key, pa.Table.from_pydict(cols.columns, schema=schema))
                 keys.append(key)
         return keys

@@ -2,8 +2,8 @@
 
 The shapes follow the ingestion rule (docs/architecture.md §6): each Kinesis record's data is
 the rule's JSON envelope around the base64 MQTT payload, and the Lambda event carries that
-data base64-encoded again. The unit tests keep their own helper (tests/kinesis_records.py);
-both build the same bytes.
+data base64-encoded again. The unit tests build their records on the same `envelope`
+(tests/kinesis_records.py).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra.local.emulators import LOCAL_REGION, MINISTACK_ENDPOINT_VARS, Emulator
+from infra.local.emulators import Emulator, aws_env
 from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
 from streaming.registry import City, generate_city, registry_csv, zones_csv
 
@@ -33,17 +33,7 @@ INTERVAL_END = INTERVAL_START + timedelta(hours=1)
 
 def ministack_env(ministack: Emulator) -> dict[str, str]:
     """Environment routing boto3 (and the Amazon provider) to ministack, test credentials."""
-    env = {var: ministack.endpoint_url for var in MINISTACK_ENDPOINT_VARS}
-    env.update(
-        AWS_ENDPOINT_URL=ministack.endpoint_url,
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_DEFAULT_REGION=LOCAL_REGION,
-        AWS_REGION=LOCAL_REGION,
-        AWS_REQUEST_CHECKSUM_CALCULATION="WHEN_REQUIRED",
-        AWS_RESPONSE_CHECKSUM_VALIDATION="WHEN_REQUIRED",
-    )
-    return env
+    return aws_env(ministack)
 
 
 def s3_client(env: Mapping[str, str]) -> Any:

@@ -1,35 +1,20 @@
 """Test helpers: build what the ingestion rule puts on Kinesis, without a broker.
 
-Used by unit tests and benchmarks of the processor; the integration tests produce the
-same records through the real broker and rule bridge.
+Used by unit tests of the processor, on the benchmark's envelope (`bench.records`); the
+integration tests produce the same records through the real broker and rule bridge.
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
+from bench.records import BASE_MS, envelope
 from streaming.contract import columnar_message, format_ts, gateway_message
 from streaming.processor.core import Record
 from streaming.registry import City, Sensor
-
-BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary in 2026
-
-
-def envelope(payload: bytes, zone_id: str, gateway_id: str, received_at_ms: int) -> bytes:
-    """The rule's projection of one MQTT message (see the topic rule's SQL)."""
-    return orjson.dumps(
-        {
-            "payload": base64.b64encode(payload).decode(),
-            "zone_id": zone_id,
-            "gateway_id": gateway_id,
-            "client_id": gateway_id,
-            "received_at": received_at_ms,
-        }
-    )
 
 
 def reading(sensor: Sensor, seq: int, ts_ms: int, congestion: float = 0.2, **over: Any) -> dict[str, Any]:

@@ -376,13 +376,15 @@ def start_kinesalite(state_dir: Path, port: int | None = None, *, ready_timeout:
     return _start_with_port_retry(start, port)
 
 
-def aws_env(ministack: Emulator, kinesis: Emulator) -> dict[str, str]:
-    """Environment that routes boto3 (and the AWS CLI/SDKs) to the local emulators, per service."""
+def aws_env(ministack: Emulator, kinesis: Emulator | None = None) -> dict[str, str]:
+    """Environment that routes boto3 (and the AWS CLI/SDKs) to the local emulators, per service
+    (Kinesis to kinesalite when given, else to ministack with the rest)."""
     env = {var: ministack.endpoint_url for var in MINISTACK_ENDPOINT_VARS}
+    if kinesis is not None:
+        env["AWS_ENDPOINT_URL_KINESIS"] = kinesis.endpoint_url
     env.update(
         # Fallback for any service not listed above: ministack, never the real AWS.
         AWS_ENDPOINT_URL=ministack.endpoint_url,
-        AWS_ENDPOINT_URL_KINESIS=kinesis.endpoint_url,
         AWS_ACCESS_KEY_ID="test",
         AWS_SECRET_ACCESS_KEY="test",
         AWS_DEFAULT_REGION=LOCAL_REGION,

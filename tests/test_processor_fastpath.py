@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, envelope, reading
 
 from streaming.contract import ContractError, columnar_message, format_ts, gateway_message, parse_ts_ms
-from streaming.processor.columnar import ColumnBlock, decode_plain
+from streaming.processor.columnar import ColumnBlock, _sent_at_ms, decode_plain
 from streaming.processor.core import (
     MINUTE_MS,
     BatchOutput,
@@ -36,7 +36,7 @@ from streaming.processor.core import (
     decode_batch,
     decode_batch_reference,
 )
-from streaming.processor.envelope import _decode_untyped, decode_envelope
+from streaming.processor.envelope import _decode_untyped, decode_envelope, sent_at_ms
 from streaming.processor.state import ZoneState
 from streaming.registry import generate_city
 
@@ -593,6 +593,21 @@ def test_cached_timestamps_equal_the_contracts_parse(ms: int, swap: tuple[int, s
     cached_ts_ms(format_ts(ms - ms % MINUTE_MS), cache)  # the minute's prefix seen first
     assert cached_ts_ms(ts, cache) == _reference_ts_ms(ts)
     assert cached_ts_ms(ts, {}) == _reference_ts_ms(ts)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(_ANY_MS, st.one_of(st.none(), st.tuples(st.integers(0, 23), _SWAPS))).map(
+            lambda m: _swapped(format_ts(m[0]), m[1])
+        ),
+        st.sampled_from([None, 5, 1.5, True, [], {"ts": 1}, "", "2026-11-23T18:05:07Z"]),
+    )
+)
+def test_a_v2_messages_sent_at_reads_as_the_reference_reads_it(sent_at: Any) -> None:
+    """The typed v2 decode reads `sent_at` through the canonical parser first; for any value
+    (canonical, one character off, not a string) it is exactly `envelope.sent_at_ms`."""
+    assert _sent_at_ms(sent_at) == sent_at_ms(sent_at)
 
 
 def test_the_typed_v2_decode_takes_only_plain_columns_and_the_reference_agrees_on_the_rest() -> None:

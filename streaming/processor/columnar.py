@@ -130,15 +130,15 @@ def accept(
     rec: core.Record,
     env: Envelope,
     raws: Sequence[Any],
-    members: frozenset[str] | None,
+    members: core.Members | None,
     ts_cache: dict[str, int],
 ) -> ColumnBlock | None:
     """The message as a ColumnBlock if every reading is plainly valid and they fall in one
     event-time minute; None when in any doubt (the caller then takes the message one reading at
     a time).
 
-    The same conditions as `core._accept` on each reading, stated over columns: `issuperset`
-    against the sensors the registry gives this zone and gateway, `count` for the zone, each
+    The same conditions as `core._accept` on each reading, stated over columns: membership of
+    the sensors the registry gives this zone and gateway (`core.Members`), `count` for the zone, each
     distinct `ts` parsed once (`_stamps`); types and ranges by msgspec for v2 (`_PlainColumns`), and for v1 by
     `set(map(type, ...))` for exact types (bool and integral floats, which the reference
     converts, defer), `min`/`max` for ranges and a sum for NaN."""
@@ -152,7 +152,7 @@ def block_of(
     rec: core.Record,
     env: Envelope,
     columns: Columns | None,
-    members: frozenset[str] | None,
+    members: core.Members | None,
     ts_cache: dict[str, int],
     stamps: list[int] | None = None,
 ) -> ColumnBlock | None:
@@ -163,11 +163,7 @@ def block_of(
     if columns is None or members is None:
         return None
     ts, sensor_ids, *rest = columns
-    try:
-        # TypeError: an unhashable sensor_id; a non-string one is simply not a member.
-        if not members.issuperset(sensor_ids):
-            return None
-    except TypeError:
+    if not members.include(sensor_ids):
         return None
     if type(ts) is str:  # one event time for all
         first = last = core.cached_ts_ms(ts, ts_cache)

@@ -310,7 +310,7 @@ def _decoded_view(d: DecodedBatch) -> Any:
                     i.record,
                     i.envelope,
                     i.index,
-                    orjson.dumps(i.raw, option=orjson.OPT_NON_STR_KEYS),
+                    orjson.dumps(i.raw_of(), option=orjson.OPT_NON_STR_KEYS),
                     i.reading,
                     (i.error.code, str(i.error)) if i.error else None,
                 )

@@ -96,12 +96,20 @@ class _Item:
     record: Record
     envelope: Envelope
     index: int
-    raw: Any
+    raw: Any  # the reading as parsed, or IN_PAYLOAD (the whole message is the reading: `raw_of`)
     reading: Reading | None  # None → `error` says why
     error: ContractError | None
     # (sensor_id, seq) of an invalid reading whose identity is sound (a registry sensor of this
     # zone, delivered by its own gateway): its resend is then a duplicate, not a second quarantine.
     key: tuple[str, int] | None = None
+
+    def raw_of(self) -> Any:
+        """The reading as the reference parsed it (for quarantine bytes): parsed from the message
+        again when a typed decode kept none (`columnar.decode_single`), which is rarely needed."""
+        return orjson.loads(self.envelope.payload) if self.raw is IN_PAYLOAD else self.raw
+
+
+IN_PAYLOAD: Any = object()  # `_Item.raw` of a single-reading message decoded typed
 
 
 @dataclass
@@ -308,6 +316,11 @@ def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: se
                     out.sent_at.append(plain.sent_at_ms)
                 items.append(block)
                 continue
+        else:
+            reading = columnar.decode_single(env, registry, owners, ts_cache)
+            if reading is not None:
+                items.append(_Item(rec, env, 0, IN_PAYLOAD, reading, None))
+                continue
         raws = _open_message(rec, env, items, out)
         if raws is None:
             continue
@@ -390,6 +403,16 @@ class Members:
         if type(sensor_ids) is list:
             self.last = list(sensor_ids)
         return True
+
+
+def owner_of(
+    sensor_id: str, registry: Mapping[str, Sensor], owners: dict[str, tuple[str, str] | None]
+) -> tuple[str, str] | None:
+    """`_owner(sensor_id)`, looked up once per container (`owners`: `_owners_for(registry)`)."""
+    owner = owners.get(sensor_id, _NOT_SEEN)
+    if owner is _NOT_SEEN:
+        owner = owners[sensor_id] = _owner(sensor_id, registry)
+    return owner
 
 
 _members_cache: list[Any] = [None, {}]
@@ -533,9 +556,7 @@ def _accept(
     sensor_id = raw.get("sensor_id")
     if type(sensor_id) is not str:
         return None
-    owner = owners.get(sensor_id, _NOT_SEEN)
-    if owner is _NOT_SEEN:
-        owner = owners[sensor_id] = _owner(sensor_id, registry)
+    owner = owner_of(sensor_id, registry, owners)
     # The reading's zone, the topic's zone and the registry's zone agree; the gateway owns it.
     if owner is None or owner[0] != zone_id or owner[1] != gateway_id or raw.get("zone_id") != zone_id:
         return None
@@ -968,7 +989,7 @@ def _apply_item(
         state.count(unit)
         state.count(f"quarantined_{err.code}")
         counts[unit] += 1
-        raw = env.payload if item.index < 0 else _reading_bytes(item.raw, env)
+        raw = env.payload if item.index < 0 else _reading_bytes(item.raw_of(), env)
         out.quarantine[env.received_at_ms // HOUR_MS].append(
             received_at_ms=env.received_at_ms,
             processed_at_ms=processed_at_ms,
@@ -976,7 +997,7 @@ def _apply_item(
             raw=raw,
             record=rec,
             index=item.index,
-            sensor_id=_sensor_id_of(item.raw),
+            sensor_id=_sensor_id_of(item.raw_of()),
             gateway_id=env.gateway_id,
             zone_id=zone_id,
         )
@@ -1004,7 +1025,7 @@ def _apply_item(
             received_at_ms=env.received_at_ms,
             processed_at_ms=processed_at_ms,
             error=err,
-            raw=_reading_bytes(item.raw, env),
+            raw=_reading_bytes(item.raw_of(), env),
             record=rec,
             index=item.index,
             sensor_id=r.sensor_id,

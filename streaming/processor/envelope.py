@@ -28,9 +28,12 @@ MAX_READINGS_PER_MESSAGE = 2_000
 MAX_PAYLOAD_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
-    """One MQTT message as the rule delivered it, decoded down to the message object."""
+    """One MQTT message as the rule delivered it, decoded down to the message object.
+
+    Never modified once made; not frozen, since it is made once per record and a frozen
+    dataclass takes ~3x as long to construct (~0.4 us against ~0.13)."""
 
     zone_id: str
     gateway_id: str

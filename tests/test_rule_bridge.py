@@ -20,7 +20,7 @@ import pytest
 from mqtt_stream import PROJECT_KEY, PROJECT_SQL, TIMEOUT, StreamReader, connect_gateway, create_stream, start_bridge
 from mqtt_stream import offline_bridge as _bridge
 
-from infra.local.broker import DEFAULT_MAX_INFLIGHT_MESSAGES, Broker, start_broker
+from infra.local.broker import Broker, start_broker
 from infra.local.certs import LocalCA
 from infra.local.emulators import Emulator, kinesis_client
 from infra.local.rule_bridge import (
@@ -302,11 +302,11 @@ def test_nothing_is_lost_when_the_bridge_is_killed_mid_stream(
     first = BridgeProcess(broker, ca, kinesalite, "telemetry-b")
     second: BridgeProcess | None = None
     try:
-        sent = publish_round(gws, "before", 500)
+        before = publish_round(gws, "before", 500)
         # Killed while it still has messages to forward: some are in Kinesis but unacknowledged.
         first.wait_event(lambda e: e["event"] == "stats" and e["forwarded"] >= 200)
         first.kill()
-        sent |= publish_round(gws, "while-down", 250)  # queued by the broker for the bridge's session
+        sent = before | publish_round(gws, "while-down", 250)  # queued by the broker for the bridge's session
         for gw in gws:
             gw.flush(TIMEOUT)
         second = BridgeProcess(broker, ca, kinesalite, "telemetry-b")
@@ -327,9 +327,20 @@ def test_nothing_is_lost_when_the_bridge_is_killed_mid_stream(
     assert stopped["pending"] == 0
     # Redelivery after the kill may duplicate (at least once); the processor deduplicates.
     print(f"\n{len(sent)} messages, {duplicates} duplicates after kill -9, second bridge {stopped}")
-    # Only what the killed bridge had forwarded but not yet acknowledged comes back: at most
-    # the broker's outgoing in-flight window.
-    assert duplicates <= DEFAULT_MAX_INFLIGHT_MESSAGES
+    assert_only_redelivered_duplicates(seen, before)
+
+
+def assert_only_redelivered_duplicates(seen: Counter[bytes], before: set[bytes]) -> None:
+    """Only what the broker handed the bridge before the interruption may reach Kinesis twice.
+
+    How many of those come back is not a bound worth asserting: acknowledgements still in the
+    killed bridge's socket never reach the broker, and a PutRecords retried after a lost response
+    lands whole again. CI once counted 1,497 duplicates beside a 1,000-message in-flight window.
+    A message published after the interruption is never in flight twice, so a duplicate of one
+    is the bridge's own bug.
+    """
+    duplicated = {payload for payload, n in seen.items() if n > 1}
+    assert duplicated <= before, f"{len(duplicated - before)} messages published after the interruption duplicated"
 
 
 @pytest.mark.integration
@@ -339,12 +350,12 @@ def test_nothing_is_lost_across_a_broker_restart(ca: LocalCA, kinesis: Any, tmp_
     bridge = start_bridge(kinesis, ca, own, "telemetry-c")
     gws = gateways(ca, own, 2)
     try:
-        sent = publish_round(gws, "before", 500)
+        before = publish_round(gws, "before", 500)
         # A graceful restart saves the bridge's session, so messages that gateways resend or
         # publish before the bridge reconnects are queued for it rather than dropped.
         own.stop()
         own = start_broker(tmp_path / "broker", ca, port=own.port, persistence=True)
-        sent |= publish_round(gws, "after", 500)
+        sent = before | publish_round(gws, "after", 500)
         for gw in gws:
             gw.flush(TIMEOUT)
         seen = StreamReader(kinesis, "telemetry-c").wait_for_all(sent)
@@ -354,4 +365,4 @@ def test_nothing_is_lost_across_a_broker_restart(ca: LocalCA, kinesis: Any, tmp_
         bridge.stop()
         own.stop()
     assert set(seen) == sent
-    assert sum(seen.values()) - len(seen) <= DEFAULT_MAX_INFLIGHT_MESSAGES
+    assert_only_redelivered_duplicates(seen, before)

@@ -283,15 +283,33 @@ def _unique_failures(summary: DbtSummary) -> list[str]:
     return [f for f in summary.failures if "unique_combination_of_columns_stg_lake__readings" in f]
 
 
-def test_an_hourly_build_tests_its_interval_and_a_build_without_one_tests_everything(tmp_path: Path) -> None:
-    """A duplicate in an earlier hour fails only the unscoped build; one inside the hour fails the hour's."""
+def test_an_hourly_build_tests_its_interval_and_a_build_without_one_tests_everything(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A duplicate in an earlier hour fails only the unscoped build; one inside the hour fails the hour's.
+
+    The builds share a parse cache, as a DAG's builds on one worker do: after the first, dbt
+    reuses its parsed project, so an interval baked in at parse time would show here.
+    """
     warehouse = DuckDBWarehouse(tmp_path / "scoped.duckdb")
     load_city_hour(warehouse, "?")
     project = find_project_dir()
     select, exclude = "source:lake+ source:registry+", "tag:daily"
+    parses: list[str] = []
 
     def build(interval: Interval | None) -> DbtSummary:
-        return run_dbt_build(project, "duckdb", interval, warehouse.dbt_env(), select=select, exclude=exclude)
+        capfd.readouterr()
+        summary = run_dbt_build(
+            project,
+            "duckdb",
+            interval,
+            warehouse.dbt_env(),
+            select=select,
+            exclude=exclude,
+            parse_cache=tmp_path / "parse-cache",
+        )
+        parses.append("full" if "Unable to do partial parsing" in capfd.readouterr().out else "partial")
+        return summary
 
     def duplicate_first_reading(shift: timedelta) -> None:
         with warehouse.transaction() as cur:
@@ -308,3 +326,4 @@ def test_an_hourly_build_tests_its_interval_and_a_build_without_one_tests_everyt
     duplicate_first_reading(timedelta(minutes=1))  # a second copy inside 10:00-11:00
     hourly = build(Interval.hour(HOUR))
     assert not hourly.success and _unique_failures(hourly), hourly.failures
+    assert parses == ["full", "partial", "partial"]

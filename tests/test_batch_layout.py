@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from citypulse_batch.dbt_build import build_args, find_project_dir
+from citypulse_batch.dbt_build import build_args, find_project_dir, interval_env, parse_cache_dir
 from citypulse_batch.lake import Interval, quarantine_prefixes, readings_prefixes, readings_wildcard, report_key
 from citypulse_batch.report import build_report
 
@@ -45,17 +44,27 @@ def test_sensor_and_report_keys_follow_the_partition_layout() -> None:
     assert report_key(Interval.hour(START)) == "reports/hourly/dt=2026-03-02/hour=23/report.json"
 
 
-def test_dbt_build_gets_the_interval_as_vars_and_writes_outside_the_project(tmp_path: Path) -> None:
+def test_dbt_build_gets_the_interval_in_its_environment_and_writes_outside_the_project(tmp_path: Path) -> None:
     project = find_project_dir()
-    args = build_args(project, "postgres", Interval.hour(START), "source:lake+ source:registry+", tmp_path)
+    args = build_args(project, "postgres", "source:lake+ source:registry+", tmp_path)
     assert args[0] == "build"
     assert args[args.index("--target") + 1] == "postgres"
-    assert json.loads(args[args.index("--vars") + 1]) == {
-        "interval_start": "2026-03-02 23:00:00",
-        "interval_end": "2026-03-03 00:00:00",
+    # --vars would change every hour, and a change of vars makes dbt parse the project afresh.
+    assert "--vars" not in args
+    assert interval_env(Interval.hour(START)) == {
+        "CITYPULSE_INTERVAL_START": "2026-03-02 23:00:00",
+        "CITYPULSE_INTERVAL_END": "2026-03-03 00:00:00",
     }
+    assert interval_env(None) == {"CITYPULSE_INTERVAL_START": "", "CITYPULSE_INTERVAL_END": ""}
     assert args[args.index("--select") + 1 : args.index("--select") + 3] == ["source:lake+", "source:registry+"]
     assert Path(args[args.index("--target-path") + 1]).parent == tmp_path
+
+
+def test_the_parse_cache_is_one_per_project_and_target() -> None:
+    project = find_project_dir()
+    assert parse_cache_dir(project, "duckdb") == parse_cache_dir(project, "duckdb")
+    assert parse_cache_dir(project, "duckdb") != parse_cache_dir(project, "postgres")
+    assert parse_cache_dir(project, "duckdb") != parse_cache_dir(project.parent, "duckdb")
 
 
 def test_report_names_the_first_step_that_did_not_succeed() -> None:

@@ -160,7 +160,7 @@ def mart_columns(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str
     warehouse = DuckDBWarehouse(work / "warehouse.duckdb")
     with warehouse.transaction() as cur:
         warehouse.ensure_raw_tables(cur)
-    args = build_args(find_project_dir(), warehouse.dbt_target, None, "+marts", work, command="build")
+    args = build_args(find_project_dir(), warehouse.dbt_target, "+marts", work, command="build")
     # --empty: every model built from zero rows, so the catalog has the real columns and types.
     args += ["--empty", "--resource-type", "model", "snapshot"]
     with pytest.MonkeyPatch.context() as patch:

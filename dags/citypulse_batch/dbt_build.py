@@ -2,7 +2,15 @@
 
 Place in the flow: fourth step of the hourly DAG, after the raw load and before the quality
 checkpoint. It runs the affected models and their tests (`--select source:lake+ ...`) with
-the interval as `--vars`, so incremental marts replace exactly the interval's buckets.
+the interval in `CITYPULSE_INTERVAL_START`/`_END`, so incremental marts replace exactly the
+interval's buckets.
+
+Parsing the project is a third of a small build. dbt skips it when the previous build's
+`partial_parse.msgpack` is at hand and nothing it hashed has changed: the project's files,
+the profile, and `--vars`. That is why the interval travels in the environment (read at run
+time by the one macro that needs it, `interval_bounds`) and not in `--vars`, which change
+every hour; and why a build keeps that file in a cache directory per project and target on
+the worker (`parse_cache_dir`), copied in before dbt runs and replaced atomically after.
 
 Why `dbtRunner` in one task rather than astronomer-cosmos: Cosmos renders one Airflow task
 per model, which means parsing the dbt project (or a manifest) every time the scheduler
@@ -20,12 +28,14 @@ runs that executable in a subprocess. Either way the counts come from dbt's own
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,6 +45,10 @@ from typing import Any
 from citypulse_batch.lake import Interval
 
 _MAX_FAILURES = 10
+# dbt's parsed project, as it writes it into the target path (and reads it back from there).
+PARTIAL_PARSE_FILE = "partial_parse.msgpack"
+# The interval a build covers, read by the `interval_bounds` macro; empty: no interval.
+INTERVAL_ENV = ("CITYPULSE_INTERVAL_START", "CITYPULSE_INTERVAL_END")
 
 
 @dataclass(slots=True)
@@ -94,7 +108,6 @@ def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
 def build_args(
     project_dir: Path,
     target: str,
-    interval: Interval | None,
     select: str,
     work_dir: Path,
     exclude: str = "",
@@ -120,13 +133,43 @@ def build_args(
     ]
     if exclude.strip():
         args += ["--exclude", *exclude.split()]
-    if interval is not None:
-        bounds = {
-            "interval_start": interval.start.strftime("%Y-%m-%d %H:%M:%S"),
-            "interval_end": interval.end.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        args += ["--vars", json.dumps(bounds)]
     return args
+
+
+def interval_env(interval: Interval | None) -> dict[str, str]:
+    """The environment that tells dbt the interval; both empty for none (so no stale value leaks in)."""
+    if interval is None:
+        return dict.fromkeys(INTERVAL_ENV, "")
+    start, end = (moment.strftime("%Y-%m-%d %H:%M:%S") for moment in (interval.start, interval.end))
+    return dict(zip(INTERVAL_ENV, (start, end), strict=True))
+
+
+def parse_cache_dir(project_dir: Path, target: str) -> Path:
+    """Where builds of this project and target keep dbt's parsed project on this machine.
+
+    Under the system temp directory: an MWAA worker keeps it between the tasks it runs, and
+    losing it costs one full parse. dbt itself rejects a stale file (its own checksums).
+    """
+    key = hashlib.sha256(f"{Path(project_dir).resolve()}\0{target}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"citypulse-dbt-parse-{key}"
+
+
+def _restore_parse(cache_dir: Path, target_path: Path) -> None:
+    kept = cache_dir / PARTIAL_PARSE_FILE
+    if kept.is_file():
+        target_path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, target_path / PARTIAL_PARSE_FILE)
+
+
+def _keep_parse(target_path: Path, cache_dir: Path) -> None:
+    # Builds may run side by side (hourly and daily DAGs): each replaces the file whole.
+    written = target_path / PARTIAL_PARSE_FILE
+    if not written.is_file():
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staged = cache_dir / f".{PARTIAL_PARSE_FILE}.{uuid.uuid4().hex}"
+    shutil.copyfile(written, staged)
+    os.replace(staged, cache_dir / PARTIAL_PARSE_FILE)
 
 
 def _invoke(args: list[str], env: Mapping[str, str], executable: str) -> tuple[bool, str | None]:
@@ -187,18 +230,26 @@ def run_dbt_build(
     select: str = "source:lake+ source:registry+",
     exclude: str = "",
     executable: str = "",
+    parse_cache: Path | None = None,
 ) -> DbtSummary:
     """Run `dbt build` and count what passed; never raises for failed nodes.
 
     `executable`: a dbt executable (MWAA: the startup script's virtualenv,
     `CITYPULSE_DBT_EXECUTABLE`) run as a subprocess; empty runs dbt in this process.
+    `parse_cache`: a directory to keep dbt's parsed project in between builds
+    (`parse_cache_dir`); None parses afresh.
     """
     started = time.monotonic()
     summary = DbtSummary(success=False, target=target, select=select)
     with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work:
-        args = build_args(project_dir, target, interval, select, Path(work), exclude)
-        success, summary.error = _invoke(args, env, executable)
-        count_results(summary, Path(work) / "target" / "run_results.json")
+        args = build_args(project_dir, target, select, Path(work), exclude)
+        target_path = Path(work) / "target"
+        if parse_cache is not None:
+            _restore_parse(parse_cache, target_path)
+        success, summary.error = _invoke(args, {**env, **interval_env(interval)}, executable)
+        if parse_cache is not None:
+            _keep_parse(target_path, parse_cache)
+        count_results(summary, target_path / "run_results.json")
     summary.seconds = round(time.monotonic() - started, 2)
     summary.success = success and summary.error is None
     return summary
@@ -218,10 +269,10 @@ def generate_docs(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dbt-docs-", dir=out_dir.parent))
     with tempfile.TemporaryDirectory(prefix="citypulse-dbt-") as work:
-        args = build_args(project_dir, target, None, "fqn:*", Path(work), command="docs")
+        args = build_args(project_dir, target, "fqn:*", Path(work), command="docs")
         args[1:1] = ["generate", "--static"]
         args[args.index("--target-path") + 1] = str(staging)
-        success, error = _invoke(args, env, executable)
+        success, error = _invoke(args, {**env, **interval_env(None)}, executable)
     if not success:
         shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(f"dbt docs generate failed: {error}")

@@ -104,17 +104,20 @@ def build(interval: Interval) -> dict[str, Any]:
 
 def _dbt_build(interval: Interval, what: str, *, select: str, exclude: str = "") -> dict[str, Any]:
     """`dbt build` of the `select`ed nodes for the interval; its summary, or StepFailed."""
-    from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
+    from citypulse_batch.dbt_build import find_project_dir, parse_cache_dir, run_dbt_build
 
     engine = warehouse()
+    project_dir = find_project_dir(setting("dbt_project_dir"))
+    target = setting("dbt_target") or engine.dbt_target
     summary = run_dbt_build(
-        project_dir=find_project_dir(setting("dbt_project_dir")),
-        target=setting("dbt_target") or engine.dbt_target,
+        project_dir=project_dir,
+        target=target,
         interval=interval,
         env=engine.dbt_env(),
         select=select,
         exclude=exclude,
         executable=setting("dbt_executable"),
+        parse_cache=parse_cache_dir(project_dir, target),
     ).to_json()
     if not summary["success"]:
         failed = summary["models_failed"] + summary["tests_failed"]

@@ -1,14 +1,17 @@
 {#
-    The half-open interval [interval_start, interval_end) a build covers, from --vars.
+    The half-open interval [interval_start, interval_end) a build covers.
 
-    The hourly DAG passes the interval it loaded; incremental marts replace exactly the
-    buckets inside it (delete, then insert, in the model's transaction), so re-running an
-    hour changes nothing. Without vars an incremental build replaces everything.
+    The hourly DAG passes the interval it loaded in CITYPULSE_INTERVAL_START/_END (the
+    environment, read here at run time, leaves dbt's partial parse valid from hour to hour;
+    --vars would force a full parse); by hand, --vars interval_start/interval_end work too.
+    Incremental marts replace exactly the buckets inside it (delete, then insert, in the
+    model's transaction), so re-running an hour changes nothing. Without an interval an
+    incremental build replaces everything.
 #}
 
 {% macro interval_bounds(grain_minutes=15) -%}
-    {%- set start = var('interval_start', none) -%}
-    {%- set end = var('interval_end', none) -%}
+    {%- set start = var('interval_start', none) or env_var('CITYPULSE_INTERVAL_START', '') or none -%}
+    {%- set end = var('interval_end', none) or env_var('CITYPULSE_INTERVAL_END', '') or none -%}
     {%- if start is none and end is none -%}
         {{ return(none) }}
     {%- endif -%}

@@ -8,7 +8,8 @@ lake, partitioned by event time; for each hourly `data_interval` this DAG
 3. loads the interval into warehouse raw - delete-then-insert of exactly
    [data_interval_start, data_interval_end) by `ts`, deduplicated on (sensor_id, seq), plus
    the sensor registry and the interval's quarantine counts, in one transaction,
-4. runs `dbt build` for the affected models with the interval as vars,
+4. runs `dbt build` for the affected models with the interval in the environment
+   (CITYPULSE_INTERVAL_START/_END),
 5. runs the Great Expectations checkpoints (failure of either stops the publish): the
    contract's suite on the loaded rows, and the reconciliation of the traffic marts with
    them (interval totals, time spine); their validation results are stored in the lake,

@@ -23,7 +23,7 @@ DAGS = REPO / "dags"
 DAG_FILE = DAGS / "citypulse_hourly.py"
 
 _PARSE_PROBE = r"""
-import json, runpy, socket, sqlite3, sys, time
+import json, runpy, socket, sqlite3, sys
 
 import airflow.sdk  # the framework a DAG processor has loaded before it parses files
 
@@ -37,19 +37,16 @@ import botocore.session
 botocore.session.Session.create_client = refuse
 
 before = set(sys.modules)
-started = time.perf_counter()
 namespace = runpy.run_path(sys.argv[1], run_name="__main__")
-seconds = time.perf_counter() - started
 heavy = ("duckdb", "great_expectations", "dbt", "psycopg2", "pyarrow", "redshift_connector")
 print(json.dumps({
-    "seconds": seconds,
     "dag_id": namespace["hourly_dag"].dag_id,
     "heavy": sorted(m for m in set(sys.modules) - before if m.split(".")[0] in heavy),
 }))
 """
 
 
-def test_dag_file_parses_in_under_two_seconds_without_io_or_heavy_imports(tmp_path: Path) -> None:
+def test_dag_file_parses_without_io_or_heavy_imports(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(tmp_path),
@@ -68,7 +65,6 @@ def test_dag_file_parses_in_under_two_seconds_without_io_or_heavy_imports(tmp_pa
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["dag_id"] == "citypulse_hourly"
     assert probe["heavy"] == []
-    assert probe["seconds"] < 2.0
 
 
 @pytest.fixture(scope="module")

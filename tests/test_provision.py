@@ -90,12 +90,11 @@ def _client(env: dict[str, str], service: str, endpoint: str | None = None) -> A
 
 
 @pytest.mark.integration
-def test_provision_creates_every_resource_in_seconds(
+def test_provision_creates_every_resource_of_the_template(
     first_report: ProvisionReport, local_aws: tuple[Emulator, Emulator, dict[str, str]]
 ) -> None:
     report = first_report
     assert report.action == "created"
-    assert report.seconds < 20, report.render()
 
     template = load_template(DEFAULT_TEMPLATE)
     where = {line.logical_id: line.where for line in report.resources}

@@ -337,6 +337,19 @@ def duckdb_s3_secret_sql(lake: Lake) -> str:
     return f"create or replace temporary secret citypulse_lake ({body})"
 
 
+def _duckdb_cast(column: str, sql_type: str) -> str:
+    """`column` of a lake file as `sql_type`, in DuckDB.
+
+    The lake's timestamps are UTC instants (Parquet `isAdjustedToUTC`), which DuckDB reads as
+    TIMESTAMPTZ; a cast to TIMESTAMP converts each value through the session's time zone, even
+    UTC. Rebuilding it from its epoch microseconds gives the same value (ms precision) for a
+    third of the cost: 3 M readings' dedupe insert 3.1 s -> 2.2 s (docs/performance.md, Batch).
+    """
+    if sql_type == "timestamp":
+        return f"make_timestamp(epoch_us({column}))"
+    return f"cast({column} as {sql_type})"
+
+
 class DuckDBWarehouse(Warehouse):
     engine = "duckdb"
 
@@ -386,13 +399,13 @@ class DuckDBWarehouse(Warehouse):
         # DuckDB reads Parquet where it lies: the staging relation is a view over the files, so
         # the dedupe insert reads them once instead of after a copy into a staging table
         # (docs/performance.md, Batch). No files: a view with the columns and no rows.
-        typed = ", ".join(f"cast({col} as {sql_type}) as {col}" for col, sql_type, _ in columns)
         if keys:
             self._with_s3(cur, lake)
+            typed = ", ".join(f"{_duckdb_cast(col, sql_type)} as {col}" for col, sql_type, _ in columns)
             files = ", ".join(_quote(lake.uri(k)) for k in keys)
             source = f"select {typed} from read_parquet([{files}])"
         else:
-            source = f"select {typed} from (select {', '.join(f'null as {col}' for col, _, _ in columns)}) where false"
+            source = f"select {', '.join(f'cast(null as {t}) as {col}' for col, t, _ in columns)} where false"
         cur.execute(f"create or replace temporary view {name} as {source}")
 
     def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:

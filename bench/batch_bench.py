@@ -45,7 +45,6 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dbt.adapters.duckdb.connections import DuckDBConnectionManager
 
 from citypulse_batch import steps
 from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
@@ -231,6 +230,8 @@ def _pipeline(lake: Lake, interval: Interval, path: Path, parse_cache: Path) -> 
         con.close()
     # dbt-duckdb keeps its database open in the process after a build (a DAG task's process
     # ends instead): close it, or the next run on this path would reuse it, file deleted or not.
+    from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+
     DuckDBConnectionManager.close_all_connections()
     path.unlink()
     return out

@@ -19,7 +19,7 @@ import pytest
 from batch_city import HOUR, SENSORS, load_city_hour
 from batch_lake import PG, postgres_database
 
-from citypulse_batch.dbt_build import DbtSummary, find_project_dir, run_dbt_build
+from citypulse_batch.dbt_build import DbtSummary, find_project_dir, interval_env, run_dbt_build
 from citypulse_batch.lake import Interval
 from citypulse_batch.warehouse import DuckDBWarehouse, PostgresWarehouse, Warehouse
 
@@ -327,3 +327,32 @@ def test_an_hourly_build_tests_its_interval_and_a_build_without_one_tests_everyt
     hourly = build(Interval.hour(HOUR))
     assert not hourly.success and _unique_failures(hourly), hourly.failures
     assert parses == ["full", "partial", "partial"]
+
+
+def test_the_interval_reaches_dbt_from_the_environment_and_from_vars_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DAGs pass the interval in the environment (`interval_env`); by hand `--vars` still
+    work and win; with neither, a build covers everything."""
+    from dbt.cli.main import dbtRunner
+
+    monkeypatch.setenv("CITYPULSE_DUCKDB_PATH", str(tmp_path / "inline.duckdb"))
+    project = str(find_project_dir())
+    base = ["compile", "--project-dir", project, "--profiles-dir", project, "--target", "duckdb"]
+    base += ["--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs"), "--quiet"]
+    base += ["--inline", "select {{ interval_window('ts', 60) }}"]
+
+    def window(*extra: str) -> str:
+        result = dbtRunner().invoke([*base, *extra])
+        assert result.success, result.exception
+        return " ".join(result.result.results[0].node.compiled_code.split())
+
+    for name, value in interval_env(None).items():
+        monkeypatch.setenv(name, value)
+    assert window() == "select 1 = 1"
+    for name, value in interval_env(Interval.hour(HOUR)).items():
+        monkeypatch.setenv(name, value)
+    bounds = "select ts >= cast('{}' as timestamp) and ts < cast('{}' as timestamp)"
+    assert window() == bounds.format("2026-03-02 10:00:00", "2026-03-02 11:00:00")
+    by_hand = '{"interval_start": "2026-03-02 08:00:00", "interval_end": "2026-03-02 09:00:00"}'
+    assert window("--vars", by_hand) == bounds.format("2026-03-02 08:00:00", "2026-03-02 09:00:00")

@@ -19,7 +19,7 @@ import pytest
 from batch_city import HOUR, SENSORS, load_city_hour
 from batch_lake import PG, postgres_database
 
-from citypulse_batch.dbt_build import DbtSummary, find_project_dir, interval_env, run_dbt_build
+from citypulse_batch.dbt_build import DbtSummary, build_args, find_project_dir, interval_env, run_dbt_build
 from citypulse_batch.lake import Interval
 from citypulse_batch.warehouse import DuckDBWarehouse, PostgresWarehouse, Warehouse
 
@@ -337,10 +337,8 @@ def test_the_interval_reaches_dbt_from_the_environment_and_from_vars_by_hand(
     from dbt.cli.main import dbtRunner
 
     monkeypatch.setenv("CITYPULSE_DUCKDB_PATH", str(tmp_path / "inline.duckdb"))
-    project = str(find_project_dir())
-    base = ["compile", "--project-dir", project, "--profiles-dir", project, "--target", "duckdb"]
-    base += ["--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs"), "--quiet"]
-    base += ["--inline", "select {{ interval_window('ts', 60) }}"]
+    base = build_args(find_project_dir(), "duckdb", "", tmp_path, command="compile")
+    base += ["--quiet", "--inline", "select {{ interval_window('ts', 60) }}"]
 
     def window(*extra: str) -> str:
         result = dbtRunner().invoke([*base, *extra])

@@ -113,7 +113,9 @@ def build_args(
     exclude: str = "",
     command: str = "build",
 ) -> list[str]:
-    """The `dbt build` (or another command's) command line, without the leading `dbt`."""
+    """The `dbt build` (or another command's) command line, without the leading `dbt`.
+
+    An empty `select` adds no `--select` (for `compile --inline`, which refuses one)."""
     args = [
         command,
         "--project-dir",
@@ -128,9 +130,9 @@ def build_args(
         "--log-path",
         str(work_dir / "logs"),
         "--no-use-colors",
-        "--select",
-        *select.split(),
     ]
+    if select.strip():
+        args += ["--select", *select.split()]
     if exclude.strip():
         args += ["--exclude", *exclude.split()]
     return args

@@ -97,7 +97,8 @@ def test_demo_accounts_for_every_reading_and_down_leaves_nothing(tmp_path: Path)
 def _lake_counts(info: PlatformInfo) -> tuple[int, int]:
     """Distinct (sensor_id, seq) in the lake's raw readings, and quarantine rows."""
     import boto3
-    import pyarrow.parquet as pq
+
+    from streaming.parquet import read_parquet
 
     env = {k: v for k, v in info.env.items() if k.startswith("AWS_")}
     session_env = os.environ.copy()
@@ -111,9 +112,7 @@ def _lake_counts(info: PlatformInfo) -> tuple[int, int]:
                 out += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".parquet")]
 
         def read(key: str):
-            import io
-
-            return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+            return read_parquet(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
         readings = set()
         for key in keys["raw/readings/"]:

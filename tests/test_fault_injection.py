@@ -25,7 +25,6 @@ beyond botocore's retries and reaches the event-source mapping's retries too.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
@@ -42,7 +41,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
-import pyarrow.parquet as pq
 import pytest
 from kinesis_records import city_minutes
 from platform_harness import MINUTE_MS, Platform, message, publish_all, reading, running_platform
@@ -53,6 +51,7 @@ from infra.local.broker import Broker, start_broker
 from infra.local.faults import FaultPlan, FaultRule
 from infra.local.faults import stats as fault_stats
 from infra.local.platform import REPO_ROOT, demo_city, process_start
+from streaming.parquet import read_parquet
 from streaming.processor.handler import Processor
 from streaming.registry import Sensor, generate_city
 
@@ -255,7 +254,7 @@ def take_snapshot(
             for o in page.get("Contents", ()):
                 body = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
                 partition = "/".join(o["Key"].split("/")[-3:-1])
-                for row in pq.read_table(io.BytesIO(body)).to_pylist():
+                for row in read_parquet(body).to_pylist():
                     if row["zone_id"] not in zones:
                         continue
                     if prefix == "quarantine/":

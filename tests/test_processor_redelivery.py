@@ -9,15 +9,14 @@ distinct rows must come out identical.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from kinesis_records import BASE_MS, StreamBuilder, city_minutes, reading
 from processor_stack import fresh_processor
 
+from streaming.parquet import read_parquet
 from streaming.processor.core import Record
 from streaming.processor.handler import Processor
 from streaming.registry import generate_city
@@ -39,7 +38,7 @@ def _snapshot(p: Processor) -> dict[str, Any]:
     rows: set[tuple] = set()
     listing = s3.list_objects_v2(Bucket=p.settings.lake_bucket, Prefix="raw/readings/")
     for obj in listing.get("Contents", []):
-        table = pq.read_table(io.BytesIO(p.lake.read_bytes(obj["Key"]))).drop_columns(["processed_at"])
+        table = read_parquet(p.lake.read_bytes(obj["Key"])).drop_columns(["processed_at"])
         rows |= {tuple(r.values()) for r in table.to_pylist()}
     return {"minutes": minutes, "states": states, "lake_rows": rows}
 

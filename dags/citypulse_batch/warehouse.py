@@ -486,11 +486,12 @@ class PostgresWarehouse(Warehouse):
 
     def _stage_parquet(self, cur: Any, table: str, lake: Lake, keys: list[str], columns: Sequence[Column]) -> None:
         import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
+
+        from streaming.parquet import read_parquet
 
         names = [col for col, _, _ in columns]
         for key in keys:
-            data = pq.read_table(io.BytesIO(lake.read(key)), columns=names)
+            data = read_parquet(lake.read(key), columns=names)
             buf = io.BytesIO()
             # Timestamps print as UTC ("...Z"); PostgreSQL drops the zone for `timestamp` columns.
             pacsv.write_csv(data, buf)

@@ -44,7 +44,6 @@ of sensor `(none)`.
 from __future__ import annotations
 
 import argparse
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -204,7 +203,8 @@ def _read_range(s3: Any, bucket: str, prefix: str, start: datetime, end: datetim
     """Concatenated Parquet of the partitions overlapping [start, end); files read; and whether
     every partition under `prefix` lies inside the range (partition-level check)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from streaming.parquet import read_parquet
 
     tables, inside = [], True
     for key in _list(s3, bucket, prefix):
@@ -213,7 +213,7 @@ def _read_range(s3: Any, bucket: str, prefix: str, start: datetime, end: datetim
             inside = False
             continue
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        tables.append(pq.read_table(io.BytesIO(body)))
+        tables.append(read_parquet(body))
     if not tables:
         return None, 0, inside
     return pa.concat_tables(tables, promote_options="default"), len(tables), inside

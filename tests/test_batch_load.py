@@ -27,6 +27,7 @@ from batch_lake import (
     write_fixture_lake,
 )
 
+from citypulse_batch import warehouse as warehouse_module
 from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
 from citypulse_batch.lake import Interval, Lake, S3Credentials
 from citypulse_batch.warehouse import (
@@ -34,6 +35,7 @@ from citypulse_batch.warehouse import (
     DuckDBWarehouse,
     PostgresWarehouse,
     Warehouse,
+    readings_arrow_schema,
     warehouse_from_connection,
 )
 from infra.local.emulators import Emulator
@@ -152,13 +154,25 @@ def _mart_rows(warehouse: Warehouse) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in cur.fetchall()]
 
 
+def _assert_both_reads_agree(warehouse: PostgresWarehouse, interval: Interval, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL reads `raw.readings` through COPY and Arrow's CSV reader; the cursor's way
+    (`Warehouse.read_readings`, Redshift's) must give the same table, fetched in several
+    batches here: the nulls, the timestamps and the order alike."""
+    by_copy = warehouse.read_readings(interval)
+    monkeypatch.setattr(warehouse_module, "READ_BATCH_ROWS", 7)
+    by_cursor = Warehouse.read_readings(warehouse, interval)
+    assert by_copy.schema == by_cursor.schema == readings_arrow_schema()
+    assert by_cursor.equals(by_copy) and by_copy.column("avg_speed_kmh").null_count == 1
+
+
 def test_postgres_load_and_dbt_build_give_the_same_warehouse_and_reruns_change_nothing(
-    postgres_db: str, fixture_lake: FixtureLake, lake: Lake, interval: Interval
+    postgres_db: str, fixture_lake: FixtureLake, lake: Lake, interval: Interval, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # DuckDB gets the same treatment end to end in test_hourly_dag_run.py (the real DAG).
     warehouse = PostgresWarehouse(dbname=postgres_db, **PG)
     summary = warehouse.load(interval, lake)
     _assert_interval_loaded(warehouse, fixture_lake, interval, summary)
+    _assert_both_reads_agree(warehouse, interval, monkeypatch)
 
     build = {"exclude": "tag:daily"}  # as the hourly DAG builds (settings: dbt_exclude)
     first = run_dbt_build(find_project_dir(), warehouse.dbt_target, interval, warehouse.dbt_env(), **build)

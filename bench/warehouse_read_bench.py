@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import closing
 from datetime import UTC, datetime
 
 from citypulse_batch.lake import Interval
@@ -34,6 +35,7 @@ from citypulse_batch.warehouse import RAW_SCHEMA, PostgresWarehouse, Warehouse
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "password": ""}
 DBNAME = "citypulse_bench_read"
+DROP = f"drop database if exists {DBNAME} with (force)"
 HOUR = datetime(2026, 12, 6, 3, tzinfo=UTC)
 SENSORS = 50_000
 WAYS = {"COPY": PostgresWarehouse.read_readings, "cursor": Warehouse.read_readings}
@@ -43,16 +45,20 @@ def _warehouse() -> PostgresWarehouse:
     return PostgresWarehouse(dbname=DBNAME, **PG)
 
 
-def fill(rows: int) -> None:
-    """A fresh scratch database whose `raw.readings` holds `rows` readings of the hour."""
+def _admin(*statements: str) -> None:
+    """Run `statements` on the server's `postgres` database, outside a transaction."""
     import psycopg2
 
-    admin = psycopg2.connect(dbname="postgres", **PG)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"drop database if exists {DBNAME} with (force)")
-        cur.execute(f"create database {DBNAME}")
-    admin.close()
+    with closing(psycopg2.connect(dbname="postgres", **PG)) as admin:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+
+
+def fill(rows: int) -> None:
+    """A fresh scratch database whose `raw.readings` holds `rows` readings of the hour."""
+    _admin(DROP, f"create database {DBNAME}")
     warehouse = _warehouse()
     with warehouse.transaction() as cur:
         warehouse.ensure_raw_tables(cur)
@@ -67,16 +73,6 @@ def fill(rows: int) -> None:
             from generate_series(0, {rows} - 1) i,
                 lateral (select timestamp '{HOUR:%Y-%m-%d %H:%M:%S}' + (i / {SENSORS}) * interval '1 minute' as t) m"""
         )
-
-
-def drop() -> None:
-    import psycopg2
-
-    admin = psycopg2.connect(dbname="postgres", **PG)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"drop database if exists {DBNAME} with (force)")
-    admin.close()
 
 
 def child(way: str) -> None:
@@ -117,7 +113,7 @@ def main() -> None:
                 )
                 runs[way].append(json.loads(out.stdout))
     finally:
-        drop()
+        _admin(DROP)
     copy_wall = statistics.median(r["wall"] for r in runs["COPY"])
     print(f"\nraw.readings of one hour read back from PostgreSQL: {args.rows:,} rows, median of {args.repeat}")
     print("| way | wall s | CPU s | peak MB | wall x COPY |")

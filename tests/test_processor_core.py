@@ -232,13 +232,13 @@ def test_a_clock_ahead_does_not_make_its_honest_neighbours_late() -> None:
     assert out.counts.get("late", 0) == 1
 
 
-def _zone_minutes(store: Store, b: StreamBuilder, congestion_by_minute: list[float]) -> list[str]:
+def _zone_minutes(store: Store, b: StreamBuilder, congestion_by_minute: list[float], first: int = 0) -> list[str]:
     sensors = [s for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
     by_gw: dict[str, list] = {}
     for s in sensors:
         by_gw.setdefault(s.gateway_id, []).append(s)
     kinds = []
-    for m, c in enumerate(congestion_by_minute):
+    for m, c in enumerate(congestion_by_minute, start=first):
         ts = BASE_MS + m * MINUTE_MS + 30_000
         recs = [b.gateway_record(g, [reading(s, m, ts, congestion=c) for s in g], ts + 100) for g in by_gw.values()]
         kinds += [a.detail_type for a in store.run(recs).alerts]
@@ -246,13 +246,90 @@ def _zone_minutes(store: Store, b: StreamBuilder, congestion_by_minute: list[flo
 
 
 def test_congestion_needs_the_raise_threshold_for_the_minimum_duration() -> None:
-    # one hot minute is noise; two raise; the open (last) minute is not yet evaluated
-    assert _zone_minutes(Store(), StreamBuilder(), [0.9, 0.2, 0.9, 0.9, 0.2]) == ["CongestionDetected"]
+    # Above the raise threshold, below the severe one: one hot minute is noise; two raise once
+    # the second has closed (in the batch of the minute after it); the open minute waits.
+    store = Store()
+    b = StreamBuilder()
+    assert _zone_minutes(store, b, [0.75, 0.2, 0.75, 0.75]) == []
+    assert _zone_minutes(store, b, [0.2], first=4) == ["CongestionDetected"]
+    (raised,) = store.alerts
+    assert raised.detail["rule"] == "sustained"
+    assert raised.detail["started_at"] == format_ts(BASE_MS + 2 * MINUTE_MS)
+    assert raised.detail["detected_at"] == format_ts(BASE_MS + 4 * MINUTE_MS)  # minute 3 closed
 
 
 def test_congestion_clears_only_below_the_clear_threshold_for_the_minimum_duration() -> None:
-    kinds = _zone_minutes(Store(), StreamBuilder(), [0.9, 0.9, 0.5, 0.5, 0.5, 0.3, 0.3, 0.1])
+    kinds = _zone_minutes(Store(), StreamBuilder(), [0.75, 0.75, 0.5, 0.5, 0.5, 0.3, 0.3, 0.1])
     assert kinds == ["CongestionDetected", "CongestionCleared"]
+
+
+def _zone_batch(store: Store, b: StreamBuilder, congestion: dict[str, float], ts_ms: int, seq: int) -> BatchOutput:
+    """One batch: each sensor of `congestion` (sensor id -> index) reports once, at `ts_ms`."""
+    by_gw: dict[str, list] = {}
+    for s in CITY.sensors:
+        if s.sensor_id in congestion:
+            by_gw.setdefault(s.gateway_id, []).append(s)
+    records = [
+        b.gateway_record(g, [reading(s, seq, ts_ms, congestion=congestion[s.sensor_id]) for s in g], ts_ms + 100)
+        for g in by_gw.values()
+    ]
+    return store.run(records)
+
+
+ZONE_SENSORS = [s.sensor_id for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
+
+
+def _split(share: float, high: float, low: float, sensors: list[str] = ZONE_SENSORS) -> dict[str, float]:
+    """The first `share` of `sensors` read `high`, the rest `low`."""
+    k = round(share * len(sensors))
+    return {sid: high if i < k else low for i, sid in enumerate(sensors)}
+
+
+def test_a_zone_jammed_now_raises_in_the_same_batch() -> None:
+    """The severe rule: most of the zone's sensors read >= 0.85 now -> raised at once, without
+    waiting for a minute to close; the minutes' rule then clears it, under the same episode id."""
+    store, b = Store(), StreamBuilder()
+    ts = BASE_MS + 10_000
+    (raised,) = _zone_batch(store, b, _split(0.6, 0.95, 0.2), ts, 0).alerts
+    assert raised.detail_type == "CongestionDetected"
+    n = len(ZONE_SENSORS)
+    assert raised.detail["rule"] == "severe" and raised.detail["detected_at"] == format_ts(ts)
+    assert (raised.detail["sensors_reporting"], raised.detail["sensors_severe"]) == (n, round(0.6 * n))
+    assert raised.detail["started_at"] == format_ts(BASE_MS)
+    # Still jammed: nothing new. Then two closed minutes under the clear threshold clear it.
+    kinds = []
+    for m, index in enumerate([0.95, 0.3, 0.3, 0.3], start=1):
+        out = _zone_batch(store, b, _split(1.0, index, index), BASE_MS + m * MINUTE_MS + 10_000, m)
+        kinds += [a.detail_type for a in out.alerts]
+    assert kinds == ["CongestionCleared"]
+    assert store.alerts[-1].event_id == f"CongestionCleared/{raised.detail['episode_id']}"
+
+
+def test_a_minority_of_jammed_sensors_raises_nothing_at_once() -> None:
+    store = Store()
+    out = _zone_batch(store, StreamBuilder(), _split(0.4, 1.0, 0.2), BASE_MS + 10_000, 0)
+    assert out.alerts == []
+
+
+def test_one_sensor_cannot_raise_the_severe_rule_alone() -> None:
+    """A single sensor (a fault, a zone with one reporting) is below `severe_min_sensors`."""
+    store = Store()
+    out = _zone_batch(store, StreamBuilder(), {ZONE_SENSORS[0]: 1.0}, BASE_MS + 10_000, 0)
+    assert out.alerts == []
+
+
+def test_only_sensors_reporting_within_the_window_vote() -> None:
+    """Votes older than `severe_window_ms` before the watermark do not count: 45 % jammed three
+    minutes ago and 10 % now, of the 55 % reporting now, is no majority."""
+    store, b = Store(), StreamBuilder()
+    window = DetectorSettings().severe_window_ms
+    assert _zone_batch(store, b, _split(0.45, 0.95, 0.2), BASE_MS + 10_000, 0).alerts == []
+    k = round(0.45 * len(ZONE_SENSORS))
+    now_reporting = ZONE_SENSORS[k:]
+    jammed_now = round(0.10 * len(ZONE_SENSORS))
+    later = BASE_MS + 10_000 + window + MINUTE_MS
+    out = _zone_batch(store, b, _split(jammed_now / len(now_reporting), 0.95, 0.2, now_reporting), later, 1)
+    assert out.alerts == []
 
 
 def test_alert_ids_are_deterministic_across_replays() -> None:

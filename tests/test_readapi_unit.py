@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from streaming.contract import parse_ts_ms
 from streaming.processor.state import SensorState, ZoneState
 from streaming.readapi.alerts import MemoryAlertLog, alert_from_event
 from streaming.readapi.handler import check_query
@@ -87,6 +88,16 @@ def test_alert_log_dedupes_redelivered_alerts_and_pages_newest_first() -> None:
     page1, key = log.page(since_ms=0, before_key=None, limit=3, detail_type=None, zone_id=None)
     page2, end = log.page(since_ms=0, before_key=key, limit=3, detail_type=None, zone_id=None)
     assert [a.zone_id for a in page1 + page2] == ["Z-4", "Z-3", "Z-2", "Z-1", "Z-0"] and end is None
+
+
+def test_a_congestion_alert_is_placed_when_its_rule_decided() -> None:
+    detail = {"event_id": "CongestionDetected/Z-1/x", "zone_id": "Z-1", "minute": "2026-11-23T18:04:00.000Z"}
+    severe = {**detail, "rule": "severe", "detected_at": "2026-11-23T18:04:07.250Z"}
+    older = alert_from_event({"detail-type": "CongestionDetected", "detail": detail})
+    now = alert_from_event({"detail-type": "CongestionDetected", "detail": severe})
+    assert older is not None and now is not None
+    assert older.at_ms == parse_ts_ms("2026-11-23T18:05:00.000Z")  # without detected_at: the minute's close
+    assert now.at_ms == parse_ts_ms("2026-11-23T18:04:07.250Z")
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,10 @@ function drawIngestion(ing) {
 
 function alertText(a) {
   const d = a.detail;
-  if (a.type === 'CongestionDetected') return ['raised', `Congestion in ${a.zone_id}`, `index ${fmt(d.congestion_index, 2)}`];
+  if (a.type === 'CongestionDetected') {
+    const why = d.rule === 'severe' ? `, ${d.sensors_severe} of ${d.sensors_reporting} sensors jammed` : '';
+    return ['raised', `Congestion in ${a.zone_id}`, `index ${fmt(d.congestion_index, 2)}${why}`];
+  }
   if (a.type === 'CongestionCleared') {
     return ['cleared', `Cleared in ${a.zone_id}`, `after ${d.duration_minutes} min, peak ${fmt(d.peak_congestion_index, 2)}`];
   }

@@ -76,6 +76,14 @@ class DetectorSettings:
     congestion_raise: float = 0.7  # zone-minute mean congestion index that raises an episode
     congestion_clear: float = 0.4  # ... and that clears it (hysteresis band between)
     congestion_min_minutes: int = 2  # consecutive closed minutes before either transition
+    # The severe rule raises without waiting for minutes to close: at least `severe_share` of the
+    # zone's reporting sensors (a reading within `severe_window_ms` of the zone's watermark; at
+    # least `severe_min_sensors` of them) read this index or more in their latest reading.
+    # Clearing keeps the minimum duration above.
+    congestion_severe: float = 0.85
+    severe_share: float = 0.5
+    severe_min_sensors: int = 3
+    severe_window_ms: int = 2 * MINUTE_MS
     allowed_lateness_ms: int = 15 * MINUTE_MS  # older than the zone's watermark by more: "late"
     max_future_skew_ms: int = 5 * MINUTE_MS  # event time ahead of receive time by more: rejected
     silence_ms: int = 5 * MINUTE_MS  # a sensor quiet this long (receive time) is "silent"
@@ -1057,6 +1065,7 @@ def _finish_zone(
     state.marker_shard = last_record.shard_id
     state.marker_seq = last_record.sequence_number
     _close_minutes(state, out, settings)
+    _detect_severe(state, out, settings)
     detect_silence(state, latest_received, out.alerts, settings)
 
 
@@ -1191,7 +1200,9 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
             if c.streak >= s.congestion_min_minutes:
                 c.congested, c.streak, c.peak_index = True, 0, mean
                 c.episode_start_minute = minute - s.congestion_min_minutes + 1
-                out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean))
+                # Decided when the minute closed.
+                decided = {"rule": "sustained", "detected_at": format_ts((minute + 1) * MINUTE_MS)}
+                out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean, **decided))
         else:
             c.peak_index = max(c.peak_index, mean)
             c.streak = c.streak + 1 if mean <= s.congestion_clear else 0
@@ -1200,7 +1211,45 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
                 c.congested, c.streak, c.episode_start_minute, c.peak_index = False, 0, None, 0.0
 
 
-def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float) -> Alert:
+def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> None:
+    """Raise at once when most of the zone is jammed now: at least `severe_share` of the sensors
+    reporting within `severe_window_ms` of the watermark (and at least `severe_min_sensors` of
+    them) read `congestion_severe` or more in their latest reading. A vote of the sensors' live
+    values, so one faulty sensor cannot raise it, and the same on any replay (the zone state is
+    a function of the records applied). The episode starts in the watermark's minute; clearing
+    is the closed minutes' rule."""
+    c = state.congestion
+    if c.congested:
+        return
+    since = state.watermark_ms - s.severe_window_ms
+    threshold = s.congestion_severe
+    reporting = severe = 0
+    total = 0.0
+    for sensor in state.sensors.values():
+        if sensor.last_ts_ms >= since:
+            reporting += 1
+            index = sensor.congestion_index
+            total += index
+            if index >= threshold:
+                severe += 1
+    if reporting < s.severe_min_sensors or severe < s.severe_share * reporting:
+        return
+    mean = total / reporting
+    minute = state.watermark_ms // MINUTE_MS
+    c.congested, c.streak, c.peak_index, c.episode_start_minute = True, 0, mean, minute
+    decided = {
+        "rule": "severe",
+        "detected_at": format_ts(state.watermark_ms),
+        "sensors_reporting": reporting,
+        "sensors_severe": severe,
+    }
+    out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean, **decided))
+
+
+def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float, **decided: Any) -> Alert:
+    """A congestion event. `decided`: what a `CongestionDetected` adds, the `rule` that raised it
+    ("sustained": closed minutes; "severe": the zone's sensors now) and when (`detected_at`, event
+    time), and for "severe" the vote (`sensors_reporting`, `sensors_severe`)."""
     c = state.congestion
     start = c.episode_start_minute if c.episode_start_minute is not None else minute
     episode_id = f"{state.zone_id}/{format_ts(start * MINUTE_MS)}"
@@ -1212,6 +1261,7 @@ def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float) -> 
         "congestion_index": round(mean, 4),
         "peak_congestion_index": round(c.peak_index, 4),
     }
+    detail.update(decided)
     if kind == "CongestionCleared":
         detail["cleared_at"] = format_ts((minute + 1) * MINUTE_MS)
         detail["duration_minutes"] = minute + 1 - start

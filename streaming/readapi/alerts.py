@@ -38,7 +38,7 @@ ALERT_STATES = {
 class AlertRecord:
     event_id: str
     detail_type: str
-    at_ms: int  # when the condition was established (event time of the deciding minute)
+    at_ms: int  # when the condition was established (event time the rule decided)
     zone_id: str | None
     sensor_id: str | None
     detail: dict[str, Any]
@@ -84,8 +84,10 @@ def alert_from_event(event: dict[str, Any]) -> AlertRecord | None:
     if kind == "CongestionCleared":
         at = _ms(detail.get("cleared_at"))
     elif kind == "CongestionDetected":
-        at = _ms(detail.get("minute"))
-        at = at + 60_000 if at is not None else None  # the deciding minute has closed
+        at = _ms(detail.get("detected_at"))  # when the rule decided (event time)
+        if at is None:  # an event from before `detected_at`: the deciding minute had closed
+            at = _ms(detail.get("minute"))
+            at = at + 60_000 if at is not None else None
     elif kind == "SensorSilent":
         received = _ms(detail.get("last_received_at"))
         silent_for = detail.get("silent_for_s")

@@ -6,7 +6,7 @@ import random
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, city_minutes, envelope, reading
 
@@ -330,6 +330,80 @@ def test_only_sensors_reporting_within_the_window_vote() -> None:
     later = BASE_MS + 10_000 + window + MINUTE_MS
     out = _zone_batch(store, b, _split(jammed_now / len(now_reporting), 0.95, 0.2, now_reporting), later, 1)
     assert out.alerts == []
+
+
+# A spell of the property below: batches, seconds between them, the share of the zone's sensors
+# reporting in each, and the congestion index they read (with some noise per sensor).
+_SPELLS = st.lists(
+    st.tuples(
+        st.integers(1, 5),
+        st.sampled_from([1, 10, 30, 61, 61, 125]),
+        st.sampled_from([0.02, 0.3, 0.6, 1.0, 1.0]),
+        st.sampled_from([0.1, 0.1, 0.3, 0.5, 0.75, 0.9, 1.0]),
+        st.randoms(use_true_random=False),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_SPELLS)
+# Sure to pass through every transition: jammed (severe), cleared and jammed again by one batch
+# (its first reading of a new minute closes the second quiet minute), cleared; sustained, clear,
+# jammed again (60 % of the sensors), then a few sensors reading low.
+@example(
+    [
+        (1, 1, 1.0, 1.0, random.Random(0)),
+        (2, 61, 1.0, 0.1, random.Random(1)),
+        (1, 61, 1.0, 1.0, random.Random(7)),
+        (4, 61, 1.0, 0.1, random.Random(8)),
+    ]
+)
+@example(
+    [
+        (2, 61, 1.0, 0.75, random.Random(2)),
+        (2, 61, 1.0, 0.8, random.Random(3)),
+        (4, 61, 1.0, 0.1, random.Random(4)),
+        (1, 1, 0.6, 1.0, random.Random(5)),
+        (4, 30, 0.3, 0.3, random.Random(6)),
+    ]
+)
+def test_congestion_episodes_alternate_and_a_jammed_zone_is_always_congested(spells: list) -> None:
+    """Whatever the readings: Detected and Cleared alternate, each Cleared closes the episode the
+    Detected before it opened, at least `congestion_min_minutes` after its start; and after every
+    batch, a zone whose reporting sensors carry the severe vote is congested (the vote runs
+    after the minutes' rule, so a clear in the same batch cannot leave a jammed zone clear)."""
+    settings_ = DetectorSettings()
+    store, b = Store(), StreamBuilder()
+    zone = CITY.zones[0].zone_id
+    ts = BASE_MS
+    batches = [(gap_s, share, level, rnd) for n, gap_s, share, level, rnd in spells for _ in range(n)]
+    for seq, (gap_s, share, level, rnd) in enumerate(batches):
+        ts += gap_s * 1000
+        reporting = [sid for sid in ZONE_SENSORS if rnd.random() < share] or ZONE_SENSORS[:1]
+        values = {sid: min(1.0, max(0.0, level + rnd.choice([-0.1, 0.0, 0.0, 0.1]))) for sid in reporting}
+        _zone_batch(store, b, values, ts, seq)
+        state = store.zones[zone]
+        since = state.watermark_ms - settings_.severe_window_ms
+        latest = [s.congestion_index for s in state.sensors.values() if s.last_ts_ms >= since]
+        jammed = sum(1 for v in latest if v >= settings_.congestion_severe)
+        if len(latest) >= settings_.severe_min_sensors and jammed >= settings_.severe_share * len(latest):
+            assert state.congestion.congested
+    episodes = [a for a in store.alerts if a.detail_type.startswith("Congestion")]
+    kinds = [a.detail_type for a in episodes]
+    assert kinds == ["CongestionDetected", "CongestionCleared"] * (len(kinds) // 2) + ["CongestionDetected"] * (
+        len(kinds) % 2
+    )
+    for a in episodes:
+        event(f"{a.detail_type} {a.detail.get('rule', '')}".strip())
+    for raised, cleared in zip(episodes[::2], episodes[1::2], strict=False):
+        assert cleared.detail["episode_id"] == raised.detail["episode_id"]
+        assert cleared.detail["duration_minutes"] >= settings_.congestion_min_minutes
+        if raised.detail["rule"] == "severe":
+            d = raised.detail
+            assert d["sensors_reporting"] >= settings_.severe_min_sensors
+            assert d["sensors_severe"] >= settings_.severe_share * d["sensors_reporting"]
 
 
 def test_alert_ids_are_deterministic_across_replays() -> None:

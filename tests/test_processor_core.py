@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import orjson
 import pytest
@@ -421,6 +422,53 @@ def test_alert_ids_are_deterministic_across_replays() -> None:
     crashed.run(records, commit_state=False)
     b2 = crashed.run(records).alerts
     assert [x.event_id for x in a] == [x.event_id for x in b2] and a
+
+
+def test_a_retry_grouped_otherwise_raises_the_same_episode() -> None:
+    """The severe vote decides where a batch ends. A batch dies after sending its alert and
+    before its commit; the retry splits it and the vote holds at the first half's end, a minute
+    earlier: the episode keeps its id (its number), so consumers drop the second send."""
+    b = StreamBuilder()
+    jammed = _split(0.6, 0.95, 0.2)
+    ts = BASE_MS + MINUTE_MS - 5_000
+    gateways: dict[str, list] = {}
+    for sensor in CITY.sensors:
+        if sensor.sensor_id in jammed:
+            gateways.setdefault(sensor.gateway_id, []).append(sensor)
+    first = [
+        b.gateway_record(g, [reading(s, 0, ts, congestion=jammed[s.sensor_id]) for s in g], ts + 100)
+        for g in gateways.values()
+    ]
+    later = ts + 10_000  # the next minute: a few more readings, the majority still jammed
+    g = next(iter(gateways.values()))
+    second = [b.gateway_record(g, [reading(s, 1, later, congestion=0.2) for s in g[:2]], later + 100)]
+    crashed = Store()
+    (sent,) = crashed.run(first + second, commit_state=False).alerts
+    retry = Store()
+    (again,) = retry.run(first).alerts
+    assert retry.run(second).alerts == []
+    assert sent.detail["started_at"] != again.detail["started_at"]  # decided in another minute
+    assert again.event_id == sent.event_id == f"CongestionDetected/{CITY.zones[0].zone_id}/1"
+
+
+def test_an_episode_raised_before_episode_numbers_keeps_its_id_when_it_clears() -> None:
+    """A zone state written before the number existed (its congestion has four fields) reads as
+    episode 0, which clears under the id it was raised with; the next episode is number 1."""
+    store, b = Store(), StreamBuilder()
+    _zone_minutes(store, b, [0.75, 0.75, 0.75])
+    zone = CITY.zones[0].zone_id
+    legacy = store.zones[zone]
+    doc = orjson.loads(zlib.decompress(legacy.to_bytes()))
+    doc["cg"] = doc["cg"][:4]
+    store.zones[zone] = ZoneState.from_bytes(zlib.compress(orjson.dumps(doc)))
+    assert store.zones[zone].congestion.episode == 0
+    (raised,) = store.alerts
+    kinds = _zone_minutes(store, b, [0.2, 0.2, 0.2, 0.95], first=3)
+    assert kinds == ["CongestionCleared", "CongestionDetected"]
+    cleared, raised_again = store.alerts[1:]
+    # The id a processor without numbers gave the episode when it raised it.
+    assert cleared.detail["episode_id"] == f"{zone}/{raised.detail['started_at']}"
+    assert raised_again.event_id == f"CongestionDetected/{zone}/1"
 
 
 def test_zone_state_round_trips_through_bytes() -> None:

@@ -865,7 +865,7 @@ def _copy_zone_state(z: ZoneState) -> ZoneState:
         watermark_ms=z.watermark_ms,
         evaluated_minute=z.evaluated_minute,
         open_minutes={m: list(bucket) for m, bucket in z.open_minutes.items()},
-        congestion=Congestion(c.congested, c.streak, c.episode_start_minute, c.peak_index),
+        congestion=Congestion(c.congested, c.streak, c.episode_start_minute, c.peak_index, c.episode),
         sensors=dict(z.sensors),
         counters=dict(z.counters),
     )
@@ -1200,6 +1200,7 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
             if c.streak >= s.congestion_min_minutes:
                 c.congested, c.streak, c.peak_index = True, 0, mean
                 c.episode_start_minute = minute - s.congestion_min_minutes + 1
+                c.episode += 1
                 # Decided when the minute closed.
                 decided = {"rule": "sustained", "detected_at": format_ts((minute + 1) * MINUTE_MS)}
                 out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean, **decided))
@@ -1215,9 +1216,9 @@ def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
     """Raise at once when most of the zone is jammed now: at least `severe_share` of the sensors
     reporting within `severe_window_ms` of the watermark (and at least `severe_min_sensors` of
     them) read `congestion_severe` or more in their latest reading. A vote of the sensors' live
-    values, so one faulty sensor cannot raise it, and the same on any replay (the zone state is
-    a function of the records applied). The episode starts in the watermark's minute; clearing
-    is the closed minutes' rule."""
+    values, so one faulty sensor cannot raise it. The episode starts in the watermark's minute
+    (a retry that groups the records otherwise may decide in another batch, hence another
+    minute; the episode's number, its id, stays the same). Clearing is the closed minutes' rule."""
     c = state.congestion
     if c.congested:
         return
@@ -1237,6 +1238,7 @@ def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
     mean = total / reporting
     minute = state.watermark_ms // MINUTE_MS
     c.congested, c.streak, c.peak_index, c.episode_start_minute = True, 0, mean, minute
+    c.episode += 1
     decided = {
         "rule": "severe",
         "detected_at": format_ts(state.watermark_ms),
@@ -1252,7 +1254,9 @@ def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float, **d
     time), and for "severe" the vote (`sensors_reporting`, `sensors_severe`)."""
     c = state.congestion
     start = c.episode_start_minute if c.episode_start_minute is not None else minute
-    episode_id = f"{state.zone_id}/{format_ts(start * MINUTE_MS)}"
+    # Numbered, not named by its start: the severe vote's start depends on where a batch ends,
+    # which a retry may move. Episode 0: raised before the number existed, named as it was then.
+    episode_id = f"{state.zone_id}/{c.episode}" if c.episode else f"{state.zone_id}/{format_ts(start * MINUTE_MS)}"
     detail: dict[str, Any] = {
         "zone_id": state.zone_id,
         "episode_id": episode_id,

@@ -85,12 +85,17 @@ class SensorState:
 @dataclass(slots=True)
 class Congestion:
     """Hysteresis state of one zone: raise above one threshold, clear below a lower one,
-    each only after the condition held for a minimum number of closed minutes."""
+    each only after the condition held for a minimum number of closed minutes (or raised at
+    once by the severe vote, `core._detect_severe`)."""
 
     congested: bool = False
     streak: int = 0  # consecutive closed minutes pointing at the other state
     episode_start_minute: int | None = None
     peak_index: float = 0.0
+    # The number of the zone's latest episode; each raise counts one. The episode's id: a retry
+    # starts from the committed state, so it numbers the episode alike however its records are
+    # grouped into batches. 0 in states written before the number existed.
+    episode: int = 0
 
 
 @dataclass(slots=True)
@@ -130,6 +135,7 @@ class ZoneState:
                 self.congestion.streak,
                 self.congestion.episode_start_minute,
                 self.congestion.peak_index,
+                self.congestion.episode,
             ],
             "s": {sid: _sensor_row(s) for sid, s in self.sensors.items()},
             "c": self.counters,
@@ -139,7 +145,7 @@ class ZoneState:
     @classmethod
     def from_bytes(cls, data: bytes) -> ZoneState:
         doc = orjson.loads(zlib.decompress(data))
-        congested, streak, start, peak = doc["cg"]
+        congested, streak, start, peak, *episode = doc["cg"]  # no episode number before 2026-12-06
         return cls(
             zone_id=doc["z"],
             marker_shard=doc["ms"],
@@ -147,7 +153,7 @@ class ZoneState:
             watermark_ms=doc["wm"],
             evaluated_minute=doc["ev"],
             open_minutes={int(k): v for k, v in doc["om"].items()},
-            congestion=Congestion(congested, streak, start, peak),
+            congestion=Congestion(congested, streak, start, peak, *episode),
             # Rows written before a field existed are shorter: the field takes its default.
             sensors={sid: SensorState(*v) for sid, v in doc["s"].items()},
             counters=doc["c"],

@@ -398,6 +398,8 @@ def test_congestion_episodes_alternate_and_a_jammed_zone_is_always_congested(spe
     )
     for a in episodes:
         event(f"{a.detail_type} {a.detail.get('rule', '')}".strip())
+    # Numbered 1, 2, ... in the order raised: the ids a retry reproduces.
+    assert [a.detail["episode_id"] for a in episodes[::2]] == [f"{zone}/{n}" for n in range(1, len(kinds[::2]) + 1)]
     for raised, cleared in zip(episodes[::2], episodes[1::2], strict=False):
         assert cleared.detail["episode_id"] == raised.detail["episode_id"]
         assert cleared.detail["duration_minutes"] >= settings_.congestion_min_minutes

@@ -1198,12 +1198,10 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
         if not c.congested:
             c.streak = c.streak + 1 if mean >= s.congestion_raise else 0
             if c.streak >= s.congestion_min_minutes:
-                c.congested, c.streak, c.peak_index = True, 0, mean
-                c.episode_start_minute = minute - s.congestion_min_minutes + 1
-                c.episode += 1
+                start = minute - s.congestion_min_minutes + 1
                 # Decided when the minute closed.
-                decided = {"rule": "sustained", "detected_at": format_ts((minute + 1) * MINUTE_MS)}
-                out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean, **decided))
+                decided_at = format_ts((minute + 1) * MINUTE_MS)
+                _raise_congestion(state, out, start, minute, mean, rule="sustained", detected_at=decided_at)
         else:
             c.peak_index = max(c.peak_index, mean)
             c.streak = c.streak + 1 if mean <= s.congestion_clear else 0
@@ -1235,16 +1233,28 @@ def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
                 severe += 1
     if reporting < s.severe_min_sensors or severe < s.severe_share * reporting:
         return
-    mean = total / reporting
     minute = state.watermark_ms // MINUTE_MS
-    c.congested, c.streak, c.peak_index, c.episode_start_minute = True, 0, mean, minute
+    _raise_congestion(
+        state,
+        out,
+        minute,
+        minute,
+        total / reporting,
+        rule="severe",
+        detected_at=format_ts(state.watermark_ms),
+        sensors_reporting=reporting,
+        sensors_severe=severe,
+    )
+
+
+def _raise_congestion(
+    state: ZoneState, out: BatchOutput, start_minute: int, minute: int, mean: float, **decided: Any
+) -> None:
+    """Open the zone's next episode (its number is its id) and send its `CongestionDetected`:
+    the one place either rule raises."""
+    c = state.congestion
+    c.congested, c.streak, c.peak_index, c.episode_start_minute = True, 0, mean, start_minute
     c.episode += 1
-    decided = {
-        "rule": "severe",
-        "detected_at": format_ts(state.watermark_ms),
-        "sensors_reporting": reporting,
-        "sensors_severe": severe,
-    }
     out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean, **decided))
 
 

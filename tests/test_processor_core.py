@@ -233,16 +233,35 @@ def test_a_clock_ahead_does_not_make_its_honest_neighbours_late() -> None:
     assert out.counts.get("late", 0) == 1
 
 
-def _zone_minutes(store: Store, b: StreamBuilder, congestion_by_minute: list[float], first: int = 0) -> list[str]:
-    sensors = [s for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
+ZONE_SENSORS = [s.sensor_id for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
+
+
+def _zone_records(
+    b: StreamBuilder, congestion: dict[str, float], ts_ms: int, seq: int, lag_ms: int = 100
+) -> list[Record]:
+    """One gateway message per gateway: each sensor of `congestion` (sensor id -> index) reports
+    once, at `ts_ms`, received `lag_ms` later."""
     by_gw: dict[str, list] = {}
-    for s in sensors:
-        by_gw.setdefault(s.gateway_id, []).append(s)
+    for s in CITY.sensors:
+        if s.sensor_id in congestion:
+            by_gw.setdefault(s.gateway_id, []).append(s)
+    return [
+        b.gateway_record(g, [reading(s, seq, ts_ms, congestion=congestion[s.sensor_id]) for s in g], ts_ms + lag_ms)
+        for g in by_gw.values()
+    ]
+
+
+def _zone_batch(store: Store, b: StreamBuilder, congestion: dict[str, float], ts_ms: int, seq: int) -> BatchOutput:
+    """One batch of `_zone_records`."""
+    return store.run(_zone_records(b, congestion, ts_ms, seq))
+
+
+def _zone_minutes(store: Store, b: StreamBuilder, congestion_by_minute: list[float], first: int = 0) -> list[str]:
+    """A batch a minute: every sensor of the zone reads that minute's index at its half."""
     kinds = []
     for m, c in enumerate(congestion_by_minute, start=first):
-        ts = BASE_MS + m * MINUTE_MS + 30_000
-        recs = [b.gateway_record(g, [reading(s, m, ts, congestion=c) for s in g], ts + 100) for g in by_gw.values()]
-        kinds += [a.detail_type for a in store.run(recs).alerts]
+        out = _zone_batch(store, b, dict.fromkeys(ZONE_SENSORS, c), BASE_MS + m * MINUTE_MS + 30_000, m)
+        kinds += [a.detail_type for a in out.alerts]
     return kinds
 
 
@@ -262,22 +281,6 @@ def test_congestion_needs_the_raise_threshold_for_the_minimum_duration() -> None
 def test_congestion_clears_only_below_the_clear_threshold_for_the_minimum_duration() -> None:
     kinds = _zone_minutes(Store(), StreamBuilder(), [0.75, 0.75, 0.5, 0.5, 0.5, 0.3, 0.3, 0.1])
     assert kinds == ["CongestionDetected", "CongestionCleared"]
-
-
-def _zone_batch(store: Store, b: StreamBuilder, congestion: dict[str, float], ts_ms: int, seq: int) -> BatchOutput:
-    """One batch: each sensor of `congestion` (sensor id -> index) reports once, at `ts_ms`."""
-    by_gw: dict[str, list] = {}
-    for s in CITY.sensors:
-        if s.sensor_id in congestion:
-            by_gw.setdefault(s.gateway_id, []).append(s)
-    records = [
-        b.gateway_record(g, [reading(s, seq, ts_ms, congestion=congestion[s.sensor_id]) for s in g], ts_ms + 100)
-        for g in by_gw.values()
-    ]
-    return store.run(records)
-
-
-ZONE_SENSORS = [s.sensor_id for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
 
 
 def _split(share: float, high: float, low: float, sensors: list[str] = ZONE_SENSORS) -> dict[str, float]:
@@ -412,13 +415,8 @@ def test_congestion_episodes_alternate_and_a_jammed_zone_is_always_congested(spe
 def test_alert_ids_are_deterministic_across_replays() -> None:
     records = []
     b = StreamBuilder()
-    sensors = [s for s in CITY.sensors if s.zone_id == CITY.zones[0].zone_id]
-    gw: dict[str, list] = {}
-    for s in sensors:
-        gw.setdefault(s.gateway_id, []).append(s)
     for m in range(4):
-        ts = BASE_MS + m * MINUTE_MS + 30_000
-        records += [b.gateway_record(g, [reading(s, m, ts, congestion=0.95) for s in g], ts) for g in gw.values()]
+        records += _zone_records(b, dict.fromkeys(ZONE_SENSORS, 0.95), BASE_MS + m * MINUTE_MS + 30_000, m, lag_ms=0)
     a = Store().run(records).alerts
     crashed = Store()
     crashed.run(records, commit_state=False)
@@ -433,17 +431,9 @@ def test_a_retry_grouped_otherwise_raises_the_same_episode() -> None:
     b = StreamBuilder()
     jammed = _split(0.6, 0.95, 0.2)
     ts = BASE_MS + MINUTE_MS - 5_000
-    gateways: dict[str, list] = {}
-    for sensor in CITY.sensors:
-        if sensor.sensor_id in jammed:
-            gateways.setdefault(sensor.gateway_id, []).append(sensor)
-    first = [
-        b.gateway_record(g, [reading(s, 0, ts, congestion=jammed[s.sensor_id]) for s in g], ts + 100)
-        for g in gateways.values()
-    ]
-    later = ts + 10_000  # the next minute: a few more readings, the majority still jammed
-    g = next(iter(gateways.values()))
-    second = [b.gateway_record(g, [reading(s, 1, later, congestion=0.2) for s in g[:2]], later + 100)]
+    first = _zone_records(b, jammed, ts, 0)
+    # The next minute: two sensors read low again, the majority is still jammed.
+    second = _zone_records(b, dict.fromkeys(ZONE_SENSORS[:2], 0.2), ts + 10_000, 1)
     crashed = Store()
     (sent,) = crashed.run(first + second, commit_state=False).alerts
     retry = Store()

@@ -44,13 +44,13 @@ import orjson
 import pytest
 from kinesis_records import city_minutes
 from platform_harness import MINUTE_MS, Platform, message, publish_all, reading, running_platform
-from processor_stack import fresh_processor
 
 from infra.local.audit import render, run_audit
 from infra.local.broker import Broker, start_broker
 from infra.local.faults import FaultPlan, FaultRule
 from infra.local.faults import stats as fault_stats
 from infra.local.platform import REPO_ROOT, demo_city, process_start
+from infra.local.scratch import fresh_processor
 from streaming.parquet import read_parquet
 from streaming.processor.handler import Processor
 from streaming.registry import Sensor, generate_city

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 from kinesis_records import BASE_MS, StreamBuilder, city_minutes, reading
-from processor_stack import fresh_processor
 
+from infra.local.scratch import fresh_processor
 from streaming.parquet import read_parquet
 from streaming.processor.core import Record
 from streaming.processor.handler import Processor

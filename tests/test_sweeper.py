@@ -20,9 +20,9 @@ import orjson
 import pytest
 import yaml
 from kinesis_records import BASE_MS, StreamBuilder, reading
-from processor_stack import fresh_processor
 
 from infra.local.schedule import run
+from infra.local.scratch import fresh_processor
 from streaming.processor.core import MINUTE_MS, Alert, DetectorSettings, detect_silence
 from streaming.processor.handler import Processor
 from streaming.processor.state import SensorState, ZoneState

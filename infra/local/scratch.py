@@ -1,5 +1,6 @@
-"""Test helper: the real processor on its own fresh DynamoDB tables, lake bucket and alert bus
-in the emulator (the `aws_env` fixture must be active), its registry read from the lake."""
+"""The real processor on its own fresh DynamoDB tables, lake bucket and alert bus in the
+emulator, its registry read from the lake: for tests (with the `aws_env` fixture active) and
+benchmarks (`bench/handler_bench.py`), with boto3 pointed at the emulator by the environment."""
 
 from __future__ import annotations
 

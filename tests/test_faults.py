@@ -7,7 +7,9 @@ proxy); the store's own retry of unprocessed batch items gives up loudly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from botocore.exceptions import ClientError
 
 from infra.local.emulators import Emulator
 from infra.local.faults import FaultPlan, FaultRule, serve, stats
-from streaming.processor.store import StoreError, _retry
+from streaming.processor.store import StoreError, _retry, run_all
 
 ALL_KINDS = ("throttle", "500", "503")
 
@@ -47,6 +49,56 @@ def test_the_store_retry_backs_off_then_gives_up_loudly() -> None:
     with pytest.raises(StoreError, match="BatchWriteItem t: still unprocessed after 3 attempts"):
         _retry(lambda: calls.append(1), "BatchWriteItem t", attempts=3)
     assert len(calls) == 3
+
+
+class _Recording(ThreadPoolExecutor):
+    """A pool that keeps the futures it hands out."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.futures: list[Future[Any]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future = super().submit(fn, *args, **kwargs)
+        self.futures.append(future)
+        return future
+
+
+def test_run_all_runs_every_call_at_once_and_returns_results_in_order() -> None:
+    threads: list[str] = []
+    together = threading.Barrier(3, timeout=10)  # passed only if all three calls run at the same time
+
+    def call(n: int) -> int:
+        threads.append(threading.current_thread().name)
+        together.wait()
+        return n * 10
+
+    with _Recording() as pool:
+        assert run_all([lambda: call(0), lambda: call(1), lambda: call(2)], pool) == [0, 10, 20]
+        assert len(pool.futures) == 2
+    assert threads.count(threading.current_thread().name) == 1  # the first call ran on this thread
+    assert run_all([], pool) == []
+
+
+def test_run_all_raises_the_first_failure_only_after_every_call_has_ended() -> None:
+    failed = threading.Event()
+    ran: list[str] = []
+
+    def first() -> None:
+        failed.set()
+        raise ValueError("the first call")
+
+    def slow() -> None:
+        failed.wait(10)  # still running when the first call fails
+        ran.append("slow")
+        raise KeyError("a later call")
+
+    with _Recording() as pool:
+        with pytest.raises(ValueError, match="the first call"):
+            run_all([first, slow, lambda: ran.append("quick")], pool)
+        assert all(f.done() for f in pool.futures) and sorted(ran) == ["quick", "slow"]
+        with pytest.raises(KeyError, match="a later call"):  # the first failure in call order
+            run_all([lambda: None, slow, lambda: 1 / 0], pool)
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import boto3
@@ -22,7 +23,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
 from streaming.processor.core import DetectorSettings, Record, apply_batch, decode_batch
-from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config
+from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config, io_pool, run_all
 from streaming.registry import Sensor, load_registry
 
 logger = Logger(service="citypulse-processor")
@@ -64,6 +65,8 @@ class Processor:
     registry: dict[str, Sensor]
     zones: set[str]
     detectors: DetectorSettings = field(default_factory=DetectorSettings)
+    # The batch's reads, and its writes before the commit point, go out at once (`run_all`).
+    _io: ThreadPoolExecutor = field(default_factory=lambda: io_pool("processor"), init=False, repr=False)
 
     @classmethod
     def from_env(cls) -> Processor:
@@ -84,18 +87,30 @@ class Processor:
         """Run one batch end to end; returns counts and a latency histogram for the log."""
         started = time.time()
         decoded = decode_batch(records, self.registry, self.zones)
-        zone_states = self.store.load_zone_states(decoded.by_zone)
-        minutes = self.store.load_minutes(decoded.minute_keys())
-        shard_counters = self.store.load_shard_counters({r.shard_id for r, *_ in decoded.unattributed})
+        zone_states, minutes, shard_counters = run_all(
+            [
+                partial(self.store.load_zone_states, decoded.by_zone),
+                partial(self.store.load_minutes, decoded.minute_keys()),
+                partial(self.store.load_shard_counters, {r.shard_id for r, *_ in decoded.unattributed}),
+            ],
+            self._io,
+        )
         now_ms = int(time.time() * 1000)
         out = apply_batch(decoded, zone_states, minutes, shard_counters, now_ms, self.detectors)
 
         first, last = records[0], records[-1]
         batch_name = f"{first.shard_id}-{first.sequence_number}-{last.sequence_number}"
-        self.lake.write_readings(out.lake, batch_name)
-        self.lake.write_quarantine(out.quarantine, batch_name)
-        self.store.save_minutes(out.minutes)
-        self.alerts.publish(out.alerts)
+        # Everything before the commit point at once, alerts first (on this thread): none waits
+        # for another, and each is harmless to repeat on a retry (docs/architecture.md §4).
+        run_all(
+            [
+                partial(self.alerts.publish, out.alerts),
+                partial(self.lake.write_readings, out.lake, batch_name),
+                partial(self.lake.write_quarantine, out.quarantine, batch_name),
+                partial(self.store.save_minutes, out.minutes),
+            ],
+            self._io,
+        )
         self.store.save_zone_states(out.zone_states, now_ms)  # the commit point
         self.store.save_shard_counters(out.shard_counters)
 

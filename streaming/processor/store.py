@@ -2,10 +2,12 @@
 publish alerts on EventBridge. Plain boto3; endpoints come from the environment
 (`AWS_ENDPOINT_URL_<SERVICE>`), so the same code talks to AWS or to the local emulators.
 
-Write order per batch is what makes a crash harmless: lake files, then zone-minute
-aggregates, then alerts, then the zone state (the commit point), then shard counters.
+Write order per batch is what makes a crash harmless: alerts, lake files and zone-minute
+aggregates (at once, `run_all`), then the zone state (the commit point), then shard counters.
 Anything written before a crash is either overwritten identically or skipped by a
-marker when the batch is delivered again.
+marker when the batch is delivered again; alerts carry ids for consumers to drop repeats by.
+Batch calls larger than one request (25 items a write, 100 keys a read) send their requests
+at once too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import io
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -63,6 +67,35 @@ def _retry(call: Callable[[], _T], what: str, attempts: int = 8) -> _T:
     raise StoreError(f"{what}: still unprocessed after {attempts} attempts")
 
 
+def run_all(calls: Sequence[Callable[[], _T]], pool: Executor) -> list[_T]:
+    """Run `calls` at once (the first on this thread, the others on `pool`) and return their
+    results in order once all have ended. A failure is raised only then (the first one), so a
+    failed batch leaves no request of its own in flight when its retry begins."""
+    futures = [pool.submit(c) for c in calls[1:]]
+    results: list[Any] = []
+    error: BaseException | None = None
+    if calls:
+        try:
+            results.append(calls[0]())
+        except Exception as exc:
+            error = exc
+    for f in futures:
+        exc = f.exception()
+        if exc is None:
+            results.append(f.result())
+        elif error is None:
+            error = exc
+    if error is not None:
+        raise error
+    return results
+
+
+def io_pool(name: str) -> ThreadPoolExecutor:
+    """Threads for concurrent AWS requests (boto3 clients are thread-safe; the requests wait on
+    the network, not on the interpreter). Eight keep well under the clients' 32 connections."""
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix=name)
+
+
 def minute_bucket(minute: int) -> str:
     """Sort key of a zone-minute item: `m#2026-11-23T18:05`."""
     return "m#" + datetime.fromtimestamp(minute * 60, UTC).strftime("%Y-%m-%dT%H:%M")
@@ -86,25 +119,31 @@ class StateStore:
     # so its parse is skipped: the core never modifies the states it is given. `ZoneState`
     # serialises deterministically and losslessly, so equal bytes mean an equal state.
     _known: dict[str, tuple[bytes, ZoneState]] = field(default_factory=dict, repr=False)
+    # The requests of one batch call, sent at once (`run_all`).
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: io_pool("dynamodb"), init=False, repr=False)
 
     # -- reads ------------------------------------------------------------------------
 
     def _batch_get(self, table: str, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        chunks = [keys[start : start + 100] for start in range(0, len(keys), 100)]
+        found = run_all([partial(self._get_chunk, table, chunk) for chunk in chunks], self._pool)
+        return [item for items in found for item in items]
+
+    def _get_chunk(self, table: str, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        for start in range(0, len(keys), 100):
-            pending: dict[str, Any] = {table: {"Keys": keys[start : start + 100], "ConsistentRead": True}}
+        pending: dict[str, Any] = {table: {"Keys": keys, "ConsistentRead": True}}
 
-            def call(pending: dict[str, Any] = pending) -> bool | None:
-                resp = self.dynamodb.batch_get_item(RequestItems=pending)
-                items.extend(resp.get("Responses", {}).get(table, []))
-                left = resp.get("UnprocessedKeys") or {}
-                if not left:
-                    return True
-                pending.clear()
-                pending.update(left)
-                return None
+        def call() -> bool | None:
+            resp = self.dynamodb.batch_get_item(RequestItems=pending)
+            items.extend(resp.get("Responses", {}).get(table, []))
+            left = resp.get("UnprocessedKeys") or {}
+            if not left:
+                return True
+            pending.clear()
+            pending.update(left)
+            return None
 
-            _retry(call, f"BatchGetItem {table}")
+        _retry(call, f"BatchGetItem {table}")
         return items
 
     def load_zone_states(self, zone_ids: Iterable[str]) -> dict[str, ZoneState]:
@@ -161,19 +200,22 @@ class StateStore:
     # -- writes -----------------------------------------------------------------------
 
     def _batch_write(self, table: str, items: list[dict[str, Any]]) -> None:
-        for start in range(0, len(items), 25):
-            pending: dict[str, Any] = {table: [{"PutRequest": {"Item": i}} for i in items[start : start + 25]]}
+        chunks = [items[start : start + 25] for start in range(0, len(items), 25)]
+        run_all([partial(self._write_chunk, table, chunk) for chunk in chunks], self._pool)
 
-            def call(pending: dict[str, Any] = pending) -> bool | None:
-                resp = self.dynamodb.batch_write_item(RequestItems=pending)
-                left = resp.get("UnprocessedItems") or {}
-                if not left:
-                    return True
-                pending.clear()
-                pending.update(left)
-                return None
+    def _write_chunk(self, table: str, items: list[dict[str, Any]]) -> None:
+        pending: dict[str, Any] = {table: [{"PutRequest": {"Item": i}} for i in items]}
 
-            _retry(call, f"BatchWriteItem {table}")
+        def call() -> bool | None:
+            resp = self.dynamodb.batch_write_item(RequestItems=pending)
+            left = resp.get("UnprocessedItems") or {}
+            if not left:
+                return True
+            pending.clear()
+            pending.update(left)
+            return None
+
+        _retry(call, f"BatchWriteItem {table}")
 
     def save_minutes(self, minutes: Mapping[tuple[str, int], MinuteAggregate]) -> None:
         items = []

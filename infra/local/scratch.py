@@ -9,13 +9,14 @@ import uuid
 import boto3
 
 from streaming.processor.handler import Processor, Settings
-from streaming.processor.store import AlertPublisher, LakeWriter, StateStore
+from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config
 from streaming.registry import City, load_registry, registry_csv
 
 
 def fresh_processor(city: City) -> Processor:
     suffix = uuid.uuid4().hex[:8]
-    ddb, s3, events = boto3.client("dynamodb"), boto3.client("s3"), boto3.client("events")
+    config = client_config()  # the processor's own, as `Processor.from_env` builds it
+    ddb, s3, events = (boto3.client(service, config=config) for service in ("dynamodb", "s3", "events"))
     settings = Settings(f"lake-{suffix}", f"state-{suffix}", f"metrics-{suffix}", f"bus-{suffix}", "registry/r.csv")
     for table, (hash_key, range_key) in (
         (settings.processor_table, ("pk", "sk")),

@@ -44,9 +44,18 @@ def client_config(env: Mapping[str, str] = os.environ) -> Config:
     quota — for `CITYPULSE_AWS_MAX_ATTEMPTS` total attempts (default 10). Not `adaptive`: its
     client-side rate limiter is per container, and the event-source mapping (or the next scheduled
     sweep) is already the outer back-off. Beyond these attempts a batch is reported failed
-    (batchItemFailures), retried by the mapping, then sent to its on-failure destination."""
+    (batchItemFailures), retried by the mapping, then sent to its on-failure destination.
+
+    No client-side parameter validation: botocore walks every attribute of every item before
+    sending it, 5-16 % of a load-shaped batch (`bench/handler_bench.py`, docs/performance.md
+    "Load"). The services validate what they receive; a request they refuse fails the batch as
+    one refused by botocore did."""
     attempts = int(env.get("CITYPULSE_AWS_MAX_ATTEMPTS", "10"))
-    return Config(retries={"total_max_attempts": attempts, "mode": "standard"}, max_pool_connections=32)
+    return Config(
+        retries={"total_max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=32,
+        parameter_validation=False,
+    )
 
 
 class StoreError(RuntimeError):

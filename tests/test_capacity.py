@@ -68,6 +68,32 @@ def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     assert plan(w).capacity["dynamodb_rru_per_s"] == 256 * 3 * 2
 
 
+def test_a_shorter_batching_window_writes_every_zone_and_lake_file_more_often() -> None:
+    second, half = plan(Workload(**SIZED)), plan(Workload(batching_window_s=0.5, **SIZED))
+    assert half.capacity["dynamodb_wru_per_s"] == 2 * 256 * 9
+    assert half.capacity["dynamodb_rru_per_s"] == 2 * 256 * 3 * 2
+    assert item(half, "DynamoDB (on-demand)") == pytest.approx(2 * item(second, "DynamoDB (on-demand)"))
+    shards = half.capacity["kinesis_shards"]
+    assert shards == second.capacity["kinesis_shards"]  # the stream does not change
+    puts = 2 * shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
+    assert item(half, "S3 lake") - item(second, "S3 lake") == pytest.approx(puts / 2)
+    lam = PRICES["lambda"]
+    invocations = shards / 0.5 * SECONDS_PER_MONTH / 1e6
+    assert item(half, "Lambda processor") - item(second, "Lambda processor") == pytest.approx(
+        invocations / 2 * lam["requests_per_million"]
+    )
+
+
+def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.local.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--batching-window", "0.5"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert "4,608 WRU/s" in shown and f"{2 * plan(Workload()).capacity['kinesis_shards']} PUT/s" in shown
+
+
 def test_citypulse_messages_and_kinesis_volume_on_demand() -> None:
     p = plan(Workload(stream_mode="ON_DEMAND", **SIZED))
     assert p.capacity["mqtt_messages_per_s"] == 50_000 / 32

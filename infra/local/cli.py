@@ -184,6 +184,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         zones=args.zones,
         basic_ingest=not args.no_basic_ingest,
         stream_mode=args.stream_mode,
+        batching_window_s=args.batching_window,
     )
     print(render(plan(w), naive_plan(w), naive_plan(w, stream_mode="PROVISIONED")))
     return 0
@@ -249,6 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=["PROVISIONED", "ON_DEMAND"],
         default="PROVISIONED",
         help="Kinesis capacity mode, as the template's StreamMode parameter (default PROVISIONED)",
+    )
+    p.add_argument(
+        "--batching-window",
+        type=float,
+        default=1.0,
+        help="the processor mapping's MaximumBatchingWindowInSeconds (default 1): each zone's state is "
+        "written and each shard's lake file put once per window, and an alert waits for its window",
     )
     p.set_defaults(func=cmd_plan)
     sub.add_parser("down", help="stop the local platform").set_defaults(func=cmd_down)

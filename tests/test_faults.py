@@ -17,10 +17,11 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from botocore.stub import Stubber
 
 from infra.local.emulators import Emulator
 from infra.local.faults import FaultPlan, FaultRule, serve, stats
-from streaming.processor.store import StoreError, _retry, run_all
+from streaming.processor.store import StateStore, StoreError, _retry, run_all
 
 ALL_KINDS = ("throttle", "500", "503")
 
@@ -49,6 +50,33 @@ def test_the_store_retry_backs_off_then_gives_up_loudly() -> None:
     with pytest.raises(StoreError, match="BatchWriteItem t: still unprocessed after 3 attempts"):
         _retry(lambda: calls.append(1), "BatchWriteItem t", attempts=3)
     assert len(calls) == 3
+
+
+def test_the_store_sends_what_dynamodb_left_unprocessed_until_nothing_is() -> None:
+    ddb = boto3.client("dynamodb", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s")
+    store = StateStore(ddb, "state", "metrics")
+    keys = [{"pk": {"S": f"zone#Z-{n}"}, "sk": {"S": "state"}} for n in range(3)]
+    found = [{**k, "n": {"N": str(n)}} for n, k in enumerate(keys)]
+
+    def request(k: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"state": {"Keys": k, "ConsistentRead": True}}
+
+    with Stubber(ddb) as stub:
+        answer = {"Responses": {"state": found[:2]}, "UnprocessedKeys": request(keys[2:])}
+        stub.add_response("batch_get_item", answer, {"RequestItems": request(keys)})
+        stub.add_response("batch_get_item", {"Responses": {"state": found[2:]}}, {"RequestItems": request(keys[2:])})
+        assert store._batch_get("state", keys) == found
+        puts = [{"PutRequest": {"Item": item}} for item in found]
+        stub.add_response(
+            "batch_write_item", {"UnprocessedItems": {"state": puts[1:]}}, {"RequestItems": {"state": puts}}
+        )
+        stub.add_response("batch_write_item", {"UnprocessedItems": {}}, {"RequestItems": {"state": puts[1:]}})
+        store._batch_write("state", found)
+        stub.assert_no_pending_responses()
+        for _ in range(8):
+            stub.add_response("batch_write_item", {"UnprocessedItems": {"state": puts}})
+        with pytest.raises(StoreError, match="BatchWriteItem state: still unprocessed after 8 attempts"):
+            store._batch_write("state", found)
 
 
 class _Recording(ThreadPoolExecutor):

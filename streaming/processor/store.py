@@ -134,25 +134,28 @@ class StateStore:
     # -- reads ------------------------------------------------------------------------
 
     def _batch_get(self, table: str, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        chunks = [keys[start : start + 100] for start in range(0, len(keys), 100)]
-        found = run_all([partial(self._get_chunk, table, chunk) for chunk in chunks], self._pool)
-        return [item for items in found for item in items]
+        chunks = [{"Keys": keys[start : start + 100], "ConsistentRead": True} for start in range(0, len(keys), 100)]
+        calls = [partial(self._until_processed, "batch_get_item", table, chunk) for chunk in chunks]
+        return [item for items in run_all(calls, self._pool) for item in items]
 
-    def _get_chunk(self, table: str, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _until_processed(self, operation: str, table: str, request: Any) -> list[dict[str, Any]]:
+        """One BatchGetItem or BatchWriteItem request for `table`, sent again with what each answer
+        leaves unprocessed until nothing is (`_retry`); the items it read."""
+        send = getattr(self.dynamodb, operation)
         items: list[dict[str, Any]] = []
-        pending: dict[str, Any] = {table: {"Keys": keys, "ConsistentRead": True}}
+        pending: dict[str, Any] = {table: request}
 
         def call() -> bool | None:
-            resp = self.dynamodb.batch_get_item(RequestItems=pending)
+            resp = send(RequestItems=pending)
             items.extend(resp.get("Responses", {}).get(table, []))
-            left = resp.get("UnprocessedKeys") or {}
+            left = resp.get("UnprocessedKeys") or resp.get("UnprocessedItems") or {}
             if not left:
                 return True
             pending.clear()
             pending.update(left)
             return None
 
-        _retry(call, f"BatchGetItem {table}")
+        _retry(call, f"{self.dynamodb.meta.method_to_api_mapping[operation]} {table}")
         return items
 
     def load_zone_states(self, zone_ids: Iterable[str]) -> dict[str, ZoneState]:
@@ -209,22 +212,9 @@ class StateStore:
     # -- writes -----------------------------------------------------------------------
 
     def _batch_write(self, table: str, items: list[dict[str, Any]]) -> None:
-        chunks = [items[start : start + 25] for start in range(0, len(items), 25)]
-        run_all([partial(self._write_chunk, table, chunk) for chunk in chunks], self._pool)
-
-    def _write_chunk(self, table: str, items: list[dict[str, Any]]) -> None:
-        pending: dict[str, Any] = {table: [{"PutRequest": {"Item": i}} for i in items]}
-
-        def call() -> bool | None:
-            resp = self.dynamodb.batch_write_item(RequestItems=pending)
-            left = resp.get("UnprocessedItems") or {}
-            if not left:
-                return True
-            pending.clear()
-            pending.update(left)
-            return None
-
-        _retry(call, f"BatchWriteItem {table}")
+        puts = [{"PutRequest": {"Item": i}} for i in items]
+        chunks = [puts[start : start + 25] for start in range(0, len(puts), 25)]
+        run_all([partial(self._until_processed, "batch_write_item", table, chunk) for chunk in chunks], self._pool)
 
     def save_minutes(self, minutes: Mapping[tuple[str, int], MinuteAggregate]) -> None:
         items = []

@@ -11,8 +11,8 @@ when every sensor of the city reports once a second over `--shards` shards (defa
 sensors, 4 shards: ~440 v2 gateway messages, ~12,500 readings, ~64 zones a batch). Each step is
 timed from the moment `process` starts (wrappers around the processor's own objects): the
 state reads, the alerts, the lake file, the zone-minute items and the zone states (the commit).
-Wall time, median over the batches after the first `--warm` (cold caches, first states). The
-emulator serves one request at a time, so requests sent at once overlap less than on AWS.
+Wall time, median over the batches after the first `--warm` (cold caches, first states).
+ministack answers on one Python event loop, so requests sent at once overlap less than on AWS.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The fault-injecting proxy (infra/local/faults.py) and the processor's retry helpers.
+"""The fault-injecting proxy (infra/local/faults.py) and the processor's retry and concurrency
+helpers (`_retry`, unprocessed batch items, `run_all`).
 
 Plans are deterministic; the injected errors are the ones each service really sends, so that
 botocore classifies and retries them as it would in AWS (checked against ministack through the

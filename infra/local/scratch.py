@@ -9,14 +9,12 @@ import uuid
 import boto3
 
 from streaming.processor.handler import Processor, Settings
-from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config
-from streaming.registry import City, load_registry, registry_csv
+from streaming.registry import City, registry_csv
 
 
 def fresh_processor(city: City) -> Processor:
     suffix = uuid.uuid4().hex[:8]
-    config = client_config()  # the processor's own, as `Processor.from_env` builds it
-    ddb, s3, events = (boto3.client(service, config=config) for service in ("dynamodb", "s3", "events"))
+    ddb, s3, events = boto3.client("dynamodb"), boto3.client("s3"), boto3.client("events")
     settings = Settings(f"lake-{suffix}", f"state-{suffix}", f"metrics-{suffix}", f"bus-{suffix}", "registry/r.csv")
     for table, (hash_key, range_key) in (
         (settings.processor_table, ("pk", "sk")),
@@ -33,14 +31,5 @@ def fresh_processor(city: City) -> Processor:
         )
     s3.create_bucket(Bucket=settings.lake_bucket)
     events.create_event_bus(Name=settings.event_bus)
-    lake = LakeWriter(s3, settings.lake_bucket)
     s3.put_object(Bucket=settings.lake_bucket, Key=settings.registry_key, Body=registry_csv(city))
-    registry = load_registry(lake.read_bytes(settings.registry_key))
-    return Processor(
-        settings=settings,
-        store=StateStore(ddb, settings.processor_table, settings.metrics_table),
-        lake=lake,
-        alerts=AlertPublisher(events, settings.event_bus),
-        registry=registry,
-        zones={s.zone_id for s in registry.values()},
-    )
+    return Processor.for_settings(settings)

@@ -70,7 +70,11 @@ class Processor:
 
     @classmethod
     def from_env(cls) -> Processor:
-        settings = Settings.from_env()
+        return cls.for_settings(Settings.from_env())
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Processor:
+        """The processor of these tables, bucket and bus: its clients, and the registry read from the lake."""
         config = client_config()
         lake = LakeWriter(boto3.client("s3", config=config), settings.lake_bucket)
         registry = load_registry(lake.read_bytes(settings.registry_key))

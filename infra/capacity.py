@@ -41,6 +41,11 @@ HOURS_PER_MONTH = 730
 GB = 1024**3
 StreamMode = Literal["ON_DEMAND", "PROVISIONED"]  # the template's StreamMode parameter values
 TEMPLATE_MAX_SHARDS = 64  # the template's ShardCount MaxValue
+# CreateEventSourceMapping takes MaximumBatchingWindowInSeconds in whole seconds, 0 to 300; with
+# a standard iterator Lambda reads each shard at a base rate of once a second (AWS Lambda
+# Developer Guide, "Using Lambda with Kinesis Data Streams": polling and batching streams).
+MAX_BATCHING_WINDOW_S = 300
+POLL_INTERVAL_S = 1.0
 
 
 def encode_gateway_message(gateway_id: str, zone_id: str, sent_at_ms: int, readings: list[dict[str, Any]]) -> bytes:
@@ -120,7 +125,8 @@ class Workload:
     stream_mode: StreamMode = "PROVISIONED"
     shard_utilisation: float = 0.8
     basic_ingest: bool = True  # publish on $aws/rules/<rule>/...: no messaging charge
-    batching_window_s: float = 1.0  # event-source mapping window
+    # The event-source mapping's MaximumBatchingWindowInSeconds: whole seconds, 0 to 300.
+    batching_window_s: int = 1
     # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
     # CPU (the rest waits on DynamoDB/S3). Speeds from one run of bench/processor_bench.py
     # (docs/performance.md, "Processor"): the core on v2 gateway records with each detector's
@@ -136,6 +142,22 @@ class Workload:
     redshift_hours_per_day: float = 2.0  # hourly loads of a few minutes, plus analyst queries
     glue_crawler_runs_per_day: int = 24
     glue_crawler_dpu: int = 2
+
+    def __post_init__(self) -> None:
+        window = self.batching_window_s
+        if type(window) is not int or not 0 <= window <= MAX_BATCHING_WINDOW_S:
+            raise ValueError(
+                f"batching window {window!r}: MaximumBatchingWindowInSeconds takes whole seconds "
+                f"from 0 to {MAX_BATCHING_WINDOW_S}"
+            )
+
+    @property
+    def batch_interval_s(self) -> float:
+        """Seconds between two batches of a shard at steady load: the window, and never less
+        than Lambda's base rate of reading a shard (once a second), which is what paces
+        batches with no window. An upper bound on the batches: the next window begins when the
+        invocation ends, so the interval is really the window plus the invocation."""
+        return max(float(self.batching_window_s), POLL_INTERVAL_S)
 
     @property
     def readings_per_s(self) -> float:
@@ -217,7 +239,7 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
 
     # DynamoDB: per zone per batch one zone-state item and ~1 zone-minute item, read then written.
     ddb = p["dynamodb_on_demand"]
-    batches_per_zone_s = 1 / w.batching_window_s
+    batches_per_zone_s = 1 / w.batch_interval_s
     state_kb = w.sensors / w.zones * w.zone_state_bytes_per_sensor / 1024
     wru_s = w.zones * batches_per_zone_s * (_units(state_kb, 1) + 1)
     rru_s = w.zones * batches_per_zone_s * (_units(state_kb, 4) + 1) * 2  # strongly consistent reads
@@ -230,7 +252,7 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     )
 
     # The lake: one Parquet object per shard per batch.
-    _lake(out, w, p, puts_s=shards / w.batching_window_s)
+    _lake(out, w, p, puts_s=shards / w.batch_interval_s)
     _batch_side(out, w, p)
     return out
 
@@ -260,7 +282,7 @@ def naive_plan(w: Workload, prices: dict[str, Any] | None = None, stream_mode: S
         f"{msgs_s:,.0f} WRU/s (one write per reading)",
         msgs_s * SECONDS_PER_MONTH / 1e6 * ddb["write_request_units_per_million"],
     )
-    _lake(out, w, p, puts_s=shards / w.batching_window_s)
+    _lake(out, w, p, puts_s=shards / w.batch_interval_s)
     _batch_side(out, w, p)
     return out
 
@@ -377,7 +399,7 @@ def _lambda(out: Plan, w: Workload, p: dict[str, Any], shards: int, per_core: fl
     lam = p["lambda"]
     busy_cores = w.readings_per_s / per_core / w.processor_cpu_share
     gb_s = busy_cores * SECONDS_PER_MONTH * w.lambda_memory_mb / 1024
-    invocations = shards / w.batching_window_s * SECONDS_PER_MONTH
+    invocations = shards / w.batch_interval_s * SECONDS_PER_MONTH
     out.capacity.update(lambda_concurrency=max(shards, math.ceil(busy_cores)), lambda_busy_vcpus=busy_cores)
     out.add(
         "Lambda processor",
@@ -446,6 +468,10 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
         f"  deploy the stack with StreamMode={w.stream_mode}"
         + (f" ShardCount={ours.capacity['kinesis_shards']}" if w.stream_mode == "PROVISIONED" else "")
         + f" (hottest zone-keyed shard at <= {w.shard_utilisation:.0%} of its write limits)",
+        f"  at most one batch per shard every {w.batch_interval_s:g} s (MaximumBatchingWindowInSeconds="
+        f"{w.batching_window_s}"
+        + ("" if w.batching_window_s else "; with no window, Lambda's once-a-second reading of each shard paces them")
+        + "): each zone's state read and written and each shard's lake file put once per batch",
         f"  processor {w.processor_readings_per_core_s:,.0f} readings/s per vCPU at {w.processor_cpu_share:.0%} CPU;"
         f" zone state {w.zone_state_bytes_per_sensor} B per sensor; lake {w.lake_bytes_per_reading} B per reading",
         "capacity: "

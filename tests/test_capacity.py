@@ -68,30 +68,55 @@ def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     assert plan(w).capacity["dynamodb_rru_per_s"] == 256 * 3 * 2
 
 
-def test_a_shorter_batching_window_writes_every_zone_and_lake_file_more_often() -> None:
-    second, half = plan(Workload(**SIZED)), plan(Workload(batching_window_s=0.5, **SIZED))
-    assert half.capacity["dynamodb_wru_per_s"] == 2 * 256 * 9
-    assert half.capacity["dynamodb_rru_per_s"] == 2 * 256 * 3 * 2
-    assert item(half, "DynamoDB (on-demand)") == pytest.approx(2 * item(second, "DynamoDB (on-demand)"))
-    shards = half.capacity["kinesis_shards"]
+def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -> None:
+    second, two = plan(Workload(**SIZED)), plan(Workload(batching_window_s=2, **SIZED))
+    assert two.capacity["dynamodb_wru_per_s"] == 256 * 9 / 2
+    assert two.capacity["dynamodb_rru_per_s"] == 256 * 3 * 2 / 2
+    assert item(two, "DynamoDB (on-demand)") == pytest.approx(item(second, "DynamoDB (on-demand)") / 2)
+    shards = two.capacity["kinesis_shards"]
     assert shards == second.capacity["kinesis_shards"]  # the stream does not change
-    puts = 2 * shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
-    assert item(half, "S3 lake") - item(second, "S3 lake") == pytest.approx(puts / 2)
-    lam = PRICES["lambda"]
-    invocations = shards / 0.5 * SECONDS_PER_MONTH / 1e6
-    assert item(half, "Lambda processor") - item(second, "Lambda processor") == pytest.approx(
-        invocations / 2 * lam["requests_per_million"]
+    puts = shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
+    assert item(second, "S3 lake") - item(two, "S3 lake") == pytest.approx(puts / 2)
+    invocations = shards * SECONDS_PER_MONTH / 1e6
+    assert item(second, "Lambda processor") - item(two, "Lambda processor") == pytest.approx(
+        invocations / 2 * PRICES["lambda"]["requests_per_million"]
     )
+
+
+def test_no_window_is_paced_by_lambda_reading_each_shard_once_a_second() -> None:
+    # The batches of a mapping without a window follow Lambda's base rate of reading a shard.
+    none, second = plan(Workload(batching_window_s=0, **SIZED)), plan(Workload(**SIZED))
+    assert none.capacity == second.capacity
+    assert none.monthly_usd == second.monthly_usd
+
+
+@pytest.mark.parametrize("window", [0.5, -1, 301, True])
+def test_a_window_the_mapping_cannot_take_is_refused(window: object) -> None:
+    with pytest.raises(ValueError, match="whole seconds from 0 to 300"):
+        Workload(batching_window_s=window, **SIZED)  # type: ignore[arg-type]
 
 
 def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixture[str]) -> None:
     from infra.local.cli import main
 
     with pytest.raises(SystemExit) as done:
-        main(["plan", "--batching-window", "0.5"])
+        main(["plan", "--batching-window", "2"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
-    assert "4,608 WRU/s" in shown and f"{2 * plan(Workload()).capacity['kinesis_shards']} PUT/s" in shown
+    assert "1,152 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
+    assert "at most one batch per shard every 2 s (MaximumBatchingWindowInSeconds=2)" in shown
+
+
+@pytest.mark.parametrize("given", ["0.5", "-1", "301", "one"])
+def test_the_plan_command_refuses_a_window_the_mapping_cannot_take(
+    given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.local.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--batching-window", given])
+    assert done.value.code == 2
+    assert "the mapping's window is whole seconds from 0 to 300" in capsys.readouterr().err
 
 
 def test_citypulse_messages_and_kinesis_volume_on_demand() -> None:

@@ -174,6 +174,21 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if result.accounted else 1
 
 
+def _window_seconds(text: str) -> int:
+    """A MaximumBatchingWindowInSeconds as the API takes it: whole seconds, 0 to 300."""
+    from infra.capacity import MAX_BATCHING_WINDOW_S
+
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = -1
+    if not 0 <= seconds <= MAX_BATCHING_WINDOW_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the mapping's window is whole seconds from 0 to {MAX_BATCHING_WINDOW_S}"
+        )
+    return seconds
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from infra.capacity import Workload, naive_plan, plan, render
 
@@ -253,10 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--batching-window",
-        type=float,
-        default=1.0,
-        help="the processor mapping's MaximumBatchingWindowInSeconds (default 1): each zone's state is "
-        "written and each shard's lake file put once per window, and an alert waits for its window",
+        type=_window_seconds,
+        default=1,
+        metavar="S",
+        help="the processor mapping's MaximumBatchingWindowInSeconds, whole seconds 0-300 (default 1): each "
+        "zone's state is written and each shard's lake file put once per window (0: once per shard "
+        "reading, about a second), and an alert waits for its window",
     )
     p.set_defaults(func=cmd_plan)
     sub.add_parser("down", help="stop the local platform").set_defaults(func=cmd_down)

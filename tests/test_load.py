@@ -47,3 +47,9 @@ def test_load_loses_no_reading(tmp_path: Path) -> None:
     assert result.accounted, report
     # The latency histograms cover every gateway message published after the warm-up.
     assert result.latency["messages"] >= result.measured_messages, report
+    # Each shard's batches, as its invocations logged them: the next window (1 s) begins when an
+    # invocation ends, so a shard's next invocation starts at least a window after one ends.
+    c = result.cadence
+    assert c["shards"] == 4 and c["invocations"] >= 4 * DURATION_S / 3, report
+    assert c["idle_p50"] >= 0.99 and c["apart_p50"] >= c["idle_p50"], report
+    assert f"{int(c['invocations']):,} invocations on 4 shards" in report

@@ -319,6 +319,7 @@ class LoadResult:
     at_measure: Accounting  # when the warm-up ended
     after: Accounting
     latency: dict[str, float]
+    cadence: dict[str, float]  # of the processor's invocations while publishing (`cadence`)
     alert: dict[str, Any]
     alerts_raised: dict[str, int]  # by the processor during the run, by type
     cpu_s: dict[str, float]  # per component from the end of the warm-up until all was accounted for
@@ -392,6 +393,89 @@ def _processed_between(log_dir: Path, since: dict[Path, int], t_from: float, t_t
         if t_from <= ts <= t_to:
             total += entry.get("counts", {}).get("received", 0)
     return total
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One processor invocation, from its "batch processed" log entry (epoch seconds)."""
+
+    shard: str
+    start: float
+    end: float
+    received: int
+    alert_types: tuple[str, ...]
+
+
+def invocations(log_dir: Path, since: dict[Path, int]) -> list[Invocation]:
+    """The processor's invocations logged after the `since` offsets, in order of their start."""
+    from datetime import datetime
+
+    out = []
+    for entry in batch_log_entries(log_dir, since):
+        end = datetime.fromisoformat(entry["timestamp"]).timestamp()
+        out.append(
+            Invocation(
+                entry["shard"],
+                end - entry["duration_ms"] / 1000,
+                end,
+                entry["counts"].get("received", 0),
+                tuple(entry["alert_types"]),
+            )
+        )
+    return sorted(out, key=lambda i: i.start)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def cadence(calls: list[Invocation], t_from: float, t_to: float) -> dict[str, float]:
+    """How a shard's invocations follow each other between t_from and t_to: p50 and p95 of how
+    long one runs, of the time from its end to the shard's next start (the batching window,
+    which begins when an invocation ends, then reading the shard), and of start to next start;
+    and the median readings an invocation received. Empty without two invocations of a shard."""
+    runs: list[float] = []
+    idle: list[float] = []
+    apart: list[float] = []
+    received: list[float] = []
+    last: dict[str, Invocation] = {}
+    for call in calls:
+        if not t_from <= call.start <= t_to:
+            continue
+        runs.append(call.end - call.start)
+        received.append(call.received)
+        before = last.get(call.shard)
+        if before is not None:
+            idle.append(call.start - before.end)
+            apart.append(call.start - before.start)
+        last[call.shard] = call
+    if not apart:
+        return {}
+    out = {"invocations": float(len(runs)), "shards": float(len(last)), "received_p50": _quantile(received, 0.5)}
+    for name, values in (("run", runs), ("idle", idle), ("apart", apart)):
+        out[f"{name}_p50"], out[f"{name}_p95"] = _quantile(values, 0.5), _quantile(values, 0.95)
+    return out
+
+
+def deciding_call(calls: list[Invocation], incident_start: float, arrived: float) -> dict[str, float] | None:
+    """The invocation that raised the incident's `CongestionDetected`: the last one to raise one
+    that started between the incident and the alert's arrival (its alerts leave before its
+    writes, so it may end after the arrival). Its start and end, and the end of its shard's
+    invocation before it, in seconds after the incident began."""
+    before: dict[str, Invocation] = {}
+    found = None
+    for call in calls:
+        if incident_start <= call.start <= arrived and "CongestionDetected" in call.alert_types:
+            found = (call, before.get(call.shard))
+        before[call.shard] = call
+    if found is None:
+        return None
+    call, prior = found
+    out = {"start_s": call.start - incident_start, "end_s": call.end - incident_start}
+    if prior is not None:
+        out["prior_end_s"] = prior.end - incident_start
+    return out
 
 
 def _alerts_raised(log_dir: Path, since: dict[Path, int]) -> dict[str, int]:
@@ -563,6 +647,7 @@ def run_load(
         watcher.stop()
     monitor.stop()
     cpu_after = monitor.cpu()
+    calls = invocations(log_dir, offsets)
     alert: dict[str, Any] = {"zone": zone, "scheduled": bool(incidents)}
     if incidents:
         alert["incident_start"] = first_minute / 1000
@@ -578,6 +663,7 @@ def run_load(
                 # When the rule decided (event time of the zone's watermark, or the deciding minute's
                 # close): what the pipeline adds to the rule is the rest.
                 alert["after_decision_s"] = arrived - parse_ts_ms(detail["detected_at"]) / 1000
+            alert["deciding"] = deciding_call(calls, first_minute / 1000, arrived)
     return LoadResult(
         rate=rate,
         duration_s=duration_s,
@@ -600,6 +686,7 @@ def run_load(
         at_measure=at_measure,
         after=after,
         latency=latency_percentiles(log_dir, since=offsets),
+        cadence=cadence(calls, t_measure, last_publish),
         alert=alert,
         alerts_raised=_alerts_raised(log_dir, offsets),
         cpu_s={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after},
@@ -640,6 +727,15 @@ def render(r: LoadResult) -> str:
             f"latency    publish -> queryable: p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, p99 {lat['p99']:.2f} s "
             f"over {int(lat['messages']):,} gateway messages"
         )
+    c = r.cadence
+    if c:
+        lines.append(
+            f"batches    {int(c['invocations']):,} invocations on {int(c['shards'])} shards while publishing, "
+            f"{c['received_p50']:,.0f} readings each (p50); each ran p50 {c['run_p50']:.2f} s / p95 "
+            f"{c['run_p95']:.2f} s, the shard's next started p50 {c['idle_p50']:.2f} s / p95 {c['idle_p95']:.2f} s "
+            f"after it ended (the batching window begins when an invocation ends), so p50 "
+            f"{c['apart_p50']:.2f} s / p95 {c['apart_p95']:.2f} s apart"
+        )
     a = r.alert
     if not a["scheduled"]:
         lines.append(
@@ -653,6 +749,13 @@ def render(r: LoadResult) -> str:
             f"{a['latency_s']:.1f} s"
             + (f", {a['after_decision_s']:.1f} s after the rule decided" if "after_decision_s" in a else "")
         )
+        d = a.get("deciding")
+        if d:
+            lines.append(
+                f"           the deciding invocation started {d['start_s']:.2f} s after the incident began and "
+                f"ended at {d['end_s']:.2f} s"
+                + (f"; the shard's one before it ended at {d['prior_end_s']:.2f} s" if "prior_end_s" in d else "")
+            )
     else:
         lines.append(f"alert      incident in {a['zone']}: no CongestionDetected arrived on the alert feed")
     raised = ", ".join(f"{kind} {n:,}" for kind, n in r.alerts_raised.items()) or "none"

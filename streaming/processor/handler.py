@@ -125,6 +125,7 @@ class Processor:
             bucket = next((b for b in LATENCY_BUCKETS_MS if latency <= b), LATENCY_BUCKETS_MS[-1] + 1)
             histogram[bucket] = histogram.get(bucket, 0) + 1
         return {
+            "shard": first.shard_id,
             "records": len(records),
             "counts": dict(out.counts),
             "alerts": len(out.alerts),

@@ -1,0 +1,78 @@
+"""How `citypulse load` reads the processor's invocations from its logs: the cadence of each
+shard's batches and the invocation that raised the incident's alert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from infra.local.load import Invocation, cadence, deciding_call, invocations
+
+
+def call(shard: str, start: float, run: float, received: int = 100, alerts: tuple[str, ...] = ()) -> Invocation:
+    return Invocation(shard, start, start + run, received, alerts)
+
+
+def test_invocations_are_read_from_the_handlers_log_lines(tmp_path: Path) -> None:
+    def line(shard: str, timestamp: str, duration_ms: float, alert_types: list[str]) -> bytes:
+        entry = {
+            "level": "INFO",
+            "message": "batch processed",
+            "timestamp": timestamp,
+            "shard": shard,
+            "records": 3,
+            "counts": {"received": 90, "stored": 90},
+            "alert_types": alert_types,
+            "duration_ms": duration_ms,
+        }
+        return orjson.dumps(entry) + b"\n"
+
+    log = tmp_path / "poller-shardId-000000000001.log"
+    log.write_bytes(
+        line("shardId-000000000001", "2026-12-06 12:07:03,665+0000", 634.5, ["CongestionDetected"])
+        + b'{"level":"INFO","message":"something else"}\n'
+        + line("shardId-000000000001", "2026-12-06 12:07:01,512+0000", 346.8, [])
+    )
+    calls = invocations(tmp_path, {})
+    assert [c.start for c in calls] == pytest.approx([1796558821.512 - 0.3468, 1796558823.665 - 0.6345])
+    assert [c.end for c in calls] == pytest.approx([1796558821.512, 1796558823.665])
+    assert calls[1] == Invocation("shardId-000000000001", calls[1].start, calls[1].end, 90, ("CongestionDetected",))
+    # From an offset: only what was logged after it.
+    first = len(line("shardId-000000000001", "2026-12-06 12:07:03,665+0000", 634.5, ["CongestionDetected"]))
+    assert len(invocations(tmp_path, {log: first})) == 1
+
+
+def test_cadence_follows_each_shard_from_one_invocation_to_its_next() -> None:
+    calls = [
+        call("a", 10.0, 0.4, 200),
+        call("b", 10.5, 0.2, 100),
+        call("a", 11.6, 0.3, 300),  # 1.2 s after a's first ended, 1.6 s after it started
+        call("b", 11.8, 0.2, 100),  # 1.1 s after b's first ended
+        call("a", 13.0, 0.5, 400),  # 1.1 s idle, 1.4 s apart
+        call("a", 30.0, 0.1, 999),  # after the window: left out
+    ]
+    c = cadence(sorted(calls, key=lambda i: i.start), 10.0, 20.0)
+    assert c["invocations"] == 5 and c["shards"] == 2
+    assert c["received_p50"] == 200
+    assert c["run_p50"] == pytest.approx(0.3) and c["run_p95"] == pytest.approx(0.5)
+    assert sorted([c["idle_p50"], c["idle_p95"]]) == pytest.approx([1.1, 1.2])
+    assert c["apart_p50"] == pytest.approx(1.4) and c["apart_p95"] == pytest.approx(1.6)
+
+
+def test_cadence_needs_two_invocations_of_a_shard() -> None:
+    assert cadence([call("a", 1.0, 0.2), call("b", 1.1, 0.2)], 0.0, 5.0) == {}
+
+
+def test_the_deciding_invocation_is_the_last_to_raise_congestion_before_the_alert_arrived() -> None:
+    calls = [
+        call("a", 95.0, 0.3, alerts=("CongestionDetected",)),  # before the incident: another episode
+        call("a", 100.5, 0.4),
+        call("b", 101.0, 0.3, alerts=("SensorSilent",)),
+        call("a", 102.0, 0.6, alerts=("CongestionDetected",)),
+        call("a", 104.0, 0.3, alerts=("CongestionDetected",)),  # after the arrival
+    ]
+    # Its alerts leave before its writes: it may end after the alert arrived (102.5).
+    assert deciding_call(calls, 100.0, 102.5) == pytest.approx({"start_s": 2.0, "end_s": 2.6, "prior_end_s": 0.9})
+    assert deciding_call(calls, 100.0, 101.5) is None

@@ -115,6 +115,44 @@ def test_every_record_from_concurrent_producers_is_delivered_once_in_order(strea
     assert seqs == sorted(seqs)  # in shard order
 
 
+def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tmp_path: Path) -> None:
+    """As AWS documents it for streams: a record read after the window since the last invocation
+    closed goes out at once; records that arrive within it wait until it closes."""
+    import boto3
+
+    k = boto3.client("kinesis")
+    window = 3.0
+    calls: list[tuple[float, float, list[bytes]]] = []  # (started, ended, data)
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        started = time.monotonic()
+        data = _data(event)
+        calls.append((started, time.monotonic(), data))
+        return {"batchItemFailures": []}
+
+    put_at = time.monotonic()
+    k.put_record(StreamName=stream, Data=b"a", PartitionKey="z")
+    stop = threading.Event()
+    thread = threading.Thread(target=_poller(stream, handler, tmp_path, batching_window_s=window).run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not calls:
+            assert time.monotonic() < deadline and thread.is_alive(), "no first invocation"
+            time.sleep(0.01)  # polling the handler's progress from the test thread
+        k.put_record(StreamName=stream, Data=b"b", PartitionKey="z")
+        while len(calls) < 2:
+            assert time.monotonic() < deadline and thread.is_alive(), "no second invocation"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+    (first_started, first_ended, first), (second_started, _, second) = calls
+    assert first == [b"a"] and second == [b"b"]
+    assert first_started - put_at < window  # no invocation before it: its window was over
+    assert second_started >= first_ended + window  # "b" waited for the window after "a"'s invocation
+
+
 def test_partial_failure_is_retried_from_the_failed_record_only(stream: str, tmp_path: Path) -> None:
     sent = _produce(stream, producers=1, per_producer=50)
     delivered: list[bytes] = []

@@ -1,7 +1,8 @@
 """The local stand-in for Lambda's Kinesis event-source mapping.
 
 In AWS the event-source mapping polls each shard, hands the processor Lambda batches of
-up to `BatchSize` records (waiting up to `MaximumBatchingWindowInSeconds` to fill one),
+up to `BatchSize` records (waiting up to `MaximumBatchingWindowInSeconds` to fill one; the
+next window begins as soon as the previous invocation completes, as AWS documents it),
 honours `ReportBatchItemFailures`, bisects a failing batch, retries up to
 `MaximumRetryAttempts` and then sends the batch's coordinates to the on-failure
 destination. This module does the same against the local Kinesis, calling the **real
@@ -213,8 +214,9 @@ class ShardPoller:
         """Poll until `stop` is set, invoking the handler per batch."""
         iterator = self._iterator()
         buffer: list[dict[str, Any]] = []
-        window_started = 0.0
-        size = self.config.batch_size
+        # The batching window begins when the previous invocation ends (none yet: already over).
+        window_ends = 0.0
+        window, size = self.config.batching_window_s, self.config.batch_size
         while not stop.is_set():
             if iterator is None:
                 raise CheckpointError(f"{self.shard_id} was closed; resharding is not emulated locally")
@@ -230,16 +232,20 @@ class ShardPoller:
                 continue
             iterator = resp.get("NextShardIterator")
             records = resp["Records"]
-            if records and not buffer:
-                window_started = time.monotonic()
             buffer.extend(records)
             while len(buffer) >= size:
                 self.deliver(buffer[:size])
                 buffer = buffer[size:]
-                window_started = time.monotonic()
-            if buffer and time.monotonic() - window_started >= self.config.batching_window_s:
+                window_ends = time.monotonic() + window
+            now = time.monotonic()
+            if buffer and now >= window_ends:
                 self.deliver(buffer)
                 buffer = []
+                window_ends = time.monotonic() + window
+            elif buffer:
+                # Gathering: read the shard once a poll interval, and when the window closes
+                # (a read at a time keeps the last one, which the batch waits for, small).
+                stop.wait(min(window_ends - now, self.config.poll_interval_s))
             elif not records:
                 # Lambda polls an idle shard about once a second; a little faster here.
                 stop.wait(self.config.poll_interval_s)

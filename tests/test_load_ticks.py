@@ -60,3 +60,37 @@ def test_a_fault_free_sensor_does_not_repeat_its_count_like_a_stuck_one() -> Non
 def test_ticks_of_a_minute_send_the_minutes_count() -> None:
     sensors = GATEWAYS[0]
     assert _minute(60, sensors) == [[MODEL.reading(s, 3)["vehicle_count"] for s in sensors]]
+
+
+class _Counting:
+    """The traffic model, counting the readings asked of it."""
+
+    def __init__(self, model: TrafficModel) -> None:
+        self.model, self.asked = model, 0
+        self.seed, self.start_ms = model.seed, model.start_ms
+
+    def reading(self, sensor, minute: int) -> dict:
+        self.asked += 1
+        return self.model.reading(sensor, minute)
+
+
+def test_the_next_minute_is_computed_a_share_at_each_tick_not_all_at_its_start() -> None:
+    sensors = max(GATEWAYS, key=len)
+    model = _Counting(MODEL)
+    source = TickReadings(model, sensors, 1)
+    start = START_MS + 3 * 60_000
+    asked = []
+    for k in range(121):  # two minutes of 1 s ticks and the first of the third
+        before = model.asked
+        readings = source.at(start + k * 1000 + 250, k)  # a gateway a quarter into each tick
+        asked.append(model.asked - before)
+        if k in (60, 120):
+            minute = 3 + k // 60
+            expected = [MODEL.reading(s, minute) for s in sensors]
+            assert [r["congestion_index"] for r in readings] == [r["congestion_index"] for r in expected]
+            assert [r["avg_speed_kmh"] for r in readings] == [r["avg_speed_kmh"] for r in expected]
+    # The first tick computes its own minute (nothing ahead yet); then every sensor's next minute
+    # once per minute, never more than a sensor or two a tick.
+    assert asked[0] == len(sensors) + 1
+    assert sum(asked[1:61]) == sum(asked[61:121]) == len(sensors)
+    assert max(asked[1:]) <= math.ceil(len(sensors) / 59)

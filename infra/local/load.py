@@ -336,7 +336,7 @@ class LoadResult:
     after: Accounting
     latency: dict[str, float]
     cadence: dict[str, float]  # of the processor's invocations while publishing (`cadence`)
-    alert: dict[str, Any]
+    incidents: list[dict[str, Any]]  # each scheduled incident and its alert (`run_load`)
     alerts_raised: dict[str, int]  # by the processor during the run, by type
     cpu_s: dict[str, float]  # per component from the end of the warm-up until all was accounted for
     publisher_cpu_s: float
@@ -504,16 +504,16 @@ def _alerts_raised(log_dir: Path, since: dict[Path, int]) -> dict[str, int]:
 
 
 class AlertWatcher:
-    """Long-polls the alert feed, noting when each `CongestionDetected` for a zone arrives."""
+    """Long-polls the alert feed, noting when the first `CongestionDetected` of each zone arrives."""
 
-    def __init__(self, zone_id: str) -> None:
+    def __init__(self, zones: set[str]) -> None:
         import boto3
 
-        self.zone_id = zone_id
+        self.zones = zones
         self.sqs = boto3.client("sqs")
         self.url = os.environ["CITYPULSE_ALERT_FEED_QUEUE_URL"]
-        self.arrivals: list[tuple[float, dict[str, Any]]] = []
-        self.arrived = threading.Event()
+        self.arrivals: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.all_arrived = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -524,9 +524,11 @@ class AlertWatcher:
             for m in resp.get("Messages", []):
                 event = orjson.loads(m["Body"])
                 detail = event.get("detail", {})
-                if event.get("detail-type") == "CongestionDetected" and detail.get("zone_id") == self.zone_id:
-                    self.arrivals.append((arrived, detail))
-                    self.arrived.set()
+                zone = detail.get("zone_id")
+                if event.get("detail-type") == "CongestionDetected" and zone in self.zones:
+                    self.arrivals.setdefault(zone, (arrived, detail))
+                    if len(self.arrivals) == len(self.zones):
+                        self.all_arrived.set()
                 self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=m["ReceiptHandle"])
 
     def start(self) -> None:
@@ -535,6 +537,20 @@ class AlertWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def schedule_incidents(zones: list[str], now: float, warmup_s: float, duration_s: float) -> list[tuple[str, int]]:
+    """(zone, start in epoch ms) of the load test's incidents: one at every minute boundary (the
+    traffic model changes state on them) from the first at least 10 s after the warm-up, while
+    the run lasts INCIDENT_WATCH_S past it, each in its own zone, spread over the city's list.
+    The severe rule decides within seconds; a milder jam would wait for two closed minutes."""
+    end = now + warmup_s + duration_s
+    first = math.ceil((now + warmup_s + 10) * 1000 / MINUTE_MS) * MINUTE_MS
+    starts = list(range(first, math.ceil((end - INCIDENT_WATCH_S) * 1000), MINUTE_MS))[: len(zones)]
+    if not starts:
+        return []
+    step = len(zones) // len(starts)
+    return [(zones[(len(zones) // 2 + k * step) % len(zones)], at) for k, at in enumerate(starts)]
 
 
 def run_load(
@@ -576,17 +592,10 @@ def run_load(
     publishers = publishers or max(1, math.ceil(msgs_per_s / 1500))
     log_dir = state_dir / "logs"
 
-    # The incident: in a zone, from the first minute boundary at least 10 s after the warm-up
-    # (the traffic model changes state on minute boundaries), if the run lasts INCIDENT_WATCH_S
-    # past it: the severe rule decides within seconds; a milder jam would wait for two closed minutes.
     now = time.time()
     start_ms = int(now * 1000) // MINUTE_MS * MINUTE_MS
-    first_minute = math.ceil((now + warmup_s + 10) * 1000 / MINUTE_MS) * MINUTE_MS
-    incident_minute = (first_minute - start_ms) // MINUTE_MS
-    incidents: list[Incident] = []
-    zone = city.zones[len(city.zones) // 2].zone_id
-    if first_minute / 1000 + INCIDENT_WATCH_S < now + warmup_s + duration_s:
-        incidents.append(Incident(zone, incident_minute, 60, severity=0.85))
+    scheduled = schedule_incidents([z.zone_id for z in city.zones], now, warmup_s, duration_s)
+    incidents = [Incident(zone, (at_ms - start_ms) // MINUTE_MS, 60, severity=0.85) for zone, at_ms in scheduled]
 
     spec = {
         "sensors": sensors,
@@ -622,7 +631,7 @@ def run_load(
         echo(f"  {len(gateways):,} gateways connected over MQTT + mutual TLS")
         before = read_accounting()
         monitor = ResourceMonitor({k: v for k, v in info.pids.items() if pid_alive(v)})
-        watcher = AlertWatcher(zone) if incidents else None
+        watcher = AlertWatcher({zone for zone, _ in scheduled}) if scheduled else None
         if watcher:
             watcher.start()
         monitor.start()
@@ -630,8 +639,8 @@ def run_load(
         for proc in procs:
             proc.stdin.write(orjson.dumps({"t0": t0}).decode() + "\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
-        if incidents:
-            echo(f"  incident in zone {zone} from {time.strftime('%H:%M:%S', time.gmtime(first_minute / 1000))}Z")
+        for zone, at_ms in scheduled:
+            echo(f"  incident in zone {zone} from {time.strftime('%H:%M:%S', time.gmtime(at_ms / 1000))}Z")
         # The measured window starts after the warm-up (the processors' cold start is outside it).
         t_measure = t0 + warmup_s
         threading.Event().wait(max(0.0, t_measure - time.time()))  # pacing against the wall clock
@@ -657,29 +666,29 @@ def run_load(
     echo(f"  published {published:,} readings; waiting until the processor has accounted for them")
     after = wait_until_accounted(before.received + published, drain_timeout_s, echo)
     accounted_at = time.time()
-    # Alert: wait a little for a detection that is due but still in flight.
+    # Alerts: wait a little for a detection that is due but still in flight.
     if watcher:
-        watcher.arrived.wait(30)
+        watcher.all_arrived.wait(30)
         watcher.stop()
     monitor.stop()
     cpu_after = monitor.cpu()
     calls = invocations(log_dir, offsets)
-    alert: dict[str, Any] = {"zone": zone, "scheduled": bool(incidents)}
-    if incidents:
-        alert["incident_start"] = first_minute / 1000
-        if watcher and watcher.arrivals:
-            arrived, detail = watcher.arrivals[0]
-            alert.update(
+    alerts = []
+    for zone, at_ms in scheduled:
+        incident: dict[str, Any] = {"zone": zone, "incident_start": at_ms / 1000}
+        if watcher and zone in watcher.arrivals:
+            arrived, detail = watcher.arrivals[zone]
+            incident.update(
                 arrived=arrived,
-                latency_s=arrived - first_minute / 1000,
-                started_at=detail.get("started_at"),
+                latency_s=arrived - at_ms / 1000,
                 rule=detail.get("rule"),
+                deciding=deciding_call(calls, at_ms / 1000, arrived),
             )
             if isinstance(detail.get("detected_at"), str):
                 # When the rule decided (event time of the zone's watermark, or the deciding minute's
                 # close): what the pipeline adds to the rule is the rest.
-                alert["after_decision_s"] = arrived - parse_ts_ms(detail["detected_at"]) / 1000
-            alert["deciding"] = deciding_call(calls, first_minute / 1000, arrived)
+                incident["after_decision_s"] = arrived - parse_ts_ms(detail["detected_at"]) / 1000
+        alerts.append(incident)
     return LoadResult(
         rate=rate,
         duration_s=duration_s,
@@ -703,7 +712,7 @@ def run_load(
         after=after,
         latency=latency_percentiles(log_dir, since=offsets),
         cadence=cadence(calls, t_measure, last_publish),
-        alert=alert,
+        incidents=alerts,
         alerts_raised=_alerts_raised(log_dir, offsets),
         cpu_s={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after},
         publisher_cpu_s=pub_cpu_after,
@@ -752,28 +761,37 @@ def render(r: LoadResult) -> str:
             f"after it ended (the batching window begins when an invocation ends), so p50 "
             f"{c['apart_p50']:.2f} s / p95 {c['apart_p95']:.2f} s apart"
         )
-    a = r.alert
-    if not a["scheduled"]:
+    if not r.incidents:
         lines.append(
             f"alert      no incident scheduled: the run ends within {INCIDENT_WATCH_S} s of the first minute "
             "boundary after the warm-up"
         )
-    elif "latency_s" in a:
+    latencies = sorted(a["latency_s"] for a in r.incidents if "latency_s" in a)
+    if latencies:
         lines.append(
-            f"alert      incident in {a['zone']} at {time.strftime('%H:%M:%S', time.gmtime(a['incident_start']))}Z -> "
-            f"CongestionDetected (rule {a['rule']}, started_at {a['started_at']}) on the alert feed after "
-            f"{a['latency_s']:.1f} s"
-            + (f", {a['after_decision_s']:.1f} s after the rule decided" if "after_decision_s" in a else "")
+            f"alert      {len(r.incidents)} incident{'s' if len(r.incidents) > 1 else ''} (one a minute, each in "
+            f"its own zone), {len(latencies)} "
+            f"CongestionDetected on the alert feed: after p50 {_quantile(latencies, 0.5):.1f} s "
+            f"(min {latencies[0]:.1f} s, max {latencies[-1]:.1f} s) from the incident's start"
         )
+    for a in r.incidents:
+        head = f"           {a['zone']} at {time.strftime('%H:%M:%S', time.gmtime(a['incident_start']))}Z: "
+        if "latency_s" not in a:
+            lines.append(head + "no CongestionDetected arrived on the alert feed")
+            continue
         d = a.get("deciding")
-        if d:
-            lines.append(
-                f"           the deciding invocation started {d['start_s']:.2f} s after the incident began and "
-                f"ended at {d['end_s']:.2f} s"
-                + (f"; the shard's one before it ended at {d['prior_end_s']:.2f} s" if "prior_end_s" in d else "")
+        lines.append(
+            head
+            + f"after {a['latency_s']:.1f} s (rule {a['rule']}"
+            + (f", {a['after_decision_s']:.1f} s after it decided" if "after_decision_s" in a else "")
+            + ")"
+            + (
+                f"; the deciding invocation ran from {d['start_s']:.2f} to {d['end_s']:.2f} s"
+                + (f", its shard's one before it ended at {d['prior_end_s']:.2f} s" if "prior_end_s" in d else "")
+                if d
+                else ""
             )
-    else:
-        lines.append(f"alert      incident in {a['zone']}: no CongestionDetected arrived on the alert feed")
+        )
     raised = ", ".join(f"{kind} {n:,}" for kind, n in r.alerts_raised.items()) or "none"
     lines.append(f"alerts     raised by the processor after the warm-up: {raised}")
     pollers = r.cpu_s.get("pollers", 0.0)

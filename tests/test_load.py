@@ -53,3 +53,8 @@ def test_load_loses_no_reading(tmp_path: Path) -> None:
     assert c["shards"] == 4 and c["invocations"] >= 4 * DURATION_S / 3, report
     assert c["idle_p50"] >= 0.99 and c["apart_p50"] >= c["idle_p50"], report
     assert f"{int(c['invocations']):,} invocations on 4 shards" in report
+    # From each message's arrival in the stream: a part of its way from the publisher, never more.
+    stream = result.stream_latency
+    assert stream["messages"] >= result.measured_messages, report
+    assert stream["p50"] <= result.latency["p50"] and stream["p99"] <= result.latency["p99"], report
+    assert "of which from arrival in the stream" in report

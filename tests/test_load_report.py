@@ -92,3 +92,10 @@ def test_an_incident_at_every_minute_boundary_the_run_watches_each_in_its_own_zo
     # Too short a run for one; a city of fewer zones than boundaries: one incident per zone.
     assert schedule_incidents(zones, now, warmup_s=30, duration_s=60) == []
     assert sorted(zone for zone, _ in schedule_incidents(zones[:2], now, 30, 300)) == ["Z-000", "Z-001"]
+
+
+def test_latencies_fall_in_the_bucket_of_their_upper_bound() -> None:
+    from streaming.processor.handler import latency_histogram
+
+    histogram = latency_histogram([0, 50, 50.5, 999, 1000, 1001, 9999, 10_001, 60_000, 70_000])
+    assert histogram == {50: 2, 100: 1, 1000: 2, 1250: 1, 10000: 1, 15000: 1, 60000: 1, 60001: 1}

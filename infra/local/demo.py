@@ -102,12 +102,15 @@ def batch_log_entries(log_dir: Path, since: dict[Path, int] | None = None) -> It
                     yield orjson.loads(line)
 
 
-def latency_percentiles(log_dir: Path, since: dict[Path, int] | None = None) -> dict[str, float]:
+def latency_percentiles(
+    log_dir: Path, since: dict[Path, int] | None = None, histogram: str = "latency_ms_histogram"
+) -> dict[str, float]:
     """Publish → committed-to-live-store latency, merged from the processor's per-batch
-    histograms in its logs (what CloudWatch would aggregate from the EMF metrics)."""
+    histograms in its logs (what CloudWatch would aggregate from the EMF metrics); with
+    `histogram="stream_ms_histogram"`, from each message's arrival in the stream instead."""
     hist: dict[int, int] = {}
     for entry in batch_log_entries(log_dir, since):
-        for bucket, count in entry.get("latency_ms_histogram", {}).items():
+        for bucket, count in entry.get(histogram, {}).items():
             hist[int(bucket)] = hist.get(int(bucket), 0) + count
     total = sum(hist.values())
     out: dict[str, float] = {"messages": float(total)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ def latency_histogram(latencies_ms: Iterable[float]) -> dict[int, int]:
     """Counts per `LATENCY_BUCKETS_MS` bucket (its upper bound; beyond the last, one past it)."""
     histogram: dict[int, int] = {}
     for latency in latencies_ms:
-        bucket = next((b for b in LATENCY_BUCKETS_MS if latency <= b), LATENCY_BUCKETS_MS[-1] + 1)
+        i = bisect_left(LATENCY_BUCKETS_MS, latency)
+        bucket = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else LATENCY_BUCKETS_MS[-1] + 1
         histogram[bucket] = histogram.get(bucket, 0) + 1
     return histogram
 

@@ -553,8 +553,11 @@ class AlertWatcher:
 
 def schedule_incidents(zones: list[str], now: float, warmup_s: float, duration_s: float) -> list[tuple[str, int]]:
     """(zone, start in epoch ms) of the load test's incidents: one at every minute boundary (the
-    traffic model changes state on them) from the first at least 10 s after the warm-up, while
-    the run lasts INCIDENT_WATCH_S past it, each in its own zone, spread over the city's list.
+    traffic model changes state on them) from the first at least `warmup_s` + 10 s after `now`,
+    while the run lasts INCIDENT_WATCH_S past it, each in its own zone, spread over the city's
+    list. Publishing begins once every gateway has connected, later than `now`, so the first
+    incident may fall inside the warm-up (after the pollers' first batches, which is what the
+    warm-up waits for).
     The severe rule decides within seconds; a milder jam would wait for two closed minutes."""
     end = now + warmup_s + duration_s
     first = math.ceil((now + warmup_s + 10) * 1000 / MINUTE_MS) * MINUTE_MS
@@ -647,6 +650,8 @@ def run_load(
         if watcher:
             watcher.start()
         monitor.start()
+        # Invocations are read from here on: an incident may begin during the warm-up.
+        publish_offsets = _log_offsets(log_dir)
         t0 = math.ceil(time.time()) + 1.0
         for proc in procs:
             proc.stdin.write(orjson.dumps({"t0": t0}).decode() + "\n")  # type: ignore[union-attr]
@@ -684,7 +689,7 @@ def run_load(
         watcher.stop()
     monitor.stop()
     cpu_after = monitor.cpu()
-    calls = invocations(log_dir, offsets)
+    calls = invocations(log_dir, publish_offsets)
     alerts = []
     for zone, at_ms in scheduled:
         incident: dict[str, Any] = {"zone": zone, "incident_start": at_ms / 1000}

@@ -82,16 +82,16 @@ def test_an_incident_at_every_minute_boundary_the_run_watches_each_in_its_own_zo
     from infra.local.load import INCIDENT_WATCH_S, schedule_incidents
 
     zones = [f"Z-{i:03d}" for i in range(256)]
-    now = 1_796_558_700.0  # 12:05:00 UTC: warm-up until 12:05:30, run until 12:10:30
-    scheduled = schedule_incidents(zones, now, warmup_s=30, duration_s=300)
+    start = 1_796_558_700.0  # 12:05:00 UTC: warm-up until 12:05:30, run until 12:10:30
+    scheduled = schedule_incidents(zones, start, warmup_s=30, duration_s=300)
     starts = [at for _, at in scheduled]
     # From the first boundary 10 s after the warm-up (12:06:00), while more than 30 s of the run remain after it.
     assert starts == [1_796_558_760_000 + k * 60_000 for k in range(4)]
-    assert starts[-1] / 1000 + INCIDENT_WATCH_S < now + 330 <= starts[-1] / 1000 + 60 + INCIDENT_WATCH_S
+    assert starts[-1] / 1000 + INCIDENT_WATCH_S < start + 330 <= starts[-1] / 1000 + 60 + INCIDENT_WATCH_S
     assert [zone for zone, _ in scheduled] == ["Z-128", "Z-192", "Z-000", "Z-064"]
     # Too short a run for one; a city of fewer zones than boundaries: one incident per zone.
-    assert schedule_incidents(zones, now, warmup_s=30, duration_s=60) == []
-    assert sorted(zone for zone, _ in schedule_incidents(zones[:2], now, 30, 300)) == ["Z-000", "Z-001"]
+    assert schedule_incidents(zones, start, warmup_s=30, duration_s=60) == []
+    assert sorted(zone for zone, _ in schedule_incidents(zones[:2], start, 30, 300)) == ["Z-000", "Z-001"]
 
 
 def test_latencies_fall_in_the_bucket_of_their_upper_bound() -> None:

@@ -242,8 +242,9 @@ def publisher_main(argv: list[str] | None = None) -> None:
     """One publisher process: its share of the gateways, paced tick by tick.
 
     Protocol on stdout/stdin (JSON lines): it prints {"connected": n} once its gateways are
-    connected, reads one line {"t0": epoch_s} (the common start), publishes until t0 +
-    duration, flushes, and prints its PublisherResult.
+    connected, reads one line {"t0": epoch_s, "incidents": [...]} (the common start and the
+    incidents scheduled from it), publishes until t0 + duration, flushes, and prints its
+    PublisherResult.
     """
     from dataclasses import asdict
 
@@ -255,8 +256,6 @@ def publisher_main(argv: list[str] | None = None) -> None:
     spec = orjson.loads(p.parse_args(argv).spec)
     env = os.environ
     city = demo_city(spec["sensors"], spec["seed"])
-    incidents = [Incident(**i) for i in spec["incidents"]]
-    model = TrafficModel(city, spec["seed"], spec["start_ms"], incidents, Faults.none())
     all_gateways = city.gateways()
     mine = [gw for i, gw in enumerate(all_gateways) if i % spec["count"] == spec["index"]]
     connect = gateway_connector(
@@ -268,12 +267,16 @@ def publisher_main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max_workers=16) as pool:
         conns = list(pool.map(connect, mine))
     res.connect_s = time.monotonic() - started
+    print(orjson.dumps({"connected": len(conns)}).decode(), flush=True)
+    start = orjson.loads(sys.stdin.readline())
+    t0 = start["t0"]
+    # The incidents come with the start: they are scheduled from it (`schedule_incidents`).
+    incidents = [Incident(**i) for i in start["incidents"]]
+    model = TrafficModel(city, spec["seed"], spec["start_ms"], incidents, Faults.none())
     sources = [
         (conn, all_gateways[gw][0].zone_id, TickReadings(model, all_gateways[gw], spec["tick_s"]))
         for gw, conn in zip(mine, conns, strict=True)
     ]
-    print(orjson.dumps({"connected": len(conns)}).decode(), flush=True)
-    t0 = orjson.loads(sys.stdin.readline())["t0"]
     tick, duration, warmup = spec["tick_s"], spec["duration_s"], spec.get("warmup_s", 0.0)
     n_ticks = max(1, round((warmup + duration) / tick))
     t_measure = t0 + warmup
@@ -551,16 +554,14 @@ class AlertWatcher:
         self._thread.join()
 
 
-def schedule_incidents(zones: list[str], now: float, warmup_s: float, duration_s: float) -> list[tuple[str, int]]:
+def schedule_incidents(zones: list[str], start: float, warmup_s: float, duration_s: float) -> list[tuple[str, int]]:
     """(zone, start in epoch ms) of the load test's incidents: one at every minute boundary (the
-    traffic model changes state on them) from the first at least `warmup_s` + 10 s after `now`,
-    while the run lasts INCIDENT_WATCH_S past it, each in its own zone, spread over the city's
-    list. Publishing begins once every gateway has connected, later than `now`, so the first
-    incident may fall inside the warm-up (after the pollers' first batches, which is what the
-    warm-up waits for).
+    traffic model changes state on them) from the first at least 10 s after the warm-up of a run
+    publishing from `start`, while the run lasts INCIDENT_WATCH_S past it, each in its own zone,
+    spread over the city's list.
     The severe rule decides within seconds; a milder jam would wait for two closed minutes."""
-    end = now + warmup_s + duration_s
-    first = math.ceil((now + warmup_s + 10) * 1000 / MINUTE_MS) * MINUTE_MS
+    end = start + warmup_s + duration_s
+    first = math.ceil((start + warmup_s + 10) * 1000 / MINUTE_MS) * MINUTE_MS
     starts = list(range(first, math.ceil((end - INCIDENT_WATCH_S) * 1000), MINUTE_MS))[: len(zones)]
     if not starts:
         return []
@@ -607,10 +608,7 @@ def run_load(
     publishers = publishers or max(1, math.ceil(msgs_per_s / 1500))
     log_dir = state_dir / "logs"
 
-    now = time.time()
-    start_ms = int(now * 1000) // MINUTE_MS * MINUTE_MS
-    scheduled = schedule_incidents([z.zone_id for z in city.zones], now, warmup_s, duration_s)
-    incidents = [Incident(zone, (at_ms - start_ms) // MINUTE_MS, 60, severity=0.85) for zone, at_ms in scheduled]
+    start_ms = int(time.time() * 1000) // MINUTE_MS * MINUTE_MS
 
     spec = {
         "sensors": sensors,
@@ -620,7 +618,6 @@ def run_load(
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "start_ms": start_ms,
-        "incidents": [vars(i) for i in incidents],
     }
     env = {**os.environ, **info.env}
     echo(
@@ -646,15 +643,16 @@ def run_load(
         echo(f"  {len(gateways):,} gateways connected over MQTT + mutual TLS")
         before = read_accounting()
         monitor = ResourceMonitor({k: v for k, v in info.pids.items() if pid_alive(v)})
+        t0 = math.ceil(time.time()) + 1.0
+        scheduled = schedule_incidents([z.zone_id for z in city.zones], t0, warmup_s, duration_s)
+        incidents = [Incident(zone, (at - start_ms) // MINUTE_MS, 60, severity=0.85) for zone, at in scheduled]
         watcher = AlertWatcher({zone for zone, _ in scheduled}) if scheduled else None
         if watcher:
             watcher.start()
         monitor.start()
-        # Invocations are read from here on: an incident may begin during the warm-up.
-        publish_offsets = _log_offsets(log_dir)
-        t0 = math.ceil(time.time()) + 1.0
+        start = orjson.dumps({"t0": t0, "incidents": [vars(i) for i in incidents]}).decode()
         for proc in procs:
-            proc.stdin.write(orjson.dumps({"t0": t0}).decode() + "\n")  # type: ignore[union-attr]
+            proc.stdin.write(start + "\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
         for zone, at_ms in scheduled:
             echo(f"  incident in zone {zone} from {time.strftime('%H:%M:%S', time.gmtime(at_ms / 1000))}Z")
@@ -689,7 +687,7 @@ def run_load(
         watcher.stop()
     monitor.stop()
     cpu_after = monitor.cpu()
-    calls = invocations(log_dir, publish_offsets)
+    calls = invocations(log_dir, offsets)
     alerts = []
     for zone, at_ms in scheduled:
         incident: dict[str, Any] = {"zone": zone, "incident_start": at_ms / 1000}

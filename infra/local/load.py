@@ -414,18 +414,6 @@ def _log_offsets(log_dir: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for p in log_dir.glob("poller-*.log")}
 
 
-def _processed_between(log_dir: Path, since: dict[Path, int], t_from: float, t_to: float) -> int:
-    """Readings the processor committed in batches logged between t_from and t_to (epoch s)."""
-    from datetime import datetime
-
-    total = 0
-    for entry in batch_log_entries(log_dir, since):
-        ts = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
-        if t_from <= ts <= t_to:
-            total += entry.get("counts", {}).get("received", 0)
-    return total
-
-
 @dataclass(frozen=True)
 class Invocation:
     """One processor invocation, from its "batch processed" log entry (epoch seconds)."""
@@ -509,11 +497,16 @@ def deciding_call(calls: list[Invocation], incident_start: float, arrived: float
     return out
 
 
-def _alerts_raised(log_dir: Path, since: dict[Path, int]) -> dict[str, int]:
-    """Alerts the processor published after the `since` offsets, by detail type."""
+def _processed_between(calls: list[Invocation], t_from: float, t_to: float) -> int:
+    """Readings the processor committed in invocations that ended between t_from and t_to (epoch s)."""
+    return sum(call.received for call in calls if t_from <= call.end <= t_to)
+
+
+def _alerts_raised(calls: list[Invocation]) -> dict[str, int]:
+    """Alerts the processor published in these invocations, by detail type."""
     raised: dict[str, int] = {}
-    for entry in batch_log_entries(log_dir, since):
-        for kind in entry.get("alert_types", ()):
+    for call in calls:
+        for kind in call.alert_types:
             raised[kind] = raised.get(kind, 0) + 1
     return dict(sorted(raised.items()))
 
@@ -720,7 +713,7 @@ def run_load(
         publish_window_s=last_publish - t_measure,
         publisher_max_lag_s=max(r.max_lag_s for r in results),
         publisher_late_ticks=max(r.late_ticks for r in results),
-        processed_in_window=_processed_between(log_dir, offsets, t_measure, last_publish),
+        processed_in_window=_processed_between(calls, t_measure, last_publish),
         drain_s=accounted_at - last_publish,
         before=before,
         at_measure=at_measure,
@@ -729,7 +722,7 @@ def run_load(
         stream_latency=latency_percentiles(log_dir, since=offsets, histogram="stream_ms_histogram"),
         cadence=cadence(calls, t_measure, last_publish),
         incidents=alerts,
-        alerts_raised=_alerts_raised(log_dir, offsets),
+        alerts_raised=_alerts_raised(calls),
         cpu_s={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after},
         publisher_cpu_s=pub_cpu_after,
         peak_rss_kb=monitor.peak_kb,

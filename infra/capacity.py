@@ -48,6 +48,16 @@ MAX_BATCHING_WINDOW_S = 300
 POLL_INTERVAL_S = 1.0
 
 
+def batching_window(seconds: object) -> int:
+    """`seconds` if the mapping can take it as its MaximumBatchingWindowInSeconds; else ValueError."""
+    if type(seconds) is not int or not 0 <= seconds <= MAX_BATCHING_WINDOW_S:
+        raise ValueError(
+            f"batching window {seconds!r}: the mapping's window is whole seconds from 0 to {MAX_BATCHING_WINDOW_S} "
+            "(MaximumBatchingWindowInSeconds)"
+        )
+    return seconds
+
+
 def encode_gateway_message(gateway_id: str, zone_id: str, sent_at_ms: int, readings: list[dict[str, Any]]) -> bytes:
     """The bytes a gateway publishes: the contract's message (`device_message`: columnar,
     schema_version 2), orjson-encoded, as the devices send it.
@@ -144,12 +154,7 @@ class Workload:
     glue_crawler_dpu: int = 2
 
     def __post_init__(self) -> None:
-        window = self.batching_window_s
-        if type(window) is not int or not 0 <= window <= MAX_BATCHING_WINDOW_S:
-            raise ValueError(
-                f"batching window {window!r}: MaximumBatchingWindowInSeconds takes whole seconds "
-                f"from 0 to {MAX_BATCHING_WINDOW_S}"
-            )
+        batching_window(self.batching_window_s)
 
     @property
     def batch_interval_s(self) -> float:

@@ -11,6 +11,7 @@ citypulse replay   publish recorded detector data (CSV/Parquet) into the running
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -175,18 +176,16 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def _window_seconds(text: str) -> int:
-    """A MaximumBatchingWindowInSeconds as the API takes it: whole seconds, 0 to 300."""
-    from infra.capacity import MAX_BATCHING_WINDOW_S
+    """A MaximumBatchingWindowInSeconds as the API takes it (`infra.capacity.batching_window`)."""
+    from infra.capacity import batching_window
 
-    try:
+    seconds: object = text  # not a whole number: refused as it is
+    with contextlib.suppress(ValueError):
         seconds = int(text)
-    except ValueError:
-        seconds = -1
-    if not 0 <= seconds <= MAX_BATCHING_WINDOW_S:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: the mapping's window is whole seconds from 0 to {MAX_BATCHING_WINDOW_S}"
-        )
-    return seconds
+    try:
+        return batching_window(seconds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -117,6 +117,20 @@ def test_duckdb_load_holds_exactly_the_intervals_distinct_rows_and_reruns_identi
     assert _snapshot(warehouse, RAW) == before
 
 
+def test_duckdb_hands_the_checkpoint_the_interval_in_key_order_without_sorting_it(
+    tmp_path: Path, fixture_lake: FixtureLake, lake: Lake, interval: Interval
+) -> None:
+    """DuckDB keeps an interval's readings in the checkpoint's order (`stores_in_read_order`):
+    the load inserts them sorted on the key and the read takes them as stored, so GX quotes the
+    same failure examples on every run."""
+    warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    warehouse.load(interval, lake)
+
+    assert "order by" not in warehouse.readings_query(interval)
+    keys = [(r["sensor_id"], r["seq"]) for r in warehouse.read_readings(interval).to_pylist()]
+    assert len(keys) == 60 and keys == sorted(keys)
+
+
 def test_loading_the_next_hour_leaves_this_hour_untouched(
     tmp_path: Path, fixture_lake: FixtureLake, lake: Lake, interval: Interval
 ) -> None:

@@ -20,7 +20,6 @@ Like `expectations.readings`, the suites are plain data (no Great Expectations i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -79,31 +78,28 @@ def _naive_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is None else moment.astimezone(UTC).replace(tzinfo=None)
 
 
-def _counts(rows: Iterable[tuple[Any, ...]], side: str) -> Any:
-    import pandas as pd
-
-    # Column-wise conversion: a Python object per row (pd.Timestamp, int) cost ~3 s for the
-    # 200,000 sensor-quarters of 50,000 sensors (docs/performance.md, Batch).
-    counts = [f"{side}_reading_count", f"{side}_vehicle_count"]
-    frame = pd.DataFrame.from_records(list(rows), columns=["entity_id", "bucket_start", *counts])
+def _counts(table: Any, side: str) -> Any:
+    """One side's counts (a pyarrow Table: entity_id, bucket_start, reading_count,
+    vehicle_count) as a frame whose count columns are named after the side."""
+    frame = table.to_pandas()
     frame["entity_id"] = frame["entity_id"].astype(str)
-    frame["bucket_start"] = pd.to_datetime(frame["bucket_start"]).astype("datetime64[us]")
-    frame[counts] = frame[counts].astype("int64")
-    return frame
+    frame["bucket_start"] = frame["bucket_start"].astype("datetime64[us]")
+    return frame.rename(columns={c: f"{side}_{c}" for c in ("reading_count", "vehicle_count")})
 
 
 def reconciliation_frame(
     spec: MartSpec,
-    raw_rows: Iterable[tuple[Any, ...]],
-    mart_rows: Iterable[tuple[Any, ...]],
+    raw_rows: Any,
+    mart_rows: Any,
     start: datetime,
     end: datetime,
 ) -> Any:
     """One row per (entity, bucket) seen in raw, in the mart, or on the spine, with both sides' counts.
 
-    `raw_rows`: (entity, bucket_start, reading_count, vehicle_count) of the interval's
-    `raw.readings` grouped by the mart's entity and buckets (`Warehouse.read_raw_bucket_counts`);
-    `mart_rows`: the same of the mart's rows inside the interval (`Warehouse.read_bucket_counts`).
+    `raw_rows`: pyarrow Table (entity_id, bucket_start, reading_count, vehicle_count) of the
+    interval's `raw.readings` grouped by the mart's entity and buckets
+    (`Warehouse.read_raw_bucket_counts`); `mart_rows`: the same of the mart's rows inside the
+    interval (`Warehouse.read_bucket_counts`).
     """
     import pandas as pd
 

@@ -209,8 +209,8 @@ def run_readings_checkpoint(
 
 
 def run_reconciliation(
-    raw_rows: dict[str, list[tuple[Any, ...]]],
-    mart_rows: dict[str, list[tuple[Any, ...]]],
+    raw_rows: dict[str, Any],
+    mart_rows: dict[str, Any],
     interval_start: datetime,
     interval_end: datetime,
     *,
@@ -219,9 +219,10 @@ def run_reconciliation(
 ) -> CheckpointSummary:
     """The marts gate: each traffic mart's interval reconciled with the interval's raw readings.
 
-    `raw_rows`, `mart_rows`: table name -> (entity, bucket_start, reading_count, vehicle_count)
-    of raw grouped by that mart's entity and buckets (`Warehouse.read_raw_bucket_counts`), and
-    of the mart's rows inside the interval (`Warehouse.read_bucket_counts`).
+    `raw_rows`, `mart_rows`: table name -> pyarrow Table (entity_id, bucket_start,
+    reading_count, vehicle_count) of raw grouped by that mart's entity and buckets
+    (`Warehouse.read_raw_bucket_counts`), and of the mart's rows inside the interval
+    (`Warehouse.read_bucket_counts`).
     """
     validations = []
     for spec in TRAFFIC_MARTS:

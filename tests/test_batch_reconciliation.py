@@ -13,8 +13,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
+from citypulse_batch.warehouse import bucket_counts_schema
 from expectations.marts import TRAFFIC_MARTS, reconciliation_frame
 from expectations.runner import run_reconciliation
 
@@ -42,6 +44,18 @@ def _marts(readings: pd.DataFrame) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
+def _table(rows: list[tuple[Any, ...]]) -> pa.Table:
+    """One side's counts as the warehouse hands them over."""
+    schema = bucket_counts_schema()
+    return pa.Table.from_pylist([dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema)
+
+
+def _reconcile(raw: dict[str, list[tuple[Any, ...]]], marts: dict[str, list[tuple[Any, ...]]]) -> Any:
+    return run_reconciliation(
+        {t: _table(rows) for t, rows in raw.items()}, {t: _table(rows) for t, rows in marts.items()}, START, END
+    )
+
+
 def _failed(result: Any) -> set[tuple[str, str, str]]:
     return {
         (f["suite"].removeprefix("citypulse_reconcile_"), f["expectation"], str(f["column"])) for f in result.failures
@@ -50,7 +64,7 @@ def _failed(result: Any) -> set[tuple[str, str, str]]:
 
 def test_a_correct_build_reconciles_every_mart() -> None:
     readings = _readings()
-    result = run_reconciliation(_marts(readings), _marts(readings), START, END)
+    result = _reconcile(_marts(readings), _marts(readings))
     assert result.success, result.failures
     # 4 marts x (2 pair equalities + 2 totals) + the spine of the 2 zone marts
     assert result.evaluated == result.passed == 18
@@ -61,7 +75,7 @@ def test_a_bucket_counted_wrong_in_one_mart_fails_its_buckets_and_totals() -> No
     marts = _marts(readings)
     zone, bucket, count, vehicles = marts[ZONE_15][2]
     marts[ZONE_15][2] = (zone, bucket, count + 1, vehicles)
-    result = run_reconciliation(_marts(readings), marts, START, END)
+    result = _reconcile(_marts(readings), marts)
     assert not result.success
     assert _failed(result) == {
         (
@@ -78,7 +92,7 @@ def test_a_bucket_missing_from_the_mart_is_a_gap_and_a_shortfall() -> None:
     readings = _readings()
     marts = _marts(readings)
     del marts[ZONE_15][0]
-    result = run_reconciliation(_marts(readings), marts, START, END)
+    result = _reconcile(_marts(readings), marts)
     assert {(mart, expectation) for mart, expectation, _ in _failed(result)} == {
         ("fct_zone_traffic_15min", "expect_column_pair_values_to_be_equal"),
         ("fct_zone_traffic_15min", "expect_column_sum_to_be_between"),
@@ -90,7 +104,7 @@ def test_a_zone_silent_for_a_whole_quarter_is_a_gap_even_when_the_totals_agree()
     readings = _readings()
     # Zone Z-1 (sensors S-1, S-3) sends nothing in 10:15-10:30; raw and marts agree on that.
     readings = readings[~((readings["zone_id"] == "Z-1") & (readings["ts"].dt.minute == 16))]
-    result = run_reconciliation(_marts(readings), _marts(readings), START, END)
+    result = _reconcile(_marts(readings), _marts(readings))
     assert _failed(result) == {("fct_zone_traffic_15min", "expect_column_values_to_be_between", "mart_reading_count")}
     (failure,) = result.failures
     assert failure["unexpected_count"] == 1
@@ -101,17 +115,21 @@ def test_rows_outside_the_raw_data_count_as_zero_on_the_raw_side() -> None:
     marts = _marts(readings)
     marts["fct_sensor_traffic_hourly"].append(("S-9", datetime(2026, 3, 2, 10), 3, 12))
     frame = reconciliation_frame(
-        TRAFFIC_MARTS[1], _marts(readings)["fct_sensor_traffic_hourly"], marts["fct_sensor_traffic_hourly"], START, END
+        TRAFFIC_MARTS[1],
+        _table(_marts(readings)["fct_sensor_traffic_hourly"]),
+        _table(marts["fct_sensor_traffic_hourly"]),
+        START,
+        END,
     )
     ghost = frame[frame["entity_id"] == "S-9"].iloc[0]
     assert (ghost["raw_reading_count"], ghost["mart_reading_count"], ghost["mart_vehicle_count"]) == (0, 3, 12)
-    assert not run_reconciliation(_marts(readings), marts, START, END).success
+    assert not _reconcile(_marts(readings), marts).success
 
 
 @pytest.mark.parametrize("spec", TRAFFIC_MARTS, ids=lambda s: s.table)
 def test_the_spine_covers_every_bucket_of_the_interval_for_zones_only(spec: Any) -> None:
     readings = _readings(minutes=(1,))  # data in the first quarter only
-    frame = reconciliation_frame(spec, _marts(readings)[spec.table], [], START, END)
+    frame = reconciliation_frame(spec, _table(_marts(readings)[spec.table]), _table([]), START, END)
     entities = readings[spec.entity].nunique()
     buckets = 60 // spec.minutes if spec.spine else 1
     assert len(frame) == entities * buckets

@@ -15,24 +15,12 @@ from typing import Any
 import orjson
 
 from streaming.contract import columnar_message, format_ts, gateway_message
+from streaming.processor.envelope import rule_envelope as envelope
 from streaming.registry import City, Sensor
 
 BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary in 2026
 SHARD_ID = "shardId-000000000000"
 FIRST_SEQUENCE = 49_000_000_000_000_000_000
-
-
-def envelope(payload: bytes, zone_id: str, gateway_id: str, received_at_ms: int) -> bytes:
-    """The rule's projection of one MQTT message (see the topic rule's SQL)."""
-    return orjson.dumps(
-        {
-            "payload": base64.b64encode(payload).decode(),
-            "zone_id": zone_id,
-            "gateway_id": gateway_id,
-            "client_id": gateway_id,
-            "received_at": received_at_ms,
-        }
-    )
 
 
 def reading(sensor: Sensor, seq: int, ts_ms: int, congestion: float = 0.2) -> dict[str, Any]:

@@ -79,6 +79,20 @@ _RULE_ENVELOPE = msgspec.json.Decoder(_RuleEnvelope)
 DECLINED = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
+def rule_envelope(payload: bytes, zone_id: str, gateway_id: str, received_at_ms: int) -> bytes:
+    """What the topic rule's SQL writes to Kinesis for one MQTT message (for the tools that
+    make records without a broker: benchmarks, tests, `citypulse plan`)."""
+    return orjson.dumps(
+        {
+            "payload": pybase64.b64encode(payload).decode(),
+            "zone_id": zone_id,
+            "gateway_id": gateway_id,
+            "client_id": gateway_id,
+            "received_at": received_at_ms,
+        }
+    )
+
+
 def decode_envelope(data: bytes) -> Envelope:
     """Kinesis record data → Envelope, or ContractError naming what is wrong with the message.
 

@@ -33,6 +33,9 @@ import orjson
 from streaming.contract import device_message
 from streaming.devices.topics import telemetry_topic
 from streaming.devices.traffic import Faults, TrafficModel
+from streaming.processor.core import Record, apply_batch, decode_batch
+from streaming.processor.envelope import rule_envelope
+from streaming.processor.state import DEDUPE_WINDOW, ZoneState
 from streaming.registry import generate_city
 
 PRICES = Path(__file__).parent / "pricing" / "aws-us-east-1.json"
@@ -112,6 +115,54 @@ def measure_message_sizes(sample_gateways: int = 64, seed: int = 7) -> MessageSi
     )
 
 
+@dataclass(frozen=True)
+class StateSizes:
+    """Bytes per sensor of the zone-state item, measured on states the processor's core made."""
+
+    bytes_per_sensor: float
+    zones: int
+    sensors: int
+
+
+def sample_zone_states(sample_zones: int = 4, seed: int = 7) -> dict[str, ZoneState]:
+    """The states the processor's core (`decode_batch`, `apply_batch`) makes of `sample_zones`
+    zones of the default city on the traffic model's readings (no faults), each sensor having
+    reported `DEDUPE_WINDOW` + 1 times: every dedupe window full, as in a running city at any
+    rate. Each gateway's messages arrive at its own phase of the second, as the load
+    generator sends them."""
+    city = generate_city(seed=seed)
+    start_ms = 1_764_835_200_000  # 2025-12-04T08:00Z, a weekday morning
+    model = TrafficModel(city, seed, start_ms, faults=Faults.none())
+    zone_ids = {z.zone_id for z in city.zones[:sample_zones]}
+    gateways = [(gw, sensors) for gw, sensors in city.gateways().items() if sensors[0].zone_id in zone_ids]
+    records = []
+    received_at_ms = start_ms
+    for minute in range(DEDUPE_WINDOW + 1):
+        sent_at_ms = start_ms + (minute + 1) * 60_000
+        for n, (gw, sensors) in enumerate(gateways):
+            zone_id = sensors[0].zone_id
+            payload = encode_gateway_message(gw, zone_id, sent_at_ms, model.gateway_minute(gw, sensors, minute))
+            received_at_ms = sent_at_ms + 80 + n * 7_919 % 1_000
+            data = rule_envelope(payload, zone_id, gw, received_at_ms)
+            records.append(Record("shardId-000000000000", len(records), data))
+    registry = {s.sensor_id: s for s in city.sensors}
+    return apply_batch(decode_batch(records, registry, zone_ids), {}, {}, {}, received_at_ms).zone_states
+
+
+@cache
+def measure_zone_state_bytes(sample_zones: int = 4, seed: int = 7) -> StateSizes:
+    """The zone-state item's size per sensor, as `StateStore.save_zone_states` writes it
+    (`ZoneState.to_bytes`), over `sample_zone_states`. A sensor with duplicate, late or stuck
+    counters (a faulty one) has a few bytes more."""
+    states = sample_zone_states(sample_zones, seed).values()
+    sensors = sum(len(z.sensors) for z in states)
+    return StateSizes(sum(len(z.to_bytes()) for z in states) / sensors, len(states), sensors)
+
+
+def _measured_state_bytes() -> float:
+    return measure_zone_state_bytes().bytes_per_sensor
+
+
 def _measured_reading_bytes() -> float:
     return measure_message_sizes().reading_bytes
 
@@ -146,7 +197,9 @@ class Workload:
     naive_readings_per_core_s: float = 75_874
     processor_cpu_share: float = 0.5
     lambda_memory_mb: int = 1769  # = one vCPU
-    zone_state_bytes_per_sensor: int = 40  # compressed per-sensor dedupe + live state
+    # The zone-state item per sensor (dedupe window and live values, compressed): measured on
+    # the processor's own states (`measure_zone_state_bytes`) unless given.
+    zone_state_bytes_per_sensor: float = field(default_factory=_measured_state_bytes)
     lake_bytes_per_reading: int = 25  # Parquet, zstd
     redshift_base_rpu: int = 8
     redshift_hours_per_day: float = 2.0  # hourly loads of a few minutes, plus analyst queries
@@ -454,6 +507,7 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
         )
     ratio = naive.monthly_usd / ours.monthly_usd
     sizes = measure_message_sizes()
+    states = measure_zone_state_bytes()
     lines += [
         f"{'total':<34}{ours.monthly_usd:>18,.0f}{naive.monthly_usd:>16,.0f}",
         "",
@@ -478,7 +532,9 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
         + ("" if w.batching_window_s else "; with no window, Lambda's once-a-second reading of each shard paces them")
         + "): each zone's state read and written and each shard's lake file put once per batch",
         f"  processor {w.processor_readings_per_core_s:,.0f} readings/s per vCPU at {w.processor_cpu_share:.0%} CPU;"
-        f" zone state {w.zone_state_bytes_per_sensor} B per sensor; lake {w.lake_bytes_per_reading} B per reading",
+        f" lake {w.lake_bytes_per_reading} B per reading",
+        f"  zone state {w.zone_state_bytes_per_sensor:,.1f} B per sensor; measured as the processor saves it"
+        f" (ZoneState.to_bytes) on {states.sensors:,} sensors of {states.zones} zones, full dedupe windows",
         "capacity: "
         + ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v:,}" for k, v in ours.capacity.items()),
     ]

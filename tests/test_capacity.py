@@ -16,19 +16,22 @@ from infra.capacity import (
     hottest_shard_share,
     load_prices,
     measure_message_sizes,
+    measure_zone_state_bytes,
     message_sizes,
     naive_plan,
     plan,
     provisioned_shards,
+    sample_zone_states,
     tiered,
     zone_shares,
 )
 from streaming.contract import GATEWAY_V2, device_message
 from streaming.devices.topics import telemetry_topic
+from streaming.processor.state import DEDUPE_WINDOW
 
 PRICES = load_prices()
-# Known message sizes for the hand-worked figures below (the default is measured).
-SIZED = {"reading_bytes": 200, "message_overhead_bytes": 150}
+# Known message and zone-state sizes for the hand-worked figures below (the defaults are measured).
+SIZED = {"reading_bytes": 200, "message_overhead_bytes": 150, "zone_state_bytes_per_sensor": 40}
 
 
 def item(p, name: str) -> float:
@@ -61,7 +64,7 @@ def test_naive_dynamodb_is_one_write_per_reading() -> None:
 
 
 def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
-    w = Workload()
+    w = Workload(**SIZED)
     # 50,000 / 256 zones x 40 B = 7.63 KB → 8 WRU + 1 zone-minute item = 9 WRU per zone per second
     assert plan(w).capacity["dynamodb_wru_per_s"] == 256 * 9
     # reads: (ceil(7.63/4) = 2 + 1) RRU x 2 (strongly consistent) per zone per second
@@ -103,7 +106,8 @@ def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixtu
         main(["plan", "--batching-window", "2"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
-    assert "1,152 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
+    # 256 zones x (4 WRU of measured zone state + 1 zone-minute item) / 2 s
+    assert "640 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
     assert "at most one batch per shard every 2 s (MaximumBatchingWindowInSeconds=2)" in shown
 
 
@@ -206,3 +210,24 @@ def test_citypulse_is_at_least_twenty_times_cheaper_than_naive() -> None:
     assert naive_plan(w).monthly_usd / plan(w).monthly_usd >= 20
     # ... and still when the naive design gets a provisioned stream as well.
     assert naive_plan(w, stream_mode="PROVISIONED").monthly_usd / plan(w).monthly_usd >= 20
+
+
+def test_the_zone_state_size_is_measured_on_the_processors_own_full_states() -> None:
+    states = sample_zone_states()
+    sensors = [s for z in states.values() for s in z.sensors.values()]
+    assert len(states) == 4 and len(sensors) > 600
+    # Every sensor reported DEDUPE_WINDOW + 1 times: its window is full, as in a running city.
+    assert all(s.window == 2**DEDUPE_WINDOW - 1 and s.vehicle_count is not None for s in sensors)
+    sizes = measure_zone_state_bytes()
+    assert sizes.sensors == len(sensors)
+    assert sizes.bytes_per_sensor == sum(len(z.to_bytes()) for z in states.values()) / len(sensors)
+    assert Workload().zone_state_bytes_per_sensor == sizes.bytes_per_sensor  # what the plan costs
+
+
+def test_the_measured_zone_state_halves_dynamodb_against_the_old_constant() -> None:
+    # ~20 B per sensor: 50,000 / 256 zones x ~20 B = ~3.9 KB → 4 WRU + 1 zone-minute item, and
+    # one 4 KB read unit, against 9 WRU and 2 RRU per zone per second at the old 40 B.
+    measured = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measure_zone_state_bytes().bytes_per_sensor}))
+    assert 15 < measure_zone_state_bytes().bytes_per_sensor < 21
+    assert measured.capacity["dynamodb_wru_per_s"] == 256 * 5
+    assert measured.capacity["dynamodb_rru_per_s"] == 256 * 2 * 2

@@ -9,8 +9,10 @@ Every price comes from `infra/pricing/aws-us-east-1.json` (dated, with its sourc
 other figure is an input with a default that says where it came from. Message and reading
 sizes are not constants: `measure_message_sizes` encodes real gateway messages of the
 simulated city with the devices' encoder (`encode_gateway_message`, the one place to switch
-when the payload format changes). The arithmetic is plain so that a reviewer can redo it:
-tests pin known inputs to known outputs.
+when the payload format changes), and `measure_zone_state_bytes` weighs the zone states the
+processor's own core makes of the traffic model's readings; DynamoDB is priced zone by zone at
+each zone's size. The arithmetic is plain so that a reviewer can redo it: tests pin known
+inputs to known outputs.
 
 The Kinesis stream is planned in the capacity mode the template's `StreamMode` parameter
 deploys: at a steady 50,000 readings/s provisioned shards cost a fraction of on-demand's
@@ -292,15 +294,18 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
 
     # Kinesis: the rule's record is the base64 payload (4/3) plus ~120 B of metadata.
     # Partitioned by zone (docs/architecture.md §4): zones land unevenly on shards.
-    shards = _kinesis(out, w, p, msgs_s, msg_bytes * 4 / 3 + 120, zone_shares(w.sensors, w.zones))
+    shares = zone_shares(w.sensors, w.zones)
+    shards = _kinesis(out, w, p, msgs_s, msg_bytes * 4 / 3 + 120, shares)
     _lambda(out, w, p, shards, w.processor_readings_per_core_s)
 
     # DynamoDB: per zone per batch one zone-state item and ~1 zone-minute item, read then written.
+    # Each zone's item in its own size: units are whole KB (writes) and 4 KB (reads) per item,
+    # so pricing every zone at the average size would hide what the larger zones pay.
     ddb = p["dynamodb_on_demand"]
     batches_per_zone_s = 1 / w.batch_interval_s
-    state_kb = w.sensors / w.zones * w.zone_state_bytes_per_sensor / 1024
-    wru_s = w.zones * batches_per_zone_s * (_units(state_kb, 1) + 1)
-    rru_s = w.zones * batches_per_zone_s * (_units(state_kb, 4) + 1) * 2  # strongly consistent reads
+    state_kb = [share * w.sensors * w.zone_state_bytes_per_sensor / 1024 for share in shares.values()]
+    wru_s = batches_per_zone_s * sum(_units(kb, 1) + 1 for kb in state_kb)
+    rru_s = batches_per_zone_s * sum(_units(kb, 4) + 1 for kb in state_kb) * 2  # strongly consistent reads
     out.capacity.update(dynamodb_wru_per_s=wru_s, dynamodb_rru_per_s=rru_s)
     out.add(
         "DynamoDB (on-demand)",

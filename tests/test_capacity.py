@@ -63,18 +63,25 @@ def test_naive_dynamodb_is_one_write_per_reading() -> None:
     assert item(naive_plan(Workload()), "DynamoDB (on-demand)") == pytest.approx(82_125)
 
 
+# The default city's zones by size (the registry's zone types): 112 of 139 sensors, 60 of 198,
+# 64 of 257, 4 of 258 and 16 of 317. At 40 B a sensor their zone-state items are 5.4, 7.7, 10.0,
+# 10.1 and 12.4 KB: 6, 8, 11, 11 and 13 write units, 2, 2, 3, 3 and 4 read units (4 KB).
+ZONE_WRU_40 = 112 * 6 + 60 * 8 + 64 * 11 + 4 * 11 + 16 * 13  # 2,108
+ZONE_RRU_40 = 112 * 2 + 60 * 2 + 64 * 3 + 4 * 3 + 16 * 4  # 612
+
+
 def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     w = Workload(**SIZED)
-    # 50,000 / 256 zones x 40 B = 7.63 KB → 8 WRU + 1 zone-minute item = 9 WRU per zone per second
-    assert plan(w).capacity["dynamodb_wru_per_s"] == 256 * 9
-    # reads: (ceil(7.63/4) = 2 + 1) RRU x 2 (strongly consistent) per zone per second
-    assert plan(w).capacity["dynamodb_rru_per_s"] == 256 * 3 * 2
+    # each zone's state item in its own size, plus 1 zone-minute item, per zone per second
+    assert plan(w).capacity["dynamodb_wru_per_s"] == ZONE_WRU_40 + 256
+    # reads: the same items, strongly consistent (x2)
+    assert plan(w).capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) * 2
 
 
 def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -> None:
     second, two = plan(Workload(**SIZED)), plan(Workload(batching_window_s=2, **SIZED))
-    assert two.capacity["dynamodb_wru_per_s"] == 256 * 9 / 2
-    assert two.capacity["dynamodb_rru_per_s"] == 256 * 3 * 2 / 2
+    assert two.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) / 2
+    assert two.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) * 2 / 2
     assert item(two, "DynamoDB (on-demand)") == pytest.approx(item(second, "DynamoDB (on-demand)") / 2)
     shards = two.capacity["kinesis_shards"]
     assert shards == second.capacity["kinesis_shards"]  # the stream does not change
@@ -106,8 +113,8 @@ def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixtu
         main(["plan", "--batching-window", "2"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
-    # 256 zones x (4 WRU of measured zone state + 1 zone-minute item) / 2 s
-    assert "640 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
+    # the zones' measured state items (3, 4, 6, 6 and 7 WRU by size: 1,096) + 256 zone-minute items, / 2 s
+    assert "676 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
     assert "at most one batch per shard every 2 s (MaximumBatchingWindowInSeconds=2)" in shown
 
 
@@ -225,9 +232,10 @@ def test_the_zone_state_size_is_measured_on_the_processors_own_full_states() -> 
 
 
 def test_the_measured_zone_state_halves_dynamodb_against_the_old_constant() -> None:
-    # ~20 B per sensor: 50,000 / 256 zones x ~20 B = ~3.9 KB → 4 WRU + 1 zone-minute item, and
-    # one 4 KB read unit, against 9 WRU and 2 RRU per zone per second at the old 40 B.
-    measured = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measure_zone_state_bytes().bytes_per_sensor}))
-    assert 15 < measure_zone_state_bytes().bytes_per_sensor < 21
-    assert measured.capacity["dynamodb_wru_per_s"] == 256 * 5
-    assert measured.capacity["dynamodb_rru_per_s"] == 256 * 2 * 2
+    # ~20 B a sensor: the zones' items are 2.8, 3.9, 5.1, 5.1 and 6.3 KB — 3, 4, 6, 6 and 7 write
+    # units and 1, 1, 2, 2 and 2 read units — against 6 to 13 and 2 to 4 at the old 40 B.
+    measured = measure_zone_state_bytes().bytes_per_sensor
+    assert 15 < measured < 21
+    w = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measured}))
+    assert w.capacity["dynamodb_wru_per_s"] == 112 * 3 + 60 * 4 + 68 * 6 + 16 * 7 + 256  # 1,352
+    assert w.capacity["dynamodb_rru_per_s"] == (112 * 1 + 60 * 1 + 84 * 2 + 256) * 2  # 1,192

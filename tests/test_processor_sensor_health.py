@@ -141,12 +141,30 @@ def test_a_blob_written_before_the_health_fields_existed_still_reads() -> None:
     assert (sensor.repeat_run, sensor.stuck, sensor.duplicates, sensor.late) == (0, False, 0, 0)
 
 
-def test_a_healthy_sensor_costs_no_more_than_one_field_in_the_blob() -> None:
+def test_a_zone_state_is_stored_a_column_per_field_and_reads_back_whole() -> None:
     state = ZoneState(SENSOR.zone_id)
     healthy = SensorState(hwm=3, window=1, last_ts_ms=BASE_MS, vehicle_count=9, repeat_run=1)
     odd = SensorState(hwm=3, window=1, duplicates=2)
     state.sensors = {"healthy": healthy, "odd": odd}
-    rows = orjson.loads(zlib.decompress(state.to_bytes()))["s"]
-    assert len(rows["healthy"]) == 10  # ... repeat_run; stuck, duplicates, late left out
-    assert len(rows["odd"]) == 12  # ... repeat_run, stuck, duplicates; late left out
+    doc = orjson.loads(zlib.decompress(state.to_bytes()))
+    assert doc["si"] == ["healthy", "odd"]
+    assert len(doc["sc"]) == len(healthy.row())  # every field a column, one value a sensor
+    assert doc["sc"][0] == [3, 3] and doc["sc"][9] == [1, 0] and doc["sc"][11] == [0, 2]
     assert ZoneState.from_bytes(state.to_bytes()) == state
+    assert ZoneState.from_bytes(ZoneState(SENSOR.zone_id).to_bytes()) == ZoneState(SENSOR.zone_id)
+
+
+def test_a_blob_of_the_row_layout_still_reads() -> None:
+    """States stored before session 13 hold a row a sensor, its trailing zero fields left out."""
+    state = ZoneState(SENSOR.zone_id, marker_shard="shardId-000000000000", marker_seq=7, watermark_ms=BASE_MS)
+    state.sensors = {
+        "healthy": SensorState(hwm=3, window=1, last_ts_ms=BASE_MS, vehicle_count=9, repeat_run=1),
+        "odd": SensorState(hwm=3, window=1, duplicates=2),
+    }
+    doc = orjson.loads(zlib.decompress(state.to_bytes()))
+    del doc["si"], doc["sc"]
+    doc["s"] = {
+        "healthy": [3, 1, BASE_MS, 0, 9, None, None, 0.0, False, 1],
+        "odd": [3, 1, 0, 0, 0, None, None, 0.0, False, 0, False, 2],
+    }
+    assert ZoneState.from_bytes(zlib.compress(orjson.dumps(doc), 1)) == state

@@ -463,17 +463,18 @@ class DuckDBWarehouse(Warehouse):
             f"read_csv({_quote(lake.uri(key))}, header = true, columns = {{{types}}})"
         )
 
-    def read_readings(self, interval: Interval) -> Any:
-        # DuckDB hands Arrow over natively, with the table's own column types.
+    def _arrow(self, sql: str) -> Any:
+        # DuckDB hands Arrow over natively: fetched through Python tuples, the reconciliation's
+        # ~400,000 bucket counts of a city-hour cost ~0.7 s more (docs/performance.md, "Batch").
         with self.transaction() as con:
-            return con.execute(self.readings_query(interval)).to_arrow_table()
+            return con.execute(sql).to_arrow_table()
+
+    def read_readings(self, interval: Interval) -> Any:
+        # With the table's own column types.
+        return self._arrow(self.readings_query(interval))
 
     def _query_arrow(self, sql: str, schema: Any) -> Any:
-        # Natively too: fetched through Python tuples, the reconciliation's ~400,000 bucket counts
-        # of a city-hour cost ~0.7 s more (docs/performance.md, "Batch").
-        with self.transaction() as con:
-            table = con.execute(sql).to_arrow_table()
-        return table.rename_columns(schema.names).cast(schema)
+        return self._arrow(sql).rename_columns(schema.names).cast(schema)
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_a_fault_free_sensor_does_not_repeat_its_count_like_a_stuck_one() -> Non
         states = [SensorState() for _ in sensors]
         for k, counts in enumerate(_minute(1, sensors)):
             rows = [(s.sensor_id, k, count, None, None, 0.0) for s, count in zip(sensors, counts, strict=True)]
-            update_sensors(states, rows, k, sensors[0].zone_id, alerts, run_limit)
+            update_sensors(states, rows, [k] * len(rows), sensors[0].zone_id, alerts, run_limit)
             longest = max(longest, *(state.repeat_run for state in states))
     assert alerts == []
     assert longest > 1

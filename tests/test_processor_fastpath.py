@@ -17,11 +17,13 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, envelope, reading
 
 from streaming.contract import ContractError, columnar_message, format_ts, gateway_message, parse_ts_ms
+from streaming.processor import columnar
 from streaming.processor.columnar import ColumnBlock, _sent_at_ms, decode_plain
 from streaming.processor.core import (
     MINUTE_MS,
@@ -123,7 +125,9 @@ NOT_OBJECTS: list[Any] = [5, "reading", None, [], [1, 2], True]
 
 
 @st.composite
-def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
+def readings_for(draw: st.DrawFn, gateway: int, minute: int | None = None) -> list[Any]:
+    """Readings for a message of `gateway`, valid and not; all of one event-time minute when
+    `minute` is given, else half the time."""
     own = GATEWAYS[gateway]
     zone = own[0].zone_id
     same_zone_other_gw = [s for g in GATEWAYS if g[0].zone_id == zone and g is not own for s in g]
@@ -132,7 +136,7 @@ def readings_for(draw: st.DrawFn, gateway: int) -> list[Any]:
     # Half the messages fall in one event-time minute, as a gateway's do: the shape decode_batch
     # marks as a block for apply_batch (with duplicates, late, beyond-window and future readings
     # inside). Of those, half share one event time; the others give each detector its own.
-    shared_minute = draw(st.one_of(st.none(), st.integers(0, 80)))
+    shared_minute = draw(st.one_of(st.none(), st.integers(0, 80))) if minute is None else minute
     shared_offset = draw(st.one_of(st.none(), st.sampled_from([0, 999, 30_500])))
     # "clean": every reading plainly valid; "one_bad": all but one, whose mutation the block's
     # column checks must catch. Both only with a shared event time (the block shape).
@@ -268,21 +272,35 @@ def _as_columns(readings: list[Any], zone: str) -> list[dict[str, Any]]:
 
 @st.composite
 def batches(draw: st.DrawFn) -> tuple[list[Record], list[Record], bool]:
-    """Two consecutive batches; the second may redeliver records of the first and of itself."""
+    """Two consecutive batches; the second may redeliver records of the first and of itself.
+
+    A batch is either a mix of every kind of record, or mostly single-reading messages whose
+    readings fall in one or two minutes, each received at its own time: consecutive ones of a
+    zone make the runs `apply_batch` applies together."""
     b = StreamBuilder(SHARD)
     first: list[Record] = []
     second: list[Record] = []
+    mixed = ["gateway"] * 3 + ["columnar"] * 4 + ["single"] * 2 + ["broken", "redeliver"]
+    mostly_single = ["single"] * 8 + ["columnar", "broken", "redeliver"]
+    # The same minutes in both batches: a replay of both then has runs that cross from records
+    # whose aggregates were written (before a crash) into records whose were not.
+    minutes = draw(st.lists(st.integers(0, 80), min_size=1, max_size=2))
     for target in (first, second):
-        for _ in range(draw(st.integers(1, 10))):
+        singles = draw(st.booleans())
+        for _ in range(draw(st.integers(1, 16 if singles else 10))):
             gateway = draw(st.integers(0, len(GATEWAYS) - 1))
             sensors = GATEWAYS[gateway]
-            # receive time: sometimes before the readings' event time (future), sometimes much later (silence)
+            minute = draw(st.sampled_from(minutes)) if singles else None
+            # receive time: sometimes before the readings' event time (future), sometimes much
+            # later (silence); in a batch of singles mostly within a minute of the reading's
             received = BASE_MS + draw(st.integers(0, 90)) * MINUTE_MS
-            kind = draw(st.sampled_from(["gateway"] * 3 + ["columnar"] * 4 + ["single"] * 2 + ["broken", "redeliver"]))
+            if minute is not None and draw(st.integers(0, 3)):
+                received = BASE_MS + minute * MINUTE_MS + draw(st.integers(0, 2 * MINUTE_MS))
+            kind = draw(st.sampled_from(mostly_single if singles else mixed))
             if kind == "redeliver" and (first or target):
                 target.append(draw(st.sampled_from(first + target)))
             elif kind == "single":
-                rs = draw(readings_for(gateway))
+                rs = draw(readings_for(gateway, minute))
                 payload = orjson.dumps(rs[0]) if rs else b"{}"
                 target.append(b.record(envelope(payload, sensors[0].zone_id, sensors[0].gateway_id, received)))
             elif kind == "columnar":
@@ -448,6 +466,47 @@ def test_quarantine_keeps_the_original_reading_bytes() -> None:
     assert orjson.loads(base64.b64decode(raw)) == bad
 
 
+def _single(b: StreamBuilder, sensor: Any, seq: int, ts_ms: int, received: int) -> Record:
+    """A single-reading message of `sensor`, as the rule puts it on the stream."""
+    return b.record(envelope(orjson.dumps(_plain(sensor, seq, ts_ms)), sensor.zone_id, sensor.gateway_id, received))
+
+
+def test_single_readings_of_a_zone_and_minute_are_applied_as_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consecutive single-reading messages of one zone and minute, each with its own receive
+    time, reach `apply_run` together (so the property test above exercises runs, not only
+    the reading-by-reading step), and the outcome is the reference's."""
+    runs: list[int] = []
+    apply_run = columnar.apply_run
+
+    def counted(state: Any, own: Any, readings: list[Any], *rest: Any) -> Any:
+        runs.append(len(readings))
+        return apply_run(state, own, readings, *rest)
+
+    monkeypatch.setattr(columnar, "apply_run", counted)
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    ts = BASE_MS + 10 * MINUTE_MS
+    batch = [_single(b, s, 1, ts + i, ts + 1000 + i) for i, s in enumerate(sensors[:4])]
+    batch.append(_single(b, sensors[0], 2, ts + MINUTE_MS, ts + MINUTE_MS + 500))  # the next minute: a new run
+    _both(batch, {}, {}, {})
+    assert runs == [4, 1]
+
+
+def test_a_run_crossing_from_aggregated_records_into_new_ones_after_a_crash() -> None:
+    """A crash after the zone-minute aggregates were written, before the zone state: the
+    replay's run of singles begins with records the stored aggregate already holds and goes
+    on into new ones of the same minute. Only the new ones may be added to it."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    ts = BASE_MS + 10 * MINUTE_MS
+    first = [_single(b, s, 1, ts + i, ts + 1000) for i, s in enumerate(sensors[:2])]
+    second = [_single(b, s, 1, ts + 10 + i, ts + 2000) for i, s in enumerate(sensors[2:4])]
+    out = _both(first, {}, {}, {})
+    replay = _both(first + second, {}, out.minutes, {})  # the zone state was lost
+    (agg,) = replay.minutes.values()
+    assert agg.readings == 4
+
+
 def test_block_lateness_boundary() -> None:
     """A gateway message exactly at, and one millisecond past, the 15-minute lateness bound:
     the block path's one lateness verdict per message must match the reference's per reading."""
@@ -533,8 +592,8 @@ def test_v1_and_v2_messages_of_the_same_readings_have_the_same_outcome() -> None
     rows[0]["lane"] = 99  # one bad reading
     rows[-1].pop("avg_speed_kmh")  # one count-only reading
     outs = []
-    for columnar in (False, True):
-        record = StreamBuilder(SHARD).gateway_record(sensors, rows, ts + 1000, columnar=columnar)
+    for as_columns in (False, True):
+        record = StreamBuilder(SHARD).gateway_record(sensors, rows, ts + 1000, columnar=as_columns)
         outs.append(_both([record, record], {}, {}, {}))  # and its redelivery
     v1, v2 = (_output_view(o) for o in outs)
     assert v1[0] == v2[0] and v1[2:] == v2[2:]  # lake rows, state, aggregates, alerts, counts

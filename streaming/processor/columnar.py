@@ -4,7 +4,7 @@ Part of phase 1 and 2 of `streaming.processor.core` (`decode_batch`, `apply_batc
 message — v2 (columnar, what gateways publish) or v1 (a list of reading objects) — whose
 readings are all plainly valid and fall in one event-time minute is checked column by column with
 C-level builtins (`accept`) and kept as columns (`ColumnBlock`): no Reading, no item, no dict
-per reading. `apply_block` then does per reading only what must be per reading — the dedupe
+per reading. `apply_rows` then does per reading only what must be per reading — the dedupe
 window and the sensor's live values — and lands the lake rows, the zone-minute aggregate, the
 watermark and the open minute a column at a time.
 
@@ -47,6 +47,20 @@ _FLOAT_ONLY = {float}
 _FLOAT_OR_NULL = {float, type(None)}
 
 
+# Readings as columns: sensor ids, event times (epoch ms), seqs, vehicle counts, speeds,
+# occupancies, congestion indexes and lanes.
+ReadingColumns = tuple[
+    Sequence[str],
+    Sequence[int],
+    Sequence[int],
+    Sequence[int],
+    Sequence[float | None],
+    Sequence[float | None],
+    Sequence[float],
+    Sequence[int],
+]
+
+
 @dataclass(slots=True)
 class ColumnBlock:
     """A whole gateway message whose readings are all plainly valid (every required field
@@ -58,14 +72,7 @@ class ColumnBlock:
     envelope: Envelope
     first_ms: int  # the earliest and the latest event time of its readings (one minute)
     ts_ms: int
-    sensor_ids: Sequence[str]
-    stamps: Sequence[int]  # each reading's event time, epoch ms
-    seqs: Sequence[int]
-    vehicles: Sequence[int]
-    speeds: Sequence[float | None]
-    occupancies: Sequence[float | None]
-    congestions: Sequence[float]
-    lanes: Sequence[int]
+    columns: ReadingColumns
     index: int = 0  # a block is a whole record: its redelivery counts once, as the first item's
 
     def items(self) -> list[core._Item]:
@@ -77,20 +84,7 @@ class ColumnBlock:
         raws, _ = parse_readings(env)
         return [
             core._Item(rec, env, i, raw, Reading(sid, zone_id, ts_ms, seq, vc, sp, oc, ci, lane), None)
-            for i, (raw, sid, ts_ms, seq, vc, sp, oc, ci, lane) in enumerate(
-                zip(
-                    raws,
-                    self.sensor_ids,
-                    self.stamps,
-                    self.seqs,
-                    self.vehicles,
-                    self.speeds,
-                    self.occupancies,
-                    self.congestions,
-                    self.lanes,
-                    strict=True,
-                )
-            )
+            for i, (raw, sid, ts_ms, seq, vc, sp, oc, ci, lane) in enumerate(zip(raws, *self.columns, strict=True))
         ]
 
 
@@ -184,7 +178,7 @@ def block_of(
         first, last = min(stamps), max(stamps)
     if first < 0 or first // core.MINUTE_MS != last // core.MINUTE_MS:
         return None
-    return ColumnBlock(rec, env, first, last, sensor_ids, stamps, *rest)
+    return ColumnBlock(rec, env, first, last, (sensor_ids, stamps, *rest))
 
 
 def _stamps(ts: Any, ts_cache: dict[str, int]) -> list[int] | None:
@@ -432,42 +426,82 @@ def _without(columns: tuple[Sequence[Any], ...], n: int, positions: list[int]) -
     return tuple(list(compress(c, keep)) for c in columns)
 
 
-def apply_block(
+@dataclass(slots=True)
+class RunOrigin:
+    """Where each row of a run (`apply_run`) came from: its record, receive time and gateway."""
+
+    records: list[core.Record]
+    received: list[int]
+    gateways: list[str]
+
+
+# The fields of a Reading that make a row of `apply_rows`' columns, in their order.
+_RUN_ROW = operator.attrgetter(
+    "sensor_id", "ts_ms", "seq", "vehicle_count", "avg_speed_kmh", "occupancy_pct", "congestion_index", "lane"
+)
+
+
+def apply_run(
     state: ZoneState,
     own: dict[str, SensorState],
-    block: ColumnBlock,
+    readings: list[Reading],
+    envelopes: list[Envelope],
+    records: list[core.Record],
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: core.BatchOutput,
     processed_at_ms: int,
     settings: core.DetectorSettings,
 ) -> tuple[int, int, int]:
-    """A block of a record not applied before, none of its event times in the future and their
-    spread within the allowed lateness: what `core._apply_item` does reading by reading, with
-    the per-message work done once. Returns (received, stored, late); the caller keeps the
-    counters.
+    """Consecutive valid readings of a zone's records taken one at a time (single-reading
+    messages, above all), each in its own record with its own receive time and gateway:
+    `apply_rows` with those per row. The caller gathers them so that the conditions of a
+    block hold: one event-time minute, a spread within the allowed lateness, no record applied
+    before (to the zone state or to the stored zone-minute aggregate), no event time beyond
+    its own record's future bound."""
+    columns: ReadingColumns = tuple(zip(*map(_RUN_ROW, readings), strict=True))  # type: ignore[assignment]
+    stamps = columns[1]
+    origin = RunOrigin(records, [e.received_at_ms for e in envelopes], [e.gateway_id for e in envelopes])
+    return apply_rows(state, own, columns, min(stamps), max(stamps), origin, minutes, out, processed_at_ms, settings)
 
-    Why it is the same: one minute means one zone-minute aggregate and one lake hour; one record
-    means one aggregate marker check. Lateness is judged against the watermark the block starts
-    from: aggregating a reading raises the watermark to at most the block's latest event time,
-    and a spread within `allowed_lateness_ms` keeps every reading of the block at or above that
-    minus the lateness, so no reading of the block can make another late. Dedupe stays per
-    reading. Lake rows keep their order; float sums keep the reference's order (`add_in_order`).
-    The live sensor update is the reference's own (`core.update_sensors`), once per block, after
-    the dedupe loop: it touches no field that dedupe or lateness read."""
-    env, rec = block.envelope, block.record
-    received_at = env.received_at_ms
+
+def apply_rows(
+    state: ZoneState,
+    own: dict[str, SensorState],
+    columns: ReadingColumns,
+    first_ms: int,
+    ts_ms: int,
+    origin: ColumnBlock | RunOrigin,
+    minutes: Mapping[tuple[str, int], MinuteAggregate],
+    out: core.BatchOutput,
+    processed_at_ms: int,
+    settings: core.DetectorSettings,
+) -> tuple[int, int, int]:
+    """Readings of one zone and one event-time minute (the earliest `first_ms`, the latest
+    `ts_ms`), their spread within the allowed lateness, as columns: sensor ids, event times,
+    seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes. `origin` is the
+    one record they all come from (a block), or each row's record (a run).
+
+    Why it is the reference: one minute means one zone-minute aggregate and one lake hour, and
+    the caller has checked every record against the stored aggregate. Lateness is judged
+    against the watermark the rows start from: aggregating a reading raises the watermark to
+    at most the latest event time, and a spread within `allowed_lateness_ms` keeps every row
+    at or above that minus the lateness, so no row can make another late. Dedupe stays per
+    reading. Lake rows keep their order; float sums keep the reference's order
+    (`add_in_order`); the aggregate's marker is the record of the last aggregated row, as the
+    reference leaves it. The live sensor update is the reference's own (`core.update_sensors`),
+    once, after the dedupe loop: it touches no field that dedupe or lateness read."""
     threshold = state.watermark_ms - settings.allowed_lateness_ms  # older than this: late
-    late_all = block.ts_ms < threshold
-    late_some = not late_all and block.first_ms < threshold
-    stamps = block.stamps
+    late_all = ts_ms < threshold
+    late_some = not late_all and first_ms < threshold
+    sensor_ids, stamps, seqs = columns[0], columns[1], columns[2]
     sensors = state.sensors
     own_get = own.get
-    # Positions (in message order) of duplicates, and of readings stored but not aggregated.
+    # Positions (in row order) of duplicates, and of readings stored but not aggregated.
     dropped: list[int] = []
     stale: list[int] = []
     live_sensors: list[SensorState] = []  # the sensors of the aggregated readings, in order
     i = -1
-    for sid, seq in zip(block.sensor_ids, block.seqs, strict=True):
+    for sid, seq in zip(sensor_ids, seqs, strict=True):
         i += 1
         s = own_get(sid)
         if s is None:
@@ -495,21 +529,20 @@ def apply_block(
     n = i + 1
     stored = n - len(dropped)
     late = len(stale)
-    columns = (
-        block.sensor_ids,
-        stamps,
-        block.seqs,
-        block.vehicles,
-        block.speeds,
-        block.occupancies,
-        block.congestions,
-        block.lanes,
-    )
+    # A block's rows share its record, receive time and gateway; a run's travel with its rows.
+    run = origin if type(origin) is RunOrigin else None
+    env = origin.envelope if type(origin) is ColumnBlock else None
     if stored:  # the reference only creates a lake file it puts a row in
-        out.lake[block.ts_ms // core.HOUR_MS].extend(
+        received_at: int | Sequence[int]
+        gateway: str | Sequence[str]
+        if env is not None:
+            received_at, gateway = env.received_at_ms, env.gateway_id
+        else:
+            received_at, gateway = _without((run.received, run.gateways), n, dropped)  # type: ignore[union-attr]
+        out.lake[ts_ms // core.HOUR_MS].extend(
             _without(columns, n, dropped),
             zone_id=state.zone_id,
-            gateway_id=env.gateway_id,
+            gateway_id=gateway,
             received_at_ms=received_at,
             processed_at_ms=processed_at_ms,
         )
@@ -517,19 +550,28 @@ def apply_block(
     if not live_n:
         return n, stored, late
     sensor_ids, stamps, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
+    received: Sequence[int]
+    if env is not None:
+        received = [env.received_at_ms] * live_n
+        # The reference's rule, reading by reading: the watermark follows event time, capped
+        # at the receive time (a clock ahead cannot move it further).
+        watermark = min(ts_ms if live_n == n else max(stamps), env.received_at_ms)
+        rec = origin.record
+    else:
+        received, records = _without((run.received, run.records), n, dropped + stale)  # type: ignore[union-attr]
+        watermark = max(map(min, stamps, received))
+        rec = records[-1]  # the last aggregated row's, as the reference leaves the aggregate's marker
     core.update_sensors(
         live_sensors,
         zip(sensor_ids, stamps, vehicles, speeds, occupancies, congestions, strict=True),
-        received_at,
+        received,
         state.zone_id,
         out.alerts,
         settings.stuck_run_readings,
     )
-    ts = block.ts_ms if live_n == n else max(stamps)  # the latest aggregated reading's
-    watermark = min(ts, received_at)  # the reference's rule: a clock ahead of receive time cannot move it further
     if watermark > state.watermark_ms:
         state.watermark_ms = watermark
-    minute = ts // core.MINUTE_MS
+    minute = ts_ms // core.MINUTE_MS
     agg = core.minute_aggregate(state.zone_id, minute, rec, minutes, out)
     if agg is not None:
         agg.readings += live_n

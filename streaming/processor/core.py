@@ -646,12 +646,13 @@ class LakeColumns:
         columns: tuple[Sequence[Any], ...],
         *,
         zone_id: str,
-        gateway_id: str,
-        received_at_ms: int,
+        gateway_id: str | Sequence[str],
+        received_at_ms: int | Sequence[int],
         processed_at_ms: int,
     ) -> None:
-        """`append` of each row of a block of one zone and message: `columns` are its sensor
-        ids, event times, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes."""
+        """`append` of each row of one zone's readings: `columns` are their sensor ids, event
+        times, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes; the
+        gateway and the receive time are one for all (a message's) or one per row (a run's)."""
         c = self.columns
         sensor_ids, stamps, seqs, vehicles, speeds, occupancies, congestions, lanes = columns
         k = len(seqs)
@@ -664,8 +665,8 @@ class LakeColumns:
         c["occupancy_pct"] += occupancies
         c["congestion_index"] += congestions
         c["lane"] += lanes
-        c["gateway_id"] += [gateway_id] * k
-        c["received_at"] += [received_at_ms] * k
+        c["gateway_id"] += [gateway_id] * k if type(gateway_id) is str else gateway_id
+        c["received_at"] += [received_at_ms] * k if type(received_at_ms) is int else received_at_ms
         c["processed_at"] += [processed_at_ms] * k
 
     def __len__(self) -> int:
@@ -776,7 +777,7 @@ def apply_batch(
     Exactly `apply_batch_reference`, faster: the redelivery check runs once per record instead
     of once per reading, counters are summed locally, the prior state is copied on write instead
     of through its serialised form (`_copy_zone_state`), and a message `decode_batch` kept as
-    columns is applied by `columnar.apply_block`. Quarantine and future timestamps take the
+    columns is applied by `columnar.apply_rows`. Quarantine and future timestamps take the
     reference's per-item step unchanged. The cyclic collector is paused, as in `decode_batch`."""
     with _gc_paused():
         return _apply(decoded, zone_states, minutes, shard_counters, processed_at_ms, settings, fast=True)
@@ -880,12 +881,18 @@ def _apply_zone_fast(
     settings: DetectorSettings,
 ) -> None:
     """`_apply_zone_reference` with the per-record work hoisted out of the per-reading loop.
-    The sensors are copied on write: every step that may change one owns it first."""
+    A message decoded as columns is applied as a block (`columnar.apply_rows`); consecutive
+    valid readings taken one at a time (single-reading messages) are gathered into a run of
+    one event-time minute and applied the same way (`columnar.apply_run`). Anything else takes
+    the reference's step. The sensors are copied on write: every step that may change one owns
+    it first (`columnar.own_sensor`)."""
     sensors = state.sensors
-    own: dict[str, SensorState] = {}  # the sensors this batch copied (`columnar.own_sensor`)
-    lake = out.lake
+    own: dict[str, SensorState] = {}  # the sensors this batch copied
+    zone_id = state.zone_id
     skew = settings.max_future_skew_ms
     lateness = settings.allowed_lateness_ms
+    # A run's readings share a minute: its spread is then within the lateness (see `apply_run`).
+    runs = lateness >= MINUTE_MS - 1
     received = stored = duplicates = late = redelivered = 0
     last_record: Record | None = None
     latest_received = 0
@@ -893,8 +900,27 @@ def _apply_zone_fast(
     applied = False
     env: Envelope | None = None
     limit = 0
-    hour = -1
-    cols: LakeColumns | None = None
+    # The pending run: its readings with their envelopes and records, its minute, and the
+    # stored aggregate of that minute (a record it has already is applied the reference's way).
+    run: list[Reading] = []
+    run_envelopes: list[Envelope] = []
+    run_records: list[Record] = []
+    run_minute = -1
+    run_prior: MinuteAggregate | None = None
+
+    def flush() -> None:
+        nonlocal received, stored, duplicates, late
+        n, n_stored, n_late = columnar.apply_run(
+            state, own, run, run_envelopes, run_records, minutes, out, processed_at_ms, settings
+        )
+        received += n
+        stored += n_stored
+        duplicates += n - n_stored
+        late += n_late
+        run.clear()
+        run_envelopes.clear()
+        run_records.clear()
+
     for item in items:
         rec = item.record
         if rec is not current:
@@ -912,8 +938,12 @@ def _apply_zone_fast(
                 redelivered += 1
             continue
         if type(item) is columnar.ColumnBlock:
+            if run:
+                flush()
             if item.ts_ms <= limit and item.ts_ms - item.first_ms <= lateness:
-                n, n_stored, n_late = columnar.apply_block(state, own, item, minutes, out, processed_at_ms, settings)
+                n, n_stored, n_late = columnar.apply_rows(
+                    state, own, item.columns, item.first_ms, item.ts_ms, item, minutes, out, processed_at_ms, settings
+                )
                 received += n
                 stored += n_stored
                 duplicates += n - n_stored
@@ -924,31 +954,26 @@ def _apply_zone_fast(
                 _apply_item(state, one, minutes, out, processed_at_ms, settings)
             continue
         r = item.reading
-        if r is None or r.ts_ms > limit:
-            sensor_id = r.sensor_id if r is not None else item.key[0] if item.key is not None else None
-            if sensor_id is not None:
-                columnar.own_sensor(sensors, own, sensor_id)
-            _apply_item(state, item, minutes, out, processed_at_ms, settings)
-            continue
-        assert env is not None
-        received += 1
-        sensor = columnar.own_sensor(sensors, own, r.sensor_id)
-        verdict = sensor.admit(r.seq)
-        if verdict == DUPLICATE:
-            duplicates += 1
-            sensor.duplicates += 1
-            continue
-        ts = r.ts_ms
-        if ts // HOUR_MS != hour:
-            hour = ts // HOUR_MS
-            cols = lake[hour]
-        cols.append(r, env.gateway_id, env.received_at_ms, processed_at_ms)  # type: ignore[union-attr]
-        stored += 1
-        if verdict == BEYOND_WINDOW or ts < state.watermark_ms - lateness:
-            late += 1
-            sensor.late += 1
-            continue
-        _aggregate(state, sensor, r, env, rec, minutes, out, settings)
+        if r is not None and r.ts_ms <= limit and runs:
+            minute = r.ts_ms // MINUTE_MS
+            if minute != run_minute:
+                if run:
+                    flush()
+                run_minute = minute
+                run_prior = minutes.get((zone_id, minute))
+            if run_prior is None or not run_prior.already_applied(rec.shard_id, rec.sequence_number):
+                run.append(r)
+                run_envelopes.append(env)  # type: ignore[arg-type]
+                run_records.append(rec)
+                continue
+        if run:
+            flush()
+        sensor_id = r.sensor_id if r is not None else item.key[0] if item.key is not None else None
+        if sensor_id is not None:
+            columnar.own_sensor(sensors, own, sensor_id)
+        _apply_item(state, item, minutes, out, processed_at_ms, settings)
+    if run:
+        flush()
     counts = out.counts
     # Only counters that moved: the reference never creates a zero entry.
     for name, n in (("received", received), ("duplicates", duplicates), ("stored", stored), ("late", late)):
@@ -1080,7 +1105,7 @@ def _aggregate(
     settings: DetectorSettings,
 ) -> None:
     update_sensors(
-        (sensor,), (LIVE_ROW(r),), env.received_at_ms, state.zone_id, out.alerts, settings.stuck_run_readings
+        (sensor,), (LIVE_ROW(r),), (env.received_at_ms,), state.zone_id, out.alerts, settings.stuck_run_readings
     )
     # The watermark follows event time, capped at the receive time: a device whose clock runs
     # ahead (within max_future_skew_ms) must not make its neighbours' readings late.
@@ -1130,15 +1155,15 @@ def minute_aggregate(
 def update_sensors(
     sensors: Sequence[SensorState],
     rows: Iterable[tuple[str, int, int, float | None, float | None, float]],
-    received_at_ms: int,
+    received: Sequence[int],
     zone_id: str,
     alerts: list[Alert],
     stuck_run: int,
 ) -> None:
     """The per-reading update of live sensor state, for readings that are new (not duplicates)
-    and not late, all received at `received_at_ms`, in order (`sensors[i]` is row i's): the one
-    place every path does it — the reference one reading at a time (rows of Readings: `LIVE_ROW`),
-    the column blocks once per message (rows zipped from the columns). A row is (sensor_id,
+    and not late, in order (`sensors[i]` is row i's, received at `received[i]`): the one place
+    every path does it — the reference one reading at a time (rows of Readings: `LIVE_ROW`),
+    the column blocks and runs once (rows zipped from the columns). A row is (sensor_id,
     ts_ms, vehicle_count, avg_speed_kmh, occupancy_pct, congestion_index). Live values, receive
     time, silence, and the repeat run with its stuck episodes.
 
@@ -1146,7 +1171,9 @@ def update_sensors(
     counts as received (silence) but changes neither the live values nor the repeat run: the
     run follows event time forward only, so a straggler never breaks or extends it. The daily
     mart, which sorts the whole day, is the authority on such days (docs/architecture.md §5)."""
-    for sensor, (sensor_id, ts, count, speed, occupancy, congestion) in zip(sensors, rows, strict=True):
+    for sensor, (sensor_id, ts, count, speed, occupancy, congestion), received_at_ms in zip(
+        sensors, rows, received, strict=True
+    ):
         if ts >= sensor.last_ts_ms:
             # Zero is a quiet road, never "stuck": a zero count ends a run and starts none.
             run = sensor.repeat_run + 1 if count and count == sensor.vehicle_count else (1 if count else 0)

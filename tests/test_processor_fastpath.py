@@ -832,6 +832,28 @@ def test_the_typed_envelope_decode_reaches_the_untyped_verdict(
     assert _envelope_verdict(decode_envelope, data) == _envelope_verdict(_decode_untyped, data)
 
 
+# Base64 text: the standard alphabet and its padding, with the characters other decoders take
+# (URL-safe, whitespace, newlines) or that are not ASCII.
+_BASE64ISH = st.text(
+    alphabet=st.sampled_from([*"ABCDQRSabyz0189+/=", "=", "-", "_", " ", "\n", "\r", "\u00e9"]), max_size=24
+)
+
+
+@settings(max_examples=500)
+@given(st.one_of(_BASE64ISH, st.binary(max_size=18).map(lambda b: base64.b64encode(b).decode())))
+def test_the_typed_envelope_takes_the_payloads_base64_as_the_untyped_decode_does(encoded: str) -> None:
+    """The typed envelope decodes the payload's base64 itself (msgspec's `bytes`); it must take
+    no string the untyped decode's `pybase64.b64decode(validate=True)` refuses, and give the
+    same bytes for the rest. Either way the two decodes agree on the Envelope or the error."""
+    data = orjson.dumps({"payload": encoded, "zone_id": "Z-001", "gateway_id": "gw-001", "received_at": BASE_MS})
+    assert _envelope_verdict(decode_envelope, data) == _envelope_verdict(_decode_untyped, data)
+    if encoded:  # the same text with its first character written as a JSON escape ("\u0051" for "Q")
+        literal = orjson.dumps(encoded)
+        escaped = data.replace(literal, b'"\\u%04x' % ord(encoded[0]) + orjson.dumps(encoded[1:])[1:], 1)
+        assert escaped != data
+        assert _envelope_verdict(decode_envelope, escaped) == _envelope_verdict(_decode_untyped, escaped)
+
+
 def test_a_gateways_members_are_checked_by_set_or_by_its_last_accepted_list() -> None:
     """`Members.include` takes a list equal to the last one that passed without hashing it; any
     other list goes through the set, and a list changed after it passed is not taken on trust."""

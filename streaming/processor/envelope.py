@@ -62,9 +62,12 @@ def _plain_id(value: Any, name: str) -> str:
 class _RuleEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     """The rule's envelope exactly as the topic rule's SQL projects it, for a typed decode.
     `received_at` is bounded to int64 (msgspec's limit for bounds); orjson reads integers up to
-    2**64 - 1, so a larger one goes the untyped way, which takes it."""
+    2**64 - 1, so a larger one goes the untyped way, which takes it. `payload` is decoded from
+    its base64 in the same pass: msgspec takes exactly what `pybase64.b64decode(validate=True)`
+    takes (standard alphabet, padded, nothing else; a property test holds them together), and
+    a string it refuses goes the untyped way, which words the rejection."""
 
-    payload: str
+    payload: bytes
     zone_id: str
     gateway_id: str
     received_at: Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
@@ -96,16 +99,17 @@ def rule_envelope(payload: bytes, zone_id: str, gateway_id: str, received_at_ms:
 def decode_envelope(data: bytes) -> Envelope:
     """Kinesis record data → Envelope, or ContractError naming what is wrong with the message.
 
-    The rule's envelope is decoded typed (`_RuleEnvelope`: one C pass, no dict); anything else
-    — another field, a wrong type, bytes msgspec refuses — takes the untyped way, which alone
-    decides and words a rejection. Both check the ids and the base64 the same way."""
+    The rule's envelope is decoded typed (`_RuleEnvelope`: one C pass, no dict, the payload's
+    base64 included); anything else — another field, a wrong type, bytes msgspec refuses —
+    takes the untyped way, which alone decides and words a rejection. Both check the ids and
+    the base64 the same way."""
     try:
         typed = _RULE_ENVELOPE.decode(data)
     except DECLINED:
         return _decode_untyped(data)
     zone_id = _plain_id(typed.zone_id, "zone_id")
     gateway_id = _plain_id(typed.gateway_id, "gateway_id")
-    return _envelope(zone_id, gateway_id, typed.received_at, typed.payload)
+    return Envelope(zone_id, gateway_id, typed.received_at, typed.payload)
 
 
 def _decode_untyped(data: bytes) -> Envelope:

@@ -458,10 +458,21 @@ def apply_run(
     block hold: one event-time minute, a spread within the allowed lateness, no record applied
     before (to the zone state or to the stored zone-minute aggregate), no event time beyond
     its own record's future bound."""
-    columns: ReadingColumns = tuple(zip(*map(_RUN_ROW, readings), strict=True))  # type: ignore[assignment]
+    columns = tuple(zip(*map(_RUN_ROW, readings), strict=True))
     stamps = columns[1]
     origin = RunOrigin(records, [e.received_at_ms for e in envelopes], [e.gateway_id for e in envelopes])
-    return apply_rows(state, own, columns, min(stamps), max(stamps), origin, minutes, out, processed_at_ms, settings)
+    return apply_rows(
+        state,
+        own,
+        columns,
+        min(stamps),
+        max(stamps),
+        origin,
+        minutes,
+        out,
+        processed_at_ms,
+        settings,
+    )
 
 
 def apply_rows(
@@ -530,15 +541,15 @@ def apply_rows(
     stored = n - len(dropped)
     late = len(stale)
     # A block's rows share its record, receive time and gateway; a run's travel with its rows.
+    block = origin if type(origin) is ColumnBlock else None
     run = origin if type(origin) is RunOrigin else None
-    env = origin.envelope if type(origin) is ColumnBlock else None
     if stored:  # the reference only creates a lake file it puts a row in
         received_at: int | Sequence[int]
         gateway: str | Sequence[str]
-        if env is not None:
-            received_at, gateway = env.received_at_ms, env.gateway_id
-        else:
-            received_at, gateway = _without((run.received, run.gateways), n, dropped)  # type: ignore[union-attr]
+        if block is not None:
+            received_at, gateway = block.envelope.received_at_ms, block.envelope.gateway_id
+        elif run is not None:
+            received_at, gateway = _without((run.received, run.gateways), n, dropped)
         out.lake[ts_ms // core.HOUR_MS].extend(
             _without(columns, n, dropped),
             zone_id=state.zone_id,
@@ -551,14 +562,15 @@ def apply_rows(
         return n, stored, late
     sensor_ids, stamps, _, vehicles, speeds, occupancies, congestions, _ = _without(columns, n, dropped + stale)
     received: Sequence[int]
-    if env is not None:
-        received = [env.received_at_ms] * live_n
+    if block is not None:
+        received_at = block.envelope.received_at_ms
+        received = [received_at] * live_n
         # The reference's rule, reading by reading: the watermark follows event time, capped
         # at the receive time (a clock ahead cannot move it further).
-        watermark = min(ts_ms if live_n == n else max(stamps), env.received_at_ms)
-        rec = origin.record
-    else:
-        received, records = _without((run.received, run.records), n, dropped + stale)  # type: ignore[union-attr]
+        watermark = min(ts_ms if live_n == n else max(stamps), received_at)
+        rec = block.record
+    elif run is not None:
+        received, records = _without((run.received, run.records), n, dropped + stale)
         watermark = max(map(min, stamps, received))
         rec = records[-1]  # the last aggregated row's, as the reference leaves the aggregate's marker
     core.update_sensors(

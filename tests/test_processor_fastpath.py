@@ -478,9 +478,9 @@ def test_single_readings_of_a_zone_and_minute_are_applied_as_one_run(monkeypatch
     runs: list[int] = []
     apply_run = columnar.apply_run
 
-    def counted(state: Any, own: Any, readings: list[Any], *rest: Any) -> Any:
-        runs.append(len(readings))
-        return apply_run(state, own, readings, *rest)
+    def counted(state: Any, own: Any, items: list[Any], *rest: Any) -> Any:
+        runs.append(len(items))
+        return apply_run(state, own, items, *rest)
 
     monkeypatch.setattr(columnar, "apply_run", counted)
     b = StreamBuilder(SHARD)

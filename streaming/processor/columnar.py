@@ -444,23 +444,23 @@ _RUN_ROW = operator.attrgetter(
 def apply_run(
     state: ZoneState,
     own: dict[str, SensorState],
-    readings: list[Reading],
-    envelopes: list[Envelope],
-    records: list[core.Record],
+    items: list[core._Item],
     minutes: Mapping[tuple[str, int], MinuteAggregate],
     out: core.BatchOutput,
     processed_at_ms: int,
     settings: core.DetectorSettings,
 ) -> tuple[int, int, int]:
-    """Consecutive valid readings of a zone's records taken one at a time (single-reading
-    messages, above all), each in its own record with its own receive time and gateway:
+    """Consecutive items of a zone, each a valid reading taken one at a time (single-reading
+    messages, above all) in its own record with its own receive time and gateway:
     `apply_rows` with those per row. The caller gathers them so that the conditions of a
     block hold: one event-time minute, a spread within the allowed lateness, no record applied
     before (to the zone state or to the stored zone-minute aggregate), no event time beyond
     its own record's future bound."""
-    columns = tuple(zip(*map(_RUN_ROW, readings), strict=True))
+    columns = tuple(zip(*(_RUN_ROW(i.reading) for i in items), strict=True))
     stamps = columns[1]
-    origin = RunOrigin(records, [e.received_at_ms for e in envelopes], [e.gateway_id for e in envelopes])
+    origin = RunOrigin(
+        [i.record for i in items], [i.envelope.received_at_ms for i in items], [i.envelope.gateway_id for i in items]
+    )
     return apply_rows(
         state,
         own,

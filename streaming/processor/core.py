@@ -900,26 +900,24 @@ def _apply_zone_fast(
     applied = False
     env: Envelope | None = None
     limit = 0
-    # The pending run: its readings with their envelopes and records, its minute, and the
-    # stored aggregate of that minute (a record it has already is applied the reference's way).
-    run: list[Reading] = []
-    run_envelopes: list[Envelope] = []
-    run_records: list[Record] = []
+    # The pending run: its items, its minute, and the stored aggregate of that minute (a
+    # record that aggregate already has is applied the reference's way).
+    run: list[_Item] = []
     run_minute = -1
     run_prior: MinuteAggregate | None = None
 
-    def flush() -> None:
+    def tally(result: tuple[int, int, int]) -> None:
+        """Count what a block or a run returned: received, stored, late."""
         nonlocal received, stored, duplicates, late
-        n, n_stored, n_late = columnar.apply_run(
-            state, own, run, run_envelopes, run_records, minutes, out, processed_at_ms, settings
-        )
+        n, n_stored, n_late = result
         received += n
         stored += n_stored
         duplicates += n - n_stored
         late += n_late
+
+    def flush() -> None:
+        tally(columnar.apply_run(state, own, run, minutes, out, processed_at_ms, settings))
         run.clear()
-        run_envelopes.clear()
-        run_records.clear()
 
     for item in items:
         rec = item.record
@@ -941,13 +939,20 @@ def _apply_zone_fast(
             if run:
                 flush()
             if item.ts_ms <= limit and item.ts_ms - item.first_ms <= lateness:
-                n, n_stored, n_late = columnar.apply_rows(
-                    state, own, item.columns, item.first_ms, item.ts_ms, item, minutes, out, processed_at_ms, settings
+                tally(
+                    columnar.apply_rows(
+                        state,
+                        own,
+                        item.columns,
+                        item.first_ms,
+                        item.ts_ms,
+                        item,
+                        minutes,
+                        out,
+                        processed_at_ms,
+                        settings,
+                    )
                 )
-                received += n
-                stored += n_stored
-                duplicates += n - n_stored
-                late += n_late
                 continue
             for one in item.items():  # in the future (or a spread wider than the lateness): the reference's steps
                 columnar.own_sensor(sensors, own, one.reading.sensor_id)  # type: ignore[union-attr]
@@ -962,9 +967,7 @@ def _apply_zone_fast(
                 run_minute = minute
                 run_prior = minutes.get((zone_id, minute))
             if run_prior is None or not run_prior.already_applied(rec.shard_id, rec.sequence_number):
-                run.append(r)
-                run_envelopes.append(env)  # type: ignore[arg-type]
-                run_records.append(rec)
+                run.append(item)
                 continue
         if run:
             flush()

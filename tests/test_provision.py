@@ -128,7 +128,6 @@ def test_provision_creates_every_resource_of_the_template(
     assert not any(key.startswith("LocalProvision") for key in outputs)
     assert report.processor_env == {
         "CITYPULSE_LAKE_BUCKET": "citypulse-local-lake-000000000000",
-        "CITYPULSE_SENSOR_STATE_TABLE": "citypulse-local-sensor-state",
         "CITYPULSE_ZONE_METRICS_TABLE": "citypulse-local-zone-metrics",
         "CITYPULSE_PROCESSOR_STATE_TABLE": "citypulse-local-processor-state",
         "CITYPULSE_EVENT_BUS": "citypulse-local-alerts",

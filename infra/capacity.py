@@ -305,7 +305,8 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     batches_per_zone_s = 1 / w.batch_interval_s
     state_kb = [share * w.sensors * w.zone_state_bytes_per_sensor / 1024 for share in shares.values()]
     wru_s = batches_per_zone_s * sum(_units(kb, 1) + 1 for kb in state_kb)
-    rru_s = batches_per_zone_s * sum(_units(kb, 4) + 1 for kb in state_kb) * 2  # strongly consistent reads
+    # Strongly consistent reads (the processor's): one read unit per started 4 KB of each item.
+    rru_s = batches_per_zone_s * sum(_units(kb, 4) + 1 for kb in state_kb)
     out.capacity.update(dynamodb_wru_per_s=wru_s, dynamodb_rru_per_s=rru_s)
     out.add(
         "DynamoDB (on-demand)",

@@ -74,14 +74,14 @@ def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     w = Workload(**SIZED)
     # each zone's state item in its own size, plus 1 zone-minute item, per zone per second
     assert plan(w).capacity["dynamodb_wru_per_s"] == ZONE_WRU_40 + 256
-    # reads: the same items, strongly consistent (x2)
-    assert plan(w).capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) * 2
+    # reads: the same items, strongly consistent (one read unit per started 4 KB, not half of one)
+    assert plan(w).capacity["dynamodb_rru_per_s"] == ZONE_RRU_40 + 256
 
 
 def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -> None:
     second, two = plan(Workload(**SIZED)), plan(Workload(batching_window_s=2, **SIZED))
     assert two.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) / 2
-    assert two.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) * 2 / 2
+    assert two.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) / 2
     assert item(two, "DynamoDB (on-demand)") == pytest.approx(item(second, "DynamoDB (on-demand)") / 2)
     shards = two.capacity["kinesis_shards"]
     assert shards == second.capacity["kinesis_shards"]  # the stream does not change
@@ -238,5 +238,5 @@ def test_the_measured_zone_state_costs_under_half_the_old_constant() -> None:
     assert 10 < measured < 16
     w = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measured}))
     assert w.capacity["dynamodb_wru_per_s"] == 112 * 3 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,124
-    assert w.capacity["dynamodb_rru_per_s"] == (112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256) * 2  # 1,056
+    assert w.capacity["dynamodb_rru_per_s"] == 112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256  # 528
     assert w.capacity["dynamodb_wru_per_s"] * 2 < ZONE_WRU_40 + 256

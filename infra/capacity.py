@@ -16,7 +16,10 @@ inputs to known outputs.
 
 The Kinesis stream is planned in the capacity mode the template's `StreamMode` parameter
 deploys: at a steady 50,000 readings/s provisioned shards cost a fraction of on-demand's
-per-GB price; `render` prints the `ShardCount` to deploy with.
+per-GB price; `render` prints the `ShardCount` to deploy with. The processor's DynamoDB tables
+likewise, in the template's `TableCapacityMode`: the same steady load makes provisioned
+capacity (auto-scaled to 70 % utilisation) cheaper than paying per request; `render` prints the
+tables' capacities to deploy with.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ SECONDS_PER_MONTH = 730 * 3600  # AWS prices a month as 730 hours
 HOURS_PER_MONTH = 730
 GB = 1024**3
 StreamMode = Literal["ON_DEMAND", "PROVISIONED"]  # the template's StreamMode parameter values
+TableCapacityMode = Literal["PAY_PER_REQUEST", "PROVISIONED"]  # the template's TableCapacityMode values
 TEMPLATE_MAX_SHARDS = 64  # the template's ShardCount MaxValue
+# DynamoDB's default per-table quota of read and of write capacity units (provisioned tables),
+# and the template's auto-scaling ceiling.
+TABLE_QUOTA_UNITS = 40_000
 # CreateEventSourceMapping takes MaximumBatchingWindowInSeconds in whole seconds, 0 to 300; with
 # a standard iterator Lambda reads each shard at a base rate of once a second (AWS Lambda
 # Developer Guide, "Using Lambda with Kinesis Data Streams": polling and batching streams).
@@ -188,6 +195,11 @@ class Workload:
     stream_mode: StreamMode = "PROVISIONED"
     shard_utilisation: float = 0.8
     basic_ingest: bool = True  # publish on $aws/rules/<rule>/...: no messaging charge
+    # The processor's tables (the template's TableCapacityMode). Provisioned, auto scaling keeps
+    # them at `table_utilisation` of what they consume (the template's target value), never
+    # below the capacity the plan prints for the city's steady load.
+    table_capacity_mode: TableCapacityMode = "PROVISIONED"
+    table_utilisation: float = 0.7
     # The event-source mapping's MaximumBatchingWindowInSeconds: whole seconds, 0 to 300.
     batching_window_s: int = 1
     # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
@@ -301,18 +313,20 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     # DynamoDB: per zone per batch one zone-state item and ~1 zone-minute item, read then written.
     # Each zone's item in its own size: units are whole KB (writes) and 4 KB (reads) per item,
     # so pricing every zone at the average size would hide what the larger zones pay.
-    ddb = p["dynamodb_on_demand"]
+    # Strongly consistent reads (the processor's): one read unit per started 4 KB of each item.
     batches_per_zone_s = 1 / w.batch_interval_s
     state_kb = [share * w.sensors * w.zone_state_bytes_per_sensor / 1024 for share in shares.values()]
-    wru_s = batches_per_zone_s * sum(_units(kb, 1) + 1 for kb in state_kb)
-    # Strongly consistent reads (the processor's): one read unit per started 4 KB of each item.
-    rru_s = batches_per_zone_s * sum(_units(kb, 4) + 1 for kb in state_kb)
-    out.capacity.update(dynamodb_wru_per_s=wru_s, dynamodb_rru_per_s=rru_s)
-    out.add(
-        "DynamoDB (on-demand)",
-        f"{wru_s:,.0f} WRU/s, {rru_s:,.0f} RRU/s",
-        wru_s * SECONDS_PER_MONTH / 1e6 * ddb["write_request_units_per_million"]
-        + rru_s * SECONDS_PER_MONTH / 1e6 * ddb["read_request_units_per_million"],
+    _dynamodb(
+        out,
+        w,
+        p,
+        {
+            "state": TableLoad(
+                reads_per_s=batches_per_zone_s * sum(_units(kb, 4) for kb in state_kb),
+                writes_per_s=batches_per_zone_s * sum(_units(kb, 1) for kb in state_kb),
+            ),
+            "metrics": TableLoad(reads_per_s=batches_per_zone_s * w.zones, writes_per_s=batches_per_zone_s * w.zones),
+        },
     )
 
     # The lake: one Parquet object per shard per batch.
@@ -321,12 +335,20 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     return out
 
 
-def naive_plan(w: Workload, prices: dict[str, Any] | None = None, stream_mode: StreamMode = "ON_DEMAND") -> Plan:
-    """The tutorial design: everything once per reading (on an on-demand stream, unless told)."""
+def naive_plan(
+    w: Workload,
+    prices: dict[str, Any] | None = None,
+    stream_mode: StreamMode = "ON_DEMAND",
+    table_capacity_mode: TableCapacityMode = "PAY_PER_REQUEST",
+) -> Plan:
+    """The tutorial design: everything once per reading (on an on-demand stream and an on-demand
+    table, as tutorials deploy them, unless told)."""
     p = prices or load_prices()
-    w = replace(w, gateway_batch=1, basic_ingest=False, stream_mode=stream_mode)
+    w = replace(
+        w, gateway_batch=1, basic_ingest=False, stream_mode=stream_mode, table_capacity_mode=table_capacity_mode
+    )
     out = Plan("naive", w)
-    iot, ddb = p["iot_core"], p["dynamodb_on_demand"]
+    iot = p["iot_core"]
     msgs_s = w.readings_per_s
     msgs_month = msgs_s * SECONDS_PER_MONTH
     metered = _units(w.reading_bytes + w.message_overhead_bytes, iot["message_unit_bytes"])
@@ -340,12 +362,7 @@ def naive_plan(w: Workload, prices: dict[str, Any] | None = None, stream_mode: S
     # Keyed by sensor: 50,000 keys spread evenly.
     shards = _kinesis(out, w, p, msgs_s, (w.reading_bytes + w.message_overhead_bytes) * 4 / 3 + 120, None)
     _lambda(out, w, p, shards, w.naive_readings_per_core_s)
-    out.capacity.update(dynamodb_wru_per_s=msgs_s)
-    out.add(
-        "DynamoDB (on-demand)",
-        f"{msgs_s:,.0f} WRU/s (one write per reading)",
-        msgs_s * SECONDS_PER_MONTH / 1e6 * ddb["write_request_units_per_million"],
-    )
+    _dynamodb(out, w, p, {"readings": TableLoad(reads_per_s=0.0, writes_per_s=msgs_s)}, "one write per reading")
     _lake(out, w, p, puts_s=shards / w.batch_interval_s)
     _batch_side(out, w, p)
     return out
@@ -472,6 +489,57 @@ def _lambda(out: Plan, w: Workload, p: dict[str, Any], shards: int, per_core: fl
     )
 
 
+@dataclass(frozen=True)
+class TableLoad:
+    """A table's steady read and write units a second (strongly consistent reads)."""
+
+    reads_per_s: float
+    writes_per_s: float
+
+
+def _dynamodb(out: Plan, w: Workload, p: dict[str, Any], tables: dict[str, TableLoad], why: str = "") -> None:
+    """The DynamoDB line in `w.table_capacity_mode`.
+
+    On demand bills each request unit. Provisioned bills capacity units by the hour, and auto
+    scaling tracks `w.table_utilisation`: a table that consumes U units a second is held at
+    ceil(U / utilisation) units, the capacities to deploy with (`capacity`, `render`: auto
+    scaling's minimum, so that a table never has to climb back from nothing after a stop).
+    The dashboards' reads are in neither mode's figure: auto scaling adds what they take.
+    """
+    wru_s = sum(t.writes_per_s for t in tables.values())
+    rru_s = sum(t.reads_per_s for t in tables.values())
+    out.capacity.update(dynamodb_wru_per_s=wru_s, dynamodb_rru_per_s=rru_s)
+    needs = f"{wru_s:,.0f} WRU/s, {rru_s:,.0f} RRU/s" + (f" ({why})" if why else "")
+    if w.table_capacity_mode == "PAY_PER_REQUEST":
+        ddb = p["dynamodb_on_demand"]
+        out.add(
+            "DynamoDB",
+            f"on-demand: {needs}",
+            wru_s * SECONDS_PER_MONTH / 1e6 * ddb["write_request_units_per_million"]
+            + rru_s * SECONDS_PER_MONTH / 1e6 * ddb["read_request_units_per_million"],
+        )
+        return
+    ddb = p["dynamodb_provisioned"]
+    held = {
+        name: (math.ceil(t.reads_per_s / w.table_utilisation), math.ceil(t.writes_per_s / w.table_utilisation))
+        for name, t in tables.items()
+    }
+    rcu, wcu = sum(r for r, _ in held.values()), sum(c for _, c in held.values())
+    for name, (r, c) in held.items():
+        out.capacity[f"{name}_table_read_capacity"] = r
+        out.capacity[f"{name}_table_write_capacity"] = c
+        if max(r, c) > TABLE_QUOTA_UNITS:
+            out.warnings.append(
+                f"the {name} table needs {r:,} RCU and {c:,} WCU, over DynamoDB's default per-table quota "
+                f"({TABLE_QUOTA_UNITS:,}) and the template's auto-scaling ceiling: request an increase and raise it"
+            )
+    out.add(
+        "DynamoDB",
+        f"provisioned at {w.table_utilisation:.0%}: {wcu:,} WCU, {rcu:,} RCU for {needs}",
+        HOURS_PER_MONTH * (wcu * ddb["write_capacity_unit_hour"] + rcu * ddb["read_capacity_unit_hour"]),
+    )
+
+
 def _lake(out: Plan, w: Workload, p: dict[str, Any], puts_s: float) -> None:
     s3 = p["s3"]
     gb_month = w.readings_per_s * SECONDS_PER_MONTH * w.lake_bytes_per_reading / GB
@@ -521,7 +589,7 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
     ]
     if naive_provisioned is not None:
         lines.append(
-            f"(naive on a provisioned stream too: ${naive_provisioned.monthly_usd:,.0f}/month, "
+            f"(naive on a provisioned stream and provisioned tables too: ${naive_provisioned.monthly_usd:,.0f}/month, "
             f"{naive_provisioned.monthly_usd / ours.monthly_usd:.1f}x)"
         )
     lines += [
@@ -533,6 +601,17 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
         f"  deploy the stack with StreamMode={w.stream_mode}"
         + (f" ShardCount={ours.capacity['kinesis_shards']}" if w.stream_mode == "PROVISIONED" else "")
         + f" (hottest zone-keyed shard at <= {w.shard_utilisation:.0%} of its write limits)",
+        f"  and TableCapacityMode={w.table_capacity_mode}"
+        + (
+            "".join(
+                f" {param}ReadCapacity={ours.capacity[f'{name}_table_read_capacity']}"
+                f" {param}WriteCapacity={ours.capacity[f'{name}_table_write_capacity']}"
+                for param, name in (("StateTable", "state"), ("MetricsTable", "metrics"))
+            )
+            + f" (the steady load takes {w.table_utilisation:.0%} of each: auto scaling's floor)"
+            if w.table_capacity_mode == "PROVISIONED"
+            else ""
+        ),
         f"  at most one batch per shard every {w.batch_interval_s:g} s (MaximumBatchingWindowInSeconds="
         f"{w.batching_window_s}"
         + ("" if w.batching_window_s else "; with no window, Lambda's once-a-second reading of each shard paces them")

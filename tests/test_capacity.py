@@ -11,6 +11,7 @@ import pytest
 from infra.capacity import (
     HOURS_PER_MONTH,
     SECONDS_PER_MONTH,
+    TABLE_QUOTA_UNITS,
     Workload,
     encode_gateway_message,
     hottest_shard_share,
@@ -60,7 +61,7 @@ def test_naive_iot_messaging_at_50k_sensors_one_hertz() -> None:
 
 def test_naive_dynamodb_is_one_write_per_reading() -> None:
     # 50,000 WRU/s x 2,628,000 s / 1e6 x $0.625 = $82,125
-    assert item(naive_plan(Workload()), "DynamoDB (on-demand)") == pytest.approx(82_125)
+    assert item(naive_plan(Workload()), "DynamoDB") == pytest.approx(82_125)
 
 
 # The default city's zones by size (the registry's zone types): 112 of 139 sensors, 60 of 198,
@@ -78,11 +79,89 @@ def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     assert plan(w).capacity["dynamodb_rru_per_s"] == ZONE_RRU_40 + 256
 
 
+def test_on_demand_tables_pay_per_request_unit() -> None:
+    w = Workload(table_capacity_mode="PAY_PER_REQUEST", **SIZED)
+    # (2,108 + 256) WRU/s x 2,628,000 s / 1e6 x $0.625 + (612 + 256) RRU/s x 2,628,000 / 1e6 x $0.125
+    assert item(plan(w), "DynamoDB") == pytest.approx(2_364 * 2.628 * 0.625 + 868 * 2.628 * 0.125)  # 4,167.9
+
+
+def test_provisioned_tables_pay_for_the_capacity_auto_scaling_holds() -> None:
+    p = plan(Workload(**SIZED))  # PROVISIONED, held at 70 % utilisation
+    # state: 2,108 WRU/s -> ceil(3,011.4) = 3,012 WCU, 612 RRU/s -> 875 RCU;
+    # metrics: 256 WRU/s and 256 RRU/s -> 366 WCU and 366 RCU.
+    # 730 h x (3,378 WCU x $0.00065 + 1,241 RCU x $0.00013) = 730 x 2.357 = $1,720.6
+    assert item(p, "DynamoDB") == pytest.approx(730 * (3_378 * 0.00065 + 1_241 * 0.00013))
+    # the capacities to deploy with (auto scaling's floor): what it holds at the steady load
+    assert {k: v for k, v in p.capacity.items() if k.endswith("_capacity")} == {
+        "state_table_read_capacity": 875,
+        "state_table_write_capacity": 3_012,
+        "metrics_table_read_capacity": 366,
+        "metrics_table_write_capacity": 366,
+    }
+    # the same load either way; provisioned is ~2.4x cheaper at this steady load
+    on_demand = plan(Workload(table_capacity_mode="PAY_PER_REQUEST", **SIZED))
+    assert (p.capacity["dynamodb_wru_per_s"], p.capacity["dynamodb_rru_per_s"]) == (2_364, 868)
+    assert 2.3 < item(on_demand, "DynamoDB") / item(p, "DynamoDB") < 2.5
+
+
+def test_the_templates_default_table_capacities_are_the_plans_for_the_default_city() -> None:
+    from infra.local.provision import DEFAULT_TEMPLATE, load_template
+
+    template = load_template(DEFAULT_TEMPLATE)
+    parameters = template["Parameters"]
+    scaling = [r for r in template["Resources"].values() if r["Type"] == "AWS::ApplicationAutoScaling::ScalableTarget"]
+    assert {r["Properties"]["MaxCapacity"] for r in scaling} == {TABLE_QUOTA_UNITS}
+    c = plan(Workload()).capacity
+    assert {
+        name: parameters[name]["Default"]
+        for name in (
+            "StateTableReadCapacity",
+            "StateTableWriteCapacity",
+            "MetricsTableReadCapacity",
+            "MetricsTableWriteCapacity",
+        )
+    } == {
+        "StateTableReadCapacity": c["state_table_read_capacity"],
+        "StateTableWriteCapacity": c["state_table_write_capacity"],
+        "MetricsTableReadCapacity": c["metrics_table_read_capacity"],
+        "MetricsTableWriteCapacity": c["metrics_table_write_capacity"],
+    }
+
+
+def test_the_naive_design_keeps_an_on_demand_table_unless_told() -> None:
+    assert "on-demand" in next(i.quantity for i in naive_plan(Workload()).items if i.component == "DynamoDB")
+    # 50,000 WRU/s held at 70 %: ceil(71,428.6) = 71,429 WCU x 730 h x $0.00065 = $33,893
+    provisioned = naive_plan(Workload(), table_capacity_mode="PROVISIONED")
+    assert item(provisioned, "DynamoDB") == pytest.approx(71_429 * 730 * 0.00065)
+    assert provisioned.warnings[-1].startswith("the readings table needs 0 RCU and 71,429 WCU, over DynamoDB's")
+    assert not [x for x in plan(Workload()).warnings if "table" in x]
+
+
+def test_the_plan_command_prints_the_table_parameters_to_deploy_with(capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.local.cli import main
+
+    c = plan(Workload()).capacity
+    with pytest.raises(SystemExit) as done:
+        main(["plan"])
+    assert done.value.code == 0
+    assert (
+        f"TableCapacityMode=PROVISIONED StateTableReadCapacity={c['state_table_read_capacity']} "
+        f"StateTableWriteCapacity={c['state_table_write_capacity']} "
+        f"MetricsTableReadCapacity={c['metrics_table_read_capacity']} "
+        f"MetricsTableWriteCapacity={c['metrics_table_write_capacity']}"
+    ) in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "--table-capacity-mode", "PAY_PER_REQUEST"])
+    shown = capsys.readouterr().out
+    assert "TableCapacityMode=PAY_PER_REQUEST\n" in shown and "on-demand: 1,124 WRU/s" in shown
+
+
 def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -> None:
-    second, two = plan(Workload(**SIZED)), plan(Workload(batching_window_s=2, **SIZED))
+    on_demand = {"table_capacity_mode": "PAY_PER_REQUEST", **SIZED}
+    second, two = plan(Workload(**on_demand)), plan(Workload(batching_window_s=2, **on_demand))
     assert two.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) / 2
     assert two.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) / 2
-    assert item(two, "DynamoDB (on-demand)") == pytest.approx(item(second, "DynamoDB (on-demand)") / 2)
+    assert item(two, "DynamoDB") == pytest.approx(item(second, "DynamoDB") / 2)
     shards = two.capacity["kinesis_shards"]
     assert shards == second.capacity["kinesis_shards"]  # the stream does not change
     puts = shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
@@ -215,8 +294,9 @@ def test_default_sizes_are_measured_with_the_devices_encoder() -> None:
 def test_citypulse_is_at_least_twenty_times_cheaper_than_naive() -> None:
     w = Workload()
     assert naive_plan(w).monthly_usd / plan(w).monthly_usd >= 20
-    # ... and still when the naive design gets a provisioned stream as well.
-    assert naive_plan(w, stream_mode="PROVISIONED").monthly_usd / plan(w).monthly_usd >= 20
+    # ... and still when the naive design gets a provisioned stream and provisioned tables as well.
+    provisioned = naive_plan(w, stream_mode="PROVISIONED", table_capacity_mode="PROVISIONED")
+    assert provisioned.monthly_usd / plan(w).monthly_usd >= 20
 
 
 def test_the_zone_state_size_is_measured_on_the_processors_own_full_states() -> None:

@@ -178,6 +178,7 @@ def test_every_optional_feature_provisions_with_placeholders_for_the_stand_ins(
             "SlackTokenSecretArn": "arn:aws:secretsmanager:us-east-1:000000000000:secret:slack-AbCdEf",
             "SlackChannelId": "C0123456789",
             "EgressMode": "endpoints",
+            "TableCapacityMode": "PROVISIONED",
         },
     )
     where = {line.logical_id: line.where for line in report.resources}
@@ -190,6 +191,22 @@ def test_every_optional_feature_provisions_with_placeholders_for_the_stand_ins(
     for lid in ("QuickSightReaderSecret", "SyntheticTrafficRole", "OpsEmailSubscription"):
         assert where[lid] == "ministack", (lid, where[lid])
     assert where["SlackInvokeRole"] == "ministack (placeholders for stand-ins: SlackDestination)"
+    # The processor's tables are created provisioned at the template's ceilings; their auto
+    # scaling is AWS's alone (ministack meters nothing).
+    ddb = _client(env, "dynamodb")
+    parameters = load_template(DEFAULT_TEMPLATE)["Parameters"]
+    for table, prefix in (("processor-state", "StateTable"), ("zone-metrics", "MetricsTable")):
+        described = ddb.describe_table(TableName=f"citypulse-full-{table}")["Table"]
+        throughput = described["ProvisionedThroughput"]
+        # (ministack echoes the parameters' strings where DynamoDB answers numbers)
+        assert (int(throughput["ReadCapacityUnits"]), int(throughput["WriteCapacityUnits"])) == (
+            parameters[f"{prefix}ReadCapacity"]["Default"],
+            parameters[f"{prefix}WriteCapacity"]["Default"],
+        )
+        assert described.get("BillingModeSummary", {}).get("BillingMode", "PROVISIONED") == "PROVISIONED"
+    scaling = [lid for lid, res in resources.items() if res["Type"].startswith("AWS::ApplicationAutoScaling::")]
+    assert len(scaling) == 8
+    assert all(where[lid].startswith("not deployed; no stand-in needed: ministack does not meter") for lid in scaling)
     # The placeholder really reached ministack: the MWAA role names the warehouse's stand-in ARN.
     policy = _client(env, "iam").get_role_policy(RoleName="citypulse-full-mwaa", PolicyName="citypulse-tasks")
     assert "arn:aws:local-stand-in:us-east-1:000000000000:RedshiftWorkgroup/Workgroup.WorkgroupArn" in json.dumps(

@@ -198,9 +198,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         zones=args.zones,
         basic_ingest=not args.no_basic_ingest,
         stream_mode=args.stream_mode,
+        table_capacity_mode=args.table_capacity_mode,
         batching_window_s=args.batching_window,
     )
-    print(render(plan(w), naive_plan(w), naive_plan(w, stream_mode="PROVISIONED")))
+    provisioned = naive_plan(w, stream_mode="PROVISIONED", table_capacity_mode="PROVISIONED")
+    print(render(plan(w), naive_plan(w), provisioned))
     return 0
 
 
@@ -264,6 +266,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=["PROVISIONED", "ON_DEMAND"],
         default="PROVISIONED",
         help="Kinesis capacity mode, as the template's StreamMode parameter (default PROVISIONED)",
+    )
+    p.add_argument(
+        "--table-capacity-mode",
+        choices=["PROVISIONED", "PAY_PER_REQUEST"],
+        default="PROVISIONED",
+        help="the processor's DynamoDB tables, as the template's TableCapacityMode parameter (default "
+        "PROVISIONED, auto-scaled; PAY_PER_REQUEST: on demand)",
     )
     p.add_argument(
         "--batching-window",

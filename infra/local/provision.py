@@ -86,6 +86,7 @@ _NO_REDSHIFT = "ministack has no Redshift; the same dbt models run on the local 
 _NO_QUICKSIGHT = "ministack has no QuickSight"
 _LOOPBACK = "everything binds loopback locally: there is no network to segment"
 _NO_EGRESS = "no egress locally, everything binds loopback; ministack has no NAT gateways"
+_UNMETERED = "ministack does not meter or throttle a table's capacity: there is nothing to scale"
 
 STAND_INS: Mapping[str, StandIn] = {
     "AWS::Kinesis::Stream": StandIn(
@@ -161,6 +162,9 @@ STAND_INS: Mapping[str, StandIn] = {
         placeholders=True,
     ),
     "AWS::EC2::SecurityGroupIngress": StandIn("instead", "no stand-in needed", _LOOPBACK, placeholders=True),
+    # TableCapacityMode PROVISIONED: the tables are created provisioned; nothing scales them locally.
+    "AWS::ApplicationAutoScaling::ScalableTarget": StandIn("instead", "no stand-in needed", _UNMETERED),
+    "AWS::ApplicationAutoScaling::ScalingPolicy": StandIn("instead", "no stand-in needed", _UNMETERED),
     # The NAT path to the internet (EgressMode nat): nothing local talks beyond loopback.
     "AWS::EC2::EIP": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),
     "AWS::EC2::NatGateway": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),

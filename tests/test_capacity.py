@@ -111,6 +111,10 @@ def test_the_templates_default_table_capacities_are_the_plans_for_the_default_ci
     parameters = template["Parameters"]
     scaling = [r for r in template["Resources"].values() if r["Type"] == "AWS::ApplicationAutoScaling::ScalableTarget"]
     assert {r["Properties"]["MaxCapacity"] for r in scaling} == {TABLE_QUOTA_UNITS}
+    # a floor above the ceiling could not deploy: the parameters stop at it
+    assert {
+        parameters[f"{t}{d}Capacity"]["MaxValue"] for t in ("StateTable", "MetricsTable") for d in ("Read", "Write")
+    } == {TABLE_QUOTA_UNITS}
     c = plan(Workload()).capacity
     assert {
         name: parameters[name]["Default"]

@@ -407,3 +407,21 @@ def test_pyarrow_pruned_as_the_lambda_package_prunes_it_still_writes_the_lake(tm
     )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}", "AWS_DEFAULT_REGION": "us-east-1"}
     subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=env, check=True, capture_output=True, text=True)
+
+
+def test_metric_math_alarms_count_a_period_without_data_as_zero() -> None:
+    # Event metrics such as DynamoDB's throttle events are reported only when events happen, and
+    # "+" of metric-math series yields a point only where every series has one: each metric an
+    # alarm's expression adds must be FILLed, or one table throttling alone would never alarm.
+    from infra.local.provision import load_template
+
+    alarms = {
+        lid: res["Properties"]["Metrics"]
+        for lid, res in load_template(MAIN_TEMPLATE)["Resources"].items()
+        if res["Type"] == "AWS::CloudWatch::Alarm" and "Metrics" in res["Properties"]
+    }
+    assert "ProcessorTablesThrottledAlarm" in alarms
+    for lid, metrics in alarms.items():
+        (expression,) = [m["Expression"] for m in metrics if "Expression" in m]
+        for metric in (m for m in metrics if "MetricStat" in m):
+            assert f"FILL({metric['Id']}, 0)" in expression, (lid, metric["Id"], expression)

@@ -165,8 +165,12 @@ STAND_INS: Mapping[str, StandIn] = {
     # TableCapacityMode PROVISIONED: the tables are created provisioned; nothing scales them locally.
     "AWS::ApplicationAutoScaling::ScalableTarget": StandIn("instead", "no stand-in needed", _UNMETERED),
     "AWS::ApplicationAutoScaling::ScalingPolicy": StandIn("instead", "no stand-in needed", _UNMETERED),
-    # A metric-math alarm over the tables' throttle events (ministack's CloudFormation refuses metric math).
-    "ProcessorTablesThrottledAlarm": StandIn("instead", "no stand-in needed", _UNMETERED),
+    # A metric-math alarm over the tables' throttle events.
+    "ProcessorTablesThrottledAlarm": StandIn(
+        "instead",
+        "no stand-in needed",
+        "ministack's CloudFormation refuses metric-math alarms, and nothing throttles a local table",
+    ),
     # The NAT path to the internet (EgressMode nat): nothing local talks beyond loopback.
     "AWS::EC2::EIP": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),
     "AWS::EC2::NatGateway": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),

@@ -153,6 +153,41 @@ def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tm
     assert second_started >= first_ended + window  # "b" waited for the window after "a"'s invocation
 
 
+def test_a_shared_throughput_shard_is_read_no_faster_than_its_base_rate(stream: str, tmp_path: Path) -> None:
+    """With no window, a mapping on the stream itself still starts a batch that is not full no
+    sooner than the base rate after the one before (Lambda: once a second; here 1.5 s)."""
+    import boto3
+
+    k = boto3.client("kinesis")
+    base = 1.5
+    calls: list[tuple[float, list[bytes]]] = []  # (started, data)
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        calls.append((time.monotonic(), _data(event)))
+        return {"batchItemFailures": []}
+
+    k.put_record(StreamName=stream, Data=b"a", PartitionKey="z")
+    poller = _poller(stream, handler, tmp_path, batching_window_s=0, read_interval_s=base)
+    stop = threading.Event()
+    thread = threading.Thread(target=poller.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not calls:
+            assert time.monotonic() < deadline and thread.is_alive(), "no first invocation"
+            time.sleep(0.01)  # polling the handler's progress from the test thread
+        k.put_record(StreamName=stream, Data=b"b", PartitionKey="z")
+        while len(calls) < 2:
+            assert time.monotonic() < deadline and thread.is_alive(), "no second invocation"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+    (first_started, first), (second_started, second) = calls
+    assert first == [b"a"] and second == [b"b"]
+    assert second_started >= first_started + base
+
+
 def test_partial_failure_is_retried_from_the_failed_record_only(stream: str, tmp_path: Path) -> None:
     sent = _produce(stream, producers=1, per_producer=50)
     delivered: list[bytes] = []

@@ -47,6 +47,11 @@ from infra.local.kinesis_resume import CheckpointError, resume_iterator
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
+# Lambda reads a shard through a shared-throughput (standard iterator) mapping at a base rate of
+# once a second once it has caught up (AWS Lambda Developer Guide, "Using Lambda with Kinesis
+# Data Streams": polling and batching streams).
+SHARED_READ_INTERVAL_S = 1.0
+
 
 @dataclass(frozen=True)
 class MappingConfig:
@@ -57,6 +62,10 @@ class MappingConfig:
     max_retry_attempts: int = 3
     bisect_on_error: bool = True
     poll_interval_s: float = 0.2
+    # The least time from the start of one of a shard's batches to the start of the next that
+    # is not full: 0 for an enhanced fan-out consumer, whose records are pushed as they arrive;
+    # `SHARED_READ_INTERVAL_S` for a mapping on the stream itself.
+    read_interval_s: float = 0.0
 
 
 @dataclass
@@ -214,9 +223,10 @@ class ShardPoller:
         """Poll until `stop` is set, invoking the handler per batch."""
         iterator = self._iterator()
         buffer: list[dict[str, Any]] = []
-        # The batching window begins when the previous invocation ends (none yet: already over).
+        # The batching window begins when the previous invocation ends (none yet: already over);
+        # a shared-throughput shard is read again no sooner than its base rate allows.
         window_ends = 0.0
-        window, size = self.config.batching_window_s, self.config.batch_size
+        window, size, base = self.config.batching_window_s, self.config.batch_size, self.config.read_interval_s
         while not stop.is_set():
             if iterator is None:
                 raise CheckpointError(f"{self.shard_id} was closed; resharding is not emulated locally")
@@ -234,14 +244,15 @@ class ShardPoller:
             records = resp["Records"]
             buffer.extend(records)
             while len(buffer) >= size:
+                started = time.monotonic()
                 self.deliver(buffer[:size])
                 buffer = buffer[size:]
-                window_ends = time.monotonic() + window
+                window_ends = max(time.monotonic() + window, started + base)
             now = time.monotonic()
             if buffer and now >= window_ends:
                 self.deliver(buffer)
                 buffer = []
-                window_ends = time.monotonic() + window
+                window_ends = max(time.monotonic() + window, now + base)
             elif buffer:
                 # Gathering: read the shard once a poll interval, and when the window closes
                 # (a read at a time keeps the last one, which the batch waits for, small).
@@ -363,6 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dlq-url", default=None, help="SQS queue for the on-failure destination")
     p.add_argument("--batch-size", type=int, default=MappingConfig.batch_size)
     p.add_argument("--batching-window", type=float, default=MappingConfig.batching_window_s)
+    p.add_argument(
+        "--consumer",
+        help="the enhanced fan-out consumer the mapping reads through: records pushed as they arrive, so no "
+        "base rate of reading the shard (default: the stream itself, read at most once a second once caught up)",
+    )
     p.add_argument("--max-retries", type=int, default=MappingConfig.max_retry_attempts)
     p.add_argument("--no-bisect", action="store_true")
     p.add_argument(
@@ -382,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     config = MappingConfig(
         batch_size=args.batch_size,
         batching_window_s=args.batching_window,
+        read_interval_s=0.0 if args.consumer else SHARED_READ_INTERVAL_S,
         max_retry_attempts=args.max_retries,
         bisect_on_error=not args.no_bisect,
     )

@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Conditions the default (local) parameters leave off.
-OFF_BY_DEFAULT = {"HasAlertEmail", "HasSlack", "QuickSightOn", "SyntheticOn", "HasInterfaceEndpoints"}
+OFF_BY_DEFAULT = {"HasAlertEmail", "HasSlack", "QuickSightOn", "SyntheticOn", "HasInterfaceEndpoints", "FanOut"}
 
 EXPECTED_SQL = (
     "SELECT encode(*, 'base64') AS payload, topic(3) AS zone_id, topic(4) AS gateway_id, "
@@ -179,6 +179,8 @@ def test_every_optional_feature_provisions_with_placeholders_for_the_stand_ins(
             "SlackChannelId": "C0123456789",
             "EgressMode": "endpoints",
             "TableCapacityMode": "PROVISIONED",
+            "ProcessorStreamConsumer": "ENHANCED_FAN_OUT",
+            "ProcessorBatchingWindow": "0",
         },
     )
     where = {line.logical_id: line.where for line in report.resources}
@@ -191,6 +193,20 @@ def test_every_optional_feature_provisions_with_placeholders_for_the_stand_ins(
     for lid in ("QuickSightReaderSecret", "SyntheticTrafficRole", "OpsEmailSubscription"):
         assert where[lid] == "ministack", (lid, where[lid])
     assert where["SlackInvokeRole"] == "ministack (placeholders for stand-ins: SlackDestination)"
+    # The processor reads through its enhanced fan-out consumer: locally the poller reads the
+    # consumer's stream with nothing between batches, and the role names the consumer.
+    assert where["ProcessorFanOutConsumer"].startswith("not deployed; stand-in: infra/local/poller.py")
+    assert where["ProcessorRole"] == "ministack (placeholders for stand-ins: ProcessorFanOutConsumer)"
+    (esm,) = report.event_source_mappings
+    assert (esm.consumer, esm.stream_name, esm.maximum_batching_window_s) == (
+        "citypulse-full-processor",
+        "citypulse-full-telemetry",
+        0,
+    )
+    role = _client(env, "iam").get_role_policy(RoleName="citypulse-full-processor", PolicyName="processor")
+    assert "arn:aws:local-stand-in:us-east-1:000000000000:ProcessorFanOutConsumer/ConsumerARN" in json.dumps(
+        role["PolicyDocument"]
+    )
     # The processor's tables are created provisioned at the template's ceilings; their auto
     # scaling is AWS's alone (ministack meters nothing).
     ddb = _client(env, "dynamodb")
@@ -240,6 +256,7 @@ def test_stand_ins_are_described_for_the_local_platform(
     assert esm.function_name == "citypulse-local-processor"
     assert esm.event_source_arn == stream.arn
     assert esm.stream_name == stream.name
+    assert esm.consumer is None  # the stream itself, read once a second (ProcessorStreamConsumer's default)
     assert (esm.batch_size, esm.maximum_batching_window_s, esm.starting_position) == (10000, 1, "TRIM_HORIZON")
     assert esm.function_response_types == ("ReportBatchItemFailures",)
     assert esm.bisect_batch_on_function_error is True

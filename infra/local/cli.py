@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from infra.local.platform import DEFAULT_STATE_DIR, PlatformError, PlatformInfo, down, up
+from infra.local.platform import DEFAULT_STATE_DIR, PlatformError, PlatformInfo, down, stack_parameter, up
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -24,7 +24,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    info = up(_state_dir(args), sensors=args.sensors, seed=args.seed, fresh=not args.keep)
+    info = up(_state_dir(args), sensors=args.sensors, seed=args.seed, fresh=not args.keep, parameters=_parameters(args))
     print(info.provision_report)
     print(
         f"ready: AWS emulator {info.endpoints['ministack']}, Kinesis {info.endpoints['kinesis']}, "
@@ -170,6 +170,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         warmup_s=args.warmup,
         seed=args.seed,
         fresh=not args.keep,
+        parameters=_parameters(args),
     )
     print(render(result))
     return 0 if result.accounted else 1
@@ -206,6 +207,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameters(args: argparse.Namespace) -> dict[str, str]:
+    """The `--parameter`s, for a fresh platform only: a running one keeps the stack it has."""
+    if args.parameter and args.keep:
+        raise PlatformError("--parameter deploys a fresh stack: it cannot apply to the running platform (--keep)")
+    return dict(args.parameter)
+
+
+def parameter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parameter",
+        type=stack_parameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a template parameter for the local stack, as a deploy overrides it (repeatable), e.g. "
+        "ProcessorStreamConsumer=ENHANCED_FAN_OUT",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="citypulse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("up", help="start the local platform")
     city_flags(p, 2000)
     p.add_argument("--keep", action="store_true", help="keep the previous state instead of starting fresh")
+    parameter_flag(p)
     p.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show what is running").set_defaults(func=cmd_status)
     p = sub.add_parser("dashboard", help="serve the live operator dashboard on 127.0.0.1")
@@ -254,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--publishers", type=int, default=0, help="publisher processes (0: one per 1,500 msg/s)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="use the running platform instead of a fresh one")
+    parameter_flag(p)
     p.set_defaults(func=cmd_load)
     p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")
     p.add_argument("--sensors", type=int, default=50_000)

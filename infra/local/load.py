@@ -574,9 +574,11 @@ def run_load(
     fresh: bool = True,
     drain_timeout_s: float = 600.0,
     echo: Callable[[str], None] = print,
+    parameters: dict[str, str] | None = None,
 ) -> LoadResult:
-    """Run the load; `fresh` starts a new platform for a city of rate x tick sensors, otherwise
-    the running platform is used (its city must have that many sensors)."""
+    """Run the load; `fresh` starts a new platform for a city of rate x tick sensors (its stack
+    deployed with `parameters`), otherwise the running platform is used (its city must have
+    that many sensors)."""
     from streaming.contract import parse_ts_ms
     from streaming.devices.traffic import Incident
 
@@ -585,7 +587,7 @@ def run_load(
         raise ValueError("rate x tick must be at least one sensor")
     if fresh:
         echo(f"starting the local platform for a {sensors:,}-sensor city")
-        info = up(state_dir, sensors=sensors, seed=seed, fresh=True, echo=echo)
+        info = up(state_dir, sensors=sensors, seed=seed, fresh=True, echo=echo, parameters=parameters)
     else:
         info = require_running(state_dir)
         if info.sensors != sensors:

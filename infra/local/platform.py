@@ -199,10 +199,19 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
-def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local", faults: Path | None = None) -> None:
+def supervise(
+    state_dir: Path,
+    sensors: int,
+    seed: int,
+    env_name: str = "local",
+    faults: Path | None = None,
+    parameters: dict[str, str] | None = None,
+) -> None:
     """Run the platform in this process until SIGTERM/SIGINT (the supervisor's body). With `faults`
     (a plan for infra/local/faults.py) the processor reaches DynamoDB, S3 and EventBridge through
-    the fault-injecting proxy: the fault-injection suite's configuration, nothing else changes."""
+    the fault-injecting proxy: the fault-injection suite's configuration, nothing else changes.
+    `parameters`: the stack's template parameters where they are not the template's defaults,
+    as a deploy passes them."""
     # Imported here: `citypulse status` and `down` must not pay for boto3, awscrt, pyarrow.
     import boto3
 
@@ -241,7 +250,7 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local",
 
         step(f"provisioning {TEMPLATE.relative_to(REPO_ROOT)} through the emulator's CloudFormation")
         os.environ.update(aws_env(ministack, kinesis))  # for this process's own boto3 calls
-        report = provision(TEMPLATE, env_name, aws_env(ministack, kinesis))
+        report = provision(TEMPLATE, env_name, aws_env(ministack, kinesis), parameters=parameters)
         info.provision_report = report.render()
         env.update(report.processor_env)
         # What the local tools (CLI, DAG connections, dashboard) need from the stack outputs.
@@ -369,6 +378,8 @@ def supervise(state_dir: Path, sensors: int, seed: int, env_name: str = "local",
                 "--max-retries",
                 str(esm.maximum_retry_attempts if esm.maximum_retry_attempts is not None else 10_000),
             ]
+            if esm.consumer:
+                argv += ["--consumer", esm.consumer]
             if not esm.bisect_batch_on_function_error:
                 argv.append("--no-bisect")
             if dlq:
@@ -448,8 +459,10 @@ def up(
     timeout: float = 180.0,
     echo: Any = print,
     faults: Path | None = None,
+    parameters: dict[str, str] | None = None,
 ) -> PlatformInfo:
-    """Start the supervisor detached and wait until it reports ready (or failed)."""
+    """Start the supervisor detached and wait until it reports ready (or failed); `parameters`
+    go to the stack (`supervise`)."""
     current = PlatformInfo.load(state_dir)
     if current and current.state in ("starting", "ready") and current.running():
         if not fresh:
@@ -474,6 +487,7 @@ def up(
             "--seed",
             str(seed),
             *(["--faults", str(faults)] if faults is not None else []),
+            *[arg for key, value in (parameters or {}).items() for arg in ("--parameter", f"{key}={value}")],
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -546,8 +560,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sensors", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--faults", type=Path, default=None, help="fault plan: the processor's AWS calls go through it")
+    p.add_argument("--parameter", type=stack_parameter, action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    supervise(args.state_dir, args.sensors, args.seed, faults=args.faults)
+    supervise(args.state_dir, args.sensors, args.seed, faults=args.faults, parameters=dict(args.parameter))
+
+
+def stack_parameter(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` of a template parameter, as `aws cloudformation deploy --parameter-overrides` takes it."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: a template parameter is KEY=VALUE")
+    return key, value
 
 
 if __name__ == "__main__":

@@ -95,6 +95,13 @@ STAND_INS: Mapping[str, StandIn] = {
         "ministack's Kinesis keeps positions as list indexes (consumers silently skip records past "
         "retention) and slows as shards fill; all Kinesis traffic goes to kinesalite",
     ),
+    "AWS::Kinesis::StreamConsumer": StandIn(
+        "instead",
+        "infra/local/poller.py reading its stream back to back, as records pushed to a consumer invoke",
+        "kinesalite has no enhanced fan-out (RegisterStreamConsumer, SubscribeToShard)",
+        placeholders=True,
+        resolve=True,
+    ),
     "AWS::Lambda::EventSourceMapping": StandIn(
         "instead",
         "infra/local/poller.py (local event-source poller on kinesalite)",
@@ -265,6 +272,9 @@ class EventSourceMappingSpec:
     function_name: str
     event_source_arn: str
     stream_name: str
+    # The enhanced fan-out consumer the mapping reads through (records pushed as they arrive);
+    # None: the stream itself, a shared-throughput consumer read once a second.
+    consumer: str | None
     starting_position: str
     batch_size: int
     maximum_batching_window_s: int
@@ -511,8 +521,14 @@ def _plan(template: dict[str, Any]) -> _Plan:
         if not stand_in_for(lid, res["Type"]).resolve:  # type: ignore[union-attr]
             continue
         for path, value in _leaves(res.get("Properties") or {}):
-            if not _is_intrinsic(value) or set(_references(value)) & removed.keys():
+            if not _is_intrinsic(value):
                 continue
+            hit = set(_references(value)) & removed.keys()
+            if hit - replaceable:
+                continue
+            # A reference to another stand-in resolves to its placeholder (the event-source
+            # mapping's EventSourceArn naming a stood-in stream consumer, say).
+            value = _with_placeholders(value, hit) if hit else value
             key = f"{_PROBE_PREFIX}Leaf{len(leaf_probes)}"
             outputs[key] = {"Value": value}
             if res.get("Condition"):
@@ -861,11 +877,22 @@ def _topic_rule(clients: _Clients, lid: str, physical_id: str) -> TopicRuleSpec:
     )
 
 
-def _event_source_mapping(lid: str, properties: dict[str, Any]) -> EventSourceMappingSpec:
+def _event_source_mapping(
+    lid: str, properties: dict[str, Any], consumers: Mapping[str, dict[str, Any]]
+) -> EventSourceMappingSpec:
+    """`properties` resolved; `consumers`: the stood-in stream consumers' resolved properties by logical id."""
     unresolved = [".".join(map(str, p)) for p, v in _leaves(properties) if _is_intrinsic(v)]
     if unresolved:
         raise ProvisionError(f"{lid}: could not resolve {', '.join(unresolved)}")
     arn = str(properties["EventSourceArn"])
+    consumer = None
+    if ":local-stand-in:" in arn:
+        # A consumer's ARN (its placeholder): the poller reads the consumer's stream.
+        target = arn.rsplit(":", 1)[-1].split("/", 1)[0]
+        if target not in consumers:
+            raise ProvisionError(f"{lid}: the local poller reads Kinesis streams and their consumers only, not {arn}")
+        consumer = str(consumers[target]["ConsumerName"])
+        arn = str(consumers[target]["StreamARN"])
     if ":kinesis:" not in arn:
         raise ProvisionError(f"{lid}: the local poller reads Kinesis streams only, not {arn}")
     on_failure = properties.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination")
@@ -875,6 +902,7 @@ def _event_source_mapping(lid: str, properties: dict[str, Any]) -> EventSourceMa
         function_name=str(properties["FunctionName"]),
         event_source_arn=arn,
         stream_name=arn.rsplit("/", 1)[-1],
+        consumer=consumer,
         starting_position=str(properties.get("StartingPosition", "LATEST")),
         batch_size=int(properties.get("BatchSize", 100)),
         maximum_batching_window_s=int(properties.get("MaximumBatchingWindowInSeconds", 0)),
@@ -1052,7 +1080,12 @@ def provision(
             report.topic_rules.append(_topic_rule(clients, lid, str(physical)))
             where = f"ministack (declared) + {stand_in.by}: {stand_in.why}"
         elif rtype == "AWS::Lambda::EventSourceMapping":
-            report.event_source_mappings.append(_event_source_mapping(lid, resolved[lid]))
+            consumers = {
+                other: resolved[other]
+                for other, body in plan.removed.items()
+                if body.get("Type") == "AWS::Kinesis::StreamConsumer"
+            }
+            report.event_source_mappings.append(_event_source_mapping(lid, resolved[lid], consumers))
             where = f"not deployed; stand-in: {stand_in.by} ({stand_in.why})"
         elif stand_in.by.startswith("no stand-in needed"):
             where = f"not deployed; {stand_in.by}: {stand_in.why}"

@@ -49,13 +49,17 @@ HOURS_PER_MONTH = 730
 GB = 1024**3
 StreamMode = Literal["ON_DEMAND", "PROVISIONED"]  # the template's StreamMode parameter values
 TableCapacityMode = Literal["PAY_PER_REQUEST", "PROVISIONED"]  # the template's TableCapacityMode values
+# How the processor reads the stream (the template's ProcessorStreamConsumer values).
+StreamConsumer = Literal["SHARED_THROUGHPUT", "ENHANCED_FAN_OUT"]
 TEMPLATE_MAX_SHARDS = 64  # the template's ShardCount MaxValue
 # DynamoDB's default per-table quota of read and of write capacity units (provisioned tables),
 # and the template's auto-scaling ceiling.
 TABLE_QUOTA_UNITS = 40_000
 # CreateEventSourceMapping takes MaximumBatchingWindowInSeconds in whole seconds, 0 to 300; with
-# a standard iterator Lambda reads each shard at a base rate of once a second (AWS Lambda
-# Developer Guide, "Using Lambda with Kinesis Data Streams": polling and batching streams).
+# a standard iterator (a shared-throughput consumer) Lambda reads each shard at a base rate of
+# once a second, while an enhanced fan-out consumer has the records pushed to it as they arrive
+# (AWS Lambda Developer Guide, "Using Lambda with Kinesis Data Streams": polling and batching
+# streams).
 MAX_BATCHING_WINDOW_S = 300
 POLL_INTERVAL_S = 1.0
 
@@ -200,8 +204,17 @@ class Workload:
     # below the capacity the plan prints for the city's steady load.
     table_capacity_mode: TableCapacityMode = "PROVISIONED"
     table_utilisation: float = 0.7
-    # The event-source mapping's MaximumBatchingWindowInSeconds: whole seconds, 0 to 300.
-    batching_window_s: int = 1
+    # How the processor reads the stream (the template's ProcessorStreamConsumer) and its
+    # mapping's MaximumBatchingWindowInSeconds (ProcessorBatchingWindow: whole seconds, 0-300).
+    # An enhanced fan-out consumer with no window invokes as soon as the shard's invocation
+    # before has ended: a shard's batches are then `pushed_cycle_s` apart, the invocation's own
+    # duration, which sets how often each zone's state is read and written and each shard's
+    # lake file put. 0.25 s: the processor's invocations at 50,000 readings/s took 0.21-0.29 s
+    # at the median on the local platform (docs/performance.md, "Load"); on Lambda's vCPU they
+    # take less, so the plan errs high.
+    stream_consumer: StreamConsumer = "ENHANCED_FAN_OUT"
+    batching_window_s: int = 0
+    pushed_cycle_s: float = 0.25
     # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
     # CPU (the rest waits on DynamoDB/S3). Speeds from one run of bench/processor_bench.py
     # (docs/performance.md, "Processor"): the core on v2 gateway records with each detector's
@@ -225,11 +238,14 @@ class Workload:
 
     @property
     def batch_interval_s(self) -> float:
-        """Seconds between two batches of a shard at steady load: the window, and never less
-        than Lambda's base rate of reading a shard (once a second), which is what paces
-        batches with no window. An upper bound on the batches: the next window begins when the
-        invocation ends, so the interval is really the window plus the invocation."""
-        return max(float(self.batching_window_s), POLL_INTERVAL_S)
+        """Seconds between two batches of a shard at steady load, an upper bound on the batches
+        (the next window begins when the invocation ends, so the interval is really the window
+        plus the invocation). The window, if any; with none, what paces the batches: Lambda's
+        base rate of reading a shard (once a second) for a shared-throughput consumer, the
+        invocation itself (`pushed_cycle_s`) for an enhanced fan-out consumer."""
+        if self.batching_window_s:
+            return float(self.batching_window_s)
+        return self.pushed_cycle_s if self.stream_consumer == "ENHANCED_FAN_OUT" else POLL_INTERVAL_S
 
     @property
     def readings_per_s(self) -> float:
@@ -344,8 +360,15 @@ def naive_plan(
     """The tutorial design: everything once per reading (on an on-demand stream and an on-demand
     table, as tutorials deploy them, unless told)."""
     p = prices or load_prices()
+    # A tutorial's mapping: the stream itself (a shared-throughput consumer), no window.
     w = replace(
-        w, gateway_batch=1, basic_ingest=False, stream_mode=stream_mode, table_capacity_mode=table_capacity_mode
+        w,
+        gateway_batch=1,
+        basic_ingest=False,
+        stream_mode=stream_mode,
+        table_capacity_mode=table_capacity_mode,
+        stream_consumer="SHARED_THROUGHPUT",
+        batching_window_s=0,
     )
     out = Plan("naive", w)
     iot = p["iot_core"]
@@ -439,16 +462,20 @@ def provisioned_shards(
 def _kinesis(
     out: Plan, w: Workload, p: dict[str, Any], records_s: float, record_bytes: float, shares: dict[str, float] | None
 ) -> int:
-    """The stream's line item in `w.stream_mode`; returns its shards (the processor's concurrency).
+    """The stream's line items in `w.stream_mode`; returns its shards (the processor's concurrency).
 
     On-demand bills every GB written and read, each record rounded up to 1 KB. Provisioned
     bills shard-hours plus PUT payload units (25 KB each) and nothing per GB read; shards are
-    sized for the records/s and bytes/s limits at `w.shard_utilisation`.
+    sized for the records/s and bytes/s limits at `w.shard_utilisation`. The processor's
+    enhanced fan-out consumer (`w.stream_consumer`) is billed apart: on a provisioned stream by
+    consumer-shard-hour and GB retrieved; on an on-demand stream its GB retrieved replace the
+    stream's own retrieval, at the enhanced fan-out price.
     """
     mb_s = records_s * record_bytes / 1e6
     limits = p["kinesis_provisioned"]
     out.capacity.update(kinesis_records_per_s=records_s, kinesis_mb_per_s=mb_s)
     month = records_s * SECONDS_PER_MONTH
+    fan_out = w.stream_consumer == "ENHANCED_FAN_OUT"
     if w.stream_mode == "ON_DEMAND":
         kin = p["kinesis_on_demand"]
         gb = month * _units(record_bytes, kin["record_rounding_bytes"]) * kin["record_rounding_bytes"] / GB
@@ -456,9 +483,16 @@ def _kinesis(
         out.capacity.update(kinesis_shards_equivalent=shards)
         out.add(
             "Kinesis Data Streams",
-            f"on-demand: {gb:,.0f} GB in and out",
-            gb * (kin["ingest_per_gb"] + kin["retrieval_per_gb"]) + HOURS_PER_MONTH * kin["stream_hour"],
+            f"on-demand: {gb:,.0f} GB in" + ("" if fan_out else " and out"),
+            gb * (kin["ingest_per_gb"] + (0 if fan_out else kin["retrieval_per_gb"]))
+            + HOURS_PER_MONTH * kin["stream_hour"],
         )
+        if fan_out:
+            out.add(
+                "Kinesis enhanced fan-out",
+                f"the processor's consumer: {gb:,.0f} GB out",
+                gb * kin["enhanced_fan_out_retrieval_per_gb"],
+            )
         return shards
     shards = provisioned_shards(w, records_s, records_s * record_bytes, limits, shares)
     units = month * _units(record_bytes, limits["put_payload_unit_bytes"])
@@ -468,6 +502,14 @@ def _kinesis(
         f"provisioned: {shards} shards, {units / 1e9:.2f} B PUT units",
         shards * HOURS_PER_MONTH * limits["shard_hour"] + units / 1e6 * limits["put_payload_units_per_million"],
     )
+    if fan_out:
+        gb = month * record_bytes / GB
+        out.add(
+            "Kinesis enhanced fan-out",
+            f"the processor's consumer: {shards} consumer-shards, {gb:,.0f} GB out",
+            shards * HOURS_PER_MONTH * limits["enhanced_fan_out_consumer_shard_hour"]
+            + gb * limits["enhanced_fan_out_retrieval_per_gb"],
+        )
     if shards > TEMPLATE_MAX_SHARDS:
         out.warnings.append(
             f"{shards} shards exceed the template's ShardCount maximum ({TEMPLATE_MAX_SHARDS}): "
@@ -561,8 +603,18 @@ def _batch_side(out: Plan, w: Workload, p: dict[str, Any]) -> None:
     out.add("Glue crawler", f"{runs:,.0f} runs, {dpu_h:,.0f} DPU-hours", dpu_h * glue["crawler_dpu_hour"])
 
 
-def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> str:
-    """Side by side: component, citypulse, naive (and the naive total on a provisioned stream)."""
+def _pace(w: Workload) -> str:
+    """What sets a shard's batch interval (`Workload.batch_interval_s`), in words."""
+    if w.batching_window_s:
+        return "the batching window"
+    if w.stream_consumer == "ENHANCED_FAN_OUT":
+        return "records pushed as they arrive, no window: the invocation's own duration"
+    return "no window: Lambda reads a shard once a second"
+
+
+def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None, once_a_second: Plan | None = None) -> str:
+    """Side by side: component, citypulse, naive (and the naive total on a provisioned stream,
+    and citypulse's reading the stream once a second instead of as records are pushed)."""
     w = ours.workload
     lines = [
         f"citypulse plan: {w.sensors:,} sensors x {w.rate_hz:g} Hz = {w.readings_per_s:,.0f} readings/s, "
@@ -592,6 +644,14 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
             f"(naive on a provisioned stream and provisioned tables too: ${naive_provisioned.monthly_usd:,.0f}/month, "
             f"{naive_provisioned.monthly_usd / ours.monthly_usd:.1f}x)"
         )
+    if once_a_second is not None:
+        x = once_a_second.workload
+        lines.append(
+            f"(reading the stream once a second instead, ProcessorStreamConsumer={x.stream_consumer} "
+            f"ProcessorBatchingWindow={x.batching_window_s}: ${once_a_second.monthly_usd:,.0f}/month, "
+            f"{naive.monthly_usd / once_a_second.monthly_usd:.1f}x, each alert waiting up to a second more "
+            "for its shard's next batch)"
+        )
     lines += [
         "",
         "assumptions:",
@@ -612,10 +672,9 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None) -> st
             if w.table_capacity_mode == "PROVISIONED"
             else ""
         ),
-        f"  at most one batch per shard every {w.batch_interval_s:g} s (MaximumBatchingWindowInSeconds="
-        f"{w.batching_window_s}"
-        + ("" if w.batching_window_s else "; with no window, Lambda's once-a-second reading of each shard paces them")
-        + "): each zone's state read and written and each shard's lake file put once per batch",
+        f"  and ProcessorStreamConsumer={w.stream_consumer} ProcessorBatchingWindow={w.batching_window_s}:"
+        f" at most one batch per shard every {w.batch_interval_s:g} s ({_pace(w)}); each zone's state read and"
+        " written and each shard's lake file put once per batch",
         f"  processor {w.processor_readings_per_core_s:,.0f} readings/s per vCPU at {w.processor_cpu_share:.0%} CPU;"
         f" lake {w.lake_bytes_per_reading} B per reading",
         f"  zone state {w.zone_state_bytes_per_sensor:,.1f} B per sensor; measured as the processor saves it"

@@ -31,8 +31,10 @@ from streaming.devices.topics import telemetry_topic
 from streaming.processor.state import DEDUPE_WINDOW
 
 PRICES = load_prices()
-# Known message and zone-state sizes for the hand-worked figures below (the defaults are measured).
-SIZED = {"reading_bytes": 200, "message_overhead_bytes": 150, "zone_state_bytes_per_sensor": 40}
+# Known message and zone-state sizes for the hand-worked figures below (the defaults are
+# measured), and a batch per shard a second: the stream read once a second with a 1 s window.
+ONE_SECOND = {"stream_consumer": "SHARED_THROUGHPUT", "batching_window_s": 1}
+SIZED = {"reading_bytes": 200, "message_overhead_bytes": 150, "zone_state_bytes_per_sensor": 40, **ONE_SECOND}
 
 
 def item(p, name: str) -> float:
@@ -115,7 +117,12 @@ def test_the_templates_default_table_capacities_are_the_plans_for_the_default_ci
     assert {
         parameters[f"{t}{d}Capacity"]["MaxValue"] for t in ("StateTable", "MetricsTable") for d in ("Read", "Write")
     } == {TABLE_QUOTA_UNITS}
-    c = plan(Workload()).capacity
+    # ... for the template's own default reading of the stream, which the capacities follow
+    reading = {
+        "stream_consumer": parameters["ProcessorStreamConsumer"]["Default"],
+        "batching_window_s": parameters["ProcessorBatchingWindow"]["Default"],
+    }
+    c = plan(Workload(**reading)).capacity
     assert {
         name: parameters[name]["Default"]
         for name in (
@@ -157,12 +164,13 @@ def test_the_plan_command_prints_the_table_parameters_to_deploy_with(capsys: pyt
     with pytest.raises(SystemExit):
         main(["plan", "--table-capacity-mode", "PAY_PER_REQUEST"])
     shown = capsys.readouterr().out
-    assert "TableCapacityMode=PAY_PER_REQUEST\n" in shown and "on-demand: 1,124 WRU/s" in shown
+    # the zones' measured state items (1,124 WRU/s a batch a second, below) four times a second
+    assert "TableCapacityMode=PAY_PER_REQUEST\n" in shown and "on-demand: 4,496 WRU/s" in shown
 
 
 def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -> None:
     on_demand = {"table_capacity_mode": "PAY_PER_REQUEST", **SIZED}
-    second, two = plan(Workload(**on_demand)), plan(Workload(batching_window_s=2, **on_demand))
+    second, two = plan(Workload(**on_demand)), plan(Workload(**{**on_demand, "batching_window_s": 2}))
     assert two.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) / 2
     assert two.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) / 2
     assert item(two, "DynamoDB") == pytest.approx(item(second, "DynamoDB") / 2)
@@ -177,16 +185,66 @@ def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -
 
 
 def test_no_window_is_paced_by_lambda_reading_each_shard_once_a_second() -> None:
-    # The batches of a mapping without a window follow Lambda's base rate of reading a shard.
-    none, second = plan(Workload(batching_window_s=0, **SIZED)), plan(Workload(**SIZED))
+    # The batches of a mapping on the stream without a window follow Lambda's base rate of
+    # reading a shard.
+    none, second = plan(Workload(**{**SIZED, "batching_window_s": 0})), plan(Workload(**SIZED))
     assert none.capacity == second.capacity
     assert none.monthly_usd == second.monthly_usd
+
+
+def test_a_pushed_consumer_with_no_window_batches_at_its_invocations_pace() -> None:
+    # Enhanced fan-out, no window: a shard's batches follow each other every invocation (0.25 s),
+    # four times a second: every zone's items and every shard's lake file four times as often.
+    fan_out = {**SIZED, "stream_consumer": "ENHANCED_FAN_OUT", "batching_window_s": 0, "pushed_cycle_s": 0.25}
+    pushed, second = plan(Workload(**fan_out)), plan(Workload(**SIZED))
+    assert pushed.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) * 4
+    assert pushed.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) * 4
+    assert item(pushed, "DynamoDB") == pytest.approx(730 * (4 * 3_378 * 0.00065 + 4 * 1_241 * 0.00013), rel=1e-3)
+    shards = pushed.capacity["kinesis_shards"]
+    assert shards == second.capacity["kinesis_shards"]
+    puts = shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
+    assert item(pushed, "S3 lake") - item(second, "S3 lake") == pytest.approx(3 * puts)
+    # a window still paces a pushed consumer
+    windowed = plan(Workload(**{**fan_out, "batching_window_s": 1}))
+    assert windowed.capacity["dynamodb_wru_per_s"] == second.capacity["dynamodb_wru_per_s"]
+
+
+def test_a_fan_out_consumer_on_a_provisioned_stream_pays_consumer_shard_hours_and_gb_out() -> None:
+    fan_out = plan(Workload(**{**SIZED, "stream_consumer": "ENHANCED_FAN_OUT"}))
+    shards = fan_out.capacity["kinesis_shards"]
+    # 1,562.5 records/s of 6,550 x 4/3 + 120 = 8,853.3 B: 13.83 MB/s, 33,857 GiB a month
+    gb = 1562.5 * (6550 * 4 / 3 + 120) * SECONDS_PER_MONTH / 1024**3
+    assert gb == pytest.approx(33_857, rel=1e-4)
+    assert item(fan_out, "Kinesis enhanced fan-out") == pytest.approx(shards * 730 * 0.015 + gb * 0.013)
+    # the stream itself costs what it did; a shared-throughput consumer pays nothing more
+    shared = plan(Workload(**SIZED))
+    assert item(fan_out, "Kinesis Data Streams") == item(shared, "Kinesis Data Streams")
+    assert "Kinesis enhanced fan-out" not in {i.component for i in shared.items}
+
+
+def test_a_fan_out_consumer_on_an_on_demand_stream_pays_its_retrieval_instead() -> None:
+    on_demand = {**SIZED, "stream_mode": "ON_DEMAND"}
+    fan_out = plan(Workload(**{**on_demand, "stream_consumer": "ENHANCED_FAN_OUT"}))
+    # 9 KB billed a record (rounded up): in at $0.08/GB, out through the consumer at $0.05/GB
+    gb = 1562.5 * SECONDS_PER_MONTH * 9 * 1024 / 1024**3
+    assert item(fan_out, "Kinesis Data Streams") == pytest.approx(gb * 0.08 + HOURS_PER_MONTH * 0.04)
+    assert item(fan_out, "Kinesis enhanced fan-out") == pytest.approx(gb * 0.05)
+
+
+def test_the_templates_reading_parameters_are_the_plans() -> None:
+    from infra.capacity import MAX_BATCHING_WINDOW_S, StreamConsumer
+    from infra.local.provision import DEFAULT_TEMPLATE, load_template
+
+    parameters = load_template(DEFAULT_TEMPLATE)["Parameters"]
+    assert set(parameters["ProcessorStreamConsumer"]["AllowedValues"]) == set(StreamConsumer.__args__)
+    window = parameters["ProcessorBatchingWindow"]
+    assert (window["MinValue"], window["MaxValue"]) == (0, MAX_BATCHING_WINDOW_S)
 
 
 @pytest.mark.parametrize("window", [0.5, -1, 301, True])
 def test_a_window_the_mapping_cannot_take_is_refused(window: object) -> None:
     with pytest.raises(ValueError, match="whole seconds from 0 to 300"):
-        Workload(batching_window_s=window, **SIZED)  # type: ignore[arg-type]
+        Workload(**{**SIZED, "batching_window_s": window})
 
 
 def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixture[str]) -> None:
@@ -198,7 +256,29 @@ def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixtu
     shown = capsys.readouterr().out
     # the zones' measured state items (3, 3, 4, 4 and 5 WRU by size: 868) + 256 zone-minute items, / 2 s
     assert "562 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
-    assert "at most one batch per shard every 2 s (MaximumBatchingWindowInSeconds=2)" in shown
+    assert "ProcessorBatchingWindow=2: at most one batch per shard every 2 s (the batching window)" in shown
+
+
+def test_the_plan_command_reads_through_a_fan_out_consumer_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.local.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plan"])
+    shown = capsys.readouterr().out
+    assert "ProcessorStreamConsumer=ENHANCED_FAN_OUT ProcessorBatchingWindow=0: at most one batch per shard" in shown
+    assert "Kinesis enhanced fan-out" in shown
+    # ... beside what reading the stream once a second would cost
+    second = plan(Workload(**ONE_SECOND))
+    ratio = naive_plan(Workload()).monthly_usd / second.monthly_usd
+    assert (
+        "(reading the stream once a second instead, ProcessorStreamConsumer=SHARED_THROUGHPUT "
+        f"ProcessorBatchingWindow=1: ${second.monthly_usd:,.0f}/month, {ratio:.1f}x" in shown
+    )
+    with pytest.raises(SystemExit):
+        main(["plan", "--stream-consumer", "SHARED_THROUGHPUT", "--batching-window", "1"])
+    shown = capsys.readouterr().out
+    assert f"{second.monthly_usd:,.0f}" in shown and "reading the stream once a second instead" not in shown
+    assert "Kinesis enhanced fan-out" not in shown
 
 
 @pytest.mark.parametrize("given", ["0.5", "-1", "301", "one"])

@@ -190,6 +190,8 @@ def _window_seconds(text: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from infra.capacity import Workload, naive_plan, plan, render
 
     w = Workload(
@@ -200,10 +202,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         basic_ingest=not args.no_basic_ingest,
         stream_mode=args.stream_mode,
         table_capacity_mode=args.table_capacity_mode,
+        stream_consumer=args.stream_consumer,
         batching_window_s=args.batching_window,
     )
     provisioned = naive_plan(w, stream_mode="PROVISIONED", table_capacity_mode="PROVISIONED")
-    print(render(plan(w), naive_plan(w), provisioned))
+    pushed = w.stream_consumer == "ENHANCED_FAN_OUT" and not w.batching_window_s
+    once_a_second = plan(replace(w, stream_consumer="SHARED_THROUGHPUT", batching_window_s=1)) if pushed else None
+    print(render(plan(w), naive_plan(w), provisioned, once_a_second))
     return 0
 
 
@@ -297,13 +302,20 @@ def main(argv: list[str] | None = None) -> None:
         "PROVISIONED, auto-scaled; PAY_PER_REQUEST: on demand)",
     )
     p.add_argument(
+        "--stream-consumer",
+        choices=["ENHANCED_FAN_OUT", "SHARED_THROUGHPUT"],
+        default="ENHANCED_FAN_OUT",
+        help="how the processor reads the stream, as the template's ProcessorStreamConsumer parameter (default "
+        "ENHANCED_FAN_OUT: records pushed as they arrive; SHARED_THROUGHPUT: Lambda reads each shard once a second)",
+    )
+    p.add_argument(
         "--batching-window",
         type=_window_seconds,
-        default=1,
+        default=0,
         metavar="S",
-        help="the processor mapping's MaximumBatchingWindowInSeconds, whole seconds 0-300 (default 1): each "
-        "zone's state is written and each shard's lake file put once per window (0: once per shard "
-        "reading, about a second), and an alert waits for its window",
+        help="the processor mapping's MaximumBatchingWindowInSeconds, as the template's ProcessorBatchingWindow, "
+        "whole seconds 0-300 (default 0): each zone's state is written and each shard's lake file put once per "
+        "batch, and an alert waits for its batch",
     )
     p.set_defaults(func=cmd_plan)
     sub.add_parser("down", help="stop the local platform").set_defaults(func=cmd_down)

@@ -115,14 +115,16 @@ def test_every_record_from_concurrent_producers_is_delivered_once_in_order(strea
     assert seqs == sorted(seqs)  # in shard order
 
 
-def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tmp_path: Path) -> None:
-    """As AWS documents it for streams: a record read after the window since the last invocation
-    closed goes out at once; records that arrive within it wait until it closes."""
+Call = tuple[float, float, list[bytes]]  # an invocation's (started, ended, data)
+
+
+def _two_invocations(stream: str, tmp_path: Path, **config: Any) -> tuple[float, list[Call]]:
+    """Put "a", start a poller, put "b" once "a" is delivered: when "a" was put, and each
+    invocation's (started, ended, data)."""
     import boto3
 
     k = boto3.client("kinesis")
-    window = 3.0
-    calls: list[tuple[float, float, list[bytes]]] = []  # (started, ended, data)
+    calls: list[Call] = []
 
     def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         started = time.monotonic()
@@ -133,7 +135,7 @@ def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tm
     put_at = time.monotonic()
     k.put_record(StreamName=stream, Data=b"a", PartitionKey="z")
     stop = threading.Event()
-    thread = threading.Thread(target=_poller(stream, handler, tmp_path, batching_window_s=window).run, args=(stop,))
+    thread = threading.Thread(target=_poller(stream, handler, tmp_path, **config).run, args=(stop,))
     thread.start()
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -147,8 +149,17 @@ def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tm
     finally:
         stop.set()
         thread.join(TIMEOUT)
-    (first_started, first_ended, first), (second_started, _, second) = calls
-    assert first == [b"a"] and second == [b"b"]
+    assert [data for _, _, data in calls] == [[b"a"], [b"b"]]
+    return put_at, calls
+
+
+def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tmp_path: Path) -> None:
+    """As AWS documents it for streams: a record read after the window since the last invocation
+    closed goes out at once; records that arrive within it wait until it closes."""
+    window = 3.0
+    put_at, [(first_started, first_ended, _), (second_started, _, _)] = _two_invocations(
+        stream, tmp_path, batching_window_s=window
+    )
     assert first_started - put_at < window  # no invocation before it: its window was over
     assert second_started >= first_ended + window  # "b" waited for the window after "a"'s invocation
 
@@ -156,35 +167,10 @@ def test_the_next_batching_window_begins_when_an_invocation_ends(stream: str, tm
 def test_a_shared_throughput_shard_is_read_no_faster_than_its_base_rate(stream: str, tmp_path: Path) -> None:
     """With no window, a mapping on the stream itself still starts a batch that is not full no
     sooner than the base rate after the one before (Lambda: once a second; here 1.5 s)."""
-    import boto3
-
-    k = boto3.client("kinesis")
     base = 1.5
-    calls: list[tuple[float, list[bytes]]] = []  # (started, data)
-
-    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-        calls.append((time.monotonic(), _data(event)))
-        return {"batchItemFailures": []}
-
-    k.put_record(StreamName=stream, Data=b"a", PartitionKey="z")
-    poller = _poller(stream, handler, tmp_path, batching_window_s=0, read_interval_s=base)
-    stop = threading.Event()
-    thread = threading.Thread(target=poller.run, args=(stop,))
-    thread.start()
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not calls:
-            assert time.monotonic() < deadline and thread.is_alive(), "no first invocation"
-            time.sleep(0.01)  # polling the handler's progress from the test thread
-        k.put_record(StreamName=stream, Data=b"b", PartitionKey="z")
-        while len(calls) < 2:
-            assert time.monotonic() < deadline and thread.is_alive(), "no second invocation"
-            time.sleep(0.01)
-    finally:
-        stop.set()
-        thread.join(TIMEOUT)
-    (first_started, first), (second_started, second) = calls
-    assert first == [b"a"] and second == [b"b"]
+    _, [(first_started, _, _), (second_started, _, _)] = _two_invocations(
+        stream, tmp_path, batching_window_s=0, read_interval_s=base
+    )
     assert second_started >= first_started + base
 
 

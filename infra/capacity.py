@@ -209,9 +209,9 @@ class Workload:
     # An enhanced fan-out consumer with no window invokes as soon as the shard's invocation
     # before has ended: a shard's batches are then `pushed_cycle_s` apart, the invocation's own
     # duration, which sets how often each zone's state is read and written and each shard's
-    # lake file put. 0.25 s: the processor's invocations at 50,000 readings/s took 0.21-0.29 s
-    # at the median on the local platform (docs/performance.md, "Load"); on Lambda's vCPU they
-    # take less, so the plan errs high.
+    # lake file put. 0.25 s: through the local platform's stand-in consumer at 50,000
+    # readings/s a shard's batches came 0.22 s apart at the median, each invocation 0.15 s
+    # (docs/performance.md, "Load"), on two cores shared with the rest of the platform.
     stream_consumer: StreamConsumer = "ENHANCED_FAN_OUT"
     batching_window_s: int = 0
     pushed_cycle_s: float = 0.25

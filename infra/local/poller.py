@@ -51,6 +51,12 @@ Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 # once a second once it has caught up (AWS Lambda Developer Guide, "Using Lambda with Kinesis
 # Data Streams": polling and batching streams).
 SHARED_READ_INTERVAL_S = 1.0
+# How soon a record put on a caught-up shard reaches its reader, on average: ~200 ms for a
+# shared-throughput reader, ~70 ms pushed to an enhanced fan-out consumer (Kinesis Data Streams
+# Developer Guide, "Reading data": message propagation delay). The poller reads an idle shard
+# that often.
+SHARED_PROPAGATION_S = 0.2
+PUSHED_PROPAGATION_S = 0.07
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class MappingConfig:
     batching_window_s: float = 1.0
     max_retry_attempts: int = 3
     bisect_on_error: bool = True
-    poll_interval_s: float = 0.2
+    poll_interval_s: float = SHARED_PROPAGATION_S
     # The least time from the start of one of a shard's batches to the start of the next that
     # is not full: 0 for an enhanced fan-out consumer, whose records are pushed as they arrive;
     # `SHARED_READ_INTERVAL_S` for a mapping on the stream itself.
@@ -258,7 +264,8 @@ class ShardPoller:
                 # (a read at a time keeps the last one, which the batch waits for, small).
                 stop.wait(min(window_ends - now, self.config.poll_interval_s))
             elif not records:
-                # Lambda polls an idle shard about once a second; a little faster here.
+                # A caught-up shard: its next record reaches the reader a propagation delay
+                # after it is put.
                 stop.wait(self.config.poll_interval_s)
 
 
@@ -399,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         batching_window_s=args.batching_window,
         read_interval_s=0.0 if args.consumer else SHARED_READ_INTERVAL_S,
+        poll_interval_s=PUSHED_PROPAGATION_S if args.consumer else SHARED_PROPAGATION_S,
         max_retry_attempts=args.max_retries,
         bisect_on_error=not args.no_bisect,
     )

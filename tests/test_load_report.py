@@ -99,3 +99,22 @@ def test_latencies_fall_in_the_bucket_of_their_upper_bound() -> None:
 
     histogram = latency_histogram([0, 50, 50.5, 999, 1000, 1001, 9999, 10_001, 60_000, 70_000])
     assert histogram == {50: 2, 100: 1, 1000: 2, 1250: 1, 10000: 1, 15000: 1, 60000: 1, 60001: 1}
+
+
+@pytest.mark.parametrize("command", ["up", "load"])
+def test_a_template_parameter_goes_to_a_fresh_stack_only(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.local.cli import main
+
+    # a running platform keeps the stack it was deployed with: refused before anything starts
+    with pytest.raises(SystemExit) as done:
+        main(["--state-dir", str(tmp_path), command, "--keep", "--parameter", "ProcessorBatchingWindow=0"])
+    assert done.value.code == 2
+    assert "--parameter deploys a fresh stack" in capsys.readouterr().err
+    assert not (tmp_path / "platform.json").exists()
+    # KEY=VALUE, as a deploy's parameter overrides take it
+    with pytest.raises(SystemExit) as done:
+        main(["--state-dir", str(tmp_path), command, "--parameter", "ProcessorBatchingWindow"])
+    assert done.value.code == 2
+    assert "a template parameter is KEY=VALUE" in capsys.readouterr().err

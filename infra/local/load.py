@@ -4,7 +4,8 @@ The city has R x tick sensors; every tick each gateway publishes one message wit
 per sensor it serves (event time = the wall clock now, `seq` = the tick's number since the
 epoch), over MQTT + mutual TLS through the same `Gateway` the devices use, from several
 publisher processes (one awscrt process moves only a few thousand messages per second).
-Gateways are spread evenly over the tick, paced against the wall clock.
+Gateways are spread evenly over the tick, each at its own phase (seeded, kept from tick to tick),
+paced against the wall clock.
 
 Afterwards it waits until the processor's redelivery-proof counters account for every
 reading and reports: readings/s published and processed, readings lost (published -
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -277,6 +279,10 @@ def publisher_main(argv: list[str] | None = None) -> None:
         (conn, all_gateways[gw][0].zone_id, TickReadings(model, all_gateways[gw], spec["tick_s"]))
         for gw, conn in zip(mine, conns, strict=True)
     ]
+    # Each gateway at its own phase of the tick, as unsynchronised devices report: shuffled
+    # (seeded), not in the city's order, in which a zone's gateways sit together and would
+    # reach the stream in one burst, each zone in one batch a second whatever the window.
+    random.Random(f"{spec['seed']}:{spec['index']}").shuffle(sources)
     tick, duration, warmup = spec["tick_s"], spec["duration_s"], spec.get("warmup_s", 0.0)
     n_ticks = max(1, round((warmup + duration) / tick))
     t_measure = t0 + warmup

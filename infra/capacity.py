@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -65,6 +65,8 @@ TABLE_QUOTA_UNITS = 40_000
 # streams).
 MAX_BATCHING_WINDOW_S = 300
 POLL_INTERVAL_S = 1.0
+# The shortest and longest cycle of a pushed shard with no window that `alternatives` prices.
+PUSHED_CYCLE_RANGE_S = (0.1, 0.25)
 
 
 def batching_window(seconds: object) -> int:
@@ -212,12 +214,16 @@ class Workload:
     # An enhanced fan-out consumer with no window invokes as soon as the shard's invocation
     # before has ended: a shard's batches are then `pushed_cycle_s` apart, the invocation's own
     # duration, which sets how often each zone's state is read and written and each shard's
-    # lake file put. 0.25 s: through the local platform's stand-in consumer at 50,000
-    # readings/s a shard's batches came 0.22 s apart at the median, each invocation 0.15 s
-    # (docs/performance.md, "Load"), on two cores shared with the rest of the platform.
+    # lake file put: the shorter the invocation, the more batches. 0.15 s is an estimate, not a
+    # measurement (no AWS here): an invocation's requests go out in three rounds (the zones'
+    # state reads; the lake file, the minute items and any alerts; the commit), of which S3's
+    # PUT is the slowest (tens to a couple of hundred milliseconds), around ~20 ms of CPU for a
+    # shard's share of 0.15 s at the processor's measured costs. `alternatives` prices the
+    # range, PUSHED_CYCLE_RANGE_S, beside it. Locally, on two cores shared with the rest of the
+    # platform, a shard's batches came 0.22-0.66 s apart at the median (docs/performance.md, Load).
     stream_consumer: StreamConsumer = "ENHANCED_FAN_OUT"
     batching_window_s: int = 0
-    pushed_cycle_s: float = 0.25
+    pushed_cycle_s: float = 0.15
     # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
     # CPU (the rest waits on DynamoDB/S3). Speeds from one run of bench/processor_bench.py
     # (docs/performance.md, "Processor"): the core on v2 gateway records with each detector's
@@ -329,22 +335,25 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     shards = _kinesis(out, w, p, msgs_s, msg_bytes * 4 / 3 + 120, shares)
     _lambda(out, w, p, shards, w.processor_readings_per_core_s)
 
-    # DynamoDB: per zone per batch one zone-state item and ~1 zone-minute item, read then written.
-    # Each zone's item in its own size: units are whole KB (writes) and 4 KB (reads) per item,
-    # so pricing every zone at the average size would hide what the larger zones pay.
-    # Strongly consistent reads (the processor's): one read unit per started 4 KB of each item.
-    batches_per_zone_s = 1 / w.batch_interval_s
-    state_kb = [share * w.sensors * w.zone_state_bytes_per_sensor / 1024 for share in shares.values()]
+    # DynamoDB: per zone per batch that holds it one zone-state item and ~1 zone-minute item,
+    # read then written (`zone_batches_per_s`). Each zone's item in its own size: units are
+    # whole KB (writes) and 4 KB (reads) per item, so pricing every zone at the average size
+    # would hide what the larger zones pay. Strongly consistent reads (the processor's): one
+    # read unit per started 4 KB of each item.
+    zones = [
+        (zone_batches_per_s(w, share), share * w.sensors * w.zone_state_bytes_per_sensor / 1024)
+        for share in shares.values()
+    ]
     _dynamodb(
         out,
         w,
         p,
         {
             "state": TableLoad(
-                reads_per_s=batches_per_zone_s * sum(_units(kb, 4) for kb in state_kb),
-                writes_per_s=batches_per_zone_s * sum(_units(kb, 1) for kb in state_kb),
+                reads_per_s=sum(n * _units(kb, 4) for n, kb in zones),
+                writes_per_s=sum(n * _units(kb, 1) for n, kb in zones),
             ),
-            "metrics": TableLoad(reads_per_s=batches_per_zone_s * w.zones, writes_per_s=batches_per_zone_s * w.zones),
+            "metrics": TableLoad(reads_per_s=sum(n for n, _ in zones), writes_per_s=sum(n for n, _ in zones)),
         },
     )
 
@@ -352,6 +361,21 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     _lake(out, w, p, puts_s=shards / w.batch_interval_s)
     _batch_side(out, w, p)
     return out
+
+
+def zone_batches_per_s(w: Workload, share: float) -> float:
+    """How many of its shard's batches a second hold a zone with `share` of the city's sensors.
+
+    A batch a `w.batch_interval_s` holds every zone whose gateways sent in that time. The zone's
+    ceil(share x sensors / gateway_batch) gateways each send `rate_hz` messages a second, at
+    their own phases (unsynchronised devices): one sends within an interval of T seconds with
+    probability min(1, rate x T), so the zone is in a batch with probability
+    1 - (1 - min(1, rate x T)) ** gateways. At an interval of a second or more at 1 Hz, every
+    zone is in every batch; shorter, a zone is written at most as often as its gateways send.
+    """
+    interval = w.batch_interval_s
+    gateways = math.ceil(share * w.sensors / w.gateway_batch)
+    return (1 - (1 - min(1.0, w.rate_hz * interval)) ** gateways) / interval
 
 
 def naive_plan(
@@ -615,9 +639,29 @@ def _pace(w: Workload) -> str:
     return "no window: Lambda reads a shard once a second"
 
 
-def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None, once_a_second: Plan | None = None) -> str:
+def alternatives(w: Workload, prices: dict[str, Any] | None = None) -> list[tuple[str, Plan]]:
+    """What the plan's total rests on, priced beside it: for a pushed reading with no window, the
+    cycle it estimates (`Workload.pushed_cycle_s`) at either end of PUSHED_CYCLE_RANGE_S, and
+    reading the stream once a second instead."""
+    if w.stream_consumer != "ENHANCED_FAN_OUT" or w.batching_window_s:
+        return []
+    cycles = [
+        (f"with invocations of {cycle:g} s instead of {w.pushed_cycle_s:g} s", replace(w, pushed_cycle_s=cycle))
+        for cycle in PUSHED_CYCLE_RANGE_S
+    ]
+    once_a_second = (
+        "reading the stream once a second instead, ProcessorStreamConsumer=SHARED_THROUGHPUT "
+        "ProcessorBatchingWindow=1, each alert waiting up to a second more for its shard's next batch",
+        replace(w, stream_consumer="SHARED_THROUGHPUT", batching_window_s=1),
+    )
+    return [(label, plan(x, prices)) for label, x in [*cycles, once_a_second]]
+
+
+def render(
+    ours: Plan, naive: Plan, naive_provisioned: Plan | None = None, others: Sequence[tuple[str, Plan]] = ()
+) -> str:
     """Side by side: component, citypulse, naive (and the naive total on a provisioned stream,
-    and citypulse's reading the stream once a second instead of as records are pushed)."""
+    and the totals of `others`, e.g. `alternatives`)."""
     w = ours.workload
     lines = [
         f"citypulse plan: {w.sensors:,} sensors x {w.rate_hz:g} Hz = {w.readings_per_s:,.0f} readings/s, "
@@ -647,14 +691,10 @@ def render(ours: Plan, naive: Plan, naive_provisioned: Plan | None = None, once_
             f"(naive on a provisioned stream and provisioned tables too: ${naive_provisioned.monthly_usd:,.0f}/month, "
             f"{naive_provisioned.monthly_usd / ours.monthly_usd:.1f}x)"
         )
-    if once_a_second is not None:
-        x = once_a_second.workload
-        lines.append(
-            f"(reading the stream once a second instead, ProcessorStreamConsumer={x.stream_consumer} "
-            f"ProcessorBatchingWindow={x.batching_window_s}: ${once_a_second.monthly_usd:,.0f}/month, "
-            f"{naive.monthly_usd / once_a_second.monthly_usd:.1f}x, each alert waiting up to a second more "
-            "for its shard's next batch)"
-        )
+    lines += [
+        f"({label}: ${other.monthly_usd:,.0f}/month, {naive.monthly_usd / other.monthly_usd:.1f}x)"
+        for label, other in others
+    ]
     lines += [
         "",
         "assumptions:",

@@ -10,6 +10,7 @@ import pytest
 
 from infra.capacity import (
     HOURS_PER_MONTH,
+    PUSHED_CYCLE_RANGE_S,
     SECONDS_PER_MONTH,
     TABLE_QUOTA_UNITS,
     Workload,
@@ -24,6 +25,7 @@ from infra.capacity import (
     provisioned_shards,
     sample_zone_states,
     tiered,
+    zone_batches_per_s,
     zone_shares,
 )
 from streaming.contract import GATEWAY_V2, device_message
@@ -164,8 +166,9 @@ def test_the_plan_command_prints_the_table_parameters_to_deploy_with(capsys: pyt
     with pytest.raises(SystemExit):
         main(["plan", "--table-capacity-mode", "PAY_PER_REQUEST"])
     shown = capsys.readouterr().out
-    # the zones' measured state items (1,124 WRU/s a batch a second, below) four times a second
-    assert "TableCapacityMode=PAY_PER_REQUEST\n" in shown and "on-demand: 4,496 WRU/s" in shown
+    # each zone's items in the batches its gateways send in, at the default cycle
+    wru = plan(Workload(table_capacity_mode="PAY_PER_REQUEST")).capacity["dynamodb_wru_per_s"]
+    assert "TableCapacityMode=PAY_PER_REQUEST\n" in shown and f"on-demand: {wru:,.0f} WRU/s" in shown
 
 
 def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -> None:
@@ -193,20 +196,46 @@ def test_no_window_is_paced_by_lambda_reading_each_shard_once_a_second() -> None
 
 
 def test_a_pushed_consumer_with_no_window_batches_at_its_invocations_pace() -> None:
-    # Enhanced fan-out, no window: a shard's batches follow each other every invocation (0.25 s),
-    # four times a second: every zone's items and every shard's lake file four times as often.
+    # Enhanced fan-out, no window: a shard's batches follow each other every invocation (here
+    # 0.25 s), four a second; each shard's lake file four times as often, each zone in the
+    # batches its gateways sent in (below).
     fan_out = {**SIZED, "stream_consumer": "ENHANCED_FAN_OUT", "batching_window_s": 0, "pushed_cycle_s": 0.25}
     pushed, second = plan(Workload(**fan_out)), plan(Workload(**SIZED))
-    assert pushed.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) * 4
-    assert pushed.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) * 4
-    assert item(pushed, "DynamoDB") == pytest.approx(730 * (4 * 3_378 * 0.00065 + 4 * 1_241 * 0.00013), rel=1e-3)
     shards = pushed.capacity["kinesis_shards"]
     assert shards == second.capacity["kinesis_shards"]
     puts = shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
     assert item(pushed, "S3 lake") - item(second, "S3 lake") == pytest.approx(3 * puts)
-    # a window still paces a pushed consumer
+    # The zones by size (139, 198, 257-258 and 317 sensors: 5, 7, 9 and 10 gateways of 32): a
+    # gateway sends within a quarter second with probability 1/4, so a zone of g gateways is
+    # in 4 x (1 - 0.75 ** g) batches a second, at 40 B a sensor 6, 8, 11 and 13 write units.
+    per_s = {g: 4 * (1 - 0.75**g) for g in (5, 7, 9, 10)}
+    assert pushed.capacity["dynamodb_wru_per_s"] == pytest.approx(
+        112 * 6 * per_s[5]
+        + 60 * 8 * per_s[7]
+        + 68 * 11 * per_s[9]
+        + 16 * 13 * per_s[10]  # state
+        + 112 * per_s[5]
+        + 60 * per_s[7]
+        + 68 * per_s[9]
+        + 16 * per_s[10]  # zone-minute items
+    )
+    # a window still paces a pushed consumer: every zone in every batch, one a second
     windowed = plan(Workload(**{**fan_out, "batching_window_s": 1}))
-    assert windowed.capacity["dynamodb_wru_per_s"] == second.capacity["dynamodb_wru_per_s"]
+    assert windowed.capacity["dynamodb_wru_per_s"] == pytest.approx(second.capacity["dynamodb_wru_per_s"])
+    assert second.capacity["dynamodb_wru_per_s"] == pytest.approx(ZONE_WRU_40 + 256)
+
+
+def test_a_zone_is_written_at_most_as_often_as_its_gateways_send() -> None:
+    share = 139 / 50_000  # 5 gateways of 32 sensors, each sending once a second
+    assert zone_batches_per_s(Workload(**SIZED), share) == 1  # every batch of a second holds it
+    assert zone_batches_per_s(Workload(**{**SIZED, "batching_window_s": 2}), share) == 0.5
+    pushed = {**SIZED, "stream_consumer": "ENHANCED_FAN_OUT", "batching_window_s": 0}
+    assert zone_batches_per_s(Workload(**pushed, pushed_cycle_s=0.25), share) == pytest.approx(4 * (1 - 0.75**5))
+    # however short the cycle, no more batches than messages: 5 a second
+    assert 4.9 < zone_batches_per_s(Workload(**pushed, pushed_cycle_s=0.001), share) < 5
+    # a gateway reporting every 10 s (0.1 Hz) is in a quarter-second batch one time in 40
+    slow = Workload(**pushed, pushed_cycle_s=0.25, rate_hz=0.1)
+    assert zone_batches_per_s(slow, share) == pytest.approx(4 * (1 - (1 - 0.025) ** 5))
 
 
 def test_a_fan_out_consumer_on_a_provisioned_stream_pays_consumer_shard_hours_and_gb_out() -> None:
@@ -267,17 +296,21 @@ def test_the_plan_command_reads_through_a_fan_out_consumer_unless_told(capsys: p
     shown = capsys.readouterr().out
     assert "ProcessorStreamConsumer=ENHANCED_FAN_OUT ProcessorBatchingWindow=0: at most one batch per shard" in shown
     assert "Kinesis enhanced fan-out" in shown
-    # ... beside what reading the stream once a second would cost
+    # ... beside the cycle's range it estimates and what reading the stream once a second costs
+    naive = naive_plan(Workload()).monthly_usd
+    for cycle in PUSHED_CYCLE_RANGE_S:
+        other = plan(Workload(pushed_cycle_s=cycle))
+        assert f"(with invocations of {cycle:g} s instead of 0.15 s: ${other.monthly_usd:,.0f}/month" in shown
     second = plan(Workload(**ONE_SECOND))
-    ratio = naive_plan(Workload()).monthly_usd / second.monthly_usd
     assert (
         "(reading the stream once a second instead, ProcessorStreamConsumer=SHARED_THROUGHPUT "
-        f"ProcessorBatchingWindow=1: ${second.monthly_usd:,.0f}/month, {ratio:.1f}x" in shown
+        f"ProcessorBatchingWindow=1, each alert waiting up to a second more for its shard's next batch: "
+        f"${second.monthly_usd:,.0f}/month, {naive / second.monthly_usd:.1f}x)" in shown
     )
     with pytest.raises(SystemExit):
         main(["plan", "--stream-consumer", "SHARED_THROUGHPUT", "--batching-window", "1"])
     shown = capsys.readouterr().out
-    assert f"{second.monthly_usd:,.0f}" in shown and "reading the stream once a second instead" not in shown
+    assert f"{second.monthly_usd:,.0f}" in shown and "instead" not in shown
     assert "Kinesis enhanced fan-out" not in shown
 
 

@@ -190,9 +190,7 @@ def _window_seconds(text: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from infra.capacity import Workload, naive_plan, plan, render
+    from infra.capacity import Workload, alternatives, naive_plan, plan, render
 
     w = Workload(
         sensors=args.sensors,
@@ -206,9 +204,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         batching_window_s=args.batching_window,
     )
     provisioned = naive_plan(w, stream_mode="PROVISIONED", table_capacity_mode="PROVISIONED")
-    pushed = w.stream_consumer == "ENHANCED_FAN_OUT" and not w.batching_window_s
-    once_a_second = plan(replace(w, stream_consumer="SHARED_THROUGHPUT", batching_window_s=1)) if pushed else None
-    print(render(plan(w), naive_plan(w), provisioned, once_a_second))
+    print(render(plan(w), naive_plan(w), provisioned, alternatives(w)))
     return 0
 
 

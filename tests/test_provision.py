@@ -22,6 +22,8 @@ from infra.local.provision import (
     ProvisionError,
     ProvisionReport,
     load_template,
+    placeholder_att,
+    placeholder_target,
     provision,
     stand_in_for,
 )
@@ -44,6 +46,17 @@ def test_cfn_lint_clean() -> None:
     cfn_lint = Path(sys.executable).with_name("cfn-lint")
     result = subprocess.run([str(cfn_lint), *templates], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_resolved_placeholder_names_its_stand_in_and_attribute() -> None:
+    resolved = (
+        placeholder_att("ProcessorFanOutConsumer", "ConsumerARN")
+        .replace("${AWS::Partition}", "aws")
+        .replace("${AWS::Region}", "us-east-1")
+        .replace("${AWS::AccountId}", "000000000000")
+    )
+    assert placeholder_target(resolved) == ("ProcessorFanOutConsumer", "ConsumerARN")
+    assert placeholder_target("arn:aws:kinesis:us-east-1:000000000000:stream/citypulse-local-telemetry") is None
 
 
 @pytest.fixture(scope="module")

@@ -433,6 +433,15 @@ def placeholder_att(logical_id: str, attribute: str) -> str:
     return f"arn:${{AWS::Partition}}:local-stand-in:${{AWS::Region}}:${{AWS::AccountId}}:{logical_id}/{attribute}"
 
 
+def placeholder_target(arn: str) -> tuple[str, str] | None:
+    """The (logical id, attribute) a resolved `placeholder_att` stands for; None for any other ARN."""
+    parts = arn.split(":", 5)
+    if len(parts) != 6 or parts[2] != "local-stand-in":
+        return None
+    logical_id, _, attribute = parts[5].partition("/")
+    return logical_id, attribute
+
+
 def _with_placeholders(node: Any, removed: set[str]) -> Any:
     """``node`` with every Ref/GetAtt/Sub reference to a removed resource replaced by its placeholder."""
     if isinstance(node, list):
@@ -886,13 +895,13 @@ def _event_source_mapping(
         raise ProvisionError(f"{lid}: could not resolve {', '.join(unresolved)}")
     arn = str(properties["EventSourceArn"])
     consumer = None
-    if ":local-stand-in:" in arn:
+    if (target := placeholder_target(arn)) is not None:
         # A consumer's ARN (its placeholder): the poller reads the consumer's stream.
-        target = arn.rsplit(":", 1)[-1].split("/", 1)[0]
-        if target not in consumers:
+        stood_in, attribute = target
+        if attribute != "ConsumerARN" or stood_in not in consumers:
             raise ProvisionError(f"{lid}: the local poller reads Kinesis streams and their consumers only, not {arn}")
-        consumer = str(consumers[target]["ConsumerName"])
-        arn = str(consumers[target]["StreamARN"])
+        consumer = str(consumers[stood_in]["ConsumerName"])
+        arn = str(consumers[stood_in]["StreamARN"])
     if ":kinesis:" not in arn:
         raise ProvisionError(f"{lid}: the local poller reads Kinesis streams only, not {arn}")
     on_failure = properties.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination")

@@ -21,8 +21,9 @@ likewise, in the template's `TableCapacityMode`: the same steady load makes prov
 capacity (auto-scaled to 70 % utilisation) cheaper than paying per request; `render` prints the
 tables' capacities to deploy with. The processor reads the stream as the template's
 `ProcessorStreamConsumer` and `ProcessorBatchingWindow` say: by default through an enhanced
-fan-out consumer with no window, which keeps alerts within seconds and multiplies the batches
-that DynamoDB and the lake bill; `render` prints the cost of reading once a second beside it.
+fan-out consumer with no window, which spares each alert the batching window and multiplies the
+batches that DynamoDB and the lake bill; `alternatives` prices, beside it, the range of the
+cycle it estimates and reading the stream once a second.
 """
 
 from __future__ import annotations
@@ -254,7 +255,12 @@ class Workload:
         invocation itself (`pushed_cycle_s`) for an enhanced fan-out consumer."""
         if self.batching_window_s:
             return float(self.batching_window_s)
-        return self.pushed_cycle_s if self.stream_consumer == "ENHANCED_FAN_OUT" else POLL_INTERVAL_S
+        return self.pushed_cycle_s if self.fan_out else POLL_INTERVAL_S
+
+    @property
+    def fan_out(self) -> bool:
+        """Whether the processor reads through an enhanced fan-out consumer (records pushed)."""
+        return self.stream_consumer == "ENHANCED_FAN_OUT"
 
     @property
     def readings_per_s(self) -> float:
@@ -344,6 +350,7 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
         (zone_batches_per_s(w, share), share * w.sensors * w.zone_state_bytes_per_sensor / 1024)
         for share in shares.values()
     ]
+    zone_batches_s = sum(n for n, _ in zones)  # each one zone-minute item
     _dynamodb(
         out,
         w,
@@ -353,7 +360,7 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
                 reads_per_s=sum(n * _units(kb, 4) for n, kb in zones),
                 writes_per_s=sum(n * _units(kb, 1) for n, kb in zones),
             ),
-            "metrics": TableLoad(reads_per_s=sum(n for n, _ in zones), writes_per_s=sum(n for n, _ in zones)),
+            "metrics": TableLoad(reads_per_s=zone_batches_s, writes_per_s=zone_batches_s),
         },
     )
 
@@ -502,7 +509,6 @@ def _kinesis(
     limits = p["kinesis_provisioned"]
     out.capacity.update(kinesis_records_per_s=records_s, kinesis_mb_per_s=mb_s)
     month = records_s * SECONDS_PER_MONTH
-    fan_out = w.stream_consumer == "ENHANCED_FAN_OUT"
     if w.stream_mode == "ON_DEMAND":
         kin = p["kinesis_on_demand"]
         gb = month * _units(record_bytes, kin["record_rounding_bytes"]) * kin["record_rounding_bytes"] / GB
@@ -510,11 +516,11 @@ def _kinesis(
         out.capacity.update(kinesis_shards_equivalent=shards)
         out.add(
             "Kinesis Data Streams",
-            f"on-demand: {gb:,.0f} GB in" + ("" if fan_out else " and out"),
-            gb * (kin["ingest_per_gb"] + (0 if fan_out else kin["retrieval_per_gb"]))
+            f"on-demand: {gb:,.0f} GB in" + ("" if w.fan_out else " and out"),
+            gb * (kin["ingest_per_gb"] + (0 if w.fan_out else kin["retrieval_per_gb"]))
             + HOURS_PER_MONTH * kin["stream_hour"],
         )
-        if fan_out:
+        if w.fan_out:
             out.add(
                 "Kinesis enhanced fan-out",
                 f"the processor's consumer: {gb:,.0f} GB out",
@@ -529,7 +535,7 @@ def _kinesis(
         f"provisioned: {shards} shards, {units / 1e9:.2f} B PUT units",
         shards * HOURS_PER_MONTH * limits["shard_hour"] + units / 1e6 * limits["put_payload_units_per_million"],
     )
-    if fan_out:
+    if w.fan_out:
         gb = month * record_bytes / GB
         out.add(
             "Kinesis enhanced fan-out",
@@ -634,7 +640,7 @@ def _pace(w: Workload) -> str:
     """What sets a shard's batch interval (`Workload.batch_interval_s`), in words."""
     if w.batching_window_s:
         return "the batching window"
-    if w.stream_consumer == "ENHANCED_FAN_OUT":
+    if w.fan_out:
         return "records pushed as they arrive, no window: the invocation's own duration"
     return "no window: Lambda reads a shard once a second"
 
@@ -643,7 +649,7 @@ def alternatives(w: Workload, prices: dict[str, Any] | None = None) -> list[tupl
     """What the plan's total rests on, priced beside it: for a pushed reading with no window, the
     cycle it estimates (`Workload.pushed_cycle_s`) at either end of PUSHED_CYCLE_RANGE_S, and
     reading the stream once a second instead."""
-    if w.stream_consumer != "ENHANCED_FAN_OUT" or w.batching_window_s:
+    if not w.fan_out or w.batching_window_s:
         return []
     cycles = [
         (f"with invocations of {cycle:g} s instead of {w.pushed_cycle_s:g} s", replace(w, pushed_cycle_s=cycle))

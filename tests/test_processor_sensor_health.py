@@ -6,11 +6,12 @@ import zlib
 from pathlib import Path
 
 import orjson
+import pytest
 import yaml
 from kinesis_records import BASE_MS, StreamBuilder, reading
 
 from streaming.processor.core import MINUTE_MS, BatchOutput, DetectorSettings, Record, apply_batch, decode_batch
-from streaming.processor.state import DEDUPE_WINDOW, SensorState, ZoneState
+from streaming.processor.state import DEDUPE_WINDOW, SensorState, ZoneState, state_document
 from streaming.registry import generate_city
 
 CITY = generate_city(sensors=120, zones=2, seed=5)
@@ -146,7 +147,7 @@ def test_a_zone_state_is_stored_a_column_per_field_and_reads_back_whole() -> Non
     healthy = SensorState(hwm=3, window=1, last_ts_ms=BASE_MS, vehicle_count=9, repeat_run=1)
     odd = SensorState(hwm=3, window=1, duplicates=2)
     state.sensors = {"healthy": healthy, "odd": odd}
-    doc = orjson.loads(zlib.decompress(state.to_bytes()))
+    doc = state_document(state.to_bytes())
     assert doc["si"] == ["healthy", "odd"]
     assert len(doc["sc"]) == len(healthy.row())  # every field a column, one value a sensor
     assert doc["sc"][0] == [3, 3] and doc["sc"][9] == [1, 0] and doc["sc"][11] == [0, 2]
@@ -161,10 +162,24 @@ def test_a_blob_of_the_row_layout_still_reads() -> None:
         "healthy": SensorState(hwm=3, window=1, last_ts_ms=BASE_MS, vehicle_count=9, repeat_run=1),
         "odd": SensorState(hwm=3, window=1, duplicates=2),
     }
-    doc = orjson.loads(zlib.decompress(state.to_bytes()))
+    doc = state_document(state.to_bytes())
     del doc["si"], doc["sc"]
     doc["s"] = {
         "healthy": [3, 1, BASE_MS, 0, 9, None, None, 0.0, False, 1],
         "odd": [3, 1, 0, 0, 0, None, None, 0.0, False, 0, False, 2],
     }
     assert ZoneState.from_bytes(zlib.compress(orjson.dumps(doc), 1)) == state
+
+
+def test_a_zone_state_is_a_zstd_frame_and_a_zlib_blob_of_before_still_reads() -> None:
+    """Blobs are zstd since 2026-12-07; a table deployed before holds zlib ones (level 5) until
+    each zone's next batch rewrites it, and the store's cache compares blobs byte for byte."""
+    state = ZoneState(SENSOR.zone_id, marker_shard="shardId-000000000000", marker_seq=7, watermark_ms=BASE_MS)
+    state.sensors = {"s": SensorState(hwm=3, window=1, last_ts_ms=BASE_MS, vehicle_count=9, repeat_run=1)}
+    blob = state.to_bytes()
+    assert blob[:4] == b"\x28\xb5\x2f\xfd"  # the zstd frame's magic number
+    assert state.to_bytes() == blob  # deterministic: equal states, equal blobs
+    before = zlib.compress(orjson.dumps(state_document(blob)), 5)
+    assert ZoneState.from_bytes(before) == ZoneState.from_bytes(blob) == state
+    with pytest.raises(zlib.error):
+        ZoneState.from_bytes(b"\x28\xb5\x2f\x00" + blob[4:])  # neither format: refused, not misread

@@ -36,6 +36,7 @@ RUNTIME_PACKAGES = (
     "numpy",
     "pybase64",
     "pyarrow",
+    "zstandard",
     "aws-lambda-powertools",
     "jmespath",
     "typing-extensions",

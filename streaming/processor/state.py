@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
+import zstandard
 
 # How many sequence numbers below a sensor's highest one are remembered. At one reading
 # a minute this is an hour of out-of-order tolerance; older readings are "late".
@@ -87,6 +88,17 @@ class SensorState:
 _SENSOR_FIELDS = tuple(f.name for f in fields(SensorState))
 _SENSOR_ROW = operator.attrgetter(*_SENSOR_FIELDS)
 
+# zstd's level for a zone-state blob: where its size levels off (levels 2-5 are no smaller; 7
+# saves 4 % at nearly five times the CPU).
+STATE_ZSTD_LEVEL = 1
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes; a zlib stream's are 0x78 ...
+
+
+def state_document(blob: bytes) -> dict[str, Any]:
+    """The JSON document of a zone-state blob: zstd, or zlib as states were written until
+    2026-12-07 (a deployed table holds those until each zone's next batch rewrites it)."""
+    return orjson.loads(zstandard.decompress(blob) if blob[:4] == _ZSTD_MAGIC else zlib.decompress(blob))
+
 
 @dataclass(slots=True)
 class Congestion:
@@ -130,10 +142,11 @@ class ZoneState:
 
     def to_bytes(self) -> bytes:
         """The state as the store's one binary attribute: JSON, the sensors a column per field
-        (`si` their ids, `sc` the columns, in `SensorState`'s field order), zlib level 5. A
+        (`si` their ids, `sc` the columns, in `SensorState`'s field order), zstd level 1. A
         column a field rather than a row a sensor: a field's values sit together and compress
-        better, 15.0 B a sensor against 20.5 on the plan's sample states (docs/performance.md,
-        "Plan"). Level 5 is where the gain levels off (level 6: 14.9 B, a fifth more CPU)."""
+        better. zstd level 1 against zlib level 5 (what blobs written before 2026-12-07 hold, still
+        read): 13.8 B a sensor against 15.0 on the plan's sample states, compressed in a fifth of
+        the CPU (docs/performance.md, "Load")."""
         doc = {
             "z": self.zone_id,
             "ms": self.marker_shard,
@@ -152,14 +165,14 @@ class ZoneState:
             "sc": list(zip(*map(_SENSOR_ROW, self.sensors.values()), strict=True)) or [[] for _ in _SENSOR_FIELDS],
             "c": self.counters,
         }
-        return zlib.compress(orjson.dumps(doc), 5)
+        return zstandard.compress(orjson.dumps(doc), STATE_ZSTD_LEVEL)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ZoneState:
         """A state from `to_bytes`, or from a blob of the layout before it (a row a sensor, its
         trailing zero fields left out); a row or column from before a field existed is shorter,
         and the field takes its default."""
-        doc = orjson.loads(zlib.decompress(data))
+        doc = state_document(data)
         congested, streak, start, peak, *episode = doc["cg"]  # no episode number before 2026-12-06
         if "sc" in doc:
             rows = zip(*doc["sc"], strict=True)  # every column holds one value a sensor

@@ -8,7 +8,8 @@ Run: `python -m bench.handler_bench [--sensors N] [--shards N] [--cycle S] [--ba
 core plus its DynamoDB reads and writes, the lake's Parquet file and the EventBridge call —
 against a fresh ministack, on the batch shape of a load run: one shard's share of one second
 when every sensor of the city reports once a second over `--shards` shards (default 50,000
-sensors, 4 shards: ~440 v2 gateway messages, ~12,500 readings, ~64 zones a batch). With
+sensors, 4 shards: ~440 v2 gateway messages, ~12,500 readings, ~64 zones a batch), second after
+second (a zone's minute lasts 60 of its shard's seconds, as on the street). With
 `--cycle` under 1 s, the batches of an enhanced fan-out consumer with no window: each shard's
 second is cut into batches of `--cycle` seconds, its gateways at their own (seeded) phases of
 the second, so each batch holds a share of nearly every zone of the shard, as in a load run.
@@ -46,6 +47,7 @@ from streaming.processor.handler import Processor, records_from_event
 from streaming.processor.state import ZoneState
 from streaming.registry import City, generate_city
 
+TICK_MS = 1_000  # every sensor reports once a second, as in a load run
 # (object, method) of each timed step, in the order a batch reaches them.
 STEPS = (
     ("store", "load_zone_states"),
@@ -119,13 +121,13 @@ def batches_of(city: City, shards: int, cycle_s: float, batches: int, seed: int 
     """`batches` consecutive batches of one shard's traffic of `cycle_s` seconds (see the module doc)."""
     second = max(1, round(len(city.gateways()) / shards))
     if cycle_s >= 1:
-        return [records_from_event(e) for e in kinesis_events(city, "columnar", second, batches)]
+        return [records_from_event(e) for e in kinesis_events(city, "columnar", second, batches, TICK_MS)]
     per_batch = max(1, round(second * cycle_s))
     per_second = -(-second // per_batch)
     rng = random.Random(seed)
     out: list[list[Record]] = []
     # The same shard's consecutive seconds: every `shards`-th event of the city's order.
-    for event in kinesis_events(city, "columnar", second, -(-batches // per_second) * shards)[::shards]:
+    for event in kinesis_events(city, "columnar", second, -(-batches // per_second) * shards, TICK_MS)[::shards]:
         records = records_from_event(event)
         numbers = [r.sequence_number for r in records]
         rng.shuffle(records)  # each gateway at its own phase of the second

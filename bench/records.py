@@ -19,6 +19,7 @@ from streaming.processor.envelope import rule_envelope as envelope
 from streaming.registry import City, Sensor
 
 BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary in 2026
+MINUTE_MS = 60_000
 SHARD_ID = "shardId-000000000000"
 FIRST_SEQUENCE = 49_000_000_000_000_000_000
 
@@ -58,47 +59,47 @@ def _event_record(data: bytes, sequence: int, partition_key: str) -> dict[str, A
 
 
 def _gateway_payloads(
-    city: City, start_ms: int, first_minute: int, columnar: bool = False, per_detector: bool = False
+    city: City, start_ms: int, columnar: bool = False, per_detector: bool = False, tick_ms: int = MINUTE_MS
 ) -> Iterator[tuple[bytes, Sensor, int]]:
-    """One gateway message per gateway per minute, forever (seq = minute index); v1, or v2 with
-    `columnar`. Every reading of a message carries the minute's last millisecond, as gateways
-    reporting in step do, or with `per_detector` its detector's own time within the minute."""
+    """One gateway message per gateway per tick, forever (seq = tick index); v1, or v2 with
+    `columnar`. Every reading of a message carries the tick's last millisecond, as gateways
+    reporting in step do, or with `per_detector` its detector's own time within the tick."""
     gateways = list(city.gateways().values())
     build = columnar_message if columnar else gateway_message
-    # A detector's own millisecond in the minute, spread over the city: nearly every reading's
+    # A detector's own millisecond in the tick, spread over the city: nearly every reading's
     # `ts` string is then distinct, as real detectors' are.
-    offset = {s.sensor_id: i * 7_919 % 60_000 if per_detector else 0 for i, s in enumerate(city.sensors)}
-    minute = first_minute
+    offset = {s.sensor_id: i * 7_919 % tick_ms if per_detector else 0 for i, s in enumerate(city.sensors)}
+    tick = 0
     while True:
-        ts = start_ms + (minute + 1) * 60_000 - 1
+        ts = start_ms + (tick + 1) * tick_ms - 1
         for sensors in gateways:
-            readings = [reading(s, minute, ts - offset[s.sensor_id]) for s in sensors]
+            readings = [reading(s, tick, ts - offset[s.sensor_id]) for s in sensors]
             msg = build(sensors[0].gateway_id, sensors[0].zone_id, ts, readings)
             yield orjson.dumps(msg), sensors[0], ts + 500
-        minute += 1
+        tick += 1
 
 
-def _single_payloads(city: City, start_ms: int, first_minute: int) -> Iterator[tuple[bytes, Sensor, int]]:
+def _single_payloads(city: City, start_ms: int) -> Iterator[tuple[bytes, Sensor, int]]:
     """One MQTT message per reading: every sensor once per minute."""
-    minute = first_minute
+    minute = 0
     while True:
-        ts = start_ms + (minute + 1) * 60_000 - 1
+        ts = start_ms + (minute + 1) * MINUTE_MS - 1
         for s in city.sensors:
             yield orjson.dumps(reading(s, minute, ts)), s, ts + 500
         minute += 1
 
 
-def kinesis_events(city: City, kind: str, records: int, batches: int) -> list[dict[str, Any]]:
+def kinesis_events(city: City, kind: str, records: int, batches: int, tick_ms: int = MINUTE_MS) -> list[dict[str, Any]]:
     """`batches` consecutive Lambda events of `records` records each, of `kind` "gateway" (v1
     messages), "columnar" (the same readings as v2 messages), "per_detector" (v2 messages whose
-    readings each carry their own time within the minute) or "single", continuing one stream
-    (sequence numbers and event time keep increasing)."""
+    readings each carry their own time within the tick) or "single", continuing one stream
+    (sequence numbers and event time keep increasing). A gateway reports every `tick_ms` (a
+    single-reading sensor once a minute)."""
     if kind == "single":
-        payloads = _single_payloads(city, BASE_MS, 0)
+        payloads = _single_payloads(city, BASE_MS)
     else:
-        payloads = _gateway_payloads(
-            city, BASE_MS, 0, columnar=kind in ("columnar", "per_detector"), per_detector=kind == "per_detector"
-        )
+        columnar, per_detector = kind in ("columnar", "per_detector"), kind == "per_detector"
+        payloads = _gateway_payloads(city, BASE_MS, columnar, per_detector, tick_ms)
     sequence = FIRST_SEQUENCE
     events = []
     for _ in range(batches):

@@ -341,16 +341,19 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     shards = _kinesis(out, w, p, msgs_s, msg_bytes * 4 / 3 + 120, shares)
     _lambda(out, w, p, shards, w.processor_readings_per_core_s)
 
-    # DynamoDB: per zone per batch that holds it one zone-state item and ~1 zone-minute item,
-    # read then written (`zone_batches_per_s`). Each zone's item in its own size: units are
-    # whole KB (writes) and 4 KB (reads) per item, so pricing every zone at the average size
+    # DynamoDB: per zone per batch that holds it one zone-state item, read then written, and
+    # ~1 zone-minute item written (`zone_batches_per_s`). Each zone's item in its own size: units
+    # are whole KB (writes) and 4 KB (reads) per item, so pricing every zone at the average size
     # would hide what the larger zones pay. Strongly consistent reads (the processor's): one
-    # read unit per started 4 KB of each item.
+    # read unit per started 4 KB of each item. A zone-minute item is read by the first batch
+    # that adds to it and then held by the container (`StateStore.load_zones`): one read a
+    # zone a minute, or one a batch if its batches come less often.
     zones = [
         (zone_batches_per_s(w, share), share * w.sensors * w.zone_state_bytes_per_sensor / 1024)
         for share in shares.values()
     ]
     zone_batches_s = sum(n for n, _ in zones)  # each one zone-minute item
+    minute_reads_s = sum(min(n, 1 / 60) for n, _ in zones)
     _dynamodb(
         out,
         w,
@@ -360,7 +363,7 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
                 reads_per_s=sum(n * _units(kb, 4) for n, kb in zones),
                 writes_per_s=sum(n * _units(kb, 1) for n, kb in zones),
             ),
-            "metrics": TableLoad(reads_per_s=zone_batches_s, writes_per_s=zone_batches_s),
+            "metrics": TableLoad(reads_per_s=minute_reads_s, writes_per_s=zone_batches_s),
         },
     )
 

@@ -79,32 +79,34 @@ def test_citypulse_dynamodb_is_one_zone_item_per_batch() -> None:
     w = Workload(**SIZED)
     # each zone's state item in its own size, plus 1 zone-minute item, per zone per second
     assert plan(w).capacity["dynamodb_wru_per_s"] == ZONE_WRU_40 + 256
-    # reads: the same items, strongly consistent (one read unit per started 4 KB, not half of one)
-    assert plan(w).capacity["dynamodb_rru_per_s"] == ZONE_RRU_40 + 256
+    # reads: the state items, strongly consistent (one read unit per started 4 KB, not half of
+    # one), and each zone-minute item once a minute (then the container holds it)
+    assert plan(w).capacity["dynamodb_rru_per_s"] == pytest.approx(ZONE_RRU_40 + 256 / 60)
 
 
 def test_on_demand_tables_pay_per_request_unit() -> None:
     w = Workload(table_capacity_mode="PAY_PER_REQUEST", **SIZED)
-    # (2,108 + 256) WRU/s x 2,628,000 s / 1e6 x $0.625 + (612 + 256) RRU/s x 2,628,000 / 1e6 x $0.125
-    assert item(plan(w), "DynamoDB") == pytest.approx(2_364 * 2.628 * 0.625 + 868 * 2.628 * 0.125)  # 4,167.9
+    # (2,108 + 256) WRU/s x 2,628,000 s / 1e6 x $0.625 + (612 + 256/60) RRU/s x 2,628,000 / 1e6 x $0.125
+    assert item(plan(w), "DynamoDB") == pytest.approx(2_364 * 2.628 * 0.625 + (612 + 256 / 60) * 2.628 * 0.125)
 
 
 def test_provisioned_tables_pay_for_the_capacity_auto_scaling_holds() -> None:
     p = plan(Workload(**SIZED))  # PROVISIONED, held at 70 % utilisation
     # state: 2,108 WRU/s -> ceil(3,011.4) = 3,012 WCU, 612 RRU/s -> 875 RCU;
-    # metrics: 256 WRU/s and 256 RRU/s -> 366 WCU and 366 RCU.
-    # 730 h x (3,378 WCU x $0.00065 + 1,241 RCU x $0.00013) = 730 x 2.357 = $1,720.6
-    assert item(p, "DynamoDB") == pytest.approx(730 * (3_378 * 0.00065 + 1_241 * 0.00013))
+    # metrics: 256 WRU/s -> 366 WCU, 256/60 RRU/s -> 7 RCU.
+    # 730 h x (3,378 WCU x $0.00065 + 882 RCU x $0.00013) = 730 x 2.310 = $1,686.6
+    assert item(p, "DynamoDB") == pytest.approx(730 * (3_378 * 0.00065 + 882 * 0.00013))
     # the capacities to deploy with (auto scaling's floor): what it holds at the steady load
     assert {k: v for k, v in p.capacity.items() if k.endswith("_capacity")} == {
         "state_table_read_capacity": 875,
         "state_table_write_capacity": 3_012,
-        "metrics_table_read_capacity": 366,
+        "metrics_table_read_capacity": 7,
         "metrics_table_write_capacity": 366,
     }
     # the same load either way; provisioned is ~2.4x cheaper at this steady load
     on_demand = plan(Workload(table_capacity_mode="PAY_PER_REQUEST", **SIZED))
-    assert (p.capacity["dynamodb_wru_per_s"], p.capacity["dynamodb_rru_per_s"]) == (2_364, 868)
+    assert p.capacity["dynamodb_wru_per_s"] == 2_364
+    assert p.capacity["dynamodb_rru_per_s"] == pytest.approx(612 + 256 / 60)
     assert 2.3 < item(on_demand, "DynamoDB") / item(p, "DynamoDB") < 2.5
 
 
@@ -175,8 +177,10 @@ def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -
     on_demand = {"table_capacity_mode": "PAY_PER_REQUEST", **SIZED}
     second, two = plan(Workload(**on_demand)), plan(Workload(**{**on_demand, "batching_window_s": 2}))
     assert two.capacity["dynamodb_wru_per_s"] == (ZONE_WRU_40 + 256) / 2
-    assert two.capacity["dynamodb_rru_per_s"] == (ZONE_RRU_40 + 256) / 2
-    assert item(two, "DynamoDB") == pytest.approx(item(second, "DynamoDB") / 2)
+    # a zone-minute item is read once a minute at either window (then held)
+    assert two.capacity["dynamodb_rru_per_s"] == pytest.approx(ZONE_RRU_40 / 2 + 256 / 60)
+    minute_reads = 256 / 60 * 2.628 * PRICES["dynamodb_on_demand"]["read_request_units_per_million"]
+    assert item(two, "DynamoDB") == pytest.approx((item(second, "DynamoDB") + minute_reads) / 2)
     shards = two.capacity["kinesis_shards"]
     assert shards == second.capacity["kinesis_shards"]  # the stream does not change
     puts = shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
@@ -435,5 +439,5 @@ def test_the_measured_zone_state_costs_under_half_the_old_constant() -> None:
     assert 10 < measured < 16
     w = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measured}))
     assert w.capacity["dynamodb_wru_per_s"] == 112 * 2 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,012
-    assert w.capacity["dynamodb_rru_per_s"] == 112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256  # 528
+    assert w.capacity["dynamodb_rru_per_s"] == pytest.approx(112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256 / 60)  # 276
     assert w.capacity["dynamodb_wru_per_s"] * 2 < ZONE_WRU_40 + 256

@@ -48,11 +48,11 @@ def _crash_once(p: Processor) -> Callable[[], bool]:
     real = p.store.save_zone_states
     fired: list[bool] = []
 
-    def flaky(states: Any, now_ms: int) -> None:
+    def flaky(states: Any, now_ms: int, minutes: Any) -> None:
         if not fired:
             fired.append(True)
             raise RuntimeError("injected crash before the commit point")
-        real(states, now_ms)
+        real(states, now_ms, minutes)
 
     p.store.save_zone_states = flaky  # type: ignore[method-assign]
     return lambda: bool(fired)
@@ -94,3 +94,80 @@ def test_redelivery_reordering_replays_and_a_crash_leave_the_clean_totals(aws_en
     faulty.process(b4)
     faulty.process(b4)
     assert _snapshot(faulty) == expected
+
+
+def _minute_in_parts(builder: StreamBuilder, minute: int, parts: int) -> list[list[Record]]:
+    """One minute of the city in `parts` batches, each with a share of every gateway's sensors:
+    every batch adds to each zone's one zone-minute."""
+    ts = BASE_MS + (minute + 1) * 60_000 - 1
+    return [
+        [
+            builder.gateway_record(share, [reading(s, minute, ts) for s in share], ts + 500 + i)
+            for sensors in CITY.gateways().values()
+            if (share := sensors[i::parts])
+        ]
+        for i in range(parts)  # batch by batch: the stream numbers them in this order
+    ]
+
+
+def _metrics_keys_read(p: Processor) -> list[int]:
+    """Keys each BatchGetItem of the processor asks the metrics table for, as they are sent."""
+    asked: list[int] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        asked.append(len(params["RequestItems"].get(p.settings.metrics_table, {}).get("Keys", [])))
+
+    p.store.dynamodb.meta.events.register("provide-client-params.dynamodb.BatchGetItem", count)
+    return asked
+
+
+def test_a_container_reads_a_zone_minute_once_and_holds_it_while_it_alone_commits_the_zone(
+    aws_env: dict[str, str],
+) -> None:
+    builder = StreamBuilder()
+    first, second = _minute_in_parts(builder, 0, 2)
+    (later,) = _minute_in_parts(builder, 1, 1)
+    p = fresh_processor(CITY)
+    asked = _metrics_keys_read(p)
+    zones = len(CITY.zones)
+
+    p.process(first)
+    assert sum(asked) == zones  # each zone's minute 0, not yet written
+    asked.clear()
+    p.process(second)
+    assert sum(asked) == 0  # held: this container wrote them and committed their zones since
+    p.process(later)
+    assert sum(asked) == zones  # minute 1: new
+
+    minute_0 = [int(i["readings"]["N"]) for i in _scan(p) if int(i["minute_start"]["N"]) == BASE_MS]
+    assert len(minute_0) == zones and sum(minute_0) == len(CITY.sensors)  # both halves, neither twice
+
+
+def _scan(p: Processor) -> list[dict[str, Any]]:
+    return p.store.dynamodb.scan(TableName=p.settings.metrics_table, ConsistentRead=True)["Items"]
+
+
+def test_containers_taking_turns_on_a_zone_and_a_crash_leave_the_clean_totals(aws_env: dict[str, str]) -> None:
+    """Lambda may run a shard's next batch in another container (one at a time). A container
+    whose zone another has committed since must read that zone's minutes again, not add to
+    what it held: every batch here adds to the same zone-minutes."""
+    builder = StreamBuilder()
+    b1, b2, b3, b4, b5 = _minute_in_parts(builder, 0, 5)
+
+    clean = fresh_processor(CITY)
+    for batch in (b1, b2, b3, b4, b5):
+        clean.process(batch)
+    expected = _snapshot(clean)
+
+    a = fresh_processor(CITY)
+    b = Processor.for_settings(a.settings)  # a second container: the same tables, nothing held
+    a.process(b1)
+    b.process(b2)
+    a.process(b3)  # what `a` held of b1 no longer holds: `b` committed b2
+    crashed = _crash_once(b)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        b.process(b4)  # b4's aggregates written, its zone states not
+    assert crashed()
+    a.process(b4)  # the retry, in the other container
+    b.process(b4 + b5)  # and again, with the next batch, where it failed
+    assert _snapshot(b) == expected

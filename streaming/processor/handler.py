@@ -24,7 +24,7 @@ import pybase64
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
-from streaming.processor.core import DetectorSettings, Record, apply_batch, decode_batch
+from streaming.processor.core import DecodedBatch, DetectorSettings, Record, apply_batch, decode_batch
 from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config, io_pool, run_all
 from streaming.registry import Sensor, load_registry
 
@@ -93,10 +93,16 @@ class Processor:
         """Run one batch end to end; returns counts and a latency histogram for the log."""
         started = time.time()
         decoded = decode_batch(records, self.registry, self.zones)
-        zone_states, minutes, shard_counters = run_all(
+        try:
+            return self._process(records, decoded, started)
+        except BaseException:
+            self.store.forget(decoded.by_zone)  # its retry reads what this batch may have half-written
+            raise
+
+    def _process(self, records: list[Record], decoded: DecodedBatch, started: float) -> dict[str, Any]:
+        (zone_states, minutes), shard_counters = run_all(
             [
-                partial(self.store.load_zone_states, decoded.by_zone),
-                partial(self.store.load_minutes, decoded.minute_keys()),
+                partial(self.store.load_zones, decoded.by_zone, decoded.minute_keys()),
                 partial(self.store.load_shard_counters, {r.shard_id for r, *_ in decoded.unattributed}),
             ],
             self._io,
@@ -117,7 +123,7 @@ class Processor:
             ],
             self._io,
         )
-        self.store.save_zone_states(out.zone_states, now_ms)  # the commit point
+        self.store.save_zone_states(out.zone_states, now_ms, {**minutes, **out.minutes})  # the commit point
         self.store.save_shard_counters(out.shard_counters)
 
         committed_ms = int(time.time() * 1000)

@@ -35,6 +35,10 @@ from streaming.processor.state import MinuteAggregate, ShardCounters, ZoneState
 # Live zone-minute metrics are for dashboards and alerts; the lake and warehouse keep history.
 METRICS_TTL_S = 7 * 24 * 3600
 _KNOWN_ZONES_MAX = 4_096  # zone states a container remembers (StateStore._known)
+# Minutes behind a zone's watermark whose aggregates a container holds (StateStore._held):
+# beyond the allowed lateness (15 min by default) no reading adds to them. One held too briefly
+# is only read again.
+_HELD_MINUTES = 20
 _T = TypeVar("_T")
 
 
@@ -128,6 +132,14 @@ class StateStore:
     # so its parse is skipped: the core never modifies the states it is given. `ZoneState`
     # serialises deterministically and losslessly, so equal bytes mean an equal state.
     _known: dict[str, tuple[bytes, ZoneState]] = field(default_factory=dict, repr=False)
+    # zone → minute → its zone-minute aggregate as the metrics table holds it while the zone's
+    # state is `_known`'s blob: what this container wrote or read for it in the batches it
+    # committed. Such a minute is not read again (`load_zones`). Only a writer that also commits
+    # the zone's state can change them: the processor of the zone's shard, one invocation at a
+    # time (another container's commit changes the blob, and the zone's minutes are forgotten);
+    # the sweeper writes states only. What an invocation that failed wrote before its commit
+    # point, its retry writes again from these.
+    _held: dict[str, dict[int, MinuteAggregate]] = field(default_factory=dict, repr=False)
     # The requests of one batch call, sent at once (`run_all`).
     _pool: ThreadPoolExecutor = field(default_factory=lambda: io_pool("dynamodb"), init=False, repr=False)
 
@@ -158,6 +170,25 @@ class StateStore:
         _retry(call, f"{self.dynamodb.meta.method_to_api_mapping[operation]} {table}")
         return items
 
+    def load_zones(
+        self, zone_ids: Iterable[str], minute_keys: Iterable[tuple[str, int]]
+    ) -> tuple[dict[str, ZoneState], dict[tuple[str, int], MinuteAggregate]]:
+        """The zones' states and the stored aggregates of the zone-minutes a batch adds to. A
+        zone-minute this container holds (`_held`) is not read, unless the zone's state read back
+        is not the one it knew: then another writer has committed the zone since, and its held
+        minutes are read again, after the states. The others are read beside the states."""
+        keys = set(minute_keys)
+        held = {(z, m): self._held[z][m] for z, m in keys if m in self._held.get(z, ())}
+        states, minutes = run_all(
+            [partial(self.load_zone_states, zone_ids), partial(self.load_minutes, keys - held.keys())], self._pool
+        )
+        # `_state_of` forgets the minutes of a zone whose state it did not know.
+        stale = {(z, m) for z, m in held if z not in self._held}
+        if stale:
+            minutes.update(self.load_minutes(stale))
+        minutes.update((k, agg) for k, agg in held.items() if k not in stale)
+        return states, minutes
+
     def load_zone_states(self, zone_ids: Iterable[str]) -> dict[str, ZoneState]:
         keys = [{"pk": {"S": f"zone#{z}"}, "sk": {"S": "state"}} for z in zone_ids]
         out = {}
@@ -174,12 +205,20 @@ class StateStore:
             return known[1]
         state = ZoneState.from_bytes(blob)
         self._remember(zone_id, blob, state)
+        self._held.pop(zone_id, None)  # written by another writer: its minutes too, maybe
         return state
 
     def _remember(self, zone_id: str, blob: bytes, state: ZoneState) -> None:
         if len(self._known) >= _KNOWN_ZONES_MAX and zone_id not in self._known:
             self._known.clear()  # a container meets its shards' zones; bounded all the same
+            self._held.clear()
         self._known[zone_id] = (blob, state)
+
+    def forget(self, zone_ids: Iterable[str]) -> None:
+        """Forget what is held of these zones (a batch of theirs failed): read them afresh."""
+        for zone_id in zone_ids:
+            self._known.pop(zone_id, None)
+            self._held.pop(zone_id, None)
 
     def load_shard_counters(self, shard_ids: Iterable[str]) -> dict[str, ShardCounters]:
         keys = [{"pk": {"S": f"shard#{s}"}, "sk": {"S": "counters"}} for s in shard_ids]
@@ -238,7 +277,15 @@ class StateStore:
             )
         self._batch_write(self.metrics_table, items)
 
-    def save_zone_states(self, states: Mapping[str, ZoneState], now_ms: int) -> None:
+    def save_zone_states(
+        self,
+        states: Mapping[str, ZoneState],
+        now_ms: int,
+        minutes: Mapping[tuple[str, int], MinuteAggregate],
+    ) -> None:
+        """The commit point: the zones' states, each item one write. `minutes`: the batch's
+        zone-minute aggregates as the metrics table now holds them (those it read, those it
+        wrote), held from here on for the committed zones (`load_zones`)."""
         blobs = {zone: s.to_bytes() for zone, s in states.items()}
         items = [
             {
@@ -255,6 +302,15 @@ class StateStore:
         self._batch_write(self.processor_table, items)
         for zone, s in states.items():
             self._remember(zone, blobs[zone], s)
+        for (zone, minute), agg in minutes.items():
+            if zone in states:
+                self._held.setdefault(zone, {})[minute] = agg
+        for zone, s in states.items():  # a zone's minutes older than any it still aggregates
+            held = self._held.get(zone)
+            if held is not None:
+                oldest = s.watermark_ms // MINUTE_MS - _HELD_MINUTES
+                for minute in [m for m in held if m < oldest]:
+                    del held[minute]
 
     def save_shard_counters(self, counters: Mapping[str, ShardCounters]) -> None:
         items = [

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.records import kinesis_events
 from infra.local.emulators import aws_env, start_kinesalite, start_ministack
 from infra.local.load import cpu_seconds, process_tree
@@ -153,7 +155,7 @@ def run(sensors: int, shards: int, cycle_s: float, batches: int, warm: int) -> N
         marks = _time_steps(p, clock)
         undo = _count_cpu(p, cpu)
         took: list[float] = []
-        readings = messages = 0
+        readings = messages = zones = 0
         for n, records in enumerate(batches_of(city, shards, cycle_s, batches)):
             if n == warm:
                 cpu.clear()
@@ -166,6 +168,7 @@ def run(sensors: int, shards: int, cycle_s: float, batches: int, warm: int) -> N
                 cpu[TOTAL] += time.process_time() - started_cpu
                 readings += summary["counts"].get("received", 0)
                 messages += len(records)
+                zones += len({orjson.loads(r.data)["zone_id"] for r in records})
         cpu[EMULATOR] = cpu_seconds(process_tree(ministack.process.pid)) - emulator_from
     finally:
         if undo is not None:
@@ -176,7 +179,8 @@ def run(sensors: int, shards: int, cycle_s: float, batches: int, warm: int) -> N
     print(
         f"citypulse handler bench — Python {platform.python_version()}, {os.cpu_count()} cores; "
         f"{sensors:,} sensors over {shards} shards, {cycle_s:g} s of a shard a batch: "
-        f"~{messages / measured:,.0f} gateway messages (~{readings / measured:,.0f} readings) a batch, "
+        f"~{messages / measured:,.0f} gateway messages (~{readings / measured:,.0f} readings, "
+        f"~{zones / measured:,.0f} zones) a batch, "
         f"median of {measured} batches after {warm}"
     )
     print("| step | ms after the batch began |")

@@ -68,6 +68,10 @@ MAX_BATCHING_WINDOW_S = 300
 POLL_INTERVAL_S = 1.0
 # The shortest and longest cycle of a pushed shard with no window that `alternatives` prices.
 PUSHED_CYCLE_RANGE_S = (0.1, 0.25)
+# The processor's CPU by `bench/handler_bench.py`, fitted on a shard's batches of 1 s and
+# 0.25 s (docs/performance.md, "Load"): per reading, and per zone in a batch.
+PROCESSOR_US_PER_READING = 3.6
+PROCESSOR_MS_PER_ZONE_BATCH = 1.0
 
 
 def batching_window(seconds: object) -> int:
@@ -218,19 +222,23 @@ class Workload:
     # lake file put: the shorter the invocation, the more batches. 0.15 s is an estimate, not a
     # measurement (no AWS here): an invocation's requests go out in three rounds (the zones'
     # state reads; the lake file, the minute items and any alerts; the commit), of which S3's
-    # PUT is the slowest (tens to a couple of hundred milliseconds), around ~20 ms of CPU for a
-    # shard's share of 0.15 s at the processor's measured costs. `alternatives` prices the
+    # PUT is the slowest (tens to a couple of hundred milliseconds), around ~25 ms of CPU for a
+    # shard's share of 0.15 s (~940 readings, ~21 zones) at the handler's measured costs
+    # (PROCESSOR_US_PER_READING, PROCESSOR_MS_PER_ZONE_BATCH). `alternatives` prices the
     # range, PUSHED_CYCLE_RANGE_S, beside it. Locally, on two cores shared with the rest of the
     # platform, a shard's batches came 0.22-0.66 s apart at the median (docs/performance.md, Load).
     stream_consumer: StreamConsumer = "ENHANCED_FAN_OUT"
     batching_window_s: int = 0
     pushed_cycle_s: float = 0.15
-    # Processor speed on one core, readings/s, and the share of a batch's wall time spent on
-    # CPU (the rest waits on DynamoDB/S3). Speeds from one run of bench/processor_bench.py
-    # (docs/performance.md, "Processor"): the core on v2 gateway records with each detector's
-    # own event time (what the devices send), the naive handler on single-reading records
-    # (the naive design's one message per reading).
-    processor_readings_per_core_s: float = 489_994
+    # The processor's CPU as bench/handler_bench.py measures the handler against the emulator
+    # (docs/performance.md, "Load"; the core alone is bench/processor_bench.py's): a part per
+    # reading (decode, apply, its lake row) and a part per zone in a batch (the zone's state
+    # read, encoded and written, its minute item written), fitted on a shard's batches of 1 s
+    # and of 0.25 s. The naive handler's speed on single-reading records, from one run of
+    # bench/processor_bench.py (the naive design's one message per reading). And the share of a
+    # batch's wall time spent on CPU (the rest waits on DynamoDB and S3), which Lambda bills too.
+    processor_us_per_reading: float = PROCESSOR_US_PER_READING
+    processor_ms_per_zone_batch: float = PROCESSOR_MS_PER_ZONE_BATCH
     naive_readings_per_core_s: float = 75_874
     processor_cpu_share: float = 0.5
     lambda_memory_mb: int = 1769  # = one vCPU
@@ -339,7 +347,6 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     # Partitioned by zone (docs/architecture.md §4): zones land unevenly on shards.
     shares = zone_shares(w.sensors, w.zones)
     shards = _kinesis(out, w, p, msgs_s, msg_bytes * 4 / 3 + 120, shares)
-    _lambda(out, w, p, shards, w.processor_readings_per_core_s)
 
     # DynamoDB: per zone per batch that holds it one zone-state item, read then written, and
     # ~1 zone-minute item written (`zone_batches_per_s`). Each zone's item in its own size: units
@@ -354,6 +361,9 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     ]
     zone_batches_s = sum(n for n, _ in zones)  # each one zone-minute item
     minute_reads_s = sum(min(n, 1 / 60) for n, _ in zones)
+    # The processor: its CPU follows the readings and the zones its batches hold.
+    cpu_s = w.readings_per_s * w.processor_us_per_reading / 1e6 + zone_batches_s * w.processor_ms_per_zone_batch / 1e3
+    _lambda(out, w, p, shards, cpu_s)
     _dynamodb(
         out,
         w,
@@ -421,7 +431,7 @@ def naive_plan(
     _iot_common(out, w, msgs_month * metered, msgs_s, p)
     # Keyed by sensor: 50,000 keys spread evenly.
     shards = _kinesis(out, w, p, msgs_s, (w.reading_bytes + w.message_overhead_bytes) * 4 / 3 + 120, None)
-    _lambda(out, w, p, shards, w.naive_readings_per_core_s)
+    _lambda(out, w, p, shards, w.readings_per_s / w.naive_readings_per_core_s)
     _dynamodb(out, w, p, {"readings": TableLoad(reads_per_s=0.0, writes_per_s=msgs_s)}, "one write per reading")
     _lake(out, w, p, puts_s=shards / w.batch_interval_s)
     _batch_side(out, w, p)
@@ -554,9 +564,10 @@ def _kinesis(
     return shards
 
 
-def _lambda(out: Plan, w: Workload, p: dict[str, Any], shards: int, per_core: float) -> None:
+def _lambda(out: Plan, w: Workload, p: dict[str, Any], shards: int, cpu_s: float) -> None:
+    """The Lambda line for a processor spending `cpu_s` CPU seconds a second."""
     lam = p["lambda"]
-    busy_cores = w.readings_per_s / per_core / w.processor_cpu_share
+    busy_cores = cpu_s / w.processor_cpu_share
     gb_s = busy_cores * SECONDS_PER_MONTH * w.lambda_memory_mb / 1024
     invocations = shards / w.batch_interval_s * SECONDS_PER_MONTH
     out.capacity.update(lambda_concurrency=max(shards, math.ceil(busy_cores)), lambda_busy_vcpus=busy_cores)
@@ -727,7 +738,8 @@ def render(
         f"  and ProcessorStreamConsumer={w.stream_consumer} ProcessorBatchingWindow={w.batching_window_s}:"
         f" at most one batch per shard every {w.batch_interval_s:g} s ({_pace(w)}); each zone's state read and"
         " written and each shard's lake file put once per batch",
-        f"  processor {w.processor_readings_per_core_s:,.0f} readings/s per vCPU at {w.processor_cpu_share:.0%} CPU;"
+        f"  processor {w.processor_us_per_reading:g} us a reading + {w.processor_ms_per_zone_batch:g} ms a zone in a"
+        f" batch (bench/handler_bench.py) at {w.processor_cpu_share:.0%} CPU;"
         f" lake {w.lake_bytes_per_reading} B per reading",
         f"  zone state {w.zone_state_bytes_per_sensor:,.1f} B per sensor; measured as the processor saves it"
         f" (ZoneState.to_bytes) on {states.sensors:,} sensors of {states.zones} zones, full dedupe windows",

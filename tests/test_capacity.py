@@ -186,8 +186,12 @@ def test_a_longer_batching_window_writes_every_zone_and_lake_file_less_often() -
     puts = shards * SECONDS_PER_MONTH / 1000 * PRICES["s3"]["put_per_thousand"]
     assert item(second, "S3 lake") - item(two, "S3 lake") == pytest.approx(puts / 2)
     invocations = shards * SECONDS_PER_MONTH / 1e6
+    # half the invocations, and half the zones' per-batch CPU (each zone in every batch either way)
+    w = Workload(**on_demand)
+    vcpus = 256 / 2 * w.processor_ms_per_zone_batch / 1e3 / w.processor_cpu_share
+    gb_s = vcpus * SECONDS_PER_MONTH * w.lambda_memory_mb / 1024
     assert item(second, "Lambda processor") - item(two, "Lambda processor") == pytest.approx(
-        invocations / 2 * PRICES["lambda"]["requests_per_million"]
+        invocations / 2 * PRICES["lambda"]["requests_per_million"] + gb_s * PRICES["lambda"]["gb_second"]
     )
 
 
@@ -441,3 +445,18 @@ def test_the_measured_zone_state_costs_under_half_the_old_constant() -> None:
     assert w.capacity["dynamodb_wru_per_s"] == 112 * 2 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,012
     assert w.capacity["dynamodb_rru_per_s"] == pytest.approx(112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256 / 60)  # 276
     assert w.capacity["dynamodb_wru_per_s"] * 2 < ZONE_WRU_40 + 256
+
+
+def test_the_processors_lambda_is_its_measured_cpu_a_reading_and_a_zone_in_a_batch() -> None:
+    w = Workload(**{**SIZED, "processor_us_per_reading": 4.0, "processor_ms_per_zone_batch": 2.0})
+    p = plan(w)
+    # 50,000 readings/s x 4 us + 256 zones in a batch a second (once a second, every zone) x 2 ms
+    # = 0.2 + 0.512 CPU seconds a second; at 50 % CPU, 1.424 busy vCPUs.
+    assert p.capacity["lambda_busy_vcpus"] == pytest.approx(1.424)
+    assert p.capacity["lambda_concurrency"] == p.capacity["kinesis_shards"]  # 8 > 2
+    gb_s = 1.424 * SECONDS_PER_MONTH * w.lambda_memory_mb / 1024
+    invocations = p.capacity["kinesis_shards"] * SECONDS_PER_MONTH / 1e6
+    lam = PRICES["lambda"]
+    assert item(p, "Lambda processor") == pytest.approx(
+        gb_s * lam["gb_second"] + invocations * lam["requests_per_million"]
+    )

@@ -140,11 +140,40 @@ def measure_message_sizes(sample_gateways: int = 64, seed: int = 7) -> MessageSi
 
 @dataclass(frozen=True)
 class StateSizes:
-    """Bytes per sensor of the zone-state item, measured on states the processor's core made."""
+    """The zone-state item, measured on states the processor's core made: its state's bytes per
+    sensor, and the bytes of the item's other attributes and names (`dynamodb_item_bytes`)."""
 
     bytes_per_sensor: float
     zones: int
     sensors: int
+    item_overhead_bytes: float
+
+
+# A Kinesis sequence number has 56 digits; the zone state carries the last one it applied.
+_SEQUENCE_NUMBER = 49_590_338_271_490_256_608_559_692_538_361_571_095_921_575_989_136_588_898
+
+
+def dynamodb_item_bytes(item: dict[str, dict[str, Any]]) -> int:
+    """An item's size as DynamoDB bills it ("Item sizes and formats", the developer guide): each
+    attribute's name in UTF-8 plus its value — a string's UTF-8 bytes, a binary's raw bytes, a
+    number's byte per two significant digits plus one, a Boolean's one byte. Scalars only:
+    what the processor's items hold."""
+    size = 0
+    for name, value in item.items():
+        ((kind, v),) = value.items()
+        size += len(name.encode())
+        if kind == "S":
+            size += len(v.encode())
+        elif kind == "B":
+            size += len(v)
+        elif kind == "N":
+            digits = v.lstrip("-").replace(".", "").strip("0") or "0"
+            size += (len(digits) + 1) // 2 + 1
+        elif kind in ("BOOL", "NULL"):
+            size += 1
+        else:
+            raise ValueError(f"{name}: {kind} is not a scalar type this counts")
+    return size
 
 
 def sample_zone_states(sample_zones: int = 4, seed: int = 7) -> dict[str, ZoneState]:
@@ -167,23 +196,32 @@ def sample_zone_states(sample_zones: int = 4, seed: int = 7) -> dict[str, ZoneSt
             payload = encode_gateway_message(gw, zone_id, sent_at_ms, model.gateway_minute(gw, sensors, minute))
             received_at_ms = sent_at_ms + 80 + n * 7_919 % 1_000
             data = rule_envelope(payload, zone_id, gw, received_at_ms)
-            records.append(Record("shardId-000000000000", len(records), data))
+            records.append(Record("shardId-000000000000", _SEQUENCE_NUMBER + len(records), data))
     registry = {s.sensor_id: s for s in city.sensors}
     return apply_batch(decode_batch(records, registry, zone_ids), {}, {}, {}, received_at_ms).zone_states
 
 
 @cache
 def measure_zone_state_bytes(sample_zones: int = 4, seed: int = 7) -> StateSizes:
-    """The zone-state item's size per sensor, as `StateStore.save_zone_states` writes it
-    (`ZoneState.to_bytes`), over `sample_zone_states`. A sensor with duplicate, late or stuck
-    counters (a faulty one) has a few bytes more."""
+    """The zone-state item as `StateStore.save_zone_states` writes it (`zone_state_item`) over
+    `sample_zone_states`: its state's size per sensor (`ZoneState.to_bytes`), and the rest of the
+    item. A sensor with duplicate, late or stuck counters (a faulty one) has a few bytes more."""
+    from streaming.processor.store import zone_state_item
+
     states = sample_zone_states(sample_zones, seed).values()
     sensors = sum(len(z.sensors) for z in states)
-    return StateSizes(sum(len(z.to_bytes()) for z in states) / sensors, len(states), sensors)
+    blobs = [(z, z.to_bytes()) for z in states]
+    now_ms = max(z.watermark_ms for z in states)
+    overhead = [dynamodb_item_bytes(zone_state_item(z, blob, now_ms)) - len(blob) for z, blob in blobs]
+    return StateSizes(sum(len(b) for _, b in blobs) / sensors, len(blobs), sensors, sum(overhead) / len(overhead))
 
 
 def _measured_state_bytes() -> float:
     return measure_zone_state_bytes().bytes_per_sensor
+
+
+def _measured_state_overhead() -> float:
+    return measure_zone_state_bytes().item_overhead_bytes
 
 
 def _measured_reading_bytes() -> float:
@@ -242,9 +280,11 @@ class Workload:
     naive_readings_per_core_s: float = 75_874
     processor_cpu_share: float = 0.5
     lambda_memory_mb: int = 1769  # = one vCPU
-    # The zone-state item per sensor (dedupe window and live values, compressed): measured on
-    # the processor's own states (`measure_zone_state_bytes`) unless given.
+    # The zone-state item: its state per sensor (dedupe window and live values, compressed) and
+    # the item's other attributes and names: measured on the processor's own states and items
+    # (`measure_zone_state_bytes`) unless given.
     zone_state_bytes_per_sensor: float = field(default_factory=_measured_state_bytes)
+    zone_state_item_overhead_bytes: float = field(default_factory=_measured_state_overhead)
     lake_bytes_per_reading: int = 25  # Parquet, zstd
     redshift_base_rpu: int = 8
     redshift_hours_per_day: float = 2.0  # hourly loads of a few minutes, plus analyst queries
@@ -356,7 +396,10 @@ def plan(w: Workload, prices: dict[str, Any] | None = None) -> Plan:
     # that adds to it and then held by the container (`StateStore.load_zones`): one read a
     # zone a minute, or one a batch if its batches come less often.
     zones = [
-        (zone_batches_per_s(w, share), share * w.sensors * w.zone_state_bytes_per_sensor / 1024)
+        (
+            zone_batches_per_s(w, share),
+            (share * w.sensors * w.zone_state_bytes_per_sensor + w.zone_state_item_overhead_bytes) / 1024,
+        )
         for share in shares.values()
     ]
     zone_batches_s = sum(n for n, _ in zones)  # each one zone-minute item
@@ -741,8 +784,9 @@ def render(
         f"  processor {w.processor_us_per_reading:g} us a reading + {w.processor_ms_per_zone_batch:g} ms a zone in a"
         f" batch (bench/handler_bench.py) at {w.processor_cpu_share:.0%} CPU;"
         f" lake {w.lake_bytes_per_reading} B per reading",
-        f"  zone state {w.zone_state_bytes_per_sensor:,.1f} B per sensor; measured as the processor saves it"
-        f" (ZoneState.to_bytes) on {states.sensors:,} sensors of {states.zones} zones, full dedupe windows",
+        f"  zone state {w.zone_state_bytes_per_sensor:,.1f} B per sensor + {w.zone_state_item_overhead_bytes:,.0f} B of"
+        f" the item's other attributes; measured as the processor saves it (ZoneState.to_bytes, zone_state_item)"
+        f" on {states.sensors:,} sensors of {states.zones} zones, full dedupe windows",
         "capacity: "
         + ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v:,}" for k, v in ours.capacity.items()),
     ]

@@ -14,6 +14,7 @@ from infra.capacity import (
     SECONDS_PER_MONTH,
     TABLE_QUOTA_UNITS,
     Workload,
+    dynamodb_item_bytes,
     encode_gateway_message,
     hottest_shard_share,
     load_prices,
@@ -291,8 +292,8 @@ def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixtu
         main(["plan", "--batching-window", "2"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
-    # the zones' measured state items (2, 3, 4, 4 and 5 WRU by size: 756) + 256 zone-minute items, / 2 s
-    assert "506 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
+    # the zones' measured state items (3, 3, 4, 4 and 5 WRU by size: 868) + 256 zone-minute items, / 2 s
+    assert "562 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
     assert "ProcessorBatchingWindow=2: at most one batch per shard every 2 s (the batching window)" in shown
 
 
@@ -437,12 +438,13 @@ def test_the_zone_state_size_is_measured_on_the_processors_own_full_states() -> 
 
 
 def test_the_measured_zone_state_costs_under_half_the_old_constant() -> None:
-    # ~13.7 B a sensor: the zones' items are 1.9, 2.7, 3.5, 3.5 and 4.3 KB — 2, 3, 4, 4 and 5
-    # write units and 1, 1, 1, 1 and 2 read units — against 6 to 13 and 2 to 4 at the old 40 B.
+    # ~13.9 B a sensor and 130 B of the item's other attributes: the zones' items are 2.0, 2.8,
+    # 3.6, 3.6 and 4.4 KB — 3, 3, 4, 4 and 5 write units and 1, 1, 1, 1 and 2 read units —
+    # against 6 to 13 and 2 to 4 at the old 40 B.
     measured = measure_zone_state_bytes().bytes_per_sensor
     assert 10 < measured < 16
     w = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measured}))
-    assert w.capacity["dynamodb_wru_per_s"] == 112 * 2 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,012
+    assert w.capacity["dynamodb_wru_per_s"] == 112 * 3 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,124
     assert w.capacity["dynamodb_rru_per_s"] == pytest.approx(112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256 / 60)  # 276
     assert w.capacity["dynamodb_wru_per_s"] * 2 < ZONE_WRU_40 + 256
 
@@ -460,3 +462,26 @@ def test_the_processors_lambda_is_its_measured_cpu_a_reading_and_a_zone_in_a_bat
     assert item(p, "Lambda processor") == pytest.approx(
         gb_s * lam["gb_second"] + invocations * lam["requests_per_million"]
     )
+
+
+def test_an_items_size_is_its_attribute_names_and_values_as_dynamodb_bills_them() -> None:
+    # "Item sizes and formats": names and strings in UTF-8, binaries raw, a number one byte per
+    # two significant digits plus one, a Boolean one byte.
+    assert dynamodb_item_bytes({"pk": {"S": "zone#Z-000"}}) == 2 + 10
+    assert dynamodb_item_bytes({"zoné": {"S": "é"}}) == 5 + 2
+    assert dynamodb_item_bytes({"state": {"B": b"\x00" * 2_000}}) == 5 + 2_000
+    assert dynamodb_item_bytes({"updated_at": {"N": "1765000000000"}}) == 10 + 3  # 1765: 4 digits
+    assert dynamodb_item_bytes({"n": {"N": "-0.0120"}}) == 1 + 2  # 12: 2 digits
+    assert dynamodb_item_bytes({"congested": {"BOOL": False}}) == 9 + 1
+    with pytest.raises(ValueError, match="scalar"):
+        dynamodb_item_bytes({"m": {"M": {}}})
+
+
+def test_a_zone_is_priced_with_its_items_other_attributes() -> None:
+    # 139 sensors x 14.2 B = 1,973.8 B of state: under 2 KB alone, 2,103.8 B with the item's
+    # other 130 B: three write units, not two, for each of the 112 zones of 139 sensors.
+    sized = {**SIZED, "zone_state_bytes_per_sensor": 14.2}
+    bare = plan(Workload(**sized, zone_state_item_overhead_bytes=0)).capacity["dynamodb_wru_per_s"]
+    whole = plan(Workload(**sized, zone_state_item_overhead_bytes=130)).capacity["dynamodb_wru_per_s"]
+    assert whole - bare == 112
+    assert measure_zone_state_bytes().item_overhead_bytes > 100  # keys, marker, flags and names

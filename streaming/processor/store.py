@@ -287,19 +287,7 @@ class StateStore:
         zone-minute aggregates as the metrics table now holds them (those it read, those it
         wrote), held from here on for the committed zones (`load_zones`)."""
         blobs = {zone: s.to_bytes() for zone, s in states.items()}
-        items = [
-            {
-                "pk": {"S": f"zone#{zone}"},
-                "sk": {"S": "state"},
-                "zone_id": {"S": zone},
-                "state": {"B": blobs[zone]},
-                "congested": {"BOOL": s.congestion.congested},
-                "marker_seq": {"S": str(s.marker_seq)},
-                "updated_at": _n(now_ms),
-            }
-            for zone, s in states.items()
-        ]
-        self._batch_write(self.processor_table, items)
+        self._batch_write(self.processor_table, [zone_state_item(s, blobs[zone], now_ms) for zone, s in states.items()])
         for zone, s in states.items():
             self._remember(zone, blobs[zone], s)
         for (zone, minute), agg in minutes.items():
@@ -331,6 +319,20 @@ class StateStore:
         for page in paginator.paginate(TableName=self.processor_table):
             out.extend(ZoneState.from_bytes(i["state"]["B"]) for i in page["Items"] if i["sk"]["S"] == "state")
         return out
+
+
+def zone_state_item(state: ZoneState, blob: bytes, now_ms: int) -> dict[str, Any]:
+    """A zone's item in the processor table: its state (`blob`, `state.to_bytes()`), and beside it
+    what the sweeper's conditional write and the operators read without parsing it."""
+    return {
+        "pk": {"S": f"zone#{state.zone_id}"},
+        "sk": {"S": "state"},
+        "zone_id": {"S": state.zone_id},
+        "state": {"B": blob},
+        "congested": {"BOOL": state.congestion.congested},
+        "marker_seq": {"S": str(state.marker_seq)},
+        "updated_at": _n(now_ms),
+    }
 
 
 def _hour_path(hour: int) -> str:

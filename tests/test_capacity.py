@@ -292,8 +292,8 @@ def test_the_plan_command_passes_the_batching_window(capsys: pytest.CaptureFixtu
         main(["plan", "--batching-window", "2"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
-    # the zones' measured state items (3, 3, 4, 4 and 5 WRU by size: 868) + 256 zone-minute items, / 2 s
-    assert "562 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
+    # the zones' measured state items (2, 3, 4, 4 and 5 WRU by size: 756) + 256 zone-minute items, / 2 s
+    assert "506 WRU/s" in shown and f"{plan(Workload()).capacity['kinesis_shards'] // 2} PUT/s" in shown
     assert "ProcessorBatchingWindow=2: at most one batch per shard every 2 s (the batching window)" in shown
 
 
@@ -438,13 +438,13 @@ def test_the_zone_state_size_is_measured_on_the_processors_own_full_states() -> 
 
 
 def test_the_measured_zone_state_costs_under_half_the_old_constant() -> None:
-    # ~13.9 B a sensor and 130 B of the item's other attributes: the zones' items are 2.0, 2.8,
-    # 3.6, 3.6 and 4.4 KB — 3, 3, 4, 4 and 5 write units and 1, 1, 1, 1 and 2 read units —
+    # ~13.0 B a sensor and 130 B of the item's other attributes: the zones' items are 1.9, 2.6,
+    # 3.4, 3.4 and 4.1 KB — 2, 3, 4, 4 and 5 write units and 1, 1, 1, 1 and 2 read units —
     # against 6 to 13 and 2 to 4 at the old 40 B.
     measured = measure_zone_state_bytes().bytes_per_sensor
     assert 10 < measured < 16
     w = plan(Workload(**{**SIZED, "zone_state_bytes_per_sensor": measured}))
-    assert w.capacity["dynamodb_wru_per_s"] == 112 * 3 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,124
+    assert w.capacity["dynamodb_wru_per_s"] == 112 * 2 + 60 * 3 + 68 * 4 + 16 * 5 + 256  # 1,012
     assert w.capacity["dynamodb_rru_per_s"] == pytest.approx(112 * 1 + 60 * 1 + 68 * 1 + 16 * 2 + 256 / 60)  # 276
     assert w.capacity["dynamodb_wru_per_s"] * 2 < ZONE_WRU_40 + 256
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
+import zstandard
 from kinesis_records import BASE_MS, StreamBuilder, reading
 
 from streaming.processor.core import MINUTE_MS, BatchOutput, DetectorSettings, Record, apply_batch, decode_batch
@@ -183,3 +184,19 @@ def test_a_zone_state_is_a_zstd_frame_and_a_zlib_blob_of_before_still_reads() ->
     assert ZoneState.from_bytes(before) == ZoneState.from_bytes(blob) == state
     with pytest.raises(zlib.error):
         ZoneState.from_bytes(b"\x28\xb5\x2f\x00" + blob[4:])  # neither format: refused, not misread
+
+
+def test_the_sensors_times_are_stored_behind_the_watermark_and_a_blob_of_absolute_times_still_reads() -> None:
+    """Since 2026-12-07 (`tw`) a sensor's two times are its distance behind the zone's watermark;
+    blobs written before hold epoch milliseconds."""
+    state = ZoneState(SENSOR.zone_id, marker_shard="shardId-000000000000", marker_seq=7, watermark_ms=BASE_MS)
+    state.sensors = {
+        "s": SensorState(hwm=3, window=1, last_ts_ms=BASE_MS - 1_500, last_received_ms=BASE_MS - 700),
+        "never": SensorState(),  # no reading yet: its times are 0
+    }
+    doc = state_document(state.to_bytes())
+    assert doc["tw"] and doc["sc"][2] == [1_500, BASE_MS] and doc["sc"][3] == [700, BASE_MS]
+    assert ZoneState.from_bytes(state.to_bytes()) == state
+    del doc["tw"]
+    doc["sc"][2], doc["sc"][3] = [BASE_MS - 1_500, 0], [BASE_MS - 700, 0]
+    assert ZoneState.from_bytes(zstandard.compress(orjson.dumps(doc))) == state

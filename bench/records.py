@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 
 from streaming.contract import columnar_message, format_ts, gateway_message
+from streaming.processor.core import MINUTE_MS
 from streaming.processor.envelope import rule_envelope as envelope
 from streaming.registry import City, Sensor
 
 BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary in 2026
-MINUTE_MS = 60_000
 SHARD_ID = "shardId-000000000000"
 FIRST_SEQUENCE = 49_000_000_000_000_000_000
 

@@ -68,8 +68,8 @@ MAX_BATCHING_WINDOW_S = 300
 POLL_INTERVAL_S = 1.0
 # The shortest and longest cycle of a pushed shard with no window that `alternatives` prices.
 PUSHED_CYCLE_RANGE_S = (0.1, 0.25)
-# The processor's CPU by `bench/handler_bench.py`, fitted on a shard's batches of 1 s and
-# 0.25 s (docs/performance.md, "Load"): per reading, and per zone in a batch.
+# The processor's CPU by `bench/handler_bench.py`, fitted on a shard's batches of 1, 0.25 and
+# 0.15 s (docs/performance.md, "Plan"): per reading, and per zone in a batch.
 PROCESSOR_US_PER_READING = 3.6
 PROCESSOR_MS_PER_ZONE_BATCH = 1.0
 
@@ -271,8 +271,8 @@ class Workload:
     # The processor's CPU as bench/handler_bench.py measures the handler against the emulator
     # (docs/performance.md, "Load"; the core alone is bench/processor_bench.py's): a part per
     # reading (decode, apply, its lake row) and a part per zone in a batch (the zone's state
-    # read, encoded and written, its minute item written), fitted on a shard's batches of 1 s
-    # and of 0.25 s. The naive handler's speed on single-reading records, from one run of
+    # read, encoded and written, its minute item written), fitted on a shard's batches of 1,
+    # 0.25 and 0.15 s. The naive handler's speed on single-reading records, from one run of
     # bench/processor_bench.py (the naive design's one message per reading). And the share of a
     # batch's wall time spent on CPU (the rest waits on DynamoDB and S3), which Lambda bills too.
     processor_us_per_reading: float = PROCESSOR_US_PER_READING

@@ -27,13 +27,8 @@ CITY = generate_city(sensors=160, zones=3, seed=9)
 
 
 def _snapshot(p: Processor) -> dict[str, Any]:
-    ddb, s3 = p.store.dynamodb, p.lake.s3
-    minutes = sorted(
-        (
-            tuple(sorted((k, str(v)) for k, v in item.items()))
-            for item in ddb.scan(TableName=p.settings.metrics_table, ConsistentRead=True)["Items"]
-        ),
-    )
+    s3 = p.lake.s3
+    minutes = sorted(tuple(sorted((k, str(v)) for k, v in item.items())) for item in _scan(p))
     states = {s.zone_id: s for s in p.store.scan_zone_states()}
     rows: set[tuple] = set()
     listing = s3.list_objects_v2(Bucket=p.settings.lake_bucket, Prefix="raw/readings/")

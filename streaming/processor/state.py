@@ -149,7 +149,7 @@ class ZoneState:
         better. zstd level 1 against zlib level 5 (what blobs written before 2026-12-07 hold, still
         read): 13.8 B a sensor against 15.0 on the plan's sample states, compressed in a fifth of
         the CPU. The sensors' times go as their distance behind the watermark (`tw`): a few digits
-        instead of thirteen, 12.9 B a sensor (docs/performance.md, "Plan")."""
+        instead of thirteen, 13.0 B a sensor (docs/performance.md, "Plan")."""
         columns = list(zip(*map(_SENSOR_ROW, self.sensors.values()), strict=True)) or [[] for _ in _SENSOR_FIELDS]
         wm = self.watermark_ms
         for i in _TIME_COLUMNS:

@@ -15,7 +15,9 @@ them) into ministack's S3, then run through the hourly DAG's own step code on Du
   congestion episodes, dim tables and every test;
 - **GX contract** and **GX reconcile** — the hourly DAG's two Great Expectations gates: the
   contract's suite on the interval's `raw.readings` (`read_readings` + `run_readings_checkpoint`)
-  and the traffic marts' reconciliation with them (`steps.reconciliation`).
+  and the traffic marts' reconciliation with them (`steps.reconciliation`);
+- **compact**, reported beside the pipeline, not in it: the DAG compacts the hour's lake files
+  (`citypulse_batch.compaction`) beside its dbt build, once the warehouse holds the hour.
 
 The **floor** is what any engine must do to answer the same question: one DuckDB query per
 grain over the same Parquet through the same httpfs, producing the zone and sensor 15-minute
@@ -47,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from citypulse_batch import steps
+from citypulse_batch.compaction import compact
 from citypulse_batch.dbt_build import find_project_dir, run_dbt_build
 from citypulse_batch.lake import (
     READINGS_PREFIX,
@@ -56,6 +59,7 @@ from citypulse_batch.lake import (
     Lake,
     S3Credentials,
     partition,
+    readings_prefixes,
 )
 from citypulse_batch.settings import SETTINGS
 from citypulse_batch.warehouse import DuckDBWarehouse, _httpfs_extension, duckdb_s3_secret_sql
@@ -97,6 +101,7 @@ class ScaleResult:
     seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     peak_rss_gb: float = 0.0  # the process's high-water mark after this scale (scales run in ascending order)
+    objects_after_compaction: int = 0
 
     @property
     def pipeline_s(self) -> float:
@@ -262,7 +267,11 @@ def run_scale(lake: Lake, sensors: int, files: int, work: Path, shared: Path, re
         if best is None or run_.pipeline_s < best.pipeline_s:
             best = run_
     assert best is not None
-    result.seconds = {"floor": min(floors), **best.seconds}
+    # The hourly DAG then compacts the hour's lake files, beside its dbt build (off the path
+    # timed above): once, after every run has read the files as the processor landed them.
+    compacted = _timed(seconds, "compact", lambda: compact(lake, readings_prefixes(interval)))
+    result.objects_after_compaction = compacted["objects_after"]
+    result.seconds = {"floor": min(floors), **best.seconds, "compact": seconds["compact"]}
     result.counts = best.counts
     result.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
     return result
@@ -272,8 +281,8 @@ def render(results: list[ScaleResult]) -> str:
     base = results[0]
     lines = [
         "| sensors | readings | Parquet MB | floor s | load s | dbt s | GX contract s | GX reconcile s | pipeline s"
-        " | x floor | x readings | x pipeline s | peak RSS GB | reconciled |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        " | x floor | x readings | x pipeline s | peak RSS GB | reconciled | compact s (beside dbt) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for r in results:
         lines.append(
@@ -282,7 +291,8 @@ def render(results: list[ScaleResult]) -> str:
             f" | {r.seconds['dbt']:.2f} | {r.seconds['contract']:.2f} | {r.seconds['reconcile']:.2f}"
             f" | {r.pipeline_s:.2f}"
             f" | {r.pipeline_s / r.seconds['floor']:.1f} | {r.readings / base.readings:.0f}"
-            f" | {r.pipeline_s / base.pipeline_s:.2f} | {r.peak_rss_gb:.1f} | {'yes' if r.reconciled else 'NO'} |"
+            f" | {r.pipeline_s / base.pipeline_s:.2f} | {r.peak_rss_gb:.1f} | {'yes' if r.reconciled else 'NO'}"
+            f" | {r.seconds['compact']:.2f}: {r.files:,} -> {r.objects_after_compaction} files |"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ lake, partitioned by event time; for each hourly `data_interval` this DAG
    the sensor registry and the interval's quarantine counts, in one transaction,
 4. runs `dbt build` for the affected models with the interval in the environment
    (CITYPULSE_INTERVAL_START/_END),
+   and, beside the build, compacts the interval's lake partitions (`citypulse_batch.compaction`),
 5. runs the Great Expectations checkpoints (failure of either stops the publish): the
    contract's suite on the loaded rows, and the reconciliation of the traffic marts with
    them (interval totals, time spine); their validation results are stored in the lake,
@@ -107,6 +108,14 @@ def citypulse_hourly() -> None:
 
         run_step(steps.load, context)
 
+    # After the load (the warehouse holds the interval before its files change), beside the
+    # build: it touches the lake only.
+    @task(task_id="compact_lake")
+    def compact_lake(**context: Any) -> None:
+        from citypulse_batch import steps
+
+        run_step(steps.compact, context)
+
     @task(task_id="dbt_build", execution_timeout=timedelta(minutes=45))
     def dbt_build(**context: Any) -> None:
         from citypulse_batch import steps
@@ -143,6 +152,7 @@ def citypulse_hourly() -> None:
                 ("dbt", "dbt_build"),
                 ("expectations", "quality_check"),
                 ("reconciliation", "reconcile_marts"),
+                ("compaction", "compact_lake"),
             )
         }
         interval = Interval(context["data_interval_start"], context["data_interval_end"])
@@ -174,13 +184,15 @@ def citypulse_hourly() -> None:
     branch = crawler_exists()
     loaded = load_warehouse()
     built = dbt_build()
+    compacted = compact_lake()
     checked = quality_check()
     reconciled = reconcile_marts()
     report = write_report()
 
     wait_for_partition >> branch >> [create_crawler, update_crawler] >> run_crawler >> loaded
     loaded >> built >> [checked, reconciled] >> datasets
-    [loaded, built, checked, reconciled] >> report
+    loaded >> compacted
+    [loaded, built, checked, reconciled, compacted] >> report
     [publish, report] >> notify
 
 

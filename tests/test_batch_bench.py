@@ -31,4 +31,5 @@ def test_tiny_bench_run_reconciles_its_row_counts(ministack: Emulator, aws_env: 
             "zone_mart": result.readings,
         }
         assert result.reconciled
-        assert set(result.seconds) == {"floor", "load", "dbt", "contract", "reconcile"}
+        assert set(result.seconds) == {"floor", "load", "dbt", "contract", "reconcile", "compact"}
+        assert result.objects_after_compaction == 1  # the hour's files gathered into one part

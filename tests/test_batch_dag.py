@@ -105,7 +105,7 @@ def test_dag_is_acyclic_and_only_the_dags_folder_dag_is_found(dag: Any) -> None:
 
     for task_id in dag.task_ids:
         visit(task_id)
-    assert len(state) == len(dag.task_ids) == 13
+    assert len(state) == len(dag.task_ids) == 14
 
 
 def test_every_task_has_owner_retries_backoff_timeout_and_failure_alert(dag: Any) -> None:
@@ -154,6 +154,13 @@ def test_steps_run_in_the_promised_order(dag: Any) -> None:
     assert {"create_crawler", "update_crawler"} == set(dag.get_task("run_crawler").upstream_task_ids)
 
 
+def test_the_lake_is_compacted_once_loaded_beside_the_build_and_gates_and_before_the_report(dag: Any) -> None:
+    assert set(dag.get_task("compact_lake").upstream_task_ids) == {"load_warehouse"}
+    for task in ("dbt_build", "quality_check", "reconcile_marts", "publish"):
+        assert "compact_lake" not in _upstream_closure(dag, task), task
+    assert "compact_lake" in _upstream_closure(dag, "write_report")  # the report says what it did
+
+
 def test_failed_checkpoint_blocks_publish_and_notify_but_not_the_report(dag: Any) -> None:
     assert dag.get_task("publish").trigger_rule == "all_success"
     assert dag.get_task("quicksight_datasets").trigger_rule == "all_success"
@@ -162,7 +169,9 @@ def test_failed_checkpoint_blocks_publish_and_notify_but_not_the_report(dag: Any
     # ... and the report explains failed hours too.
     report = dag.get_task("write_report")
     assert report.trigger_rule == "all_done"
-    assert {"load_warehouse", "dbt_build", "quality_check", "reconcile_marts"} == set(report.upstream_task_ids)
+    assert {"load_warehouse", "dbt_build", "quality_check", "reconcile_marts", "compact_lake"} == set(
+        report.upstream_task_ids
+    )
     assert "quality_check" not in _upstream_closure(dag, "write_report") - set(report.upstream_task_ids)
     # Both quality gates (the readings and the marts reconciliation) stand between dbt and the publish.
     for gate in ("quality_check", "reconcile_marts"):

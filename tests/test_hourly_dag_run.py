@@ -38,6 +38,7 @@ from batch_lake import (
     write_fixture_lake,
 )
 
+from citypulse_batch.lake import Interval, readings_prefixes
 from infra.local.airflow import DailyRun, HourlyRun, ensure_metadata_db, run_daily, run_hourly
 from infra.local.emulators import Emulator
 
@@ -197,6 +198,7 @@ def test_hourly_run_succeeds_and_publishes_nothing_when_no_datasets_are_configur
             "crawler_exists",
             "run_crawler",
             "load_warehouse",
+            "compact_lake",
             "dbt_build",
             "quality_check",
             "quicksight_datasets",
@@ -235,6 +237,8 @@ def test_report_says_checkpoint_passed_with_the_load_counts(scenarios) -> None:
     # 4 traffic marts x (2 per-bucket equalities + 2 interval totals) + 2 zone spines
     assert report["reconciliation_evaluated"] == report["reconciliation_passed"] == 18
     assert (report["dbt_models_passed"], report["dbt_models_failed"], report["dbt_tests_failed"]) == (13, 0, 0)
+    # The interval's two reading files became one part; its one quarantine file stays as it is.
+    assert (report["lake_objects_before_compaction"], report["lake_objects_after_compaction"]) == (3, 2)
 
 
 def test_second_run_of_the_same_interval_changes_nothing(scenarios) -> None:
@@ -242,7 +246,9 @@ def test_second_run_of_the_same_interval_changes_nothing(scenarios) -> None:
     assert first == second
     # ... in every hourly mart, which the first run filled (the fixture hour has no congestion).
     assert [table for table in TABLES if not first[table]] == ["marts.fct_congestion_episodes"]
-    assert scenarios["good"].runs[1].report["rows_loaded"] == 60
+    second_report = scenarios["good"].runs[1].report
+    assert second_report["rows_loaded"] == 60  # read from the compacted part
+    assert (second_report["lake_objects_before_compaction"], second_report["lake_objects_after_compaction"]) == (2, 2)
 
 
 def test_each_completed_run_puts_hourly_load_completed_on_the_bus(scenarios) -> None:
@@ -313,7 +319,10 @@ def test_daily_retention_deletes_only_what_is_past_the_horizon(scenarios) -> Non
     assert summary["vacuumed"] is True
     keys = {o["Key"] for o in s3_client(good.env).list_objects_v2(Bucket=good.lake.bucket)["Contents"]}
     assert OLD_KEY not in keys
-    assert set(good.lake.files) <= keys
+    # The neighbouring hours' files are kept; the loaded hour's two are now one compacted part.
+    loaded = readings_prefixes(Interval(good.lake.start, good.lake.end))[0]
+    assert {k for k in good.lake.files if not k.startswith(loaded)} <= keys
+    assert [k.removeprefix(loaded)[: len("compacted-")] for k in keys if k.startswith(loaded)] == ["compacted-"]
     # Everything the hourly runs built is still there, unchanged.
     assert {t: good.after_daily[t] for t in TABLES} == good.snapshots[-1]
 

@@ -10,10 +10,11 @@ against each other.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 READINGS_PREFIX = "raw/readings/"
 QUARANTINE_PREFIX = "quarantine/"
@@ -22,6 +23,8 @@ ZONES_KEY = "registry/zones.csv"
 REPORTS_PREFIX = "reports/hourly/"
 # Great Expectations validation results of each hourly run, partitioned like the data.
 GX_RESULTS_PREFIX = "gx/validations/"
+# Compaction manifests, partitioned like the data they describe, outside every table location.
+COMPACTION_PREFIX = "compaction/"
 
 _HOUR = timedelta(hours=1)
 
@@ -136,10 +139,43 @@ class Lake:
 
     def list_keys(self, prefix: str, suffix: str = "") -> list[str]:
         """Keys under a prefix ending in `suffix`, sorted (S3 lists in key order anyway)."""
-        keys: list[str] = []
+        return [key for key, _ in self.list_objects(prefix, suffix)]
+
+    def list_objects(self, prefix: str, suffix: str = "") -> list[tuple[str, int]]:
+        """(key, size in bytes) of the objects under a prefix ending in `suffix`, sorted by key."""
+        objects: list[tuple[str, int]] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys.extend(o["Key"] for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
-        return sorted(keys)
+            objects.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
+        return sorted(objects)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete the objects (gone ones too: S3 deletes are idempotent); raise if any could not be."""
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+            batch = keys[start : start + 1000]
+            response = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+            if response.get("Errors"):
+                raise RuntimeError(f"could not delete from s3://{self.bucket}: {response['Errors'][:5]}")
+
+    def filesystem(self) -> Any:
+        """A pyarrow S3 filesystem that sees the lake exactly as the boto3 client does (endpoint,
+        region, credentials): Arrow reads and writes Parquet on S3 itself, in parallel."""
+        from pyarrow import fs
+
+        endpoint = urlsplit(self.endpoint_url)
+        on_aws = bool(endpoint.hostname and endpoint.hostname.endswith(".amazonaws.com"))
+        credentials = self.credentials
+        return fs.S3FileSystem(
+            access_key=credentials.access_key if credentials else None,
+            secret_key=credentials.secret_key if credentials else None,
+            session_token=credentials.token if credentials else None,
+            region=self.region,
+            # On AWS the SDK finds the endpoint and addresses buckets by host; an emulator is one
+            # endpoint that serves buckets by path.
+            endpoint_override=None if on_aws else endpoint.netloc,
+            scheme=endpoint.scheme or "https",
+        )
 
     def read(self, key: str) -> bytes:
         return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())

@@ -12,7 +12,7 @@ from typing import Any
 from citypulse_batch.lake import Interval
 
 REPORT_VERSION = 1
-STEPS = ("load", "dbt", "expectations", "reconciliation")
+STEPS = ("load", "dbt", "expectations", "reconciliation", "compaction")
 
 
 def build_report(
@@ -27,6 +27,7 @@ def build_report(
     dbt = steps.get("dbt") or {}
     quality = steps.get("expectations") or {}
     reconciliation = steps.get("reconciliation") or {}
+    compaction = steps.get("compaction") or {}
     failed_step = next((name for name in STEPS if not _succeeded(steps.get(name))), None)
     return {
         "report_version": REPORT_VERSION,
@@ -47,6 +48,8 @@ def build_report(
         "expectations_passed": quality.get("passed"),
         "reconciliation_evaluated": reconciliation.get("evaluated"),
         "reconciliation_passed": reconciliation.get("passed"),
+        "lake_objects_before_compaction": compaction.get("objects_before"),
+        "lake_objects_after_compaction": compaction.get("objects_after"),
         "steps": {name: steps.get(name) for name in STEPS},
     }
 

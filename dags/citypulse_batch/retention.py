@@ -3,9 +3,9 @@
 Place in the flow: the daily DAG's `retention` task. The horizon is counted back from the
 end of the run's data interval (never from the wall clock), so a rerun or backfill of a day
 deletes exactly what the original run deleted. Lake partitions are whole `dt=/hour=` folders
-(raw readings, quarantine, hourly reports, GX results); warehouse rows are deleted by their time column,
-in one transaction, then the engine reclaims the space where it can (PostgreSQL `VACUUM
-ANALYZE`, Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
+(raw readings, quarantine, hourly reports, GX results, compaction manifests); warehouse rows
+are deleted by their time column, in one transaction, then the engine reclaims the space
+where it can (PostgreSQL `VACUUM ANALYZE`, Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from citypulse_batch.lake import GX_RESULTS_PREFIX, QUARANTINE_PREFIX, READINGS_PREFIX, REPORTS_PREFIX, Lake
+from citypulse_batch.lake import (
+    COMPACTION_PREFIX,
+    GX_RESULTS_PREFIX,
+    QUARANTINE_PREFIX,
+    READINGS_PREFIX,
+    REPORTS_PREFIX,
+    Lake,
+)
 
 # Warehouse tables with a time column: raw and the time-keyed marts (dimensions and the
 # whole-history profiles/episodes are rebuilt from what remains).
@@ -29,7 +36,7 @@ RETAINED_TABLES: dict[str, str] = {
     "marts.fct_sensor_health_daily": "reading_date",
     "marts.fct_corridor_rankings": "ranking_date",
 }
-LAKE_PREFIXES = (READINGS_PREFIX, QUARANTINE_PREFIX, REPORTS_PREFIX, GX_RESULTS_PREFIX)
+LAKE_PREFIXES = (READINGS_PREFIX, QUARANTINE_PREFIX, REPORTS_PREFIX, GX_RESULTS_PREFIX, COMPACTION_PREFIX)
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 
 
@@ -69,9 +76,7 @@ def apply_retention(warehouse: Any, lake: Lake, cutoff: datetime) -> RetentionSu
     summary = RetentionSummary(cutoff=cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"))
     for prefix in LAKE_PREFIXES:
         expired = expired_keys(lake.list_keys(prefix), cutoff)
-        for start in range(0, len(expired), 1000):
-            batch = expired[start : start + 1000]
-            lake.client.delete_objects(Bucket=lake.bucket, Delete={"Objects": [{"Key": k} for k in batch]})
+        lake.delete(expired)
         summary.lake_objects_deleted += len(expired)
     bound = cutoff.strftime("timestamp '%Y-%m-%d %H:%M:%S'")
     with warehouse.transaction() as cur:

@@ -19,7 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from citypulse_batch.lake import Interval, Lake, S3Credentials, gx_results_prefix, report_key
+from citypulse_batch.lake import (
+    Interval,
+    Lake,
+    S3Credentials,
+    gx_results_prefix,
+    quarantine_prefixes,
+    readings_prefixes,
+    report_key,
+)
 from citypulse_batch.settings import AWS_CONN_ID, WAREHOUSE_CONN_ID, setting
 
 
@@ -95,6 +103,13 @@ def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, A
 def load(interval: Interval) -> dict[str, Any]:
     """Load the interval into warehouse raw (one transaction, idempotent)."""
     return warehouse().load(interval, lake()).to_json()
+
+
+def compact(interval: Interval) -> dict[str, Any]:
+    """Gather the interval's lake partitions (readings and quarantine) into a few large objects."""
+    from citypulse_batch.compaction import compact
+
+    return compact(lake(), readings_prefixes(interval) + quarantine_prefixes(interval))
 
 
 def build(interval: Interval) -> dict[str, Any]:

@@ -270,6 +270,11 @@ def _dag_lines(run: Any) -> list[str]:
             f"           marts reconciled with raw ({recon['suite']}): {recon['passed']} of "
             f"{recon['evaluated']} expectations passed (totals per mart, no gaps in the zone time spine)"
         )
+    if compaction := steps.get("compaction"):
+        lines.append(
+            f"lake       compacted: {compaction['objects_before']:,} objects -> {compaction['objects_after']:,} "
+            f"({compaction['rows_rewritten']:,} rows rewritten; readings and quarantine partitions of the hour)"
+        )
     return lines
 
 

@@ -1,0 +1,192 @@
+"""Lake compaction: an hour partition's many small Parquet objects gathered into a few large ones.
+
+Place in the flow: the hourly DAG's `compact_lake` task, once `load_warehouse` holds the
+interval, beside `dbt_build` (it reads and writes the lake only). The processor lands one
+object per shard, batch and hour (`streaming.processor.store.LakeWriter`): thousands a
+partition an hour in AWS, where the Glue crawler, Athena and Redshift COPY pay per object.
+Afterwards a partition of `raw/readings/` or `quarantine/` holds one object per
+`TARGET_BYTES` of what it held, named `compacted-<generation>-<part>-of-<parts>.parquet`, its
+rows as they were: raw duplicates stay, and the warehouse load drops and counts them alike
+before and after.
+
+Nothing lost, nothing doubled, wherever a run stops. A run is a *generation*, named after its
+inputs, with a manifest outside every table location (`compaction/<partition>/<generation>.json`):
+
+1. the manifest is written, `writing`, with the inputs and the parts to come;
+2. each part is written to local disk, its rows checked against its inputs' footers, uploaded;
+3. the manifest turns `written`: the commit point;
+4. the inputs are deleted, then the manifest.
+
+Every run first settles what a stopped one left: a `writing` generation's parts are deleted
+(its inputs are all still there), a `written` one's inputs are. Objects that arrive during a
+run (late readings) are not its inputs and wait for the next run of their hour. One run a
+partition at a time: the hourly DAG runs one interval at a time (`max_active_runs=1`).
+Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; the
+warehouse load does not run then (the DAG orders them) and would drop them as duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from citypulse_batch.lake import COMPACTION_PREFIX, Lake
+
+COMPACTED = "compacted-"
+# Input bytes a part gathers: parts of ~200 MB of zstd Parquet, within the 128 MB-1 GB that
+# Athena and Redshift Spectrum read best. A part below half of it is gathered again with the
+# newcomers; a larger one is left as it is.
+TARGET_BYTES = 256 * 2**20
+ROW_GROUP_ROWS = 2**20  # rows a row group holds (the processor's files hold a batch's)
+
+
+class CompactionError(RuntimeError):
+    """A partition that cannot be compacted as it is: nothing of it was changed."""
+
+
+@dataclass(slots=True)
+class PartitionCompaction:
+    """What one partition held before and after, and what was settled of an earlier run."""
+
+    prefix: str
+    objects_before: int = 0
+    objects_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rows_rewritten: int = 0
+    settled: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def manifest_prefix(prefix: str) -> str:
+    """Where a partition's manifests are kept: beside it, outside the table's location."""
+    return COMPACTION_PREFIX + prefix
+
+
+def is_part(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(COMPACTED)
+
+
+def settle(lake: Lake, prefix: str) -> list[str]:
+    """Finish or undo what a stopped run left in the partition (see the module's steps)."""
+    settled = []
+    for key in lake.list_keys(manifest_prefix(prefix), ".json"):
+        manifest = lake.read_json(key)
+        if manifest is None:  # deleted since the listing: settled by someone else
+            continue
+        generation = key.rsplit("/", 1)[-1].removesuffix(".json")
+        if manifest["state"] == "written":
+            lake.delete(manifest["inputs"])
+            settled.append(f"finished {generation}")
+        else:
+            lake.delete(manifest["parts"])
+            settled.append(f"undid {generation}")
+        lake.delete([key])
+    return settled
+
+
+def _groups(objects: Sequence[tuple[str, int]], target_bytes: int) -> list[list[tuple[str, int]]]:
+    """Consecutive objects in groups of about `target_bytes` each (at least one object a group)."""
+    total = sum(size for _, size in objects)
+    count = max(1, -(-total // target_bytes))
+    groups: list[list[tuple[str, int]]] = [[] for _ in range(count)]
+    seen = 0
+    for key, size in objects:
+        groups[min(count - 1, seen * count // total if total else 0)].append((key, size))
+        seen += size
+    return [g for g in groups if g]
+
+
+def _write_part(
+    lake: Lake, filesystem: Any, inputs: Sequence[tuple[str, int]], key: str, path: Path
+) -> tuple[int, int]:
+    """One part from `inputs` (key, size), written at `path` then uploaded to `key`: (rows, bytes)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    parquet = ds.ParquetFileFormat()
+    # Sizes from the listing: Arrow asks S3 for none (a request an object, one after another).
+    fragments = [parquet.make_fragment(f"{lake.bucket}/{k}", filesystem, file_size=size) for k, size in inputs]
+    schema = fragments[0].physical_schema
+    dataset = ds.FileSystemDataset(fragments, schema, parquet, filesystem)
+    checked: set[str] = set()
+    expected = rows = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        pending: list[Any] = []
+        held = 0
+        for tagged in dataset.scanner().scan_batches():
+            fragment = tagged.fragment
+            if fragment.path not in checked:  # its footer, read by the scan
+                # Arrow casts an input of another schema to the first's, filling a missing
+                # column with nulls: a partition of mixed schemas is left alone.
+                if not fragment.physical_schema.equals(schema):
+                    raise CompactionError(f"s3://{fragment.path} differs in schema from s3://{fragments[0].path}")
+                checked.add(fragment.path)
+                expected += fragment.metadata.num_rows
+            pending.append(tagged.record_batch)
+            held += tagged.record_batch.num_rows
+            if held >= ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=held)
+                rows, pending, held = rows + held, [], 0
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=held)
+            rows += held
+    if rows != expected or len(checked) != len(fragments):
+        raise CompactionError(
+            f"{key}: wrote {rows} rows of {len(checked)} inputs; they hold {expected} of {len(fragments)}"
+        )
+    # Uploaded only once whole: boto3's transfer aborts a failed multipart upload.
+    lake.client.upload_file(str(path), lake.bucket, key)
+    return rows, path.stat().st_size
+
+
+def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES) -> PartitionCompaction:
+    """Gather the partition's small objects (and small parts) into parts; idempotent."""
+    summary = PartitionCompaction(prefix, settled=settle(lake, prefix))
+    objects = lake.list_objects(prefix, ".parquet")
+    summary.objects_before = summary.objects_after = len(objects)
+    summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
+    inputs = [(key, size) for key, size in objects if not is_part(key) or size < target_bytes // 2]
+    if len(inputs) < 2:
+        return summary
+    keys = [key for key, _ in inputs]
+    generation = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    groups = _groups(inputs, target_bytes)
+    parts = [f"{prefix}{COMPACTED}{generation}-{n:05d}-of-{len(groups):05d}.parquet" for n in range(len(groups))]
+    manifest = f"{manifest_prefix(prefix)}{generation}.json"
+    lake.write_json(manifest, {"state": "writing", "inputs": keys, "parts": parts})
+    filesystem = lake.filesystem()
+    written = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="citypulse-compaction-") as work:
+            for group, part in zip(groups, parts, strict=True):
+                rows, size = _write_part(lake, filesystem, group, part, Path(work) / "part.parquet")
+                summary.rows_rewritten += rows
+                written += size
+    except BaseException:
+        settle(lake, prefix)  # undo now what the next run would; it does if this fails too
+        raise
+    lake.write_json(manifest, {"state": "written", "inputs": keys, "parts": parts})
+    lake.delete(keys)
+    lake.delete([manifest])
+    summary.objects_after = len(objects) - len(inputs) + len(parts)
+    summary.bytes_after = summary.bytes_before - sum(size for _, size in inputs) + written
+    return summary
+
+
+def compact(lake: Lake, prefixes: Sequence[str], target_bytes: int = TARGET_BYTES) -> dict[str, Any]:
+    """Compact each partition; the totals and each partition's summary (for XCom and the run report)."""
+    partitions = [compact_partition(lake, prefix, target_bytes) for prefix in prefixes]
+    return {
+        "objects_before": sum(p.objects_before for p in partitions),
+        "objects_after": sum(p.objects_after for p in partitions),
+        "rows_rewritten": sum(p.rows_rewritten for p in partitions),
+        "partitions": [p.to_json() for p in partitions],
+    }

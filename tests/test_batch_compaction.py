@@ -1,0 +1,244 @@
+"""Lake compaction: a partition's small objects gathered into parts, every row kept exactly once.
+
+Integration tests against ministack's S3 with the batch fixture lake (two shard files and a
+redelivered reading in the interval's partition); a stop at any step is injected through a
+client that fails on a chosen call, and the next run must leave the rows of a clean one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from batch_lake import FixtureLake, ministack_env, put_parquet, reading, s3_client, unique_name, write_fixture_lake
+from hypothesis import given
+from hypothesis import strategies as st
+
+from citypulse_batch import compaction
+from citypulse_batch.compaction import CompactionError, compact, compact_partition, manifest_prefix
+from citypulse_batch.lake import Interval, Lake, S3Credentials, quarantine_prefixes, readings_prefixes
+from citypulse_batch.warehouse import DuckDBWarehouse
+from infra.local.emulators import Emulator
+from streaming.contract import lake_arrow_schema
+from streaming.parquet import read_parquet
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3_env(ministack: Emulator) -> Iterator[dict[str, str]]:
+    env = ministack_env(ministack)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
+
+
+def _lake(bucket: str, client: Any = None) -> Lake:
+    session = boto3.Session()
+    frozen = session.get_credentials().get_frozen_credentials()
+    return Lake(
+        bucket, client or session.client("s3"), S3Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+    )
+
+
+@pytest.fixture
+def fixture_lake(s3_env: dict[str, str]) -> FixtureLake:
+    return write_fixture_lake(s3_client(s3_env), unique_name("lake-compact"))
+
+
+@pytest.fixture
+def partition(fixture_lake: FixtureLake) -> str:
+    return readings_prefixes(Interval(fixture_lake.start, fixture_lake.end))[0]
+
+
+def _rows(lake: Lake, prefix: str) -> Counter[tuple[Any, ...]]:
+    """Every row of the partition's objects, duplicates counted."""
+    rows: Counter[tuple[Any, ...]] = Counter()
+    for key in lake.list_keys(prefix, ".parquet"):
+        rows.update(tuple(r.values()) for r in read_parquet(lake.read(key)).to_pylist())
+    return rows
+
+
+class FailingClient:
+    """A boto3 S3 client that raises on the `after`-th call (counted from 1) of each named method."""
+
+    def __init__(self, client: Any, **after: int) -> None:
+        self._client = client
+        self._after = after
+        self._calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if name not in self._after:
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls[name] += 1
+            if self._calls[name] >= self._after[name]:
+                raise ConnectionError(f"injected: {name} call {self._calls[name]}")
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_a_partition_becomes_one_part_holding_every_row_and_the_load_reads_it_alike(
+    tmp_path: Path, fixture_lake: FixtureLake, partition: str
+) -> None:
+    lake = _lake(fixture_lake.bucket)
+    interval = Interval(fixture_lake.start, fixture_lake.end)
+    rows = _rows(lake, partition)
+    before = DuckDBWarehouse(tmp_path / "before.duckdb").load(interval, lake)
+
+    summary = compact(lake, readings_prefixes(interval) + quarantine_prefixes(interval))
+
+    keys = lake.list_keys(partition)
+    assert (
+        len(keys) == 1
+        and keys[0].rsplit("/", 1)[1].startswith("compacted-")
+        and keys[0].endswith("-00000-of-00001.parquet")
+    )
+    assert _rows(lake, partition) == rows and sum(rows.values()) == 62  # the redelivered copy kept
+    assert (summary["objects_before"], summary["objects_after"], summary["rows_rewritten"]) == (3, 2, 62)
+    readings, quarantine = summary["partitions"]
+    assert (readings["objects_before"], readings["objects_after"], readings["settled"]) == (2, 1, [])
+    assert readings["bytes_after"] == lake.list_objects(partition)[0][1]
+    assert (quarantine["objects_before"], quarantine["objects_after"], quarantine["rows_rewritten"]) == (1, 1, 0)
+    assert lake.list_keys(manifest_prefix(partition)) == []
+    after = DuckDBWarehouse(tmp_path / "after.duckdb").load(interval, lake)
+    assert after.reading_files == 1
+    assert {**after.to_json(), "reading_files": 2} == before.to_json()
+
+
+def test_a_second_run_changes_nothing_and_a_late_file_joins_the_small_part(
+    fixture_lake: FixtureLake, partition: str
+) -> None:
+    lake = _lake(fixture_lake.bucket)
+    compact_partition(lake, partition)
+    first = lake.list_objects(partition)
+
+    again = compact_partition(lake, partition)
+
+    assert lake.list_objects(partition) == first
+    assert (again.objects_before, again.objects_after, again.rows_rewritten) == (1, 1, 0)
+    sensor = fixture_lake.city.sensors[5]
+    late = [reading(sensor.sensor_id, sensor.zone_id, 700, fixture_lake.start.replace(minute=58))]
+    put_parquet(
+        lake.client,
+        lake.bucket,
+        f"{partition}shardId-000000000001-49650000000000000000000099.parquet",
+        late,
+        lake_arrow_schema(),
+    )
+    rows = _rows(lake, partition)
+
+    joined = compact_partition(lake, partition)
+
+    assert (joined.objects_before, joined.objects_after, joined.rows_rewritten) == (2, 1, 63)
+    assert _rows(lake, partition) == rows
+    assert lake.list_objects(partition) != first  # a new generation, named after its inputs
+
+
+def test_parts_split_by_size_and_a_large_part_is_left_alone(fixture_lake: FixtureLake, partition: str) -> None:
+    lake = _lake(fixture_lake.bucket)
+    rows = _rows(lake, partition)
+    target = min(size for _, size in lake.list_objects(partition))  # one input a part
+
+    summary = compact_partition(lake, partition, target_bytes=target)
+
+    keys = lake.list_keys(partition)
+    assert [k.rsplit("-", 3)[1:] for k in keys] == [["00000", "of", "00002.parquet"], ["00001", "of", "00002.parquet"]]
+    assert (summary.objects_after, summary.rows_rewritten) == (2, 62)
+    assert _rows(lake, partition) == rows
+    # Both parts are over half the target: nothing left to gather.
+    assert compact_partition(lake, partition, target_bytes=target).rows_rewritten == 0
+
+
+@pytest.mark.parametrize("after", [1, 2], ids=["first part", "second part"])
+def test_a_run_failing_while_it_writes_leaves_the_partition_as_it_was(
+    fixture_lake: FixtureLake, partition: str, after: int
+) -> None:
+    lake = _lake(fixture_lake.bucket)
+    objects = lake.list_objects(partition)
+    target = min(size for _, size in objects)
+    failing = _lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=after))
+
+    with pytest.raises(ConnectionError, match="injected: upload_file"):
+        compact_partition(failing, partition, target_bytes=target)
+
+    assert lake.list_objects(partition) == objects
+    assert lake.list_keys(manifest_prefix(partition)) == []
+
+
+def test_a_run_that_dies_while_it_writes_is_undone_by_the_next(fixture_lake: FixtureLake, partition: str) -> None:
+    lake = _lake(fixture_lake.bucket)
+    rows = _rows(lake, partition)
+    target = min(size for _, size in lake.list_objects(partition))
+    # The first part is uploaded, the second fails, and the undo fails too: what a killed
+    # worker leaves. The partition then holds the inputs and a part: rows twice.
+    dying = _lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=2, delete_objects=1))
+    with pytest.raises(ConnectionError):
+        compact_partition(dying, partition, target_bytes=target)
+    assert sum(_rows(lake, partition).values()) > sum(rows.values())
+    assert len(lake.list_keys(manifest_prefix(partition))) == 1
+
+    summary = compact_partition(lake, partition)
+
+    assert len(summary.settled) == 1 and summary.settled[0].startswith("undid ")
+    assert _rows(lake, partition) == rows
+    assert len(lake.list_keys(partition)) == 1
+    assert lake.list_keys(manifest_prefix(partition)) == []
+
+
+def test_a_run_that_dies_after_its_commit_is_finished_by_the_next(fixture_lake: FixtureLake, partition: str) -> None:
+    lake = _lake(fixture_lake.bucket)
+    rows = _rows(lake, partition)
+    dying = _lake(fixture_lake.bucket, FailingClient(lake.client, delete_objects=1))
+    with pytest.raises(ConnectionError):
+        compact_partition(dying, partition)
+    assert sum(_rows(lake, partition).values()) == 2 * sum(rows.values())  # inputs and their part
+
+    summary = compact_partition(lake, partition)
+
+    assert len(summary.settled) == 1 and summary.settled[0].startswith("finished ")
+    assert _rows(lake, partition) == rows
+    assert len(lake.list_keys(partition)) == 1
+    assert lake.list_keys(manifest_prefix(partition)) == []
+
+
+def test_a_partition_of_mixed_schemas_is_left_alone(fixture_lake: FixtureLake, partition: str) -> None:
+    lake = _lake(fixture_lake.bucket)
+    schema = lake_arrow_schema()
+    narrower = schema.remove(schema.get_field_index("lane"))
+    sensor = fixture_lake.city.sensors[0]
+    row = reading(sensor.sensor_id, sensor.zone_id, 800, fixture_lake.start)
+    del row["lane"]
+    put_parquet(lake.client, lake.bucket, f"{partition}shardId-000000000002-1.parquet", [row], narrower)
+    objects = lake.list_objects(partition)
+
+    with pytest.raises(CompactionError, match="differs in schema"):
+        compact_partition(lake, partition)
+
+    assert lake.list_objects(partition) == objects
+    assert lake.list_keys(manifest_prefix(partition)) == []
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=1_000), min_size=1, max_size=40),
+    target=st.integers(min_value=1, max_value=3_000),
+)
+def test_groups_keep_every_object_in_order_in_about_target_sized_groups(sizes: list[int], target: int) -> None:
+    objects = [(f"k{n:03d}", size) for n, size in enumerate(sizes)]
+    groups = compaction._groups(objects, target)
+
+    assert [o for g in groups for o in g] == objects
+    assert all(groups)
+    assert len(groups) <= max(1, -(-sum(sizes) // target))
+    # A group goes over the target only by the object that crossed its boundary.
+    assert all(sum(s for _, s in g[:-1]) <= target for g in groups)

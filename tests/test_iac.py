@@ -425,3 +425,28 @@ def test_metric_math_alarms_count_a_period_without_data_as_zero() -> None:
         (expression,) = [m["Expression"] for m in metrics if "Expression" in m]
         for metric in (m for m in metrics if "MetricStat" in m):
             assert f"FILL({metric['Id']}, 0)" in expression, (lid, metric["Id"], expression)
+
+
+def test_the_airflow_tasks_may_write_every_lake_prefix_the_batch_steps_write() -> None:
+    # The hourly and daily tasks write reports, GX results, compacted parts and their manifests,
+    # docs; compaction and retention delete raw objects. A prefix missing here is an AccessDenied
+    # on MWAA only: the local platform does not enforce IAM.
+    from citypulse_batch import lake
+    from infra.local.provision import load_template
+
+    role = load_template(MAIN_TEMPLATE)["Resources"]["MwaaExecutionRole"]["Properties"]
+    (tasks,) = [p["PolicyDocument"] for p in role["Policies"] if p["PolicyName"] == "citypulse-tasks"]
+    (statement,) = [s for s in tasks["Statement"] if s["Sid"] == "ReadCompactAndRetireLake"]
+    granted = {resource["Fn::Sub"] for resource in statement["Resource"]}
+    assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= set(statement["Action"])
+    prefixes = [
+        lake.READINGS_PREFIX,
+        lake.QUARANTINE_PREFIX,
+        lake.SENSOR_REGISTRY_KEY,
+        lake.REPORTS_PREFIX,
+        lake.GX_RESULTS_PREFIX,
+        lake.COMPACTION_PREFIX,
+        "docs/",
+    ]
+    for prefix in prefixes:
+        assert f"${{LakeBucket.Arn}}/{prefix.split('/')[0]}/*" in granted, prefix

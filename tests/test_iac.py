@@ -450,3 +450,20 @@ def test_the_airflow_tasks_may_write_every_lake_prefix_the_batch_steps_write() -
     ]
     for prefix in prefixes:
         assert f"${{LakeBucket.Arn}}/{prefix.split('/')[0]}/*" in granted, prefix
+
+
+def test_the_dags_crawler_settings_are_the_templates() -> None:
+    # The hourly DAG creates or updates the crawler with its own copy of the settings, and
+    # GlueCrawlerUpdateOperator rewrites every one that differs: a setting only the template
+    # has would be dropped by the first run.
+    from citypulse_batch.steps import crawler_config
+    from infra.local.provision import load_template
+
+    crawler = load_template(MAIN_TEMPLATE)["Resources"]["RawReadingsCrawler"]["Properties"]
+    dag = crawler_config()
+    assert json.loads(dag["Configuration"]) == json.loads(crawler["Configuration"])
+    for setting in ("RecrawlPolicy", "SchemaChangePolicy"):
+        assert dag[setting] == crawler[setting], setting
+    ((target,),) = (dag["Targets"]["S3Targets"],)
+    assert target["Path"].endswith("/raw/readings/")
+    assert crawler["Targets"]["S3Targets"][0]["Path"] == {"Fn::Sub": "s3://${LakeBucket}/raw/readings/"}

@@ -44,7 +44,9 @@ def crawler_config() -> dict[str, Any]:
     """Glue crawler over the lake's raw readings, as templated operator config.
 
     New partitions only (`CRAWL_NEW_FOLDERS_ONLY`, which requires LOG change policies): each
-    hour adds one `dt=/hour=` folder and a full re-crawl would re-read the whole lake.
+    hour adds one `dt=/hour=` folder and a full re-crawl would re-read the whole lake. The same
+    settings as the template's `RawReadingsCrawler` (tests/test_iac.py holds them together): the
+    update operator rewrites whatever differs, every run.
     """
     return {
         "Name": "{{ citypulse_setting('glue_crawler') }}",
@@ -53,7 +55,13 @@ def crawler_config() -> dict[str, Any]:
         "Targets": {"S3Targets": [{"Path": "s3://{{ citypulse_setting('lake_bucket') }}/raw/readings/"}]},
         "SchemaChangePolicy": {"UpdateBehavior": "LOG", "DeleteBehavior": "LOG"},
         "RecrawlPolicy": {"RecrawlBehavior": "CRAWL_NEW_FOLDERS_ONLY"},
-        "Configuration": json.dumps({"Version": 1.0, "Grouping": {"TableGroupingPolicy": "CombineCompatibleSchemas"}}),
+        "Configuration": json.dumps(
+            {
+                "Version": 1.0,
+                "Grouping": {"TableGroupingPolicy": "CombineCompatibleSchemas"},
+                "CrawlerOutput": {"Partitions": {"AddOrUpdateBehavior": "InheritFromTable"}},
+            }
+        ),
     }
 
 

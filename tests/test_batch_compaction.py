@@ -23,7 +23,7 @@ from citypulse_batch.compaction import CompactionError, compact, compact_partiti
 from citypulse_batch.lake import Interval, Lake, S3Credentials, quarantine_prefixes, readings_prefixes
 from citypulse_batch.warehouse import DuckDBWarehouse
 from infra.local.emulators import Emulator
-from streaming.contract import lake_arrow_schema
+from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
 from streaming.parquet import read_parquet
 
 pytestmark = pytest.mark.integration
@@ -224,9 +224,20 @@ def test_a_partition_of_mixed_schemas_is_left_alone(fixture_lake: FixtureLake, p
 
     with pytest.raises(CompactionError, match="differs in schema"):
         compact_partition(lake, partition)
-
     assert lake.list_objects(partition) == objects
     assert lake.list_keys(manifest_prefix(partition)) == []
+
+    # The hour's task names it and goes on with the hour's other partitions.
+    quarantine = quarantine_prefixes(Interval(fixture_lake.start, fixture_lake.end))[0]
+    put_parquet(
+        lake.client, lake.bucket, f"{quarantine}part-1.parquet", fixture_lake.quarantine[:1], quarantine_arrow_schema()
+    )
+    summary = compact(lake, [partition, quarantine])
+
+    assert summary["skipped"] == [partition]
+    assert "differs in schema" in summary["partitions"][0]["skipped"]
+    assert lake.list_objects(partition) == objects
+    assert (summary["partitions"][1]["objects_before"], summary["partitions"][1]["objects_after"]) == (2, 1)
 
 
 @given(

@@ -59,6 +59,7 @@ class PartitionCompaction:
     bytes_after: int = 0
     rows_rewritten: int = 0
     settled: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the partition was left as it is (`CompactionError`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,11 +183,23 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
 
 
 def compact(lake: Lake, prefixes: Sequence[str], target_bytes: int = TARGET_BYTES) -> dict[str, Any]:
-    """Compact each partition; the totals and each partition's summary (for XCom and the run report)."""
-    partitions = [compact_partition(lake, prefix, target_bytes) for prefix in prefixes]
+    """Compact each partition; the totals and each partition's summary (for XCom and the run report).
+
+    A partition that cannot be compacted as it is (`CompactionError`: mixed schemas, say, in
+    the hour a contract change was deployed) is left whole and named in `skipped`; the others
+    are compacted all the same. Failures of S3 itself are raised: the task retries them."""
+    partitions = []
+    for prefix in prefixes:
+        try:
+            partitions.append(compact_partition(lake, prefix, target_bytes))
+        except CompactionError as exc:
+            objects = lake.list_objects(prefix, ".parquet")
+            size = sum(s for _, s in objects)
+            partitions.append(PartitionCompaction(prefix, len(objects), len(objects), size, size, skipped=str(exc)))
     return {
         "objects_before": sum(p.objects_before for p in partitions),
         "objects_after": sum(p.objects_after for p in partitions),
         "rows_rewritten": sum(p.rows_rewritten for p in partitions),
+        "skipped": [p.prefix for p in partitions if p.skipped],
         "partitions": [p.to_json() for p in partitions],
     }

@@ -274,6 +274,7 @@ def _dag_lines(run: Any) -> list[str]:
         lines.append(
             f"lake       compacted: {compaction['objects_before']:,} objects -> {compaction['objects_after']:,} "
             f"({compaction['rows_rewritten']:,} rows rewritten; readings and quarantine partitions of the hour)"
+            + (f"; left whole: {', '.join(compaction['skipped'])}" if compaction.get("skipped") else "")
         )
     return lines
 

@@ -8,13 +8,12 @@ client that fails on a chosen call, and the next run must leave the rows of a cl
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from batch_lake import FixtureLake, ministack_env, put_parquet, reading, s3_client, unique_name, write_fixture_lake
+from batch_lake import FixtureLake, put_parquet, reading, s3_client, unique_name, write_fixture_lake
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,22 +21,10 @@ from citypulse_batch import compaction
 from citypulse_batch.compaction import CompactionError, compact, compact_partition, manifest_prefix
 from citypulse_batch.lake import Interval, Lake, S3Credentials, quarantine_prefixes, readings_prefixes
 from citypulse_batch.warehouse import DuckDBWarehouse
-from infra.local.emulators import Emulator
 from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
 from streaming.parquet import read_parquet
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def s3_env(ministack: Emulator) -> Iterator[dict[str, str]]:
-    env = ministack_env(ministack)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        yield env
 
 
 def _lake(bucket: str, client: Any = None) -> Lake:
@@ -49,8 +36,8 @@ def _lake(bucket: str, client: Any = None) -> Lake:
 
 
 @pytest.fixture
-def fixture_lake(s3_env: dict[str, str]) -> FixtureLake:
-    return write_fixture_lake(s3_client(s3_env), unique_name("lake-compact"))
+def fixture_lake(aws_env: dict[str, str]) -> FixtureLake:
+    return write_fixture_lake(s3_client(aws_env), unique_name("lake-compact"))
 
 
 @pytest.fixture

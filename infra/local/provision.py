@@ -213,6 +213,21 @@ STAND_INS: Mapping[str, StandIn] = {
         "grants the schedule a function that is not deployed locally",
         placeholders=True,
     ),
+    # The read API's alert log: in AWS a function on the alert rule keeps it in a table; locally
+    # the dashboard server drains the rule's SQS feed into its own. ministack's EventBridge
+    # would run the function in the emulator on every alert, beside the feed.
+    "AlertStoreFunction": StandIn(
+        "instead",
+        "the dashboard server's alert log, drained from the alert feed queue (infra/local/dashboard_server.py)",
+        "ministack's EventBridge would run a second alert log inside the emulator on every alert",
+        placeholders=True,
+    ),
+    "AlertStoreInvokePermission": StandIn(
+        "instead",
+        "the dashboard server's alert log, drained from the alert feed queue (infra/local/dashboard_server.py)",
+        "grants the alert rule a function that is not deployed locally",
+        placeholders=True,
+    ),
     # The sweeper's function is deployed (config + code); its schedule is kept by the platform.
     "SweeperSchedule": StandIn(
         "instead",

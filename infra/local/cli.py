@@ -110,7 +110,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from infra.local.dashboard_server import serve
 
-    serve(_state_dir(args), port=args.port)
+    serve(_state_dir(args), port=args.port, api_url=args.api_url)
     return 0
 
 
@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("status", help="show what is running").set_defaults(func=cmd_status)
     p = sub.add_parser("dashboard", help="serve the live operator dashboard on 127.0.0.1")
     p.add_argument("--port", type=int, default=8050, help="loopback port (default 8050)")
+    p.add_argument(
+        "--api-url",
+        help="a deployed stack's ReadApiUrl output: serve the page over it, each request signed with "
+        "your AWS credentials (the operator role), instead of over the local platform",
+    )
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("airflow", help="serve the Airflow UI over the local DAG runs on 127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")

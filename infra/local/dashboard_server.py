@@ -12,6 +12,12 @@ site. One `ThreadingHTTPServer` (stdlib) on loopback:
 A queue is not a log: the alert feed (SQS, fed by the EventBridge alert rule) is drained by
 one thread into an in-memory alert log that the handler reads. In AWS the same handler reads
 the DynamoDB alerts table kept by `streaming.readapi.alerts.store_alert_handler`.
+
+`citypulse dashboard --api-url URL` serves the same page over a deployed stack instead: `/api/...`
+goes to the read API in API Gateway (the stack's output `ReadApiUrl`), which takes only
+requests signed (SigV4) by a principal allowed `execute-api:Invoke`, such as the operator
+role; `RemoteApi` signs each with the caller's AWS credentials. The page still loads only
+from 127.0.0.1, so its CSP holds.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import os
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,20 +156,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
 
     def _api(self) -> None:
-        from streaming.readapi.handler import lambda_handler
-
-        try:
-            event = proxy_event("GET", self.path, {k: v for k, v in self.headers.items()})
-        except ValueError:  # parse_qsl's max_num_fields
-            self._error(400, "too_many_parameters", f"the query has over {MAX_QUERY_FIELDS} parameters")
-            return
-        result = lambda_handler(event, _LambdaContext(event["requestContext"]["requestId"]))
-        body = result.get("body") or ""
-        data = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
-        headers = {k: v[-1] for k, v in (result.get("multiValueHeaders") or {}).items() if v}
-        headers.update(result.get("headers") or {})
-        content_type = headers.pop("Content-Type", "application/json")
-        self._send(int(result["statusCode"]), data, content_type)
+        api: Api = self.server.api  # type: ignore[attr-defined]
+        status, body, content_type = api(self.path, {k: v for k, v in self.headers.items()})
+        self._send(status, body, content_type)
 
     def _static(self) -> None:
         path = unquote(urlsplit(self.path).path, errors="replace")
@@ -175,6 +172,64 @@ class _Handler(BaseHTTPRequestHandler):
         if content_type.startswith("text/") or content_type == "application/javascript":
             content_type += "; charset=utf-8"
         self._send(200, target.read_bytes(), content_type)
+
+
+# An API answer: status, body, content type.
+ApiResponse = tuple[int, bytes, str]
+Api = Callable[[str, dict[str, str]], ApiResponse]
+
+
+def _error_body(status: int, code: str, message: str) -> ApiResponse:
+    return status, orjson.dumps({"error": {"status": status, "code": code, "message": message}}), "application/json"
+
+
+def local_api(raw_path: str, headers: dict[str, str]) -> ApiResponse:
+    """`/api/...` answered in-process by the read API's Lambda handler, as API Gateway would call it."""
+    from streaming.readapi.handler import lambda_handler
+
+    try:
+        event = proxy_event("GET", raw_path, headers)
+    except ValueError:  # parse_qsl's max_num_fields
+        return _error_body(400, "too_many_parameters", f"the query has over {MAX_QUERY_FIELDS} parameters")
+    result = lambda_handler(event, _LambdaContext(event["requestContext"]["requestId"]))
+    body = result.get("body") or ""
+    data = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
+    answer_headers = {k: v[-1] for k, v in (result.get("multiValueHeaders") or {}).items() if v}
+    answer_headers.update(result.get("headers") or {})
+    return int(result["statusCode"]), data, answer_headers.pop("Content-Type", "application/json")
+
+
+@dataclass
+class RemoteApi:
+    """`/api/...` forwarded to the deployed read API (`base_url`, the stack's `ReadApiUrl`),
+    each request signed with SigV4 for `execute-api` in `region` with `credentials` (botocore's,
+    refreshed as they expire). Its answers are passed on as they come, errors included."""
+
+    base_url: str
+    credentials: Any
+    region: str
+    timeout_s: float = 15.0
+
+    def url_for(self, raw_path: str) -> str:
+        parts = urlsplit(raw_path)
+        path = parts.path.removeprefix(API_PREFIX) or "/"
+        return self.base_url.rstrip("/") + path + (f"?{parts.query}" if parts.query else "")
+
+    def __call__(self, raw_path: str, headers: dict[str, str]) -> ApiResponse:
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        request = AWSRequest(method="GET", url=self.url_for(raw_path), headers={"Accept": "application/json"})
+        SigV4Auth(self.credentials.get_frozen_credentials(), "execute-api", self.region).add_auth(request)
+        prepared = request.prepare()
+        outgoing = urllib.request.Request(prepared.url, headers=dict(prepared.headers.items()), method="GET")
+        try:
+            with urllib.request.urlopen(outgoing, timeout=self.timeout_s) as answer:
+                return answer.status, answer.read(), answer.headers.get("Content-Type", "application/json")
+        except urllib.error.HTTPError as exc:  # the API's own 4xx/5xx, passed on
+            return exc.code, exc.read(), exc.headers.get("Content-Type", "application/json")
+        except OSError as exc:
+            return _error_body(502, "read_api_unreachable", f"the read API did not answer: {exc}")
 
 
 class AlertFeedDrainer:
@@ -220,22 +275,34 @@ class AlertFeedDrainer:
 
 
 class DashboardServer:
-    """The local dashboard: HTTP server + alert-feed drainer over a running platform's environment."""
+    """The dashboard on loopback: over a running local platform's environment (the read API
+    in-process, the alert feed drained into its log), or over a deployed read API (`remote`)."""
 
-    def __init__(self, env: dict[str, str], host: str = HOST, port: int = 0) -> None:
-        import boto3
-
-        from streaming.readapi.alerts import MemoryAlertLog
-        from streaming.readapi.handler import Deps, configure
-        from streaming.readapi.sources import LiveSource
-
+    def __init__(
+        self, env: dict[str, str] | None, host: str = HOST, port: int = 0, *, remote: RemoteApi | None = None
+    ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"the local dashboard listens on loopback only, not {host!r}")
-        os.environ.update(env)  # boto3 finds the emulators the way it finds AWS
-        self.alerts = MemoryAlertLog()
-        configure(Deps(source=LiveSource.from_env(), alerts=self.alerts, now_ms=lambda: int(time.time() * 1000)))
-        self.drainer = AlertFeedDrainer(boto3.client("sqs"), env["CITYPULSE_ALERT_FEED_QUEUE_URL"], self.alerts)
+        self.drainer: AlertFeedDrainer | None = None
+        api: Api
+        if remote is not None:
+            api = remote
+        else:
+            if env is None:
+                raise ValueError("the local dashboard needs the running platform's environment")
+            import boto3
+
+            from streaming.readapi.alerts import MemoryAlertLog
+            from streaming.readapi.handler import Deps, configure
+            from streaming.readapi.sources import LiveSource
+
+            os.environ.update(env)  # boto3 finds the emulators the way it finds AWS
+            self.alerts = MemoryAlertLog()
+            configure(Deps(source=LiveSource.from_env(), alerts=self.alerts, now_ms=lambda: int(time.time() * 1000)))
+            self.drainer = AlertFeedDrainer(boto3.client("sqs"), env["CITYPULSE_ALERT_FEED_QUEUE_URL"], self.alerts)
+            api = local_api
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd.api = api  # type: ignore[attr-defined]
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard-http", daemon=True)
 
@@ -245,17 +312,19 @@ class DashboardServer:
         return f"http://{host}:{port}/"
 
     def start(self) -> DashboardServer:
-        self.drainer.start()
+        if self.drainer is not None:
+            self.drainer.start()
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-        self.drainer.stop()
-        from streaming.readapi.handler import configure
+        if self.drainer is not None:
+            self.drainer.stop()
+            from streaming.readapi.handler import configure
 
-        configure(None)
+            configure(None)
 
     def __enter__(self) -> DashboardServer:
         return self.start()
@@ -264,12 +333,41 @@ class DashboardServer:
         self.stop()
 
 
-def serve(state_dir: Path, *, host: str = HOST, port: int = 8050, echo: Callable[[str], None] = print) -> None:
-    """`citypulse dashboard`: serve the live dashboard until Ctrl-C (the platform must be up)."""
-    info = require_running(state_dir)
+def remote_api(api_url: str) -> RemoteApi:
+    """The deployed read API at `api_url`, called with this machine's AWS credentials (the
+    usual chain: environment, profile, SSO) in the URL's region (`<id>.execute-api.<region>.…`)."""
+    import boto3
+
+    session = boto3.Session()
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise SystemExit("no AWS credentials: sign in (e.g. as the operator role) to call the deployed read API")
+    host = urlsplit(api_url).hostname or ""
+    labels = host.split(".")
+    region = labels[2] if len(labels) > 3 and labels[1] == "execute-api" else session.region_name
+    if not region:
+        raise SystemExit(f"cannot tell the region of {api_url}; set AWS_REGION")
+    return RemoteApi(api_url, credentials, region)
+
+
+def serve(
+    state_dir: Path,
+    *,
+    host: str = HOST,
+    port: int = 8050,
+    api_url: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """`citypulse dashboard`: serve the live dashboard until Ctrl-C, over the local platform
+    (which must be up) or, with `api_url`, over the deployed read API."""
     ensure_assets(echo)
-    server = DashboardServer(info.env, host, port).start()
-    echo(f"citypulse dashboard on {server.url} (API under {server.url}api/ ; Ctrl-C to stop)")
+    if api_url:
+        server = DashboardServer(None, host, port, remote=remote_api(api_url)).start()
+        echo(f"citypulse dashboard on {server.url} over {api_url} (Ctrl-C to stop)")
+    else:
+        info = require_running(state_dir)
+        server = DashboardServer(info.env, host, port).start()
+        echo(f"citypulse dashboard on {server.url} (API under {server.url}api/ ; Ctrl-C to stop)")
     stop = threading.Event()
     try:
         stop.wait()

@@ -9,8 +9,8 @@ Afterwards a partition of `raw/readings/` or `quarantine/` holds one object per
 rows as they were: raw duplicates stay, and the warehouse load drops and counts them alike
 before and after.
 
-Nothing lost, nothing doubled, wherever a run stops. A run is a *generation*, named after its
-inputs, with a manifest outside every table location (`compaction/<partition>/<generation>.json`):
+Nothing lost, nothing doubled, wherever a run stops. A run is a *generation* (a random name),
+with a manifest outside every table location (`compaction/<partition>/<generation>.json`):
 
 1. the manifest is written, `writing`, with the inputs and the parts to come;
 2. each part is written to local disk, its rows checked against its inputs' footers, uploaded;
@@ -22,12 +22,16 @@ Every run first settles what a stopped one left: a `writing` generation's parts 
 run (late readings) are not its inputs and wait for the next run of their hour. One run a
 partition at a time: the hourly DAG runs one interval at a time (`max_active_runs=1`).
 Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; the
-warehouse load does not run then (the DAG orders them) and would drop them as duplicates.
+hourly load settles the partition before it reads (a rerun of the hour after a stopped
+compaction), and would drop them as duplicates anyway. A batch the processor writes again
+after its object was compacted (a Kinesis retry long after the first delivery) lands beside
+the part and is gathered by the next run: raw duplicates in the lake, as a bisected retry
+leaves, which the load drops and counts.
 """
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -104,6 +108,11 @@ def _groups(objects: Sequence[tuple[str, int]], target_bytes: int) -> list[list[
     return [g for g in groups if g]
 
 
+def _same_schema(fragment: Any, first: Any) -> None:
+    if not fragment.physical_schema.equals(first.physical_schema):
+        raise CompactionError(f"s3://{fragment.path} differs in schema from s3://{first.path}")
+
+
 def _write_part(
     lake: Lake, filesystem: Any, inputs: Sequence[tuple[str, int]], key: str, path: Path
 ) -> tuple[int, int]:
@@ -122,20 +131,26 @@ def _write_part(
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         pending: list[Any] = []
         held = 0
-        for tagged in dataset.scanner().scan_batches():
-            fragment = tagged.fragment
-            if fragment.path not in checked:  # its footer, read by the scan
-                # Arrow casts an input of another schema to the first's, filling a missing
-                # column with nulls: a partition of mixed schemas is left alone.
-                if not fragment.physical_schema.equals(schema):
-                    raise CompactionError(f"s3://{fragment.path} differs in schema from s3://{fragments[0].path}")
-                checked.add(fragment.path)
-                expected += fragment.metadata.num_rows
-            pending.append(tagged.record_batch)
-            held += tagged.record_batch.num_rows
-            if held >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=held)
-                rows, pending, held = rows + held, [], 0
+        try:
+            for tagged in dataset.scanner().scan_batches():
+                fragment = tagged.fragment
+                if fragment.path not in checked:  # its footer, read by the scan
+                    # Arrow casts an input of another schema to the first's, filling a missing
+                    # column with nulls: a partition of mixed schemas is left alone.
+                    _same_schema(fragment, fragments[0])
+                    checked.add(fragment.path)
+                    expected += fragment.metadata.num_rows
+                pending.append(tagged.record_batch)
+                held += tagged.record_batch.num_rows
+                if held >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=held)
+                    rows, pending, held = rows + held, [], 0
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            # ... and fails on values it cannot cast (a column's type changed): the same verdict,
+            # if a schema differs; anything else (a damaged object, say) is raised as it is.
+            for fragment in fragments:
+                _same_schema(fragment, fragments[0])
+            raise
         if pending:
             writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=held)
             rows += held
@@ -158,7 +173,9 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     if len(inputs) < 2:
         return summary
     keys = [key for key, _ in inputs]
-    generation = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    # A new name every run: the same inputs seen again (every one re-landed) must not rewrite,
+    # or on a stop delete, the parts that already hold them.
+    generation = secrets.token_hex(8)
     groups = _groups(inputs, target_bytes)
     parts = [f"{prefix}{COMPACTED}{generation}-{n:05d}-of-{len(groups):05d}.parquet" for n in range(len(groups))]
     manifest = f"{manifest_prefix(prefix)}{generation}.json"

@@ -110,7 +110,17 @@ def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, A
 
 def load(interval: Interval) -> dict[str, Any]:
     """Load the interval into warehouse raw (one transaction, idempotent)."""
-    return warehouse().load(interval, lake()).to_json()
+    return load_settled(warehouse(), interval, lake()).to_json()
+
+
+def load_settled(engine: Any, interval: Interval, the_lake: Lake) -> Any:
+    """`engine.load` of the interval, once any compaction of its partitions that stopped (a
+    rerun of the hour) is settled: the load never reads a part beside its own inputs."""
+    from citypulse_batch.compaction import settle
+
+    for prefix in readings_prefixes(interval) + quarantine_prefixes(interval):
+        settle(the_lake, prefix)
+    return engine.load(interval, the_lake)
 
 
 def compact(interval: Interval) -> dict[str, Any]:

@@ -73,10 +73,15 @@ def test_report_names_the_first_step_that_did_not_succeed() -> None:
     dbt = {"success": True, "models_passed": 6, "models_failed": 0, "tests_passed": 17, "tests_failed": 0}
     gx_ok = {"success": True, "evaluated": 5, "passed": 5}
     recon_ok = {"success": True, "evaluated": 18, "passed": 18}
-    steps = {"load": load, "dbt": dbt, "expectations": gx_ok, "reconciliation": recon_ok}
+    compacted = {"objects_before": 3, "objects_after": 2, "rows_rewritten": 62, "skipped": [], "partitions": []}
+    steps = {"load": load, "dbt": dbt, "expectations": gx_ok, "reconciliation": recon_ok, "compaction": compacted}
     ok = build_report(interval, "d", "r", steps)
     assert (ok["status"], ok["failed_step"], ok["rows_loaded"], ok["expectations_passed"]) == ("succeeded", None, 60, 5)
     assert ok["reconciliation_passed"] == 18
+    assert (ok["lake_objects_before_compaction"], ok["lake_objects_after_compaction"]) == (3, 2)
+    # A compaction that never reported (its task failed) is named, after the steps before it.
+    not_compacted = build_report(interval, "d", "r", {**steps, "compaction": None})
+    assert (not_compacted["status"], not_compacted["failed_step"]) == ("failed", "compaction")
     gx_failed = build_report(
         interval, "d", "r", {**steps, "expectations": {"success": False, "evaluated": 5, "passed": 4}}
     )
@@ -86,6 +91,9 @@ def test_report_names_the_first_step_that_did_not_succeed() -> None:
     )
     assert (recon_failed["status"], recon_failed["failed_step"]) == ("failed", "reconciliation")
     never_loaded = build_report(
-        interval, "d", "r", {"load": None, "dbt": None, "expectations": None, "reconciliation": None}
+        interval,
+        "d",
+        "r",
+        {"load": None, "dbt": None, "expectations": None, "reconciliation": None, "compaction": None},
     )
     assert (never_loaded["failed_step"], never_loaded["rows_loaded"]) == ("load", None)

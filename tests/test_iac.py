@@ -515,3 +515,24 @@ def test_the_read_api_and_alert_store_functions_get_what_their_code_reads_and_ca
     operator = grants("OperatorRole")
     assert operator["execute-api:Invoke"]
     assert resources["ReadApiProxyMethod"]["Properties"]["AuthorizationType"] == "AWS_IAM"
+
+
+def test_the_redrive_role_may_do_what_the_processor_does_and_work_its_queue() -> None:
+    # The redrive runs the processor's code from a person's session: every data grant the
+    # processor has (not its logs or network interfaces), and the on-failure queue's messages.
+    from infra.local.provision import load_template
+
+    resources = load_template(MAIN_TEMPLATE)["Resources"]
+
+    def statements(role: str) -> dict[str, dict[str, Any]]:
+        (policy,) = resources[role]["Properties"]["Policies"]
+        return {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"] if isinstance(s, dict) and "Sid" in s}
+
+    processor, redrive = statements("ProcessorRole"), statements("RedriveRole")
+    for sid in ("ReadTelemetryStream", "UseDataKey", "WriteState", "WriteLake", "ReadRegistry", "PublishAlerts"):
+        assert redrive[sid] == processor[sid], sid
+    queue = redrive["WorkTheOnFailureQueue"]
+    assert queue["Resource"] == processor["OnFailureDestination"]["Resource"]
+    assert {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"} <= set(queue["Action"])
+    trust = resources["RedriveRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
+    assert trust["Condition"] == {"Bool": {"aws:MultiFactorAuthPresent": "true"}}

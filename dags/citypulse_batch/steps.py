@@ -125,9 +125,9 @@ def load_settled(engine: Any, interval: Interval, the_lake: Lake) -> Any:
 
 def compact(interval: Interval) -> dict[str, Any]:
     """Gather the interval's lake partitions (readings and quarantine) into a few large objects."""
-    from citypulse_batch.compaction import compact
+    from citypulse_batch import compaction
 
-    return compact(lake(), readings_prefixes(interval) + quarantine_prefixes(interval))
+    return compaction.compact(lake(), readings_prefixes(interval) + quarantine_prefixes(interval))
 
 
 def build(interval: Interval) -> dict[str, Any]:

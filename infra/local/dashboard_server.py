@@ -137,8 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, status: int, code: str, message: str) -> None:
-        body = orjson.dumps({"error": {"status": status, "code": code, "message": message}})
-        self._send(status, body, "application/json")
+        self._send(*_error_body(status, code, message))
 
     def do_GET(self) -> None:
         if len(self.path) > MAX_URL_CHARS:

@@ -432,6 +432,16 @@ def test_metric_math_alarms_count_a_period_without_data_as_zero() -> None:
             assert f"FILL({metric['Id']}, 0)" in expression, (lid, metric["Id"], expression)
 
 
+def _statements(resources: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    """A role's inline policy statements (those under a condition's `!If` left out)."""
+    return [
+        statement
+        for policy in resources[role]["Properties"]["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+        if "Effect" in statement
+    ]
+
+
 def test_the_airflow_tasks_may_write_every_lake_prefix_the_batch_steps_write() -> None:
     # The hourly and daily tasks write reports, GX results, compacted parts and their manifests,
     # docs; compaction and retention delete raw objects. A prefix missing here is an AccessDenied
@@ -439,9 +449,10 @@ def test_the_airflow_tasks_may_write_every_lake_prefix_the_batch_steps_write() -
     from citypulse_batch import lake
     from infra.local.provision import load_template
 
-    role = load_template(MAIN_TEMPLATE)["Resources"]["MwaaExecutionRole"]["Properties"]
-    (tasks,) = [p["PolicyDocument"] for p in role["Policies"] if p["PolicyName"] == "citypulse-tasks"]
-    (statement,) = [s for s in tasks["Statement"] if s["Sid"] == "ReadCompactAndRetireLake"]
+    resources = load_template(MAIN_TEMPLATE)["Resources"]
+    (statement,) = [
+        s for s in _statements(resources, "MwaaExecutionRole") if s.get("Sid") == "ReadCompactAndRetireLake"
+    ]
     granted = {resource["Fn::Sub"] for resource in statement["Resource"]}
     assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= set(statement["Action"])
     prefixes = [
@@ -490,11 +501,10 @@ def test_the_read_api_and_alert_store_functions_get_what_their_code_reads_and_ca
 
     def grants(role: str) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}
-        for policy in resources[role]["Properties"]["Policies"]:
-            for statement in policy["PolicyDocument"]["Statement"]:
-                targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-                for action in [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]:
-                    out.setdefault(action, set()).update(json.dumps(t, sort_keys=True) for t in targets)
+        for statement in _statements(resources, role):
+            targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            for action in [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]:
+                out.setdefault(action, set()).update(json.dumps(t, sort_keys=True) for t in targets)
         return out
 
     def table(lid: str) -> str:
@@ -524,11 +534,9 @@ def test_the_redrive_role_may_do_what_the_processor_does_and_work_its_queue() ->
 
     resources = load_template(MAIN_TEMPLATE)["Resources"]
 
-    def statements(role: str) -> dict[str, dict[str, Any]]:
-        (policy,) = resources[role]["Properties"]["Policies"]
-        return {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"] if isinstance(s, dict) and "Sid" in s}
-
-    processor, redrive = statements("ProcessorRole"), statements("RedriveRole")
+    processor, redrive = (
+        {s["Sid"]: s for s in _statements(resources, role)} for role in ("ProcessorRole", "RedriveRole")
+    )
     for sid in ("ReadTelemetryStream", "UseDataKey", "WriteState", "WriteLake", "ReadRegistry", "PublishAlerts"):
         assert redrive[sid] == processor[sid], sid
     queue = redrive["WorkTheOnFailureQueue"]

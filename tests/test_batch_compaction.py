@@ -216,7 +216,12 @@ def test_a_run_that_dies_after_its_commit_is_finished_by_the_next(fixture_lake: 
 
 
 @pytest.mark.parametrize("change", ["a column left out", "a column of another type"])
-def test_a_partition_of_mixed_schemas_is_left_alone(fixture_lake: FixtureLake, partition: str, change: str) -> None:
+@pytest.mark.parametrize("target_bytes", [compaction.TARGET_BYTES, 1], ids=["one part", "a part an object"])
+def test_a_partition_of_mixed_schemas_is_left_alone(
+    fixture_lake: FixtureLake, partition: str, change: str, target_bytes: int
+) -> None:
+    """Left whole whether the odd object shares a part with the others or is a part of its own
+    (then the parts already written are undone)."""
     lake = _lake(fixture_lake.bucket)
     schema = lake_arrow_schema()
     sensor = fixture_lake.city.sensors[0]
@@ -232,7 +237,7 @@ def test_a_partition_of_mixed_schemas_is_left_alone(fixture_lake: FixtureLake, p
     objects = lake.list_objects(partition)
 
     with pytest.raises(CompactionError, match="differs in schema"):
-        compact_partition(lake, partition)
+        compact_partition(lake, partition, target_bytes)
     assert lake.list_objects(partition) == objects
     assert lake.list_keys(manifest_prefix(partition)) == []
 
@@ -241,12 +246,13 @@ def test_a_partition_of_mixed_schemas_is_left_alone(fixture_lake: FixtureLake, p
     put_parquet(
         lake.client, lake.bucket, f"{quarantine}part-1.parquet", fixture_lake.quarantine[:1], quarantine_arrow_schema()
     )
-    summary = compact(lake, [partition, quarantine])
+    summary = compact(lake, [partition, quarantine], target_bytes)
 
     assert summary["skipped"] == [partition]
     assert "differs in schema" in summary["partitions"][0]["skipped"]
     assert lake.list_objects(partition) == objects
-    assert (summary["partitions"][1]["objects_before"], summary["partitions"][1]["objects_after"]) == (2, 1)
+    parts = 1 if target_bytes == compaction.TARGET_BYTES else 2
+    assert (summary["partitions"][1]["objects_before"], summary["partitions"][1]["objects_after"]) == (2, parts)
 
 
 @given(

@@ -114,9 +114,11 @@ def _same_schema(fragment: Any, first: Any) -> None:
 
 
 def _write_part(
-    lake: Lake, filesystem: Any, inputs: Sequence[tuple[str, int]], key: str, path: Path
-) -> tuple[int, int]:
-    """One part from `inputs` (key, size), written at `path` then uploaded to `key`: (rows, bytes)."""
+    lake: Lake, filesystem: Any, inputs: Sequence[tuple[str, int]], key: str, path: Path, reference: Any = None
+) -> tuple[int, int, Any]:
+    """One part from `inputs` (key, size), written at `path` then uploaded to `key`: (rows, bytes,
+    the fragment every input's schema was held to). `reference`: the partition's first input,
+    as an earlier part of the same run returned it; else this part's first."""
     import pyarrow as pa
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -124,7 +126,8 @@ def _write_part(
     parquet = ds.ParquetFileFormat()
     # Sizes from the listing: Arrow asks S3 for none (a request an object, one after another).
     fragments = [parquet.make_fragment(f"{lake.bucket}/{k}", filesystem, file_size=size) for k, size in inputs]
-    schema = fragments[0].physical_schema
+    first = reference if reference is not None else fragments[0]
+    schema = first.physical_schema
     dataset = ds.FileSystemDataset(fragments, schema, parquet, filesystem)
     checked: set[str] = set()
     expected = rows = 0
@@ -137,7 +140,7 @@ def _write_part(
                 if fragment.path not in checked:  # its footer, read by the scan
                     # Arrow casts an input of another schema to the first's, filling a missing
                     # column with nulls: a partition of mixed schemas is left alone.
-                    _same_schema(fragment, fragments[0])
+                    _same_schema(fragment, first)
                     checked.add(fragment.path)
                     expected += fragment.metadata.num_rows
                 pending.append(tagged.record_batch)
@@ -149,7 +152,7 @@ def _write_part(
             # ... and fails on values it cannot cast (a column's type changed): the same verdict,
             # if a schema differs; anything else (a damaged object, say) is raised as it is.
             for fragment in fragments:
-                _same_schema(fragment, fragments[0])
+                _same_schema(fragment, first)
             raise
         if pending:
             writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=held)
@@ -160,7 +163,7 @@ def _write_part(
         )
     # Uploaded only once whole: boto3's transfer aborts a failed multipart upload.
     lake.client.upload_file(str(path), lake.bucket, key)
-    return rows, path.stat().st_size
+    return rows, path.stat().st_size, first
 
 
 def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES) -> PartitionCompaction:
@@ -184,8 +187,10 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     written = 0
     try:
         with tempfile.TemporaryDirectory(prefix="citypulse-compaction-") as work:
+            reference = None  # every part's inputs are held to the partition's first schema
             for group, part in zip(groups, parts, strict=True):
-                rows, size = _write_part(lake, filesystem, group, part, Path(work) / "part.parquet")
+                local = Path(work) / "part.parquet"
+                rows, size, reference = _write_part(lake, filesystem, group, part, local, reference)
                 summary.rows_rewritten += rows
                 written += size
     except BaseException:

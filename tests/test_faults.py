@@ -1,5 +1,5 @@
 """The fault-injecting proxy (infra/local/faults.py) and the processor's retry and concurrency
-helpers (`_retry`, unprocessed batch items, `run_all`).
+helpers (`retry`, unprocessed batch items, `run_all`).
 
 Plans are deterministic; the injected errors are the ones each service really sends, so that
 botocore classifies and retries them as it would in AWS (checked against ministack through the
@@ -22,7 +22,8 @@ from botocore.stub import Stubber
 
 from infra.local.emulators import Emulator
 from infra.local.faults import FaultPlan, FaultRule, serve, stats
-from streaming.processor.store import StateStore, StoreError, _retry, run_all
+from streaming.processor.store import StateStore, run_all
+from streaming.unprocessed import StoreError, retry
 
 ALL_KINDS = ("throttle", "500", "503")
 
@@ -46,10 +47,10 @@ def test_a_plan_gives_the_same_faults_for_the_same_seed_and_scenario() -> None:
 
 def test_the_store_retry_backs_off_then_gives_up_loudly() -> None:
     answers = iter([None, None, "done"])
-    assert _retry(lambda: next(answers), "BatchWriteItem t") == "done"
+    assert retry(lambda: next(answers), "BatchWriteItem t") == "done"
     calls: list[int] = []
     with pytest.raises(StoreError, match="BatchWriteItem t: still unprocessed after 3 attempts"):
-        _retry(lambda: calls.append(1), "BatchWriteItem t", attempts=3)
+        retry(lambda: calls.append(1), "BatchWriteItem t", attempts=3)
     assert len(calls) == 3
 
 

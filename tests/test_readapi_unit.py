@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import pairwise
+
+import orjson
 import pytest
 
+from infra.local.dashboard_server import local_api
 from streaming.contract import parse_ts_ms
 from streaming.processor.state import SensorState, ZoneState
 from streaming.readapi.alerts import MemoryAlertLog, alert_from_event
-from streaming.readapi.handler import check_query
+from streaming.readapi.handler import Deps, check_query, configure
 from streaming.readapi.params import ApiError, decode_cursor, encode_cursor, parse_time
+from streaming.readapi.sources import Registry
 from streaming.readapi.views import (
     LiveZone,
     MinuteRow,
@@ -19,6 +25,7 @@ from streaming.readapi.views import (
     zone_view,
 )
 from streaming.registry import generate_city
+from streaming.unprocessed import StoreError
 
 
 def test_times_parse_from_iso_with_offset_or_epoch_ms() -> None:
@@ -166,3 +173,87 @@ def test_a_sensor_stuck_alert_is_logged_at_its_receive_time() -> None:
     assert alert is not None and alert.sensor_id == "S-000001" and alert.zone_id == "Z-000"
     assert alert.at_ms == parse_time("at", "2026-11-23T18:09:01.500Z")
     assert alert.to_json()["state"] == "raised"
+
+
+class _Source:
+    """The live source at the unit boundary: the registry, no zone state, empty minutes
+    (tests/test_dashboard.py runs the real one over the local platform)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.windows: list[tuple[int, int]] = []
+
+    def registry(self) -> Registry:
+        return Registry.build(CITY.zones, {s.sensor_id: s for s in CITY.sensors})
+
+    def zone_states(self) -> dict[str, LiveZone]:
+        if self.error is not None:
+            raise self.error
+        return {}
+
+    def minute_rows(self, zone_id: str, first: int, last: int) -> list[MinuteRow]:
+        self.windows.append((first, last))
+        return []
+
+
+def _get(path: str) -> tuple[int, dict]:
+    status, body, _ = local_api(path, {})
+    return status, orjson.loads(body)
+
+
+@pytest.fixture
+def clock() -> Iterator[list[int]]:
+    """The read API over `_Source` and an alert log, at a time the test moves."""
+    now = [parse_ts_ms("2026-11-23T18:05:59.000Z")]
+    log = MemoryAlertLog()
+    for i in range(5):
+        detail = {
+            "event_id": f"CongestionDetected/Z-{i}/x",
+            "zone_id": CITY.zones[0].zone_id,
+            "minute": f"2026-11-23T18:0{i}:00.000Z",
+        }
+        log.add(alert_from_event({"detail-type": "CongestionDetected", "detail": detail}))
+    configure(Deps(_Source(), log, lambda: now[0]))
+    yield now
+    configure(None)
+
+
+def test_alert_pages_with_the_default_since_follow_their_cursor_as_time_passes(clock: list[int]) -> None:
+    status, first = _get("/api/alerts?limit=2")
+    clock[0] += 5_000
+    pages = [first]
+    while pages[-1]["next_cursor"]:
+        status, page = _get(f"/api/alerts?limit=2&cursor={pages[-1]['next_cursor']}")
+        assert status == 200, page
+        pages.append(page)
+    ids = [a["event_id"] for p in pages for a in p["items"]]
+    assert ids == [f"CongestionDetected/Z-{i}/x" for i in (4, 3, 2, 1, 0)]
+    # The cursor still belongs to its query: another filter is refused.
+    status, other = _get(f"/api/alerts?limit=2&type=SensorStuck&cursor={first['next_cursor']}")
+    assert (status, other["error"]["code"]) == (400, "invalid_parameter")
+
+
+def test_metric_pages_with_the_default_range_follow_their_cursor_across_a_minute(clock: list[int]) -> None:
+    zone = CITY.zones[0].zone_id
+    status, first = _get(f"/api/zones/{zone}/metrics?limit=100")
+    assert status == 200, first
+    clock[0] += 2_000  # the next minute: the default range's end moved, the pages must not
+    pages = [first]
+    while pages[-1]["next_cursor"]:
+        status, page = _get(f"/api/zones/{zone}/metrics?limit=100&cursor={pages[-1]['next_cursor']}")
+        assert status == 200, page
+        pages.append(page)
+    windows = [(p["window"]["from"], p["window"]["to"]) for p in pages]
+    assert windows[0][0] == "2026-11-23T15:06:00.000Z" and windows[-1][1] == "2026-11-23T18:07:00.000Z"
+    assert all(a[1] == b[0] for a, b in pairwise(windows)) and len(windows) == 2
+
+
+def test_a_store_that_stays_throttled_is_a_503_not_a_500() -> None:
+    configure(
+        Deps(_Source(StoreError("BatchGetItem state: still unprocessed after 8 attempts")), MemoryAlertLog(), lambda: 0)
+    )
+    try:
+        status, body = _get("/api/overview")
+    finally:
+        configure(None)
+    assert (status, body["error"]["code"]) == (503, "store_unavailable")

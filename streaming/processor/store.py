@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from botocore.config import Config
 from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
 from streaming.processor.core import HOUR_MS, MINUTE_MS, Alert, LakeColumns, QuarantineColumns
 from streaming.processor.state import MinuteAggregate, ShardCounters, ZoneState
+from streaming.unprocessed import retry, until_processed
 
 # Live zone-minute metrics are for dashboards and alerts; the lake and warehouse keep history.
 METRICS_TTL_S = 7 * 24 * 3600
@@ -60,24 +59,6 @@ def client_config(env: Mapping[str, str] = os.environ) -> Config:
         max_pool_connections=32,
         parameter_validation=False,
     )
-
-
-class StoreError(RuntimeError):
-    """A write that still failed after its retries; the batch must be retried as a whole."""
-
-
-def _retry(call: Callable[[], _T], what: str, attempts: int = 8) -> _T:
-    """Retry `call` with capped exponential back-off and full jitter. botocore already
-    retries throttling per request; this covers the unprocessed items of batch calls."""
-    delay = 0.05
-    for attempt in range(attempts):
-        result = call()
-        if result is not None:
-            return result
-        if attempt < attempts - 1:
-            time.sleep(random.uniform(0, delay))  # back-off between retries, not synchronisation
-            delay = min(delay * 2, 2.0)
-    raise StoreError(f"{what}: still unprocessed after {attempts} attempts")
 
 
 def run_all(calls: Sequence[Callable[[], _T]], pool: Executor) -> list[_T]:
@@ -151,24 +132,7 @@ class StateStore:
         return [item for items in run_all(calls, self._pool) for item in items]
 
     def _until_processed(self, operation: str, table: str, request: Any) -> list[dict[str, Any]]:
-        """One BatchGetItem or BatchWriteItem request for `table`, sent again with what each answer
-        leaves unprocessed until nothing is (`_retry`); the items it read."""
-        send = getattr(self.dynamodb, operation)
-        items: list[dict[str, Any]] = []
-        pending: dict[str, Any] = {table: request}
-
-        def call() -> bool | None:
-            resp = send(RequestItems=pending)
-            items.extend(resp.get("Responses", {}).get(table, []))
-            left = resp.get("UnprocessedKeys") or resp.get("UnprocessedItems") or {}
-            if not left:
-                return True
-            pending.clear()
-            pending.update(left)
-            return None
-
-        _retry(call, f"{self.dynamodb.meta.method_to_api_mapping[operation]} {table}")
-        return items
+        return until_processed(self.dynamodb, operation, table, request)
 
     def load_zones(
         self, zone_ids: Iterable[str], minute_keys: Iterable[tuple[str, int]]
@@ -404,4 +368,4 @@ class AlertPublisher:
                 pending = [e for e, r in zip(pending, resp["Entries"], strict=True) if r.get("ErrorCode")]
                 return None
 
-            _retry(call, "PutEvents")
+            retry(call, "PutEvents")

@@ -57,6 +57,7 @@ from streaming.readapi.views import (
     zone_half_extent,
     zone_view,
 )
+from streaming.unprocessed import StoreError
 
 logger = Logger(service="citypulse-readapi")
 app = APIGatewayRestResolver(enable_validation=True)
@@ -145,7 +146,7 @@ def _validation_error(exc: RequestValidationError) -> Response:
     return _json_error(err)
 
 
-@app.exception_handler((ClientError, BotoCoreError))
+@app.exception_handler([ClientError, BotoCoreError, StoreError])  # a list: a tuple registers nothing
 def _store_error(exc: Exception) -> Response:
     logger.exception("live store unavailable")
     return _json_error(ApiError(503, "store_unavailable", "the live store did not answer; retry shortly"))
@@ -271,15 +272,19 @@ def get_zone_metrics(
             f"for step={step}: narrow it or use a larger step",
             "range_too_large",
         )
-    query = {"zone": zone_id, "from": first, "to": end, "step": step, "limit": limit}
+    # The query as the client sent it; the window the first page resolved travels in the cursor,
+    # so a default range ("until now") stays the first page's on every later one.
+    query = {"zone": zone_id, "from": from_, "to": to, "step": step, "limit": limit}
     if cursor is not None:
-        first = position_int(decode_cursor(cursor, "metrics", query), 0, first, end - 1)
+        position = decode_cursor(cursor, "metrics", query)
+        end = position_int(position, 1)
+        first = position_int(position, 0, max(0, end - MAX_RANGE_MINUTES[step]), end - 1)
     page_end = min(end, first + limit * step)
     rows = deps().source.minute_rows(zone_id, first, page_end - 1)
     more = page_end < end
     return _page(
         aggregate_minutes(rows, step),
-        encode_cursor("metrics", query, [page_end]) if more else None,
+        encode_cursor("metrics", query, [page_end, end]) if more else None,
         zone_id=zone_id,
         step_minutes=step,
         window={"from": format_ts(first * MINUTE_MS), "to": format_ts(page_end * MINUTE_MS)},
@@ -348,12 +353,17 @@ def list_alerts(
         raise bad("since", f"{format_ts(since_ms)} is in the future")
     if zone_id is not None:
         _zone_or_404(zone_id)
-    query = {"since": since_ms, "type": type_, "zone_id": zone_id}
-    before = position_str(decode_cursor(cursor, "alerts", query)) if cursor is not None else None
+    # As sent; the resolved `since` (a default one is "24 h before the first page") travels in the cursor.
+    query = {"since": since, "type": type_, "zone_id": zone_id}
+    before = None
+    if cursor is not None:
+        position = decode_cursor(cursor, "alerts", query)
+        before, since_ms = position_str(position), position_int(position, 1)
     alerts, next_key = d.alerts.page(
         since_ms=since_ms, before_key=before, limit=limit, detail_type=type_, zone_id=zone_id
     )
-    return _page([a.to_json() for a in alerts], encode_cursor("alerts", query, [next_key]) if next_key else None)
+    next_cursor = encode_cursor("alerts", query, [next_key, since_ms]) if next_key else None
+    return _page([a.to_json() for a in alerts], next_cursor)
 
 
 @app.get("/ingestion")

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from streaming.processor.state import ZoneState
 from streaming.readapi.views import LiveZone, MinuteRow, parse_zones
 from streaming.registry import Sensor, Zone, load_registry
+from streaming.unprocessed import until_processed
 
 _T = TypeVar("_T")
 
@@ -115,23 +116,15 @@ class LiveSource:
         keys = [{"pk": {"S": f"zone#{z.zone_id}"}, "sk": {"S": "state"}} for z in self.registry().zones]
         out: dict[str, LiveZone] = {}
         for start in range(0, len(keys), 100):
-            pending: dict[str, Any] = {
-                self.processor_table: {
-                    "Keys": keys[start : start + 100],
-                    "ProjectionExpression": "#s, updated_at",
-                    "ExpressionAttributeNames": {"#s": "state"},
-                }
+            request = {
+                "Keys": keys[start : start + 100],
+                "ProjectionExpression": "#s, updated_at",
+                "ExpressionAttributeNames": {"#s": "state"},
             }
-            for _ in range(10):
-                resp = self.dynamodb.batch_get_item(RequestItems=pending)
-                for item in resp.get("Responses", {}).get(self.processor_table, []):
-                    state = ZoneState.from_bytes(item["state"]["B"])
-                    out[state.zone_id] = LiveZone(state, int(item.get("updated_at", {}).get("N", "0")))
-                pending = resp.get("UnprocessedKeys") or {}
-                if not pending:
-                    break
-            else:
-                raise RuntimeError(f"BatchGetItem {self.processor_table}: keys still unprocessed after 10 attempts")
+            # Unprocessed keys (throttling) are asked again with back-off; StoreError if they stay.
+            for item in until_processed(self.dynamodb, "batch_get_item", self.processor_table, request):
+                state = ZoneState.from_bytes(item["state"]["B"])
+                out[state.zone_id] = LiveZone(state, int(item.get("updated_at", {}).get("N", "0")))
         return out
 
     # -- zone-minute metrics ----------------------------------------------------------------

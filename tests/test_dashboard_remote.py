@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from botocore.auth import SigV4Auth
@@ -54,9 +55,13 @@ class _ApiGatewayStandIn(BaseHTTPRequestHandler):
         if (access_key, region, service, terminal) != (CALLER.access_key, REGION, "execute-api", "aws4_request"):
             return f"credential scope {credential}"
         names = signed.split(";")
+        # As API Gateway does: the query's names and values decoded, then encoded as SigV4 says
+        # (botocore encodes `params` so); the path as it came.
+        path, _, query = self.path.partition("?")
         received = AWSRequest(
             method="GET",
-            url=f"http://{self.headers['Host']}{self.path}",
+            url=f"http://{self.headers['Host']}{path}",
+            params=parse_qsl(query, keep_blank_values=True),
             headers={name: self.headers[name] for name in names},
         )
         received.context["timestamp"] = self.headers["X-Amz-Date"]
@@ -100,6 +105,16 @@ def test_api_requests_reach_the_deployed_api_signed_path_and_query_intact(api_ga
 
     assert status == 200, body
     assert body == {"path": "/api/zones?limit=5&cursor=a%2Fb%3D&state=congested"}
+
+
+def test_a_query_as_a_browser_writes_it_is_signed_as_api_gateway_checks_it(api_gateway: ThreadingHTTPServer) -> None:
+    """A raw `:` (a timestamp), a lower-case escape and a `+`: signed verbatim, each would be
+    refused; encoded again, the API receives the same values."""
+    with _dashboard(api_gateway) as dashboard:
+        status, body, _ = _get(dashboard.url + "api/alerts?since=2026-11-23T18:05:00Z&cursor=a%2fb&type=a+b")
+
+    assert status == 200, body
+    assert body == {"path": "/api/alerts?since=2026-11-23T18%3A05%3A00Z&cursor=a%2Fb&type=a%20b"}
 
 
 def test_the_apis_refusal_is_passed_on_as_it_came(api_gateway: ThreadingHTTPServer) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import orjson
 
@@ -210,15 +210,24 @@ class RemoteApi:
     timeout_s: float = 15.0
 
     def url_for(self, raw_path: str) -> str:
+        """The deployed API's URL of a `/api/...` request, its query encoded again: botocore
+        signs a URL's query verbatim, and API Gateway checks each name and value encoded as
+        SigV4 says (RFC 3986, upper-case escapes), so a raw `:` or a `%2f` signed as the browser
+        wrote it would be refused. ValueError beyond `MAX_QUERY_FIELDS` parameters."""
         parts = urlsplit(raw_path)
-        path = parts.path.removeprefix(API_PREFIX) or "/"
-        return self.base_url.rstrip("/") + path + (f"?{parts.query}" if parts.query else "")
+        url = self.base_url.rstrip("/") + (parts.path.removeprefix(API_PREFIX) or "/")
+        params = parse_qsl(parts.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+        return url + ("?" + urlencode(params, quote_via=quote, safe="-_.~") if params else "")
 
     def __call__(self, raw_path: str, headers: dict[str, str]) -> ApiResponse:
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        request = AWSRequest(method="GET", url=self.url_for(raw_path), headers={"Accept": "application/json"})
+        try:
+            url = self.url_for(raw_path)
+        except ValueError:  # parse_qsl's max_num_fields
+            return _error_body(400, "too_many_parameters", f"the query has over {MAX_QUERY_FIELDS} parameters")
+        request = AWSRequest(method="GET", url=url, headers={"Accept": "application/json"})
         SigV4Auth(self.credentials.get_frozen_credentials(), "execute-api", self.region).add_auth(request)
         prepared = request.prepare()
         outgoing = urllib.request.Request(prepared.url, headers=dict(prepared.headers.items()), method="GET")

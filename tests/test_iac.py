@@ -518,7 +518,9 @@ def test_the_read_api_and_alert_store_functions_get_what_their_code_reads_and_ca
     assert not {
         a for a in reads if a.startswith("dynamodb:") and not a.startswith(("dynamodb:BatchGet", "dynamodb:Query"))
     }
-    assert ".put_item(" in source["alerts.py"] and table("AlertsTable") in grants("AlertStoreRole")["dynamodb:PutItem"]
+    # The store writes an alert and its id's marker in one transaction of two Puts: PutItem each.
+    assert ".transact_write_items(" in source["alerts.py"] and '{"Put": {"TableName": table' in source["alerts.py"]
+    assert table("AlertsTable") in grants("AlertStoreRole")["dynamodb:PutItem"]
     # The alert rule feeds the store, and the operators may call the API.
     targets = {t["Id"]: t for t in resources["AlertRule"]["Properties"]["Targets"]}
     assert targets["alert-log"]["Arn"] == {"Fn::GetAtt": ["AlertStoreFunction", "Arn"]}

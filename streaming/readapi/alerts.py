@@ -6,7 +6,10 @@ reader), so the API reads a log instead:
 
 * in AWS the alert rule gets one more target, `store_alert_handler` (a small Lambda), which
   writes each alert into a DynamoDB **alerts table** (`pk="feed"`, `sk=<alert time>#<event id>`,
-  TTL 7 days). Alert ids are deterministic, so a redelivered event overwrites its own item.
+  TTL 7 days). Alert ids are deterministic, and a copy may carry a later time (a silence
+  announced again, a severe rule decided on a retry): each alert's first copy also writes a
+  marker item (`pk="id#<event id>"`) in the same transaction, on condition that there is none,
+  so a copy is dropped as the local log drops it, not stored a second time under a new key.
 * locally the dashboard server drains the SQS feed into a `MemoryAlertLog` (one process, one
   reader), through the same `alert_from_event`.
 
@@ -167,34 +170,53 @@ class DynamoAlertLog:
     dynamodb: Any
     table: str
 
+    # Items one request may read (filtered ones included): a filter that matches little over a
+    # long `since` ends its page early, with a cursor from where it stopped, instead of
+    # reading the whole log within one API call.
+    read_budget: int = 1000
+
     def page(
         self, *, since_ms: int, before_key: str | None, limit: int, detail_type: str | None, zone_id: str | None
     ) -> tuple[list[AlertRecord], str | None]:
         out: list[AlertRecord] = []
-        upper = before_key or "~"  # '~' sorts after every ISO timestamp
-        lower = format_ts(since_ms)
-        start_key: dict[str, Any] | None = None
-        while len(out) <= limit:
-            kwargs: dict[str, Any] = {
-                "TableName": self.table,
-                "KeyConditionExpression": "pk = :pk AND sk BETWEEN :lo AND :hi",
-                "ExpressionAttributeValues": {":pk": {"S": "feed"}, ":lo": {"S": lower}, ":hi": {"S": upper}},
-                "ScanIndexForward": False,
-                "Limit": max(limit + 1, 25),
-            }
-            if start_key:
-                kwargs["ExclusiveStartKey"] = start_key
+        values: dict[str, Any] = {
+            ":pk": {"S": "feed"},
+            ":lo": {"S": format_ts(since_ms)},
+            ":hi": {"S": before_key or "~"},  # '~' sorts after every ISO timestamp
+        }
+        filters = []
+        if detail_type is not None:
+            filters.append("detail_type = :type")
+            values[":type"] = {"S": detail_type}
+        if zone_id is not None:
+            filters.append("zone_id = :zone")
+            values[":zone"] = {"S": zone_id}
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk AND sk BETWEEN :lo AND :hi",
+            "ExpressionAttributeValues": values,
+            "ScanIndexForward": False,
+        }
+        if filters:
+            kwargs["FilterExpression"] = " AND ".join(filters)
+        budget = self.read_budget
+        last_read: str | None = None  # the sort key of the last item read, matched or not
+        while len(out) <= limit and budget > 0:
+            kwargs["Limit"] = min(budget, max(limit + 1, 25))
             resp = self.dynamodb.query(**kwargs)
-            for item in resp.get("Items", []):
-                alert = _from_item(item)
-                if alert.sort_key != before_key and _matches(alert, detail_type, zone_id):
-                    out.append(alert)
+            budget -= int(resp.get("ScannedCount", kwargs["Limit"]))
+            out.extend(a for a in map(_from_item, resp.get("Items", [])) if a.sort_key != before_key)
             start_key = resp.get("LastEvaluatedKey")
             if not start_key:
+                last_read = None
                 break
-        more = len(out) > limit
-        out = out[:limit]
-        return out, (out[-1].sort_key if more else None)
+            kwargs["ExclusiveStartKey"] = start_key
+            last_read = start_key["sk"]["S"]
+        if len(out) > limit:
+            out = out[:limit]
+            return out, out[-1].sort_key
+        # Out of budget before the end: the page may be short; the client goes on from there.
+        return out, last_read
 
 
 def _to_item(alert: AlertRecord) -> dict[str, Any]:
@@ -226,10 +248,27 @@ def _from_item(item: dict[str, Any]) -> AlertRecord:
 
 
 def store_alert(dynamodb: Any, table: str, event: dict[str, Any]) -> AlertRecord | None:
-    """Write one EventBridge alert event into the alerts table (idempotent: same id, same item)."""
+    """Write one EventBridge alert event into the alerts table, once per event id: the feed item
+    and its id's marker in one transaction, only if the marker is not there (a copy of an
+    alert already stored, however its time reads now, is dropped). The alert, or None when the
+    event is not one or was stored already."""
     alert = alert_from_event(event)
-    if alert is not None:
-        dynamodb.put_item(TableName=table, Item=_to_item(alert))
+    if alert is None:
+        return None
+    item = _to_item(alert)
+    marker = {"pk": {"S": f"id#{alert.event_id}"}, "sk": {"S": "id"}, "expires_at": item["expires_at"]}
+    try:
+        dynamodb.transact_write_items(
+            TransactItems=[
+                {"Put": {"TableName": table, "Item": marker, "ConditionExpression": "attribute_not_exists(pk)"}},
+                {"Put": {"TableName": table, "Item": item}},
+            ]
+        )
+    except dynamodb.exceptions.TransactionCanceledException as exc:
+        reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+        if reasons[:1] != ["ConditionalCheckFailed"]:
+            raise
+        return None
     return alert
 
 

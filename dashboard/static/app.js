@@ -185,8 +185,10 @@ function drawAlerts(page) {
   }
   state.seenAlerts = seen;
   list.dataset.count = String(page.items.length);
+  // The newest page only: with more behind it, the counts are "at least".
+  const more = page.next_cursor ? '+' : '';
   const raised = page.items.filter((a) => a.type === 'CongestionDetected').length;
-  $('alerts-count').textContent = `${page.items.length} in the last 24 h · ${raised} congestion raised`;
+  $('alerts-count').textContent = `${page.items.length}${more} in the last 24 h · ${raised}${more} congestion raised`;
 }
 
 function drawOverview(ov) {

@@ -7,7 +7,9 @@ lake, partitioned by event time; for each hourly `data_interval` this DAG
 2. runs the Glue crawler over `raw/readings/` (creating or updating it first),
 3. loads the interval into warehouse raw - delete-then-insert of exactly
    [data_interval_start, data_interval_end) by `ts`, deduplicated on (sensor_id, seq), plus
-   the sensor registry and the interval's quarantine counts, in one transaction,
+   the sensor registry and the interval's quarantine counts, in one transaction; and loads
+   again each earlier hour (`late_lookback_hours`) whose lake partitions gained objects after
+   its own load (`citypulse_batch.ledger`), which the steps below then take again too,
 4. runs `dbt build` for the affected models with the interval in the environment
    (CITYPULSE_INTERVAL_START/_END),
    and, beside the build, compacts the interval's lake partitions (`citypulse_batch.compaction`),
@@ -106,7 +108,7 @@ def citypulse_hourly() -> None:
     def load_warehouse(**context: Any) -> None:
         from citypulse_batch import steps
 
-        run_step(steps.load, context)
+        run_step(steps.load, context, reloaded=False)
 
     # After the load (the warehouse holds the interval before its files change), beside the
     # build: it touches the lake only.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -279,3 +279,25 @@ def postgres_database(prefix: str) -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f"drop database if exists {name} with (force)")
         admin.close()
+
+
+class FailingClient:
+    """A boto3 S3 client that raises on the `after`-th call (counted from 1) of each named method."""
+
+    def __init__(self, client: Any, **after: int) -> None:
+        self._client = client
+        self._after = after
+        self._calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if name not in self._after:
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls[name] += 1
+            if self._calls[name] >= self._after[name]:
+                raise ConnectionError(f"injected: {name} call {self._calls[name]}")
+            return method(*args, **kwargs)
+
+        return call

@@ -14,7 +14,15 @@ from typing import Any
 import boto3
 import pyarrow as pa
 import pytest
-from batch_lake import FixtureLake, put_parquet, reading, s3_client, unique_name, write_fixture_lake
+from batch_lake import (
+    FailingClient,
+    FixtureLake,
+    put_parquet,
+    reading,
+    s3_client,
+    unique_name,
+    write_fixture_lake,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -52,28 +60,6 @@ def _rows(lake: Lake, prefix: str) -> Counter[tuple[Any, ...]]:
     for key in lake.list_keys(prefix, ".parquet"):
         rows.update(tuple(r.values()) for r in read_parquet(lake.read(key)).to_pylist())
     return rows
-
-
-class FailingClient:
-    """A boto3 S3 client that raises on the `after`-th call (counted from 1) of each named method."""
-
-    def __init__(self, client: Any, **after: int) -> None:
-        self._client = client
-        self._after = after
-        self._calls: Counter[str] = Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._client, name)
-        if name not in self._after:
-            return method
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self._calls[name] += 1
-            if self._calls[name] >= self._after[name]:
-                raise ConnectionError(f"injected: {name} call {self._calls[name]}")
-            return method(*args, **kwargs)
-
-        return call
 
 
 def test_a_partition_becomes_one_part_holding_every_row_and_the_load_reads_it_alike(

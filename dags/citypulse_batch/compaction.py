@@ -15,18 +15,20 @@ with a manifest outside every table location (`compaction/<partition>/<generatio
 1. the manifest is written, `writing`, with the inputs and the parts to come;
 2. each part is written to local disk, its rows checked against its inputs' footers, uploaded;
 3. the manifest turns `written`: the commit point;
-4. the inputs are deleted, then the manifest.
+4. the partition's load ledger names the parts instead of the inputs (`citypulse_batch.ledger`),
+   then the inputs are deleted, then the manifest.
 
 Every run first settles what a stopped one left: a `writing` generation's parts are deleted
-(its inputs are all still there), a `written` one's inputs are. Objects that arrive during a
-run (late readings) are not its inputs and wait for the next run of their hour. One run a
-partition at a time: the hourly DAG runs one interval at a time (`max_active_runs=1`).
+(its inputs are all still there), a `written` one's step 4 is done. Only objects the ledger
+says the warehouse holds are inputs: one that arrived after the load (a late reading) stays as
+it is until a later run loads its hour again (`ledger.late_hours`), and is gathered then. One
+run a partition at a time: the hourly DAG runs one interval at a time (`max_active_runs=1`).
 Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; the
 hourly load settles the partition before it reads (a rerun of the hour after a stopped
 compaction), and would drop them as duplicates anyway. A batch the processor writes again
 after its object was compacted (a Kinesis retry long after the first delivery) lands beside
-the part and is gathered by the next run: raw duplicates in the lake, as a bisected retry
-leaves, which the load drops and counts.
+the part, is loaded with its hour again and gathered then: raw duplicates in the lake, as a
+bisected retry leaves, which the load drops and counts.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from citypulse_batch import ledger
 from citypulse_batch.lake import COMPACTION_PREFIX, Lake
 
 COMPACTED = "compacted-"
@@ -87,13 +90,21 @@ def settle(lake: Lake, prefix: str) -> list[str]:
             continue
         generation = key.rsplit("/", 1)[-1].removesuffix(".json")
         if manifest["state"] == "written":
-            lake.delete(manifest["inputs"])
+            _finish(lake, prefix, key, manifest["inputs"], manifest["parts"])
             settled.append(f"finished {generation}")
         else:
             lake.delete(manifest["parts"])
+            lake.delete([key])
             settled.append(f"undid {generation}")
-        lake.delete([key])
     return settled
+
+
+def _finish(lake: Lake, prefix: str, manifest: str, inputs: list[str], parts: list[str]) -> None:
+    """Step 4, after the commit: the ledger names the parts instead of the inputs, then the
+    inputs and the manifest are deleted. Each step is idempotent (a settle repeats them)."""
+    ledger.swap(lake, prefix, inputs, parts)
+    lake.delete(inputs)
+    lake.delete([manifest])
 
 
 def _groups(objects: Sequence[tuple[str, int]], target_bytes: int) -> list[list[tuple[str, int]]]:
@@ -172,7 +183,14 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     objects = lake.list_objects(prefix, ".parquet")
     summary.objects_before = summary.objects_after = len(objects)
     summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
-    inputs = [(key, size) for key, size in objects if not is_part(key) or size < target_bytes // 2]
+    # Only objects the warehouse holds the rows of: one that arrived after the load waits, as
+    # it is, for its hour to be loaded again (`ledger.late_hours`). No ledger: all of them.
+    loaded = ledger.loaded(lake, prefix)
+    inputs = [
+        (key, size)
+        for key, size in objects
+        if (loaded is None or key in loaded) and (not is_part(key) or size < target_bytes // 2)
+    ]
     if len(inputs) < 2:
         return summary
     keys = [key for key, _ in inputs]
@@ -197,8 +215,7 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
         settle(lake, prefix)  # undo now what the next run would; it does if this fails too
         raise
     lake.write_json(manifest, {"state": "written", "inputs": keys, "parts": parts})
-    lake.delete(keys)
-    lake.delete([manifest])
+    _finish(lake, prefix, manifest, keys, parts)
     summary.objects_after = len(objects) - len(inputs) + len(parts)
     summary.bytes_after = summary.bytes_before - sum(size for _, size in inputs) + written
     return summary

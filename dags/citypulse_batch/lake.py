@@ -25,6 +25,8 @@ REPORTS_PREFIX = "reports/hourly/"
 GX_RESULTS_PREFIX = "gx/validations/"
 # Compaction manifests, partitioned like the data they describe, outside every table location.
 COMPACTION_PREFIX = "compaction/"
+# Which objects of each partition the warehouse holds the rows of (`citypulse_batch.ledger`).
+LEDGER_PREFIX = "ledger/"
 
 _HOUR = timedelta(hours=1)
 
@@ -91,6 +93,16 @@ def readings_prefixes(interval: Interval) -> list[str]:
 
 def quarantine_prefixes(interval: Interval) -> list[str]:
     return [QUARANTINE_PREFIX + partition(hour) for hour in interval.hours()]
+
+
+def partition_prefixes(interval: Interval) -> list[str]:
+    """Every partition an interval's load reads: readings by event time, quarantine by receive time."""
+    return readings_prefixes(interval) + quarantine_prefixes(interval)
+
+
+def list_partitions(lake: Lake, interval: Interval) -> dict[str, list[str]]:
+    """The Parquet objects of each partition an interval's load reads (`partition_prefixes`)."""
+    return {prefix: lake.list_keys(prefix, ".parquet") for prefix in partition_prefixes(interval)}
 
 
 def readings_wildcard(hour: datetime) -> str:

@@ -13,6 +13,8 @@ from citypulse_batch.lake import Interval
 
 REPORT_VERSION = 1
 STEPS = ("load", "dbt", "expectations", "reconciliation", "compaction")
+# Where a step's summary holds those of the earlier hours the run loaded again, by hour.
+RELOADED = "reloaded"
 
 
 def build_report(
@@ -50,6 +52,8 @@ def build_report(
         "reconciliation_passed": reconciliation.get("passed"),
         "lake_objects_before_compaction": compaction.get("objects_before"),
         "lake_objects_after_compaction": compaction.get("objects_after"),
+        # Earlier hours this run loaded again: objects reached their partitions after their load.
+        "reloaded_hours": sorted(load.get(RELOADED, {})),
         "steps": {name: steps.get(name) for name in STEPS},
     }
 

@@ -18,6 +18,7 @@ from typing import Any
 from citypulse_batch.lake import (
     COMPACTION_PREFIX,
     GX_RESULTS_PREFIX,
+    LEDGER_PREFIX,
     QUARANTINE_PREFIX,
     READINGS_PREFIX,
     REPORTS_PREFIX,
@@ -36,7 +37,14 @@ RETAINED_TABLES: dict[str, str] = {
     "marts.fct_sensor_health_daily": "reading_date",
     "marts.fct_corridor_rankings": "ranking_date",
 }
-LAKE_PREFIXES = (READINGS_PREFIX, QUARANTINE_PREFIX, REPORTS_PREFIX, GX_RESULTS_PREFIX, COMPACTION_PREFIX)
+LAKE_PREFIXES = (
+    READINGS_PREFIX,
+    QUARANTINE_PREFIX,
+    REPORTS_PREFIX,
+    GX_RESULTS_PREFIX,
+    COMPACTION_PREFIX,
+    LEDGER_PREFIX,
+)
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 
 

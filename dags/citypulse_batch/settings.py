@@ -47,6 +47,11 @@ SETTINGS: dict[str, Setting] = {
         Setting("dbt_select", "source:lake+ source:registry+", "dbt selection the hourly build runs."),
         Setting("dbt_exclude", "tag:daily", "dbt exclusion of the hourly build (the daily DAG builds tag:daily)."),
         Setting("dbt_daily_select", "tag:daily", "dbt selection the daily build runs for the whole day."),
+        Setting(
+            "late_lookback_hours",
+            "6",
+            "Hours before its own that an hourly run loads again when objects reached them after their load.",
+        ),
         Setting("retention_days", "400", "Days of lake readings/quarantine and warehouse rows the daily DAG keeps."),
         Setting("docs_dir", "", "Where the daily DAG writes dbt docs and GX data docs; empty: the lake's docs/."),
     )

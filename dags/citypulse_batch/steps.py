@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from citypulse_batch.lake import (
     Lake,
     S3Credentials,
     gx_results_prefix,
-    quarantine_prefixes,
-    readings_prefixes,
+    list_partitions,
+    partition_prefixes,
     report_key,
 )
+from citypulse_batch.report import RELOADED
 from citypulse_batch.settings import AWS_CONN_ID, WAREHOUSE_CONN_ID, setting
 
 
@@ -93,41 +95,85 @@ def warehouse() -> Any:
     return warehouse_from_connection(BaseHook.get_connection(WAREHOUSE_CONN_ID))
 
 
-def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, Any]) -> None:
+def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, Any], *, reloaded: bool = True) -> None:
     """Run a step for the Airflow task's data interval; its summary goes to XCom key `summary`,
-    also when the step fails (then a data verdict fails the task without retries)."""
+    also when the step fails (then a data verdict fails the task without retries).
+
+    With `reloaded`, the step also runs for each earlier hour the run's load loaded again
+    (`load`: objects reached it after its own run), after the data interval's; their
+    summaries go under `RELOADED`, by hour."""
     from citypulse_batch.airflow_compat import task_failure
 
     interval = Interval(context["data_interval_start"], context["data_interval_end"])
     ti = context["ti"]
+    hours: list[str] = []
+    if reloaded:
+        load_summary = ti.xcom_pull(task_ids="load_warehouse", key="summary") or {}
+        hours = list(load_summary.get(RELOADED, {}))
     try:
-        summary = step(interval)
+        summary = run_hours(step, interval, hours)
     except StepFailed as exc:
         ti.xcom_push(key="summary", value=exc.summary)
         raise task_failure(exc, exc.retryable) from exc
     ti.xcom_push(key="summary", value=summary)
 
 
+def run_hours(step: Callable[[Interval], dict[str, Any]], interval: Interval, hours: list[str]) -> dict[str, Any]:
+    """`step` of the interval, then of each hour in `hours` (ISO starts), whose summaries go
+    under `RELOADED`; a step that fails on one of them fails with the summaries so far."""
+    summary = step(interval)
+    if not hours:
+        return summary
+    summary[RELOADED] = {}
+    for hour in hours:
+        try:
+            summary[RELOADED][hour] = step(Interval.hour(datetime.fromisoformat(hour)))
+        except StepFailed as exc:
+            summary[RELOADED][hour] = exc.summary
+            summary["success"] = False  # the run report's verdict on the step
+            raise StepFailed(f"{exc} (hour {hour}, loaded again)", summary, retryable=exc.retryable) from exc
+    return summary
+
+
 def load(interval: Interval) -> dict[str, Any]:
-    """Load the interval into warehouse raw (one transaction, idempotent)."""
-    return load_settled(warehouse(), interval, lake()).to_json()
+    """Load the interval into warehouse raw (one transaction, idempotent), and again each hour
+    of the `late_lookback_hours` before it whose partitions gained objects after its load
+    (`ledger.late_hours`): a late reading reaches the warehouse, and the later steps of this
+    run build, check and compact its hour again (`run_step`)."""
+    from citypulse_batch.ledger import late_hours
+
+    engine, the_lake = warehouse(), lake()
+    late = late_hours(the_lake, interval, int(setting("late_lookback_hours")))
+    summary = load_settled(engine, interval, the_lake).to_json()
+    if late:
+        summary[RELOADED] = {
+            Interval.hour(hour).to_json()["start"]: load_settled(engine, Interval.hour(hour), the_lake).to_json()
+            for hour in late
+        }
+    return summary
 
 
 def load_settled(engine: Any, interval: Interval, the_lake: Lake) -> Any:
     """`engine.load` of the interval, once any compaction of its partitions that stopped (a
-    rerun of the hour) is settled: the load never reads a part beside its own inputs."""
+    rerun of the hour) is settled: the load never reads a part beside its own inputs. Then the
+    ledger of each partition records the objects it read (`citypulse_batch.ledger`)."""
+    from citypulse_batch import ledger
     from citypulse_batch.compaction import settle
 
-    for prefix in readings_prefixes(interval) + quarantine_prefixes(interval):
+    for prefix in partition_prefixes(interval):
         settle(the_lake, prefix)
-    return engine.load(interval, the_lake)
+    listing = list_partitions(the_lake, interval)
+    summary = engine.load(interval, the_lake, listing)
+    for prefix, keys in listing.items():
+        ledger.record(the_lake, prefix, keys)
+    return summary
 
 
 def compact(interval: Interval) -> dict[str, Any]:
     """Gather the interval's lake partitions (readings and quarantine) into a few large objects."""
     from citypulse_batch import compaction
 
-    return compaction.compact(lake(), readings_prefixes(interval) + quarantine_prefixes(interval))
+    return compaction.compact(lake(), partition_prefixes(interval))
 
 
 def build(interval: Interval) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import io
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -38,6 +38,7 @@ from citypulse_batch.lake import (
     ZONES_KEY,
     Interval,
     Lake,
+    list_partitions,
     quarantine_prefixes,
     readings_prefixes,
     sql_timestamp,
@@ -193,10 +194,15 @@ class Warehouse(ABC):
         for table, columns in RAW_TABLES.items():
             cur.execute(create_table_sql(f"{RAW_SCHEMA}.{table}", columns))
 
-    def load(self, interval: Interval, lake: Lake) -> LoadSummary:
-        """Replace the interval in `raw.readings` and `raw.quarantine_counts`, and the registry."""
-        reading_keys = [k for p in readings_prefixes(interval) for k in lake.list_keys(p, ".parquet")]
-        quarantine_keys = [k for p in quarantine_prefixes(interval) for k in lake.list_keys(p, ".parquet")]
+    def load(self, interval: Interval, lake: Lake, listing: Mapping[str, Sequence[str]] | None = None) -> LoadSummary:
+        """Replace the interval in `raw.readings` and `raw.quarantine_counts`, and the registry.
+
+        `listing`: the objects to read, by partition prefix (`list_partitions`), when the caller
+        keeps a record of what was loaded (`citypulse_batch.ledger`); listed here when None."""
+        if listing is None:
+            listing = list_partitions(lake, interval)
+        reading_keys = [k for p in readings_prefixes(interval) for k in listing[p]]
+        quarantine_keys = [k for p in quarantine_prefixes(interval) for k in listing[p]]
         start, end = interval.sql_bounds()
         in_interval = f"ts >= {start} and ts < {end}"
         cols = _names(READINGS_COLUMNS)

@@ -1,0 +1,204 @@
+"""Late lake objects: the load ledger, the compaction that leaves them, the run that loads them again.
+
+Integration tests against ministack's S3 and a DuckDB warehouse with the batch fixture lake
+(hour 10:00 loaded, its neighbours never): an object that reaches a loaded hour afterwards is
+found by the next run (`ledger.late_hours`), left out of the hour's compaction until then, and
+loaded with its hour again by `steps.load`, whose later steps run that hour again too
+(`steps.run_hours`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import duckdb
+import pytest
+from batch_lake import (
+    INTERVAL_START,
+    FailingClient,
+    FixtureLake,
+    ms,
+    put_parquet,
+    reading,
+    s3_client,
+    unique_name,
+    write_fixture_lake,
+)
+
+from citypulse_batch import ledger, steps
+from citypulse_batch.compaction import compact, compact_partition, is_part
+from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, S3Credentials, partition_prefixes, readings_prefixes
+from citypulse_batch.report import RELOADED, build_report
+from citypulse_batch.retention import LAKE_PREFIXES, expired_keys
+from citypulse_batch.steps import StepFailed, load_settled, run_hours
+from citypulse_batch.warehouse import DuckDBWarehouse
+from streaming.contract import lake_arrow_schema
+
+pytestmark = pytest.mark.integration
+
+HOUR = timedelta(hours=1)
+
+
+def _lake(bucket: str) -> Lake:
+    session = boto3.Session()
+    frozen = session.get_credentials().get_frozen_credentials()
+    return Lake(bucket, session.client("s3"), S3Credentials(frozen.access_key, frozen.secret_key, frozen.token))
+
+
+@pytest.fixture
+def fixture_lake(aws_env: dict[str, str]) -> FixtureLake:
+    return write_fixture_lake(s3_client(aws_env), unique_name("lake-late"))
+
+
+@pytest.fixture
+def loaded(tmp_path: Path, fixture_lake: FixtureLake) -> tuple[Lake, DuckDBWarehouse, Interval]:
+    """The fixture hour loaded (its ledgers written) and compacted, as its run leaves it."""
+    lake = _lake(fixture_lake.bucket)
+    warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    hour = Interval(fixture_lake.start, fixture_lake.end)
+    load_settled(warehouse, hour, lake)
+    compact(lake, partition_prefixes(hour))
+    return lake, warehouse, hour
+
+
+def _late_object(lake: Lake, fixture_lake: FixtureLake) -> str:
+    """An object of two new readings and one redelivered, landed in the loaded hour afterwards."""
+    sensor = fixture_lake.city.sensors[0]
+    ts = ms(fixture_lake.start + timedelta(minutes=50))
+    (prefix,) = readings_prefixes(Interval(fixture_lake.start, fixture_lake.end))
+    loaded_row = next(rows[0] for key, rows in fixture_lake.files.items() if key.startswith(prefix))
+    rows = [
+        reading(sensor.sensor_id, sensor.zone_id, 900, ts, gateway_id=sensor.gateway_id, lane=sensor.lane),
+        reading(sensor.sensor_id, sensor.zone_id, 901, ts + timedelta(seconds=1), gateway_id=sensor.gateway_id),
+        loaded_row,
+    ]
+    key = prefix + "shardId-000000000003-late.parquet"
+    put_parquet(lake.client, lake.bucket, key, rows, lake_arrow_schema())
+    return key
+
+
+def _rows(warehouse: DuckDBWarehouse, hour: Interval) -> int:
+    start, end = hour.sql_bounds()
+    con = duckdb.connect(str(warehouse.path), read_only=True)
+    try:
+        return int(con.execute(f"select count(*) from raw.readings where ts >= {start} and ts < {end}").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_the_ledger_names_what_the_warehouse_holds_through_the_compaction(loaded, fixture_lake) -> None:
+    lake, _, hour = loaded
+    for prefix in partition_prefixes(hour):
+        # The compaction swapped its inputs for its part: the ledger is the partition as it is.
+        assert ledger.loaded(lake, prefix) == set(lake.list_keys(prefix, ".parquet"))
+    (readings,) = readings_prefixes(hour)
+    assert [is_part(k) for k in lake.list_keys(readings, ".parquet")] == [True]
+    # Nothing is late; the hours around, which no run loaded, are not either.
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == []
+    assert ledger.late_hours(lake, Interval.hour(hour.start + 3 * HOUR), 6) == []
+    assert ledger.loaded(lake, readings_prefixes(Interval.hour(hour.start - HOUR))[0]) is None
+
+
+def test_a_late_object_is_found_left_out_of_compaction_and_loaded_again_with_its_hour(
+    loaded, fixture_lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake, warehouse, hour = loaded
+    before = _rows(warehouse, hour)
+    late = _late_object(lake, fixture_lake)
+    (readings,) = readings_prefixes(hour)
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == [hour.start]
+    # Out of the lookback: left to a backfill.
+    assert ledger.late_hours(lake, Interval.hour(hour.start + 3 * HOUR), 2) == []
+
+    # The hour's compaction again (a retry of its run): the late object is not the warehouse's yet.
+    summary = compact(lake, [readings])
+    assert summary["partitions"][0]["objects_after"] == 2
+    assert late in lake.list_keys(readings, ".parquet")
+
+    # The next hour's load: its own hour, and the late one again.
+    monkeypatch.setattr(steps, "warehouse", lambda: warehouse)
+    monkeypatch.setattr(steps, "lake", lambda: lake)
+    monkeypatch.setenv("CITYPULSE_LATE_LOOKBACK_HOURS", "6")
+    result = steps.load(Interval.hour(hour.start + HOUR))
+    assert result["interval"]["start"] == "2026-03-02T11:00:00Z"
+    again = result[RELOADED]["2026-03-02T10:00:00Z"]
+    assert again["rows_loaded"] == before + 2
+    assert again["duplicates_dropped"] == 1 + 1  # the fixture's redelivery, and the late one's
+    assert _rows(warehouse, hour) == before + 2
+    assert build_report(Interval.hour(hour.start + HOUR), "d", "r", {"load": result})["reloaded_hours"] == [
+        "2026-03-02T10:00:00Z"
+    ]
+
+    # Loaded: nothing is late any more, and the hour's next compaction gathers it.
+    assert ledger.late_hours(lake, Interval.hour(hour.start + 2 * HOUR), 6) == []
+    compact(lake, [readings])
+    keys = lake.list_keys(readings, ".parquet")
+    assert [is_part(k) for k in keys] == [True] and ledger.loaded(lake, readings) == set(keys)
+    assert steps.load(Interval.hour(hour.start + 2 * HOUR)).get(RELOADED) is None
+
+
+def test_an_object_in_the_ledger_but_gone_is_not_late(loaded) -> None:
+    """A compaction's inputs deleted before its ledger swap (a stop): the partition holds fewer
+    keys than the ledger names, never one it does not, so nothing is loaded again."""
+    lake, _, hour = loaded
+    (readings,) = readings_prefixes(hour)
+    ledger.record(lake, readings, [*lake.list_keys(readings, ".parquet"), readings + "gone.parquet"])
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == []
+
+
+@pytest.mark.parametrize("settled_by", ["the next run's look back", "the hour's next load"])
+def test_a_compaction_stopped_before_its_ledger_swap_is_settled_not_taken_for_late(
+    tmp_path: Path, fixture_lake: FixtureLake, settled_by: str
+) -> None:
+    lake = _lake(fixture_lake.bucket)
+    warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    hour = Interval(fixture_lake.start, fixture_lake.end)
+    first = load_settled(warehouse, hour, lake)
+    (readings,) = readings_prefixes(hour)
+    inputs = set(lake.list_keys(readings, ".parquet"))
+    # put_object: the manifest `writing` (1), `written` (2, the commit), the ledger's swap (3).
+    dying = Lake(lake.bucket, FailingClient(lake.client, put_object=3), lake.credentials)
+    with pytest.raises(ConnectionError):
+        compact_partition(dying, readings)
+    assert ledger.loaded(lake, readings) == inputs  # the part is there, not in the ledger yet
+    if settled_by == "the hour's next load":
+        again = load_settled(warehouse, hour, lake)
+        assert (again.rows_loaded, again.duplicates_dropped) == (first.rows_loaded, first.duplicates_dropped)
+    # Either finishes the compaction (inputs deleted, the ledger swapped): nothing is late.
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == []
+    (part,) = lake.list_keys(readings, ".parquet")
+    assert is_part(part) and ledger.loaded(lake, readings) == {part}
+
+
+def test_each_step_runs_again_for_the_reloaded_hours_and_fails_with_what_it_found() -> None:
+    hour = Interval.hour(INTERVAL_START)
+    seen: list[str] = []
+
+    def step(interval: Interval) -> dict[str, Any]:
+        seen.append(interval.to_json()["start"])
+        if interval.start.hour == 8:
+            raise StepFailed("checkpoint failed", {"success": False, "evaluated": 3})
+        return {"success": True, "interval": interval.to_json()}
+
+    assert run_hours(step, hour, []) == {"success": True, "interval": hour.to_json()}
+    summary = run_hours(step, hour, ["2026-03-02T07:00:00Z"])
+    assert summary[RELOADED]["2026-03-02T07:00:00Z"]["interval"]["end"] == "2026-03-02T08:00:00Z"
+    with pytest.raises(StepFailed) as failed:
+        run_hours(step, hour, ["2026-03-02T07:00:00Z", "2026-03-02T08:00:00Z"])
+    assert "hour 2026-03-02T08:00:00Z" in str(failed.value)
+    assert failed.value.summary[RELOADED]["2026-03-02T08:00:00Z"] == {"success": False, "evaluated": 3}
+    assert failed.value.summary["success"] is False  # the report names the step failed
+    # The interval first, then each reloaded hour in order, until one fails.
+    first, second, third = ["10"], ["10", "07"], ["10", "07", "08"]
+    assert seen == [f"2026-03-02T{h}:00:00Z" for h in first + second + third]
+
+
+def test_retention_forgets_a_ledger_with_its_partition() -> None:
+    (readings,) = readings_prefixes(Interval.hour(INTERVAL_START))
+    key = ledger.ledger_key(readings)
+    assert key.startswith(LEDGER_PREFIX) and LEDGER_PREFIX in LAKE_PREFIXES
+    assert expired_keys([key], INTERVAL_START + HOUR) == [key]
+    assert expired_keys([key], INTERVAL_START + HOUR - timedelta(seconds=1)) == []

@@ -173,6 +173,32 @@ def test_a_compaction_stopped_before_its_ledger_swap_is_settled_not_taken_for_la
     assert is_part(part) and ledger.loaded(lake, readings) == {part}
 
 
+def test_an_input_written_again_during_its_compaction_is_kept_and_loaded_again(
+    tmp_path: Path, fixture_lake: FixtureLake
+) -> None:
+    """A processor's retry lands a batch again under the same key, with a reading more, while the
+    compaction that read the first one is between its commit and its deletes."""
+    lake = _lake(fixture_lake.bucket)
+    warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    hour = Interval(fixture_lake.start, fixture_lake.end)
+    first = load_settled(warehouse, hour, lake)
+    (readings,) = readings_prefixes(hour)
+    dying = Lake(lake.bucket, FailingClient(lake.client, put_object=3), lake.credentials)
+    with pytest.raises(ConnectionError):
+        compact_partition(dying, readings)  # committed; stopped before its ledger swap
+    rewritten = next(k for k in fixture_lake.files if k.startswith(readings))
+    sensor = fixture_lake.city.sensors[0]
+    extra = reading(sensor.sensor_id, sensor.zone_id, 950, ms(fixture_lake.start + timedelta(minutes=55)))
+    put_parquet(lake.client, lake.bucket, rewritten, [*fixture_lake.files[rewritten], extra], lake_arrow_schema())
+
+    # The next run's look back settles the compaction: the rewritten input stays, out of the ledger.
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == [hour.start]
+    assert rewritten in lake.list_keys(readings, ".parquet")
+    again = load_settled(warehouse, hour, lake)
+    assert again.rows_loaded == first.rows_loaded + 1  # the part's rows, and the extra reading
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == []
+
+
 def test_each_step_runs_again_for_the_reloaded_hours_and_fails_with_what_it_found() -> None:
     hour = Interval.hour(INTERVAL_START)
     seen: list[str] = []

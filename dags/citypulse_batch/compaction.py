@@ -16,7 +16,8 @@ with a manifest outside every table location (`compaction/<partition>/<generatio
 2. each part is written to local disk, its rows checked against its inputs' footers, uploaded;
 3. the manifest turns `written`: the commit point;
 4. the partition's load ledger names the parts instead of the inputs (`citypulse_batch.ledger`),
-   then the inputs are deleted, then the manifest.
+   then the inputs are deleted (but one written again since the listing: its ETag changed, so
+   it is kept, out of the ledger, for its hour to be loaded again), then the manifest.
 
 Every run first settles what a stopped one left: a `writing` generation's parts are deleted
 (its inputs are all still there), a `written` one's step 4 is done. Only objects the ledger
@@ -90,7 +91,7 @@ def settle(lake: Lake, prefix: str) -> list[str]:
             continue
         generation = key.rsplit("/", 1)[-1].removesuffix(".json")
         if manifest["state"] == "written":
-            _finish(lake, prefix, key, manifest["inputs"], manifest["parts"])
+            _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
             settled.append(f"finished {generation}")
         else:
             lake.delete(manifest["parts"])
@@ -99,10 +100,19 @@ def settle(lake: Lake, prefix: str) -> list[str]:
     return settled
 
 
-def _finish(lake: Lake, prefix: str, manifest: str, inputs: list[str], parts: list[str]) -> None:
+def _finish(
+    lake: Lake, prefix: str, manifest: str, inputs: list[str], parts: list[str], etags: dict[str, str] | None
+) -> None:
     """Step 4, after the commit: the ledger names the parts instead of the inputs, then the
-    inputs and the manifest are deleted. Each step is idempotent (a settle repeats them)."""
+    inputs and the manifest are deleted. Each step is idempotent (a settle repeats them).
+
+    An input written again since it was listed (`etags`: a processor's retry lands a batch
+    under the same key) is not the object the part holds: it is kept, and being out of the
+    ledger now, its hour is loaded again and it is gathered by a later run."""
     ledger.swap(lake, prefix, inputs, parts)
+    if etags is not None:
+        now = lake.etags(prefix, ".parquet")
+        inputs = [key for key in inputs if now.get(key, etags.get(key)) == etags.get(key)]
     lake.delete(inputs)
     lake.delete([manifest])
 
@@ -194,13 +204,15 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     if len(inputs) < 2:
         return summary
     keys = [key for key, _ in inputs]
+    listed = lake.etags(prefix, ".parquet")
+    etags = {key: listed[key] for key in keys if key in listed}
     # A new name every run: the same inputs seen again (every one re-landed) must not rewrite,
     # or on a stop delete, the parts that already hold them.
     generation = secrets.token_hex(8)
     groups = _groups(inputs, target_bytes)
     parts = [f"{prefix}{COMPACTED}{generation}-{n:05d}-of-{len(groups):05d}.parquet" for n in range(len(groups))]
     manifest = f"{manifest_prefix(prefix)}{generation}.json"
-    lake.write_json(manifest, {"state": "writing", "inputs": keys, "parts": parts})
+    lake.write_json(manifest, {"state": "writing", "inputs": keys, "parts": parts, "etags": etags})
     filesystem = lake.filesystem()
     written = 0
     try:
@@ -214,8 +226,8 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     except BaseException:
         settle(lake, prefix)  # undo now what the next run would; it does if this fails too
         raise
-    lake.write_json(manifest, {"state": "written", "inputs": keys, "parts": parts})
-    _finish(lake, prefix, manifest, keys, parts)
+    lake.write_json(manifest, {"state": "written", "inputs": keys, "parts": parts, "etags": etags})
+    _finish(lake, prefix, manifest, keys, parts, etags)
     summary.objects_after = len(objects) - len(inputs) + len(parts)
     summary.bytes_after = summary.bytes_before - sum(size for _, size in inputs) + written
     return summary

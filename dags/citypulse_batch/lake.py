@@ -155,10 +155,16 @@ class Lake:
 
     def list_objects(self, prefix: str, suffix: str = "") -> list[tuple[str, int]]:
         """(key, size in bytes) of the objects under a prefix ending in `suffix`, sorted by key."""
-        objects: list[tuple[str, int]] = []
+        return sorted((o["Key"], int(o["Size"])) for o in self._contents(prefix, suffix))
+
+    def etags(self, prefix: str, suffix: str = "") -> dict[str, str]:
+        """The ETag of each object under a prefix ending in `suffix`: it changes when an object
+        is written again with other content."""
+        return {o["Key"]: str(o["ETag"]) for o in self._contents(prefix, suffix)}
+
+    def _contents(self, prefix: str, suffix: str) -> Iterator[dict[str, Any]]:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            objects.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
-        return sorted(objects)
+            yield from (o for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
 
     def delete(self, keys: Sequence[str]) -> None:
         """Delete the objects (gone ones too: S3 deletes are idempotent); raise if any could not be."""

@@ -166,3 +166,29 @@ def test_containers_taking_turns_on_a_zone_and_a_crash_leave_the_clean_totals(aw
     a.process(b4)  # the retry, in the other container
     b.process(b4 + b5)  # and again, with the next batch, where it failed
     assert _snapshot(b) == expected
+
+
+def test_a_retry_after_some_zones_committed_keeps_the_lake_rows_of_the_others(aws_env: dict[str, str]) -> None:
+    """The commit writes zone states in parallel requests: some zones may commit before the
+    batch fails. Its retry skips them and lands only the rest; it must not replace the lake
+    object that holds the committed zones' rows (found by a review: the object was named
+    after the batch alone, and the retry's smaller one replaced it)."""
+    records = list(city_minutes(CITY, 2, builder=StreamBuilder()))
+    clean = fresh_processor(CITY)
+    clean.process(records)
+
+    faulty = fresh_processor(CITY)
+    real = faulty.store.save_zone_states
+
+    def partly(states: Any, now_ms: int, minutes: Any) -> None:
+        first = min(states)
+        real({first: states[first]}, now_ms, minutes)  # one zone commits, then the batch fails
+        raise RuntimeError("injected: the other zones' commit failed")
+
+    faulty.store.save_zone_states = partly  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="injected"):
+        faulty.process(records)
+    faulty.store.save_zone_states = real  # type: ignore[method-assign]
+    faulty.process(records)  # the retry: the committed zone's records are skipped
+
+    assert _snapshot(faulty) == _snapshot(clean)

@@ -12,6 +12,7 @@ at once too.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -299,6 +300,18 @@ def zone_state_item(state: ZoneState, blob: bytes, now_ms: int) -> dict[str, Any
     }
 
 
+def zone_set_tag(zone_ids: Iterable[str | None]) -> str:
+    """A short stable name of a set of zones (None: records no zone claims).
+
+    A lake object is named after its batch and this set. A retry of the same records writes
+    the same object again only when it holds the same zones: if some of the batch's zones
+    committed before the batch failed, the retry skips them and holds fewer, and must not
+    replace the object that holds their rows; it lands beside it (raw duplicates, which the
+    warehouse load drops and counts)."""
+    names = sorted({z or "" for z in zone_ids})
+    return hashlib.blake2b("\n".join(names).encode(), digest_size=4).hexdigest()
+
+
 def _hour_path(hour: int) -> str:
     t = datetime.fromtimestamp(hour * HOUR_MS / 1000, UTC)
     return f"dt={t:%Y-%m-%d}/hour={t:%H}"
@@ -326,12 +339,14 @@ class LakeWriter:
     def _write_hours(
         self, prefix: str, schema: pa.Schema, by_hour: Mapping[int, LakeColumns | QuarantineColumns], batch_name: str
     ) -> list[str]:
-        """One Parquet object per hour that has rows, `<prefix>/dt=/hour=/<batch>.parquet`; their keys."""
+        """One Parquet object per hour that has rows, `<prefix>/dt=/hour=/<batch>-<zones>.parquet`;
+        their keys. `<zones>` names the set of zones whose rows the object holds (`zone_set_tag`)."""
         keys = []
         for hour, cols in by_hour.items():
             if len(cols):
-                key = f"{prefix}/{_hour_path(hour)}/{batch_name}.parquet"
-                self._put(key, pa.Table.from_pydict(cols.columns, schema=schema))
+                columns = cols.columns
+                key = f"{prefix}/{_hour_path(hour)}/{batch_name}-{zone_set_tag(columns['zone_id'])}.parquet"
+                self._put(key, pa.Table.from_pydict(columns, schema=schema))
                 keys.append(key)
         return keys
 

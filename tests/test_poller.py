@@ -19,6 +19,7 @@ import pytest
 from infra.local.kinesis_resume import CheckpointError
 from infra.local.platform import REPO_ROOT
 from infra.local.poller import Checkpoint, MappingConfig, ShardPoller
+from streaming.unprocessed import StoreError
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -209,6 +210,42 @@ def test_a_poison_record_is_bisected_out_to_the_on_failure_destination(stream: s
     (failure,) = poller.failures  # type: ignore[attr-defined]
     assert failure["KinesisBatchInfo"]["batchSize"] == 1
     assert failure["requestContext"]["condition"] == "RetryAttemptsExhausted"
+
+
+class _PoisonAndThrottle:
+    """The processor at its boundary: a batch holding the poison record fails as a bug would,
+    the first other batch as a service that stayed throttled would; the rest succeed."""
+
+    def __init__(self) -> None:
+        self.delivered: list[bytes] = []
+        self.throttled = False
+
+    def process(self, records: list[Any]) -> dict[str, Any]:
+        data = [r.data for r in records]
+        if b"p0-37" in data:
+            raise ValueError("a record the code cannot take")
+        if not self.throttled:
+            self.throttled = True
+            raise StoreError("BatchWriteItem state: still unprocessed after 8 attempts")
+        self.delivered.extend(data)
+        return {"committed_ms": int(time.time() * 1000), "counts": {}, "alerts": 0, "duration_ms": 1.0}
+
+
+def test_the_processors_handler_lets_lambda_bisect_a_poison_batch_and_retries_a_throttled_one(
+    stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real handler (found by a review: it reported every failure from the batch's first
+    record, which Lambda retries whole, never bisected, until all of it was dead-lettered)."""
+    from streaming.processor import handler as processor
+
+    sent = _produce(stream, producers=1, per_producer=64)
+    fake = _PoisonAndThrottle()
+    monkeypatch.setattr(processor, "_processor", lambda: fake)
+    poller = _poller(stream, processor.handler, tmp_path, batch_size=100, max_retry_attempts=1)
+    _run_until(poller, lambda: len(fake.delivered) >= len(sent) - 1 and poller.failures)  # type: ignore[attr-defined]
+    assert sorted(fake.delivered) == sorted(sent - {b"p0-37"}) and fake.throttled
+    (failure,) = poller.failures  # type: ignore[attr-defined]
+    assert failure["KinesisBatchInfo"]["batchSize"] == 1
 
 
 def test_a_lost_checkpoint_is_refused_not_skipped(stream: str, tmp_path: Path) -> None:

@@ -23,10 +23,12 @@ import boto3
 import pybase64
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import BotoCoreError, ClientError
 
 from streaming.processor.core import DecodedBatch, DetectorSettings, Record, apply_batch, decode_batch
 from streaming.processor.store import AlertPublisher, LakeWriter, StateStore, client_config, io_pool, run_all
 from streaming.registry import Sensor, load_registry
+from streaming.unprocessed import StoreError
 
 logger = Logger(service="citypulse-processor")
 metrics = Metrics(namespace="citypulse", service="processor")
@@ -179,6 +181,10 @@ def records_from_event(event: dict[str, Any]) -> list[Record]:
     return out
 
 
+# Failures of the services a batch writes to, after their own retries: the batch is sound.
+TRANSIENT = (StoreError, BotoCoreError, ClientError)
+
+
 @metrics.log_metrics
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -188,12 +194,19 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return {"batchItemFailures": []}
     try:
         summary = _processor().process(records)
-    except Exception:
-        # Infrastructure failure after retries: report the batch from its first record;
-        # redelivery is idempotent.
+    except TRANSIENT:
+        # A service that still failed after its retries: report the batch from its first
+        # record, to be delivered again whole (redelivery is idempotent).
         logger.exception("batch failed; reporting it for retry", extra={"records": len(records)})
         metrics.add_metric(name="BatchFailures", unit=MetricUnit.Count, value=1)
         return {"batchItemFailures": [{"itemIdentifier": str(records[0].sequence_number)}]}
+    except Exception:
+        # Anything else may be the batch's own doing (a record the code cannot take). Raised, so
+        # that Lambda bisects the batch (BisectBatchOnFunctionError): reported from its first
+        # record, it would be retried whole until the whole of it went to the on-failure queue.
+        logger.exception("batch failed; raising it for Lambda to bisect", extra={"records": len(records)})
+        metrics.add_metric(name="BatchFailures", unit=MetricUnit.Count, value=1)
+        raise
     # From each record's arrival in the stream to the commit: the batching window and the
     # invocation, without the way from the device to the stream (IoT Core, the rule).
     committed_s = summary["committed_ms"] / 1000

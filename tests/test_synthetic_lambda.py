@@ -101,3 +101,21 @@ def test_imports_without_awscrt() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "handler"
+
+
+def test_consecutive_invocations_draw_new_noise_and_no_sensor_repeats_itself() -> None:
+    """Each invocation builds its model afresh; drawn from the minute's own seeds, not the same
+    ones every minute (found by a review: every sensor sent the same count twelve minutes in a
+    row, which the processor calls stuck)."""
+    city = generate_city(sensors=300, seed=5)
+    counts: dict[str, list[int]] = {}
+    first = 60_000 * 29_000_000 + 8 * 60 * 60_000  # a morning: traffic on every road
+    for minute in range(12):
+        sent: list[tuple[str, bytes]] = []
+        synthetic_lambda.publish_minute(city, 5, first + minute * 60_000, lambda t, p, sent=sent: sent.append((t, p)))
+        for _, payload in {t: p for t, p in sent}.items():
+            for r in message_readings(json.loads(payload)):
+                counts.setdefault(r["sensor_id"], []).append(r["vehicle_count"])
+    repeating = [s for s, c in counts.items() if len(c) == 12 and len(set(c)) == 1 and c[0]]
+    assert len(counts) == 300 and repeating == []
+    assert sum(len(set(c)) > 3 for c in counts.values()) > 250

@@ -35,6 +35,7 @@ from streaming.devices.traffic import MINUTE_MS, TrafficModel
 from streaming.registry import City, generate_city
 
 PUBLISH_THREADS = 16
+DAY_MS = 24 * 60 * MINUTE_MS
 
 Publish = Callable[[str, bytes], None]
 
@@ -63,12 +64,17 @@ def publish_minute(city: City, seed: int, minute_start_ms: int, publish: Publish
     """
     if minute_start_ms % MINUTE_MS:
         raise ValueError(f"minute_start_ms {minute_start_ms} is not aligned to a minute")
-    model = TrafficModel(city, seed, start_ms=minute_start_ms)
+    # One model a day, asked for this minute of it: a model started at this minute would draw
+    # every invocation's noise from the same seeds (minute 0), and the feed would repeat itself
+    # minute after minute (every sensor "stuck"). Its fault episodes are drawn from the day's start.
+    day_start = minute_start_ms - minute_start_ms % DAY_MS
+    model = TrafficModel(city, seed * 100_000 + day_start // DAY_MS, start_ms=day_start)
+    minute = (minute_start_ms - day_start) // MINUTE_MS
     sent_at = int(time.time() * 1000)
     jobs: list[tuple[str, bytes]] = []
     readings = duplicates = 0
     for gateway_id, sensors in city.gateways().items():
-        batch = model.gateway_minute(gateway_id, sensors, 0)
+        batch = model.gateway_minute(gateway_id, sensors, minute)
         if not batch:
             continue
         zone_id = sensors[0].zone_id
@@ -76,7 +82,7 @@ def publish_minute(city: City, seed: int, minute_start_ms: int, publish: Publish
         topic = telemetry_topic(zone_id, gateway_id)
         jobs.append((topic, payload))
         readings += len(batch)
-        if model.duplicate(gateway_id, 0):
+        if model.duplicate(gateway_id, minute):
             jobs.append((topic, payload))
             duplicates += 1
     # IoT Core's HTTPS publish takes ~20 ms: a few threads keep a 50,000-sensor minute well

@@ -49,6 +49,13 @@ def _naive_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is None else moment.astimezone(UTC).replace(tzinfo=None)
 
 
+def whole_value(pattern: str) -> str:
+    """The contract's pattern as GX must apply it. The contract matches a whole value
+    (`re.fullmatch`; its `$` is JSON Schema's end of input); GX searches (`re.search`), where a
+    final `$` also matches before a trailing newline, so `"S-1\\n"` would pass: `\\Z` ends it."""
+    return pattern.removesuffix("$") + r"\Z" if pattern.endswith("$") else pattern
+
+
 def field_expectations(spec: FieldSpec) -> list[ExpectationSpec]:
     """What the contract says about one field, as expectations."""
     column = spec.name
@@ -84,7 +91,9 @@ def field_expectations(spec: FieldSpec) -> list[ExpectationSpec]:
             )
         )
     if spec.pattern is not None:
-        out.append(ExpectationSpec("ExpectColumnValuesToMatchRegex", {"column": column, "regex": spec.pattern}))
+        out.append(
+            ExpectationSpec("ExpectColumnValuesToMatchRegex", {"column": column, "regex": whole_value(spec.pattern)})
+        )
     return out
 
 

@@ -6,6 +6,7 @@ registry's CSV header) without the batch side following makes one of these fail.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from citypulse_batch.warehouse import (
     create_table_sql,
 )
 from expectations.readings import PANDAS_TYPES, reading_expectations
-from streaming.contract import KEY_FIELDS, LAKE_FIELDS, READING_FIELDS, warehouse_columns
+from streaming.contract import KEY_FIELDS, LAKE_FIELDS, READING_FIELDS, is_plain_id, warehouse_columns
 from streaming.registry import SENSOR_COLUMNS, ZONE_COLUMNS
 
 DBT_PROJECT = Path(__file__).resolve().parents[1] / "dbt_project"
@@ -66,7 +67,10 @@ def test_suite_checks_every_contract_range_requirement_and_identifier() -> None:
             ranges = [s.kwargs for s in by_column[field.name] if s.expectation == "ExpectColumnValuesToBeBetween"]
             assert {"column": field.name, "min_value": field.minimum, "max_value": field.maximum} in ranges
         if field.pattern is not None:
-            assert kinds["ExpectColumnValuesToMatchRegex"]["regex"] == field.pattern
+            # The contract's pattern, anchored for GX's search (`whole_value`): the same ids match.
+            regex = kinds["ExpectColumnValuesToMatchRegex"]["regex"]
+            assert regex == field.pattern.removesuffix("$") + r"\Z"
+            assert all(bool(re.search(regex, v)) == is_plain_id(v) for v in ("S-1", "S-1\n", "S 1", "-S", "S.1:a"))
         if field.max_length is not None:
             assert kinds["ExpectColumnValueLengthsToBeBetween"]["max_value"] == field.max_length
     table_level = {s.expectation: s.kwargs for s in specs if s.column is None}

@@ -105,3 +105,16 @@ def test_an_empty_interval_fails_on_row_count() -> None:
     result = _check([])
     assert not result.success
     assert "expect_table_row_count_to_be_between" in {f["expectation"] for f in result.failures}
+
+
+def test_an_id_with_a_trailing_newline_fails_as_the_contract_says() -> None:
+    """GX searches a pattern (`re.search`): with the contract's `$`, "S-000001\\n" would pass
+    although the contract refuses it (found by a review)."""
+    rows = _rows()
+    rows[0]["sensor_id"] = "S-000001\n"
+
+    result = _check(rows)
+
+    assert [(f["expectation"], f["column"]) for f in result.failures] == [
+        ("expect_column_values_to_match_regex", "sensor_id")
+    ]

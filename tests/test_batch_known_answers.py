@@ -354,3 +354,35 @@ def test_the_interval_reaches_dbt_from_the_environment_and_from_vars_by_hand(
     assert window() == bounds.format("2026-03-02 10:00:00", "2026-03-02 11:00:00")
     by_hand = '{"interval_start": "2026-03-02 08:00:00", "interval_end": "2026-03-02 09:00:00"}'
     assert window("--vars", by_hand) == bounds.format("2026-03-02 08:00:00", "2026-03-02 09:00:00")
+
+
+def test_an_interval_scoped_not_null_test_still_sees_null_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scope keeps rows whose time column is null: the window alone dropped them, and a
+    `not_null` test of that column could never fail in an hourly build (found by a review).
+    The compiled test runs against a relation holding one null time, one inside and one
+    outside the interval."""
+    import duckdb
+    from dbt.cli.main import dbtRunner
+
+    path = tmp_path / "scope.duckdb"
+    monkeypatch.setenv("CITYPULSE_DUCKDB_PATH", str(path))
+    for name, value in interval_env(Interval.hour(HOUR)).items():
+        monkeypatch.setenv(name, value)
+    args = build_args(find_project_dir(), "duckdb", "", tmp_path, command="compile")
+    result = dbtRunner().invoke([*args, "--quiet", "--select", "not_null_stg_lake__readings_measured_at"])
+    assert result.success, result.exception
+    (compiled,) = [r.node.compiled_code for r in result.result.results]
+
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("create schema staging")
+        con.execute(
+            "create table staging.stg_lake__readings as select * from (values "
+            "(timestamp '2026-03-02 10:30:00'), (timestamp '2026-03-02 08:30:00'), (null)) t(measured_at)"
+        )
+        failures = con.execute(f"select count(*) from ({compiled}) t").fetchone()[0]
+    finally:
+        con.close()
+    assert failures == 1

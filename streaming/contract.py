@@ -56,6 +56,8 @@ _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 # Detectors report at least once a minute; the ceiling is generous for long intervals
 # and multi-lane aggregates, and catches counters that wrapped or were misread.
 MAX_VEHICLE_COUNT = 10_000
+# IoT Core refuses an MQTT payload over 128 KiB (a device publish, or Basic Ingest).
+MAX_MQTT_PAYLOAD_BYTES = 128 * 1024
 MAX_SEQ = 2**63 - 1
 # Plausibility bounds for event time; freshness and clock skew are the processor's
 # policy (relative to receive time), not the contract's.

@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from infra.local.broker import TELEMETRY_FILTER, Broker, start_broker
 from infra.local.certs import Identity, LocalCA
+from streaming.contract import MAX_MQTT_PAYLOAD_BYTES
 from streaming.devices.gateway import Gateway, GatewayError, chunk_by_budget, telemetry_topic
 
 pytestmark = pytest.mark.integration
@@ -145,6 +146,21 @@ def test_gateway_publishes_and_the_bridge_identity_receives_exactly_those(
     got = [p for t, p in subscriber.messages if p != barrier]
     assert {t for t, _ in subscriber.messages} == {telemetry_topic("Z-010", "gw-00010")}
     assert got == payloads  # one publisher at QoS 1: all, once each, in order
+
+
+def test_a_payload_over_iot_cores_limit_is_refused_before_it_holds_up_the_gateway(
+    ca: LocalCA, broker: Broker, subscriber: Collector
+) -> None:
+    """Sent, it would drop the connection and come back on every reconnect, blocking every
+    message queued behind it (found by a review); refused, the next ones go through."""
+    with gateway(ca, broker, "gw-00011") as gw:
+        with pytest.raises(ValueError, match="over IoT Core's 131,072-byte limit"):
+            gw.publish_telemetry("Z-011", b"x" * (MAX_MQTT_PAYLOAD_BYTES + 1))
+        gw.publish_telemetry("Z-011", b"y" * MAX_MQTT_PAYLOAD_BYTES).result(TIMEOUT)  # at the limit
+        gw.publish_telemetry("Z-011", b"after").result(TIMEOUT)
+        stats = gw.flush(TIMEOUT)
+    subscriber.wait_for(subscriber.has(b"after"))
+    assert (stats.published, stats.acked, stats.interruptions) == (2, 2, 0)
 
 
 def test_a_device_cannot_publish_as_another(ca: LocalCA, broker: Broker, subscriber: Collector) -> None:

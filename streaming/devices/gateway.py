@@ -44,11 +44,12 @@ from awscrt import mqtt
 from awscrt.exceptions import AwsCrtError
 from awsiot import mqtt_connection_builder
 
+from streaming.contract import MAX_MQTT_PAYLOAD_BYTES
 from streaming.devices.topics import basic_ingest_topic, telemetry_topic
 
 # Basic Ingest: IoT Core hands a message on $aws/rules/<rule>/<topic> straight to that rule,
 # skipping the message broker and its per-message charge; the rule sees <topic>.
-# IoT Core's limit is 128 KiB per message; the default budget leaves headroom for the topic.
+# IoT Core's limit is 128 KiB a payload (MAX_MQTT_PAYLOAD_BYTES); the default budget leaves headroom.
 DEFAULT_MAX_MESSAGE_BYTES = 100_000
 DEFAULT_MAX_IN_FLIGHT = 100
 
@@ -211,6 +212,13 @@ class Gateway:
         """
         if self._closing:
             raise GatewayError(f"{self.gateway_id} is closed")
+        if len(payload) > MAX_MQTT_PAYLOAD_BYTES:
+            # IoT Core would drop the connection on it, and the persistent session would send it
+            # again on every reconnect, holding up everything queued behind it: refused here.
+            raise ValueError(
+                f"{self.gateway_id}: a {len(payload):,}-byte payload is over IoT Core's "
+                f"{MAX_MQTT_PAYLOAD_BYTES:,}-byte limit: split the readings into more messages"
+            )
         if not self._window.acquire(timeout=timeout):
             with self._lock:
                 self._refused += 1

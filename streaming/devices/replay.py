@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from streaming.contract import device_message, format_ts
+from streaming.contract import MAX_MQTT_PAYLOAD_BYTES, device_message, format_ts
 from streaming.devices.gateway import Gateway
 from streaming.registry import Sensor
 
@@ -275,9 +275,30 @@ def plan_replay(
         items.sort(key=lambda item: (item[0], item[1]["sensor_id"]))
         offset = 0.0 if math.isinf(speed) else (minute_ms - first) / 1000 / speed
         for i in range(0, len(items), max_readings):
-            chunk = tuple(r for _, r in items[i : i + max_readings])
-            messages.append(ScheduledMessage(offset, gateway_id, zones[gateway_id], minute_ms, chunk))
+            chunk = [r for _, r in items[i : i + max_readings]]
+            for part in _within_payload_limit(gateway_id, zones[gateway_id], chunk):
+                messages.append(ScheduledMessage(offset, gateway_id, zones[gateway_id], minute_ms, tuple(part)))
     return ReplayPlan(messages, len(rows), unknown, seq_unit_s, speed)
+
+
+# A publish time as long as any the replay will write (`device_message`'s sent_at).
+_LONGEST_SENT_AT_MS = 10**13 - 1
+
+
+def _within_payload_limit(gateway_id: str, zone_id: str, readings: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`readings` as few messages as IoT Core's payload limit allows (halved until each fits:
+    long ids, or a v1 message a gateway spanning zones falls back to, can outgrow a count
+    limit); a reading too large alone raises ReplayError."""
+    size = len(orjson.dumps(device_message(gateway_id, zone_id, _LONGEST_SENT_AT_MS, readings)))
+    if size <= MAX_MQTT_PAYLOAD_BYTES:
+        return [readings]
+    if len(readings) == 1:
+        raise ReplayError(f"a reading of {readings[0]['sensor_id']!r:.80} alone is a {size:,}-byte message")
+    half = len(readings) // 2
+    return [
+        *_within_payload_limit(gateway_id, zone_id, readings[:half]),
+        *_within_payload_limit(gateway_id, zone_id, readings[half:]),
+    ]
 
 
 def _seq_unit(rows: list[Row]) -> int:

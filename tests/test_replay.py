@@ -25,6 +25,7 @@ from streaming.devices.replay import (
     ColumnMap,
     ReplayError,
     Row,
+    congestion_from,
     parse_time_ms,
     plan_replay,
     read_rows,
@@ -83,6 +84,24 @@ def test_times_are_read_from_iso_strings_datetimes_and_epoch_numbers() -> None:
         assert parse_time_ms(value) == expected, value
     with pytest.raises(ValueError):
         parse_time_ms("yesterday")
+    for endless in ("inf", float("-inf"), "nan", float("nan")):
+        with pytest.raises(ValueError):  # not an OverflowError the replay would not catch
+            parse_time_ms(endless)
+
+
+def test_a_nan_measurement_is_a_gap_and_an_infinite_one_is_refused(tmp_path: Path) -> None:
+    """NaN is how pandas writes a gap: the reading goes without it (its congestion derived from
+    what it has), not with a congestion index of 0 from `max(0.0, nan)` (found by a review)."""
+    path = tmp_path / "nan.csv"
+    path.write_text("t,det,flow,speed,occ\n2026-03-02T07:00:20Z,D-1,12,15.0,nan\n")
+    (row,) = read_rows(
+        path, ColumnMap.parse("ts=t,sensor_id=det,vehicle_count=flow,avg_speed_kmh=speed,occupancy_pct=occ")
+    )
+    assert row.occupancy_pct is None and row.avg_speed_kmh == 15.0
+    assert congestion_from(row, 30.0) == 0.5  # from the speed
+    path.write_text("t,det,flow,speed\n2026-03-02T07:00:20Z,D-1,12,inf\ninf,D-1,12,1\n")
+    with pytest.raises(ReplayError, match="row 2: 'inf' is not a finite number"):
+        read_rows(path, ColumnMap.parse("ts=t,sensor_id=det,vehicle_count=flow,avg_speed_kmh=speed"))
 
 
 def _rows(registry: dict[str, Any]) -> list[Row]:

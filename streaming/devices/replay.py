@@ -135,7 +135,7 @@ def read_rows(path: Path | str, mapping: ColumnMap) -> list[Row]:
     for number, record in enumerate(records, start=first_row):
         try:
             out.append(_row(record, columns))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise ReplayError(f"{path.name} row {number}: {e}") from e
     return out
 
@@ -162,7 +162,16 @@ def _row(record: Mapping[str, Any], columns: Mapping[str, str]) -> Row:
 
 
 def _number(v: Any) -> float | None:
-    return None if v is None else float(v)
+    """An optional measurement: NaN is how pandas and many exports write a gap, so it is one
+    (None); an infinity is no measurement at all."""
+    if v is None:
+        return None
+    f = float(v)
+    if math.isnan(f):
+        return None
+    if math.isinf(f):
+        raise ValueError(f"{v!r} is not a finite number")
+    return f
 
 
 def _integral(v: Any, name: str) -> int:
@@ -177,6 +186,8 @@ def parse_time_ms(value: Any) -> int:
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"time {value!r} is not a number of epoch seconds or milliseconds")
         # Epoch milliseconds from 1973 on are > 1e11; epoch seconds stay below until year 5138.
         return int(value) if abs(value) >= 1e11 else round(value * 1000)
     else:

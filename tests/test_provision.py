@@ -257,6 +257,12 @@ def test_stand_ins_are_described_for_the_local_platform(
     assert rule.sql_version == "2016-03-23"
     assert rule.partition_key == "${topic(3)}"
     assert rule.stream_name == "citypulse-local-telemetry"
+    # The rule bridge writes what the rule cannot act on where the template's error action does.
+    from infra.local.platform import _error_action_args
+
+    bucket_arg, bucket, key_arg, key = _error_action_args(rule.error_action)
+    assert (bucket_arg, key_arg) == ("--error-bucket", "--error-key")
+    assert bucket.startswith("citypulse-local-lake") and key.startswith("ingest-errors/${parse_time(")
 
     (stream,) = report.streams
     assert (stream.name, stream.shard_count, stream.stream_mode) == ("citypulse-local-telemetry", 4, "ON_DEMAND")

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+from batch_lake import ministack_env, s3_client
 from mqtt_stream import PROJECT_KEY, PROJECT_SQL, TIMEOUT, StreamReader, connect_gateway, create_stream, start_bridge
 from mqtt_stream import offline_bridge as _bridge
 
@@ -119,7 +120,7 @@ def test_partition_key_templates() -> None:
         PartitionKeyTemplate.parse("${topic(7)}").render(CTX)
 
 
-@pytest.mark.parametrize("template", ["${timestamp()}", "${topic(3)", "${payload.x}", "", "${topic(0)}"])
+@pytest.mark.parametrize("template", ["${sourceip()}", "${topic(3)", "${payload.x}", "", "${topic(0)}"])
 def test_unsupported_partition_key_templates_are_refused(template: str) -> None:
     with pytest.raises(UnsupportedRuleSql):
         PartitionKeyTemplate.parse(template)
@@ -129,7 +130,7 @@ def test_unsupported_rule_fails_at_construction_and_the_cli_exits_2(capsys: pyte
     with pytest.raises(UnsupportedRuleSql):
         _bridge(object(), sql=PROJECT_SQL + " WHERE 1 = 1")
     with pytest.raises(UnsupportedRuleSql):
-        _bridge(object(), key="${timestamp()}")
+        _bridge(object(), key="${sourceip()}")
     argv = ["--sql", "SELECT x FROM 'a'", "--partition-key", "k", "--stream", "s"]
     argv += ["--broker-port", "1", "--ca", "a", "--cert", "b", "--key", "c"]
     assert main(argv) == 2
@@ -366,3 +367,44 @@ def test_nothing_is_lost_across_a_broker_restart(ca: LocalCA, kinesis: Any, tmp_
         own.stop()
     assert set(seen) == sent
     assert_only_redelivered_duplicates(seen, before)
+
+
+def test_key_templates_render_the_receive_day_as_the_error_actions_key_does() -> None:
+    key = PartitionKeyTemplate.parse('ingest-errors/${parse_time("yyyy-MM-dd", timestamp(), "UTC")}/${newuuid()}.json')
+    day, name = key.expand(CTX).split("/")[1:]
+    assert day == "2026-11-18" and name.endswith(".json") and len(name) == len(str(uuid.uuid4())) + 5
+    assert PartitionKeyTemplate.parse("${timestamp()}").expand(CTX) == str(CTX.received_at_ms)
+    with pytest.raises(UnsupportedRuleSql):
+        PartitionKeyTemplate.parse('${parse_time("yyyy-MM-dd EEE", timestamp(), "UTC")}')
+
+
+@pytest.mark.integration
+def test_a_message_the_rule_cannot_act_on_goes_to_its_s3_error_action(
+    ca: LocalCA, broker: Broker, kinesis: Any, ministack: Emulator
+) -> None:
+    """As the template's ErrorAction: an empty zone level (no partition key) and a payload over
+    IoT Core's limit are written to the lake's ingest-errors/ with the original payload, not
+    only counted (found by a review)."""
+    s3 = s3_client(ministack_env(ministack))
+    bucket = f"errors-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    create_stream(kinesis, "telemetry-errors")
+    key = 'ingest-errors/${parse_time("yyyy-MM-dd", timestamp(), "UTC")}/${newuuid()}.json'
+    bridge = start_bridge(kinesis, ca, broker, "telemetry-errors", error_bucket=bucket, error_key=key, s3_client=s3)
+    gw = connect_gateway(ca, broker, "gw-00040")
+    try:
+        gw.publish("citypulse/telemetry//gw-00040", b'{"no":"zone"}').result(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not s3.list_objects_v2(Bucket=bucket).get("KeyCount"):
+            assert time.monotonic() < deadline, "no error document"
+            time.sleep(0.05)  # polling the bucket for the bridge's write
+    finally:
+        gw.disconnect()
+        stats = bridge.stop()
+
+    (obj,) = s3.list_objects_v2(Bucket=bucket)["Contents"]
+    document = orjson.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+    assert obj["Key"].startswith("ingest-errors/20") and stats.rule_errors == 1
+    assert base64.b64decode(document["base64OriginalPayload"]) == b'{"no":"zone"}'
+    assert (document["topic"], document["clientId"]) == ("citypulse/telemetry//gw-00040", "gw-00040")
+    assert "partition key" in document["failures"][0]["errorMessage"]

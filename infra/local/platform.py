@@ -162,6 +162,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _error_action_args(error_action: dict[str, Any] | None) -> list[str]:
+    """The rule bridge's arguments for the rule's S3 error action (none without one)."""
+    s3 = (error_action or {}).get("s3")
+    if not s3:
+        return []
+    return ["--error-bucket", str(s3["bucketName"]), "--error-key", str(s3["key"])]
+
+
 def _spawn(name: str, argv: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
     log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
     return subprocess.Popen(
@@ -318,6 +326,7 @@ def supervise(
                 str(bridge_id.key_path),
                 "--rule-name",
                 rule.name,
+                *_error_action_args(rule.error_action),
             ],
             env,
             logs,

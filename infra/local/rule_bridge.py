@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from streaming.contract import MAX_MQTT_PAYLOAD_BYTES
 from streaming.devices.topics import basic_ingest_prefix
 
 log = logging.getLogger(__name__)
@@ -293,6 +295,18 @@ def _parse_item(p: _Parser) -> SelectItem:
 
 _SUBST_RE = re.compile(r"\$\{([^}]*)\}")
 _TOPIC_FN_RE = re.compile(r"^topic\((\d*)\)$")
+# `parse_time("yyyy-MM-dd", timestamp(), "UTC")`: the receive time in a Java date pattern.
+_PARSE_TIME_RE = re.compile(r'^parse_time\(\s*"([^"]+)"\s*,\s*timestamp\(\)\s*,\s*"UTC"\s*\)$')
+# The Java date pattern letters the error action's key uses, as strftime directives.
+_JAVA_DATE = (("yyyy", "%Y"), ("MM", "%m"), ("dd", "%d"), ("HH", "%H"), ("mm", "%M"), ("ss", "%S"))
+
+
+def _java_date_format(pattern: str) -> str:
+    for java, directive in _JAVA_DATE:
+        pattern = pattern.replace(java, directive)
+    if re.search(r"[A-Za-z]", re.sub(r"%[YmdHMS]", "", pattern)):
+        raise UnsupportedRuleSql(f"unsupported date pattern in parse_time: {pattern!r}")
+    return pattern
 
 
 @dataclass(frozen=True)
@@ -321,6 +335,11 @@ class PartitionKeyTemplate:
                 parts.append(lambda ctx: ctx.client_id)
             elif expr == "newuuid()":
                 parts.append(lambda _ctx: str(uuid.uuid4()))
+            elif expr == "timestamp()":
+                parts.append(lambda ctx: str(ctx.received_at_ms))
+            elif time_m := _PARSE_TIME_RE.match(expr):
+                fmt = _java_date_format(time_m.group(1))
+                parts.append(lambda ctx, f=fmt: datetime.fromtimestamp(ctx.received_at_ms / 1000, UTC).strftime(f))
             else:
                 raise UnsupportedRuleSql(f"unsupported substitution ${{{expr}}} in partition key {template!r}")
             pos = m.end()
@@ -333,13 +352,42 @@ class PartitionKeyTemplate:
             raise UnsupportedRuleSql("empty partition key template")
         return cls(template=template, _parts=tuple(parts))
 
-    def render(self, ctx: MessageContext) -> str:
+    def expand(self, ctx: MessageContext) -> str:
+        """The template with its substitutions for this message (an S3 key, say)."""
         values = [part(ctx) for part in self._parts]
         if any(v is None for v in values):
-            raise RuleEvaluationError(f"partition key {self.template!r} is undefined for topic {ctx.topic!r}")
-        key = "".join(v for v in values if v is not None)
+            raise RuleEvaluationError(f"template {self.template!r} is undefined for topic {ctx.topic!r}")
+        return "".join(v for v in values if v is not None)
+
+    def render(self, ctx: MessageContext) -> str:
+        """The partition key for this message, checked as Kinesis checks one."""
+        key = self.expand(ctx)
         if not key or len(key) > MAX_PARTITION_KEY_CHARS:
             raise RuleEvaluationError(f"partition key {key!r} must be 1-{MAX_PARTITION_KEY_CHARS} characters")
+        return key
+
+
+@dataclass(frozen=True)
+class S3ErrorAction:
+    """The rule's S3 error action: for each message the rule could not act on, the document IoT
+    Core writes (`ruleName`, `topic`, `clientId`, `base64OriginalPayload`, `failures`) under
+    the action's key template (`ingest-errors/${parse_time(...)}/${newuuid()}.json`)."""
+
+    rule_name: str
+    bucket: str
+    key: PartitionKeyTemplate
+    s3: Any
+
+    def write(self, payload: bytes, ctx: MessageContext, error: str, failed_resource: str) -> str:
+        key = self.key.expand(ctx)
+        document = {
+            "ruleName": self.rule_name,
+            "topic": ctx.topic,
+            "clientId": ctx.client_id,
+            "base64OriginalPayload": base64.b64encode(payload).decode(),
+            "failures": [{"failedAction": "KinesisAction", "failedResource": failed_resource, "errorMessage": error}],
+        }
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=orjson.dumps(document), ContentType="application/json")
         return key
 
 
@@ -395,6 +443,9 @@ class RuleBridge:
         concurrency: int = DEFAULT_CONCURRENCY,
         keepalive_s: int = 30,
         rule_name: str | None = None,
+        error_bucket: str | None = None,
+        error_key: str | None = None,
+        s3_client: Any | None = None,
     ) -> None:
         # Parsed first so a rule we cannot evaluate fails before anything connects.
         self.rule = parse_rule_sql(sql)
@@ -408,6 +459,17 @@ class RuleBridge:
         if self.basic_ingest_prefix is not None:
             self.topic_filters.append(self.basic_ingest_prefix + self.rule.topic_filter)
         self.stream_name = stream_name
+        # The rule's error action, if it has one: messages the rule cannot act on are written
+        # there, as IoT Core does, rather than only counted.
+        self.error_action: S3ErrorAction | None = None
+        if error_bucket and error_key:
+            if s3_client is None:
+                import boto3
+
+                s3_client = boto3.client("s3")
+            self.error_action = S3ErrorAction(
+                rule_name or "rule", error_bucket, PartitionKeyTemplate.parse(error_key), s3_client
+            )
         self.broker_host = broker_host
         self.broker_port = broker_port
         self._ca_path, self._cert_path, self._key_path = ca_path, cert_path, key_path
@@ -570,6 +632,9 @@ class RuleBridge:
             topic = topic[len(self.basic_ingest_prefix) :]
         ctx = MessageContext(topic=topic, client_id=client_id_from_topic(topic), received_at_ms=received_at_ms)
         try:
+            if len(msg.payload) > MAX_MQTT_PAYLOAD_BYTES:
+                # IoT Core refuses such a publish; Mosquitto's limit counts the whole packet.
+                raise RuleEvaluationError(f"a {len(msg.payload)}-byte payload is over IoT Core's 128 KiB")
             if not self.rule.matches(topic):
                 raise RuleEvaluationError(f"topic {msg.topic!r} does not match {self.rule.topic_filter!r}")
             data = self.rule.evaluate(msg.payload, ctx)
@@ -577,9 +642,15 @@ class RuleBridge:
             if len(data) + len(key.encode()) > MAX_RECORD_BYTES:
                 raise RuleEvaluationError(f"record of {len(data)} bytes exceeds Kinesis' 1 MiB limit")
         except RuleEvaluationError as e:
-            # IoT Core would hand this message to the rule's error action; retrying cannot fix
-            # it, so it is acknowledged and counted rather than redelivered forever.
+            # Retrying cannot fix it: handed to the rule's error action, acknowledged and
+            # counted, as IoT Core does, rather than redelivered forever.
             log.error("rule failed for message on %r: %s", msg.topic, e)
+            if self.error_action is not None:
+                try:
+                    written = self.error_action.write(msg.payload, ctx, str(e), self.stream_name)
+                    log.info("error action wrote s3://%s/%s", self.error_action.bucket, written)
+                except Exception:  # IoT Core logs a failed error action; the message is not retried
+                    log.exception("the rule's error action failed for the message on %r", msg.topic)
             with self._cond:
                 self._rule_errors += 1
             client.ack(msg.mid, msg.qos)
@@ -719,6 +790,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--partition-key", required=True, help="e.g. '${topic(3)}'")
     ap.add_argument("--stream", required=True, help="Kinesis stream name")
     ap.add_argument("--rule-name", help="the rule's name: also read its Basic Ingest topics ($aws/rules/<name>/...)")
+    ap.add_argument("--error-bucket", help="the rule's S3 error action: its bucket")
+    ap.add_argument("--error-key", help="... and its key template, e.g. 'ingest-errors/${newuuid()}.json'")
     ap.add_argument("--broker-host", default="localhost")
     ap.add_argument("--broker-port", type=int, required=True)
     ap.add_argument("--ca", required=True, type=Path)
@@ -755,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
             linger_s=args.linger_ms / 1000,
             concurrency=args.concurrency,
             rule_name=args.rule_name,
+            error_bucket=args.error_bucket,
+            error_key=args.error_key,
         )
     except UnsupportedRuleSql as e:
         print(f"rule_bridge: unsupported rule: {e}", file=sys.stderr)

@@ -13,8 +13,9 @@ Place in the flow: the batch path's daily housekeeping, after the day's hourly r
    gates') to `<docs_dir>/gx/index.html` (or the lake's `docs/gx/`),
 
 and every task's failure puts `PipelineFailed` on the bus. The hourly DAG's last hour of the
-day may still be loading at midnight: the daily marts are replaced per day, so a rerun of
-the day (or the next backfill) brings them up to date.
+day may still be loading at midnight: the hourly run that loads it builds the day's daily
+marts again afterwards, as does a run that loads one of its hours again
+(`steps.days_completed`); the daily marts are replaced per day.
 
 Thin like `citypulse_hourly`: task bodies are in `citypulse_batch.steps`.
 """
@@ -44,7 +45,7 @@ def _run(step_name: str, context: dict[str, Any]) -> None:
     """Run `citypulse_batch.steps.<step_name>` for the day (`steps.run_step`)."""
     from citypulse_batch import steps
 
-    steps.run_step(getattr(steps, step_name), context)
+    steps.run_step(getattr(steps, step_name), context, reloaded=False)
 
 
 @dag(

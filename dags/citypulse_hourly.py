@@ -122,7 +122,9 @@ def citypulse_hourly() -> None:
     def dbt_build(**context: Any) -> None:
         from citypulse_batch import steps
 
-        run_step(steps.build, context)
+        # ... and the daily marts of a day this run completes (its last hour, or one of its
+        # hours loaded again later): the daily DAG built them at midnight, maybe too early.
+        run_step(steps.build, context, completed_days=steps.build_daily)
 
     @task(task_id="quality_check", execution_timeout=timedelta(minutes=20))
     def quality_check(**context: Any) -> None:

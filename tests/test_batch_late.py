@@ -9,7 +9,7 @@ loaded with its hour again by `steps.load`, whose later steps run that hour agai
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ def test_each_step_runs_again_for_the_reloaded_hours_and_fails_with_what_it_foun
     assert summary[RELOADED]["2026-03-02T07:00:00Z"]["interval"]["end"] == "2026-03-02T08:00:00Z"
     with pytest.raises(StepFailed) as failed:
         run_hours(step, hour, ["2026-03-02T07:00:00Z", "2026-03-02T08:00:00Z"])
-    assert "hour 2026-03-02T08:00:00Z" in str(failed.value)
+    assert "(2026-03-02T08:00:00Z, reloaded)" in str(failed.value)
     assert failed.value.summary[RELOADED]["2026-03-02T08:00:00Z"] == {"success": False, "evaluated": 3}
     assert failed.value.summary["success"] is False  # the report names the step failed
     # The interval first, then each reloaded hour in order, until one fails.
@@ -228,3 +228,39 @@ def test_retention_forgets_a_ledger_with_its_partition() -> None:
     assert key.startswith(LEDGER_PREFIX) and LEDGER_PREFIX in LAKE_PREFIXES
     assert expired_keys([key], INTERVAL_START + HOUR) == [key]
     assert expired_keys([key], INTERVAL_START + HOUR - timedelta(seconds=1)) == []
+
+
+def test_a_run_builds_again_the_daily_marts_of_the_days_it_completes() -> None:
+    """The daily DAG builds a day's marts at midnight, maybe before its last hour is loaded, and
+    before any of its hours loaded again later (found by a review): the run that loads the
+    day's last hour, or loads one of its hours again, builds them again."""
+
+    def at(text: str) -> datetime:
+        return datetime.fromisoformat(text)
+
+    def days(start: str, hours: list[str]) -> list[str]:
+        return [d.to_json()["start"] for d in steps.days_completed(Interval.hour(at(start)), hours)]
+
+    assert days("2026-03-02T10:00:00Z", []) == []
+    assert days("2026-03-02T23:00:00Z", []) == ["2026-03-02T00:00:00Z"]
+    assert days("2026-03-02T10:00:00Z", ["2026-03-02T07:00:00Z"]) == []  # the day is not over
+    assert days("2026-03-03T02:00:00Z", ["2026-03-02T21:00:00Z", "2026-03-02T22:00:00Z"]) == ["2026-03-02T00:00:00Z"]
+    assert days("2026-03-02T23:00:00Z", ["2026-03-01T23:00:00Z", "2026-03-02T20:00:00Z"]) == [
+        "2026-03-01T00:00:00Z",
+        "2026-03-02T00:00:00Z",
+    ]
+
+    built: list[dict[str, str]] = []
+
+    def hourly(interval: Interval) -> dict[str, Any]:
+        return {"success": True}
+
+    def daily(interval: Interval) -> dict[str, Any]:
+        built.append(interval.to_json())
+        return {"success": True, "models_passed": 3}
+
+    summary = run_hours(hourly, Interval.hour(at("2026-03-03T00:00:00Z")), ["2026-03-02T23:00:00Z"], daily)
+    assert built == [{"start": "2026-03-02T00:00:00Z", "end": "2026-03-03T00:00:00Z"}]
+    assert list(summary["days"]) == ["2026-03-02T00:00:00Z"]
+    report = build_report(Interval.hour(at("2026-03-03T00:00:00Z")), "d", "r", {"dbt": summary})
+    assert report["daily_marts_built"] == ["2026-03-02T00:00:00Z"]

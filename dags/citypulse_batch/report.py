@@ -15,6 +15,8 @@ REPORT_VERSION = 1
 STEPS = ("load", "dbt", "expectations", "reconciliation", "compaction")
 # Where a step's summary holds those of the earlier hours the run loaded again, by hour.
 RELOADED = "reloaded"
+# ... and the daily build's of each whole day the run completed, by day.
+DAYS = "days"
 
 
 def build_report(
@@ -54,6 +56,8 @@ def build_report(
         "lake_objects_after_compaction": compaction.get("objects_after"),
         # Earlier hours this run loaded again: objects reached their partitions after their load.
         "reloaded_hours": sorted(load.get(RELOADED, {})),
+        # Whole days this run completed, whose daily marts it built again.
+        "daily_marts_built": sorted(dbt.get(DAYS, {})),
         "steps": {name: steps.get(name) for name in STEPS},
     }
 

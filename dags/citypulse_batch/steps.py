@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from citypulse_batch.lake import (
     partition_prefixes,
     report_key,
 )
-from citypulse_batch.report import RELOADED
+from citypulse_batch.report import DAYS, RELOADED
 from citypulse_batch.settings import AWS_CONN_ID, WAREHOUSE_CONN_ID, setting
 
 
@@ -95,13 +95,19 @@ def warehouse() -> Any:
     return warehouse_from_connection(BaseHook.get_connection(WAREHOUSE_CONN_ID))
 
 
-def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, Any], *, reloaded: bool = True) -> None:
+Step = Callable[[Interval], dict[str, Any]]
+
+
+def run_step(
+    step: Step, context: Mapping[str, Any], *, reloaded: bool = True, completed_days: Step | None = None
+) -> None:
     """Run a step for the Airflow task's data interval; its summary goes to XCom key `summary`,
     also when the step fails (then a data verdict fails the task without retries).
 
     With `reloaded`, the step also runs for each earlier hour the run's load loaded again
     (`load`: objects reached it after its own run), after the data interval's; their
-    summaries go under `RELOADED`, by hour."""
+    summaries go under `RELOADED`, by hour. `completed_days` then runs for each day this run
+    completes (`days_completed`), its summaries under `DAYS`."""
     from citypulse_batch.airflow_compat import task_failure
 
     interval = Interval(context["data_interval_start"], context["data_interval_end"])
@@ -111,28 +117,47 @@ def run_step(step: Callable[[Interval], dict[str, Any]], context: Mapping[str, A
         load_summary = ti.xcom_pull(task_ids="load_warehouse", key="summary") or {}
         hours = list(load_summary.get(RELOADED, {}))
     try:
-        summary = run_hours(step, interval, hours)
+        summary = run_hours(step, interval, hours, completed_days)
     except StepFailed as exc:
         ti.xcom_push(key="summary", value=exc.summary)
         raise task_failure(exc, exc.retryable) from exc
     ti.xcom_push(key="summary", value=summary)
 
 
-def run_hours(step: Callable[[Interval], dict[str, Any]], interval: Interval, hours: list[str]) -> dict[str, Any]:
+def run_hours(step: Step, interval: Interval, hours: list[str], completed_days: Step | None = None) -> dict[str, Any]:
     """`step` of the interval, then of each hour in `hours` (ISO starts), whose summaries go
-    under `RELOADED`; a step that fails on one of them fails with the summaries so far."""
+    under `RELOADED`; then `completed_days` of each day the run completes (`days_completed`),
+    under `DAYS`. A step that fails on one of them fails with the summaries so far."""
     summary = step(interval)
-    if not hours:
-        return summary
-    summary[RELOADED] = {}
-    for hour in hours:
+    runs = [(RELOADED, hour, Interval.hour(datetime.fromisoformat(hour)), step) for hour in hours]
+    if completed_days is not None:
+        runs += [(DAYS, day.to_json()["start"], day, completed_days) for day in days_completed(interval, hours)]
+    for key, name, part, run in runs:
+        done = summary.setdefault(key, {})
         try:
-            summary[RELOADED][hour] = step(Interval.hour(datetime.fromisoformat(hour)))
+            done[name] = run(part)
         except StepFailed as exc:
-            summary[RELOADED][hour] = exc.summary
+            done[name] = exc.summary
             summary["success"] = False  # the run report's verdict on the step
-            raise StepFailed(f"{exc} (hour {hour}, loaded again)", summary, retryable=exc.retryable) from exc
+            raise StepFailed(f"{exc} ({name}, {key})", summary, retryable=exc.retryable) from exc
     return summary
+
+
+def days_completed(interval: Interval, hours: list[str]) -> list[Interval]:
+    """The whole UTC days an hourly run completes: the interval's day when the interval ends it
+    (its last hour), and the day of each hour loaded again that lies before the interval's
+    day. Their daily marts were built at midnight, maybe before the day's last hour was loaded,
+    and certainly before an hour loaded again later: the run builds them again."""
+
+    def day_of(moment: datetime) -> datetime:
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    first = day_of(interval.start)
+    days = {day_of(datetime.fromisoformat(hour)) for hour in hours} - {first}
+    days = {d for d in days if d < first}
+    if interval.end == day_of(interval.end) and interval.end > first:
+        days.add(interval.end - timedelta(days=1))
+    return [Interval(day, day + timedelta(days=1)) for day in sorted(days)]
 
 
 def load(interval: Interval) -> dict[str, Any]:

@@ -611,6 +611,10 @@ def _lambda(out: Plan, w: Workload, p: dict[str, Any], shards: int, cpu_s: float
     """The Lambda line for a processor spending `cpu_s` CPU seconds a second."""
     lam = p["lambda"]
     busy_cores = cpu_s / w.processor_cpu_share
+    if w.fan_out and not w.batching_window_s:
+        # Pushed with no window, a shard's next invocation starts when its last one ends: each
+        # shard has one running all the time, and Lambda bills all of it, waits included.
+        busy_cores = max(busy_cores, shards)
     gb_s = busy_cores * SECONDS_PER_MONTH * w.lambda_memory_mb / 1024
     invocations = shards / w.batch_interval_s * SECONDS_PER_MONTH
     out.capacity.update(lambda_concurrency=max(shards, math.ceil(busy_cores)), lambda_busy_vcpus=busy_cores)

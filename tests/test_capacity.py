@@ -485,3 +485,15 @@ def test_a_zone_is_priced_with_its_items_other_attributes() -> None:
     whole = plan(Workload(**sized, zone_state_item_overhead_bytes=130)).capacity["dynamodb_wru_per_s"]
     assert whole - bare == 112
     assert measure_zone_state_bytes().item_overhead_bytes > 100  # keys, marker, flags and names
+
+
+def test_through_the_consumer_lambda_bills_each_shards_invocations_back_to_back() -> None:
+    """With no window a shard's next invocation starts when its last ends: Lambda bills every
+    second of every shard, not the CPU (found by a review: $225 for 2.60 busy vCPUs). By hand:
+    8 shards x 2,628,000 s x 1,769/1,024 GB x $0.0000166667 = $605.33; 8 / 0.15 s x 2,628,000
+    = 140.16 M invocations x $0.20 = $28.03."""
+    p = plan(Workload())
+    assert p.capacity["kinesis_shards"] == 8 and p.capacity["lambda_busy_vcpus"] == 8
+    assert item(p, "Lambda processor") == pytest.approx(605.33 + 28.03, abs=0.01)
+    once = plan(Workload(stream_consumer="SHARED_THROUGHPUT", batching_window_s=1))
+    assert once.capacity["lambda_busy_vcpus"] < 1  # a 1 s window: idle between invocations

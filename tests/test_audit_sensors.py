@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime
 
-from infra.local.audit import AuditReport, SensorAudit, ZoneAudit, add_sensor_counters, render
+from infra.local.audit import AuditReport, SensorAudit, ZoneAudit, add_sensor_counters, dead_lettered, render
 from streaming.processor.state import SensorState, ZoneState
 
 
@@ -57,3 +57,21 @@ def test_per_sensor_counters_that_do_not_add_up_to_the_zone_fail_the_balance() -
     report = _report(state)
     assert not report.zones["Z-001"].sensors_match_counters
     assert report.counters_balance is False and report.balanced is False
+
+
+def test_a_dead_lettered_reading_the_lake_already_accounts_for_is_not_counted_again() -> None:
+    """A batch writes its quarantine before its commit: one that failed on every retry and went
+    to the on-failure queue may have quarantined some of its readings already, which the audit
+    counted a second time as dead-lettered (found by a review)."""
+    readings = [
+        ("S-1", "Z-1", 7, "shard-0/100/0"),  # stored
+        ("S-1", "Z-1", 8, "shard-0/100/1"),  # quarantined (out of range)
+        (None, "Z-1", None, "shard-0/100/2"),  # quarantined, no sensor
+        ("S-2", "Z-1", 9, "shard-0/101/0"),  # its whole message quarantined
+        ("S-3", "Z-1", 4, "shard-0/102/0"),  # only on the queue
+        ("S-3", "Z-1", 4, "shard-0/102/0"),  # ... twice
+        (None, None, None, "shard-0/103/-1"),  # unreadable, only on the queue
+    ]
+    stored = [("S-1", 7)]
+    quarantined = {"shard-0/100/1", "shard-0/100/2", "shard-0/101/-1"}
+    assert list(dead_lettered(readings, stored, quarantined)) == [("S-3", "Z-1"), (None, None)]

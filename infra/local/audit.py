@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -249,6 +250,7 @@ def _lake_side(s3: Any, bucket: str, start: datetime, end: datetime) -> dict[str
         ).fetchall()
         out["stored_keys"] = con.execute("select distinct sensor_id, seq from raw_all").fetchall()
     out["quarantined"] = []
+    out["quarantined_sources"] = set()
     if quarantine is not None:
         con.register("q_all", quarantine)
         out["rows_outside"] += con.execute(
@@ -263,6 +265,7 @@ def _lake_side(s3: Any, bucket: str, start: datetime, end: datetime) -> dict[str
             """,
             [NO_SENSOR, *params],
         ).fetchall()
+        out["quarantined_sources"] = {row[0] for row in con.execute("select distinct source_id from q_all").fetchall()}
     out["covers_all"] = raw_inside and q_inside and out["rows_outside"] == 0
     return out
 
@@ -287,7 +290,8 @@ def _clients(env: dict[str, str]) -> tuple[Any, Any]:
 
 def _dead_letters(env: dict[str, str], start: datetime, end: datetime) -> tuple[int, int, list[tuple[Any, ...]]]:
     """(batches, records, readings) on the on-failure queue; a reading is (sensor_id, zone_id,
-    seq), None where a record cannot be read into readings. Filtered by receive time."""
+    seq, source_id), None where a record cannot be read into readings (its source_id then the
+    whole message's, `<shard>/<sequence>/-1`, as quarantine names it). Filtered by receive time."""
     url = env.get("CITYPULSE_PROCESSOR_DLQ_URL")
     if not url:
         return 0, 0, []
@@ -306,15 +310,16 @@ def _dead_letters(env: dict[str, str], start: datetime, end: datetime) -> tuple[
         stream = b["streamArn"].rsplit("/", 1)[-1]
         for r in read_range(kinesis, stream, b["shardId"], b["startSequenceNumber"], b["endSequenceNumber"]):
             records += 1
+            source = f"{b['shardId']}/{r['SequenceNumber']}"
             try:
                 envelope = decode_envelope(r["Data"])
                 if not start_ms <= envelope.received_at_ms < end_ms:
                     continue
                 raws, _sent = parse_readings(envelope)
             except ContractError:
-                readings.append((None, None, None))
+                readings.append((None, None, None, f"{source}/-1"))
                 continue
-            for raw in raws:
+            for index, raw in enumerate(raws):
                 sensor_id = raw.get("sensor_id") if isinstance(raw, dict) else None
                 seq = raw.get("seq") if isinstance(raw, dict) else None
                 readings.append(
@@ -322,9 +327,29 @@ def _dead_letters(env: dict[str, str], start: datetime, end: datetime) -> tuple[
                         sensor_id if isinstance(sensor_id, str) else None,
                         envelope.zone_id,
                         seq if type(seq) is int else None,
+                        f"{source}/{index}",
                     )
                 )
     return batches, records, readings
+
+
+def dead_lettered(
+    readings: Iterable[tuple[Any, ...]], stored_keys: Iterable[tuple[str, int]], quarantined_sources: set[str]
+) -> Iterator[tuple[str | None, str | None]]:
+    """(sensor_id, zone_id) of each reading on the on-failure queue that the lake does not
+    already account for: not stored (its sensor and seq), not quarantined (its source id, or
+    its whole message's: a batch writes its quarantine before its commit, so a batch that
+    failed on every retry may have quarantined readings it then dead-lettered), and once if
+    the queue holds it twice."""
+    counted: set[tuple[str, int]] = set(stored_keys)
+    for sensor_id, zone_id, seq, source in readings:
+        if source in quarantined_sources or f"{source.rsplit('/', 1)[0]}/-1" in quarantined_sources:
+            continue
+        if seq is not None and sensor_id is not None:
+            if (sensor_id, seq) in counted:
+                continue  # already stored (or on the queue twice): once is enough
+            counted.add((sensor_id, seq))
+        yield sensor_id, zone_id
 
 
 def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
@@ -371,12 +396,7 @@ def run_audit(state_dir: Path, start: datetime, end: datetime) -> AuditReport:
         s = sensors.setdefault(sensor_id, SensorAudit(sensor_id, zone_id))
         s.quarantined[code] += n
         zone(zone_id).lake_quarantined += n
-    counted: set[tuple[str, int]] = set(lake["stored_keys"])
-    for sensor_id, zone_id, seq in dl_readings:
-        if seq is not None and sensor_id is not None:
-            if (sensor_id, seq) in counted:
-                continue  # already stored (or on the queue twice): once is enough
-            counted.add((sensor_id, seq))
+    for sensor_id, zone_id in dead_lettered(dl_readings, lake["stored_keys"], lake["quarantined_sources"]):
         key = sensor_id or NO_SENSOR
         sensors.setdefault(key, SensorAudit(key, zone_id)).dead_lettered += 1
     add_sensor_counters(states, zones, sensors)

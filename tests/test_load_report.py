@@ -3,6 +3,7 @@ shard's batches and the invocation that raised the incident's alert."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import orjson
@@ -118,3 +119,56 @@ def test_a_template_parameter_goes_to_a_fresh_stack_only(
         main(["--state-dir", str(tmp_path), command, "--parameter", "ProcessorBatchingWindow"])
     assert done.value.code == 2
     assert "a template parameter is KEY=VALUE" in capsys.readouterr().err
+
+
+def test_an_alert_decided_before_its_incident_is_not_taken_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier episode's CongestionDetected, or one an earlier run left on the queue, would
+    have given a negative latency (found by a review): only one decided at or after the
+    incident's start counts, by its `detected_at` or the end of its deciding minute."""
+    from infra.local.load import AlertWatcher, decided_ms
+
+    monkeypatch.setenv("CITYPULSE_ALERT_FEED_QUEUE_URL", "http://127.0.0.1:1/queue/feed")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    start = 1_796_558_760_000  # 2026-12-06T12:06:00Z
+    watcher = AlertWatcher({"Z-128": start})
+    stale = {"zone_id": "Z-128", "minute": "2026-12-06T12:04:00.000Z"}  # decided at 12:05
+    fresh = {"zone_id": "Z-128", "rule": "severe", "detected_at": "2026-12-06T12:06:07.250Z"}
+    assert decided_ms(stale) == start - 60_000 and decided_ms(fresh) == start + 7_250 and decided_ms({}) == 0
+    watcher.note({"detail-type": "CongestionDetected", "detail": stale}, start / 1000 - 19)
+    assert watcher.arrivals == {} and not watcher.all_arrived.is_set()
+    watcher.note({"detail-type": "CongestionDetected", "detail": fresh}, start / 1000 + 8.5)
+    assert watcher.arrivals == {"Z-128": (start / 1000 + 8.5, fresh)} and watcher.all_arrived.is_set()
+
+
+def test_latencies_past_the_last_bucket_are_over_it_not_its_label(tmp_path: Path) -> None:
+    """The histogram's last bucket holds everything over 60 s: a percentile there is reported as
+    "> 60 s", not as 60.001 s (found by a review)."""
+    from infra.local.demo import latency_percentiles, latency_text
+
+    entry = {"message": "batch processed", "latency_ms_histogram": {"1000": 90, "60001": 10}}
+    (tmp_path / "poller-shardId-000000000000.log").write_bytes(orjson.dumps(entry) + b"\n")
+    got = latency_percentiles(tmp_path)
+    assert got["p50"] == 1.0 and math.isinf(got["p95"]) and math.isinf(got["p99"])
+    assert (latency_text(got["p50"]), latency_text(got["p99"])) == ("1.00 s", "> 60 s")
+
+
+def test_publishers_that_fall_behind_do_not_count_as_sustained() -> None:
+    """The measured readings are a count of fixed ticks: they reached rate x duration however
+    late the publishers ran (found by a review). The rate is now judged over the time taken."""
+    from infra.local.demo import Accounting
+    from infra.local.load import LoadResult
+
+    def result(window_s: float) -> LoadResult:
+        done = Accounting(received=300_000, stored=300_000)
+        return LoadResult(
+            rate=1000, duration_s=300, tick_s=10, sensors=1000, gateways=32, publishers=2,
+            published_readings=300_000, published_messages=9_400, failed_publishes=0, warmup_s=0,
+            measured_readings=300_000, measured_messages=9_400, publish_window_s=window_s,
+            publisher_max_lag_s=0.0, publisher_late_ticks=0, processed_in_window=300_000, drain_s=1.0,
+            before=Accounting(), at_measure=Accounting(), after=done, latency={}, stream_latency={},
+            cadence={}, incidents=[], alerts_raised={}, cpu_s={}, publisher_cpu_s=0.0,
+            peak_rss_kb={}, peak_total_rss_kb=0,
+        )  # fmt: skip
+
+    assert result(300.0).sustained and result(305.0).sustained  # 98.4 % of the rate
+    assert not result(309.9).sustained  # 96.8 %: a tick's lag, which the late-tick count allowed

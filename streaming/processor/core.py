@@ -625,8 +625,10 @@ class LakeColumns:
 
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {name: [] for name in self.NAMES}
+        self.zone_ids: set[str | None] = set()  # the zones whose rows these are (the object's name)
 
     def append(self, r: Reading, gateway_id: str, received_at_ms: int, processed_at_ms: int) -> None:
+        self.zone_ids.add(r.zone_id)
         c = self.columns
         c["sensor_id"].append(r.sensor_id)
         c["zone_id"].append(r.zone_id)
@@ -653,6 +655,7 @@ class LakeColumns:
         """`append` of each row of one zone's readings: `columns` are their sensor ids, event
         times, seqs, vehicle counts, speeds, occupancies, congestion indexes and lanes; the
         gateway and the receive time are one for all (a message's) or one per row (a run's)."""
+        self.zone_ids.add(zone_id)
         c = self.columns
         sensor_ids, stamps, seqs, vehicles, speeds, occupancies, congestions, lanes = columns
         k = len(seqs)
@@ -688,6 +691,7 @@ class QuarantineColumns:
 
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {name: [] for name in self.NAMES}
+        self.zone_ids: set[str | None] = set()  # the zones whose rows these are; None: no zone's
 
     def append(
         self,
@@ -702,6 +706,7 @@ class QuarantineColumns:
         gateway_id: str | None = None,
         zone_id: str | None = None,
     ) -> None:
+        self.zone_ids.add(zone_id)
         c = self.columns
         c["received_at"].append(received_at_ms)
         c["processed_at"].append(processed_at_ms)

@@ -344,9 +344,8 @@ class LakeWriter:
         keys = []
         for hour, cols in by_hour.items():
             if len(cols):
-                columns = cols.columns
-                key = f"{prefix}/{_hour_path(hour)}/{batch_name}-{zone_set_tag(columns['zone_id'])}.parquet"
-                self._put(key, pa.Table.from_pydict(columns, schema=schema))
+                key = f"{prefix}/{_hour_path(hour)}/{batch_name}-{zone_set_tag(cols.zone_ids)}.parquet"
+                self._put(key, pa.Table.from_pydict(cols.columns, schema=schema))
                 keys.append(key)
         return keys
 

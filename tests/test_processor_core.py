@@ -283,6 +283,26 @@ def test_congestion_clears_only_below_the_clear_threshold_for_the_minimum_durati
     assert kinds == ["CongestionDetected", "CongestionCleared"]
 
 
+def test_hot_minutes_apart_are_not_a_sustained_jam() -> None:
+    """Minutes without readings between two hot ones break the streak (found by a review: two
+    hot minutes an hour apart raised an episode that 'started' in a minute without readings)."""
+    store, b = Store(), StreamBuilder()
+    assert _zone_minutes(store, b, [0.75], first=0) == []
+    assert _zone_minutes(store, b, [0.75, 0.2], first=60) == []  # minute 0 and minute 60: not consecutive
+    assert _zone_minutes(store, b, [0.75, 0.75, 0.2], first=62) == ["CongestionDetected"]
+
+
+def test_readings_of_exactly_a_threshold_meet_it() -> None:
+    """Three readings of 0.7 sum to 2.0999999999999996 as floats: the mean must still be 0.7, as
+    the alert rounds it (found by a review: such a zone never raised, and 0.4s never cleared)."""
+    three = dict.fromkeys(ZONE_SENSORS[:3], 0.7)
+    store, b = Store(), StreamBuilder()
+    kinds = []
+    for m in range(3):
+        kinds += [a.detail_type for a in _zone_batch(store, b, three, BASE_MS + m * MINUTE_MS + 30_000, m).alerts]
+    assert 0.7 + 0.7 + 0.7 != 2.1 and kinds == ["CongestionDetected"]
+
+
 def _split(share: float, high: float, low: float, sensors: list[str] = ZONE_SENSORS) -> dict[str, float]:
     """The first `share` of `sensors` read `high`, the rest `low`."""
     k = round(share * len(sensors))

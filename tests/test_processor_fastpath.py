@@ -392,8 +392,10 @@ def test_fast_path_equals_reference_on_a_quiet_then_busy_zone() -> None:
     state: dict = {}
     minutes: dict = {}
     kinds: list[str] = []
-    for minute, congestion in enumerate([0.9, 0.9, 0.9, 0.2, 0.2, 0.2]):
-        ts = BASE_MS + minute * 7 * MINUTE_MS
+    # Minutes 7 apart (sensors fall silent between), then three in a row (clearing needs
+    # consecutive closed minutes).
+    for minute, (at, congestion) in enumerate(zip([0, 7, 14, 21, 22, 23], [0.9, 0.9, 0.9, 0.2, 0.2, 0.2], strict=True)):
+        ts = BASE_MS + at * MINUTE_MS
         batch = [
             b.gateway_record(
                 sensors[: 2 + minute % 3],

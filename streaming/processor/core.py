@@ -1228,7 +1228,11 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
     c = state.congestion
     for minute in sorted(m for m in state.open_minutes if m < current):
         n, total = state.open_minutes.pop(minute)
-        mean = total / n if n else 0.0
+        # Rounded: readings of exactly a threshold must meet it, and a float sum of three 0.7s is
+        # 0.6999999999999998 (the sum itself keeps its order, which the fast path reproduces).
+        mean = round(total / n, 9) if n else 0.0
+        if minute != state.evaluated_minute + 1:
+            c.streak = 0  # minutes without readings between: the minutes are not consecutive
         state.evaluated_minute = max(state.evaluated_minute, minute)
         if not c.congested:
             c.streak = c.streak + 1 if mean >= s.congestion_raise else 0

@@ -301,3 +301,15 @@ class FailingClient:
             return method(*args, **kwargs)
 
         return call
+
+
+def session_lake(bucket: str, client: Any = None) -> Any:
+    """The lake `bucket` as the DAG's steps see it, through this process's boto3 session (the
+    emulator's, under `aws_env`), with `client` instead of the session's S3 client if given."""
+    from citypulse_batch.lake import Lake, S3Credentials
+
+    session = boto3.Session()
+    frozen = session.get_credentials().get_frozen_credentials()
+    return Lake(
+        bucket, client or session.client("s3"), S3Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+    )

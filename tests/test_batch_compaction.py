@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pyarrow as pa
 import pytest
 from batch_lake import (
@@ -20,6 +19,7 @@ from batch_lake import (
     put_parquet,
     reading,
     s3_client,
+    session_lake,
     unique_name,
     write_fixture_lake,
 )
@@ -28,20 +28,12 @@ from hypothesis import strategies as st
 
 from citypulse_batch import compaction, steps
 from citypulse_batch.compaction import CompactionError, compact, compact_partition, manifest_prefix
-from citypulse_batch.lake import Interval, Lake, S3Credentials, quarantine_prefixes, readings_prefixes
+from citypulse_batch.lake import Interval, Lake, quarantine_prefixes, readings_prefixes
 from citypulse_batch.warehouse import DuckDBWarehouse
 from streaming.contract import lake_arrow_schema, quarantine_arrow_schema
 from streaming.parquet import read_parquet
 
 pytestmark = pytest.mark.integration
-
-
-def _lake(bucket: str, client: Any = None) -> Lake:
-    session = boto3.Session()
-    frozen = session.get_credentials().get_frozen_credentials()
-    return Lake(
-        bucket, client or session.client("s3"), S3Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-    )
 
 
 @pytest.fixture
@@ -65,7 +57,7 @@ def _rows(lake: Lake, prefix: str) -> Counter[tuple[Any, ...]]:
 def test_a_partition_becomes_one_part_holding_every_row_and_the_load_reads_it_alike(
     tmp_path: Path, fixture_lake: FixtureLake, partition: str
 ) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     interval = Interval(fixture_lake.start, fixture_lake.end)
     rows = _rows(lake, partition)
     before = DuckDBWarehouse(tmp_path / "before.duckdb").load(interval, lake)
@@ -93,7 +85,7 @@ def test_a_partition_becomes_one_part_holding_every_row_and_the_load_reads_it_al
 def test_a_second_run_changes_nothing_and_a_late_file_joins_the_small_part(
     fixture_lake: FixtureLake, partition: str
 ) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     compact_partition(lake, partition)
     first = lake.list_objects(partition)
 
@@ -120,7 +112,7 @@ def test_a_second_run_changes_nothing_and_a_late_file_joins_the_small_part(
 
 
 def test_parts_split_by_size_and_a_large_part_is_left_alone(fixture_lake: FixtureLake, partition: str) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     rows = _rows(lake, partition)
     target = min(size for _, size in lake.list_objects(partition))  # one input a part
 
@@ -138,10 +130,10 @@ def test_parts_split_by_size_and_a_large_part_is_left_alone(fixture_lake: Fixtur
 def test_a_run_failing_while_it_writes_leaves_the_partition_as_it_was(
     fixture_lake: FixtureLake, partition: str, after: int
 ) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     objects = lake.list_objects(partition)
     target = min(size for _, size in objects)
-    failing = _lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=after))
+    failing = session_lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=after))
 
     with pytest.raises(ConnectionError, match="injected: upload_file"):
         compact_partition(failing, partition, target_bytes=target)
@@ -151,12 +143,12 @@ def test_a_run_failing_while_it_writes_leaves_the_partition_as_it_was(
 
 
 def test_a_run_that_dies_while_it_writes_is_undone_by_the_next(fixture_lake: FixtureLake, partition: str) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     rows = _rows(lake, partition)
     target = min(size for _, size in lake.list_objects(partition))
     # The first part is uploaded, the second fails, and the undo fails too: what a killed
     # worker leaves. The partition then holds the inputs and a part: rows twice.
-    dying = _lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=2, delete_objects=1))
+    dying = session_lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=2, delete_objects=1))
     with pytest.raises(ConnectionError):
         compact_partition(dying, partition, target_bytes=target)
     assert sum(_rows(lake, partition).values()) > sum(rows.values())
@@ -173,10 +165,10 @@ def test_a_run_that_dies_while_it_writes_is_undone_by_the_next(fixture_lake: Fix
 def test_the_hours_load_settles_a_stopped_compaction_before_it_reads(
     tmp_path: Path, fixture_lake: FixtureLake, partition: str
 ) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     interval = Interval(fixture_lake.start, fixture_lake.end)
     with pytest.raises(ConnectionError):  # stopped after its commit: inputs and part side by side
-        compact_partition(_lake(fixture_lake.bucket, FailingClient(lake.client, delete_objects=1)), partition)
+        compact_partition(session_lake(fixture_lake.bucket, FailingClient(lake.client, delete_objects=1)), partition)
 
     summary = steps.load_settled(DuckDBWarehouse(tmp_path / "warehouse.duckdb"), interval, lake)
 
@@ -186,9 +178,9 @@ def test_the_hours_load_settles_a_stopped_compaction_before_it_reads(
 
 
 def test_a_run_that_dies_after_its_commit_is_finished_by_the_next(fixture_lake: FixtureLake, partition: str) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     rows = _rows(lake, partition)
-    dying = _lake(fixture_lake.bucket, FailingClient(lake.client, delete_objects=1))
+    dying = session_lake(fixture_lake.bucket, FailingClient(lake.client, delete_objects=1))
     with pytest.raises(ConnectionError):
         compact_partition(dying, partition)
     assert sum(_rows(lake, partition).values()) == 2 * sum(rows.values())  # inputs and their part
@@ -208,7 +200,7 @@ def test_a_partition_of_mixed_schemas_is_left_alone(
 ) -> None:
     """Left whole whether the odd object shares a part with the others or is a part of its own
     (then the parts already written are undone)."""
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     schema = lake_arrow_schema()
     sensor = fixture_lake.city.sensors[0]
     row = reading(sensor.sensor_id, sensor.zone_id, 800, fixture_lake.start)

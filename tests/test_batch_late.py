@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import duckdb
 import pytest
 from batch_lake import (
@@ -24,13 +23,14 @@ from batch_lake import (
     put_parquet,
     reading,
     s3_client,
+    session_lake,
     unique_name,
     write_fixture_lake,
 )
 
 from citypulse_batch import ledger, steps
 from citypulse_batch.compaction import compact, compact_partition, is_part
-from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, S3Credentials, partition_prefixes, readings_prefixes
+from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, partition_prefixes, readings_prefixes
 from citypulse_batch.report import RELOADED, build_report
 from citypulse_batch.retention import LAKE_PREFIXES, expired_keys
 from citypulse_batch.steps import StepFailed, load_settled, run_hours
@@ -42,12 +42,6 @@ pytestmark = pytest.mark.integration
 HOUR = timedelta(hours=1)
 
 
-def _lake(bucket: str) -> Lake:
-    session = boto3.Session()
-    frozen = session.get_credentials().get_frozen_credentials()
-    return Lake(bucket, session.client("s3"), S3Credentials(frozen.access_key, frozen.secret_key, frozen.token))
-
-
 @pytest.fixture
 def fixture_lake(aws_env: dict[str, str]) -> FixtureLake:
     return write_fixture_lake(s3_client(aws_env), unique_name("lake-late"))
@@ -56,7 +50,7 @@ def fixture_lake(aws_env: dict[str, str]) -> FixtureLake:
 @pytest.fixture
 def loaded(tmp_path: Path, fixture_lake: FixtureLake) -> tuple[Lake, DuckDBWarehouse, Interval]:
     """The fixture hour loaded (its ledgers written) and compacted, as its run leaves it."""
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
     hour = Interval(fixture_lake.start, fixture_lake.end)
     load_settled(warehouse, hour, lake)
@@ -153,7 +147,7 @@ def test_an_object_in_the_ledger_but_gone_is_not_late(loaded) -> None:
 def test_a_compaction_stopped_before_its_ledger_swap_is_settled_not_taken_for_late(
     tmp_path: Path, fixture_lake: FixtureLake, settled_by: str
 ) -> None:
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
     hour = Interval(fixture_lake.start, fixture_lake.end)
     first = load_settled(warehouse, hour, lake)
@@ -178,7 +172,7 @@ def test_an_input_written_again_during_its_compaction_is_kept_and_loaded_again(
 ) -> None:
     """A processor's retry lands a batch again under the same key, with a reading more, while the
     compaction that read the first one is between its commit and its deletes."""
-    lake = _lake(fixture_lake.bucket)
+    lake = session_lake(fixture_lake.bucket)
     warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
     hour = Interval(fixture_lake.start, fixture_lake.end)
     first = load_settled(warehouse, hour, lake)

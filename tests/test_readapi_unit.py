@@ -13,7 +13,7 @@ from streaming.contract import parse_ts_ms
 from streaming.processor.state import SensorState, ZoneState
 from streaming.readapi.alerts import MemoryAlertLog, alert_from_event
 from streaming.readapi.handler import Deps, check_query, configure
-from streaming.readapi.params import ApiError, decode_cursor, encode_cursor, parse_time
+from streaming.readapi.params import ApiError, decode_cursor, encode_cursor, format_ts, parse_time
 from streaming.readapi.sources import Registry
 from streaming.readapi.views import (
     LiveZone,
@@ -257,3 +257,16 @@ def test_a_store_that_stays_throttled_is_a_503_not_a_500() -> None:
     finally:
         configure(None)
     assert (status, body["error"]["code"]) == (503, "store_unavailable")
+
+
+def test_metric_pages_from_a_start_until_now_are_not_checked_again_against_a_later_now(clock: list[int]) -> None:
+    """`from` alone, just inside a day: page 2, two minutes later, must follow its cursor, not
+    fail the range check again from the new now (found by a review)."""
+    zone = CITY.zones[0].zone_id
+    since = format_ts(clock[0] - (24 * 60 - 3) * 60_000)
+    status, first = _get(f"/api/zones/{zone}/metrics?from={since}&limit=720")
+    assert status == 200 and first["next_cursor"], first
+    clock[0] += 120_000
+    status, second = _get(f"/api/zones/{zone}/metrics?from={since}&limit=720&cursor={first['next_cursor']}")
+    assert status == 200, second
+    assert second["window"]["from"] == first["window"]["to"] and second["next_cursor"] is None

@@ -256,29 +256,16 @@ def get_zone_metrics(
     _zone_or_404(zone_id)
     if step not in STEPS:
         raise bad("step", f"{step} is not one of 1, 5, 15 (minutes)")
-    now = deps().now_ms()
-    end_ms = parse_time("to", to) if to is not None else now + MINUTE_MS
-    start_ms = parse_time("from", from_) if from_ is not None else end_ms - DEFAULT_RANGE_MINUTES * MINUTE_MS
-    if start_ms >= end_ms:
-        raise bad("from", f"{format_ts(start_ms)} is not before to={format_ts(end_ms)}")
-    # Buckets align to multiples of `step` minutes since the epoch (UTC).
-    first = start_ms // MINUTE_MS
-    first -= first % step
-    end = -(-end_ms // MINUTE_MS)  # exclusive, rounded up
-    if end - first > MAX_RANGE_MINUTES[step]:
-        raise bad(
-            "from",
-            f"the range {format_ts(start_ms)}..{format_ts(end_ms)} is over {MAX_RANGE_MINUTES[step] // 60} h "
-            f"for step={step}: narrow it or use a larger step",
-            "range_too_large",
-        )
     # The query as the client sent it; the window the first page resolved travels in the cursor,
-    # so a default range ("until now") stays the first page's on every later one.
+    # so a range ending "now" stays the first page's on every later one (and is not checked
+    # again against a later now).
     query = {"zone": zone_id, "from": from_, "to": to, "step": step, "limit": limit}
     if cursor is not None:
         position = decode_cursor(cursor, "metrics", query)
         end = position_int(position, 1)
         first = position_int(position, 0, max(0, end - MAX_RANGE_MINUTES[step]), end - 1)
+    else:
+        first, end = _metrics_window(from_, to, step)
     page_end = min(end, first + limit * step)
     rows = deps().source.minute_rows(zone_id, first, page_end - 1)
     more = page_end < end
@@ -289,6 +276,27 @@ def get_zone_metrics(
         step_minutes=step,
         window={"from": format_ts(first * MINUTE_MS), "to": format_ts(page_end * MINUTE_MS)},
     )
+
+
+def _metrics_window(from_: str | None, to: str | None, step: int) -> tuple[int, int]:
+    """The first page's buckets [first, end) in epoch minutes: `to` (default: the minute after
+    now) and `from` (default: DEFAULT_RANGE_MINUTES before it), aligned to `step` minutes
+    since the epoch (UTC), within MAX_RANGE_MINUTES."""
+    end_ms = parse_time("to", to) if to is not None else deps().now_ms() + MINUTE_MS
+    start_ms = parse_time("from", from_) if from_ is not None else end_ms - DEFAULT_RANGE_MINUTES * MINUTE_MS
+    if start_ms >= end_ms:
+        raise bad("from", f"{format_ts(start_ms)} is not before to={format_ts(end_ms)}")
+    first = start_ms // MINUTE_MS
+    first -= first % step
+    end = -(-end_ms // MINUTE_MS)  # exclusive, rounded up
+    if end - first > MAX_RANGE_MINUTES[step]:
+        raise bad(
+            "from",
+            f"the range {format_ts(start_ms)}..{format_ts(end_ms)} is over {MAX_RANGE_MINUTES[step] // 60} h "
+            f"for step={step}: narrow it or use a larger step",
+            "range_too_large",
+        )
+    return first, end
 
 
 @app.get("/sensors")

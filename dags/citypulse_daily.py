@@ -12,10 +12,10 @@ Place in the flow: the batch path's daily housekeeping, after the day's hourly r
 4. builds the Great Expectations data docs of the day's stored validation results (the hourly
    gates') to `<docs_dir>/gx/index.html` (or the lake's `docs/gx/`),
 
-and every task's failure puts `PipelineFailed` on the bus. The hourly DAG's last hour of the
-day may still be loading at midnight: the hourly run that loads it builds the day's daily
-marts again afterwards, as does a run that loads one of its hours again
-(`steps.days_completed`); the daily marts are replaced per day.
+and every task's failure puts `PipelineFailed` on the bus. The build waits until an hour past
+the day's end (`DAILY_BUILD_DELAY`): the hourly run of the day's last hour starts at midnight
+too, and the daily marts must include it. An hour of the day loaded again later (late objects)
+builds the day's daily marts again in that hourly run (`steps.days_completed`).
 
 Thin like `citypulse_hourly`: task bodies are in `citypulse_batch.steps`.
 """
@@ -25,10 +25,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from airflow.providers.standard.sensors.date_time import DateTimeSensor
 from airflow.sdk import dag, task
 
 from citypulse_batch.airflow_compat import CronDataIntervalTimetable
 from citypulse_batch.events import on_task_failure
+
+# How long after the day's end its daily marts are built: the day's last hourly run (which starts
+# at midnight too, then crawls and loads) must have loaded it by then.
+DAILY_BUILD_DELAY = 60  # minutes
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "citypulse-data",
@@ -61,6 +66,16 @@ def _run(step_name: str, context: dict[str, Any]) -> None:
     doc_md=__doc__,
 )
 def citypulse_daily() -> None:
+    # Until the day's last hourly run has loaded it (it starts at midnight, as this DAG does);
+    # a rerun or backfill of a past day is past the time at once.
+    wait_for_last_hour = DateTimeSensor(
+        task_id="wait_for_last_hour",
+        target_time=f"{{{{ (data_interval_end + macros.timedelta(minutes={DAILY_BUILD_DELAY})).isoformat() }}}}",
+        mode="reschedule",
+        poke_interval=300,
+        timeout=timedelta(hours=3).total_seconds(),
+    )
+
     @task(task_id="dbt_build_daily", execution_timeout=timedelta(hours=1))
     def dbt_build_daily(**context: Any) -> None:
         _run("build_daily", context)
@@ -78,7 +93,7 @@ def citypulse_daily() -> None:
         _run("data_docs", context)
 
     # Retention after the build (the build reads the day); docs last, describing what is left.
-    dbt_build_daily() >> retention() >> [dbt_docs(), data_docs()]
+    wait_for_last_hour >> dbt_build_daily() >> retention() >> [dbt_docs(), data_docs()]
 
 
 daily_dag = citypulse_daily()

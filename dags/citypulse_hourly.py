@@ -122,8 +122,8 @@ def citypulse_hourly() -> None:
     def dbt_build(**context: Any) -> None:
         from citypulse_batch import steps
 
-        # ... and the daily marts of a day this run completes (its last hour, or one of its
-        # hours loaded again later): the daily DAG built them at midnight, maybe too early.
+        # ... and the daily marts of an ended day one of whose hours this run loaded again: the
+        # daily DAG built them before the hour's late objects were in.
         run_step(steps.build, context, completed_days=steps.build_daily)
 
     @task(task_id="quality_check", execution_timeout=timedelta(minutes=20))

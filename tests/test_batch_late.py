@@ -29,7 +29,7 @@ from batch_lake import (
 )
 
 from citypulse_batch import ledger, steps
-from citypulse_batch.compaction import compact, compact_partition, is_part
+from citypulse_batch.compaction import compact, compact_partition, is_part, manifest_prefix
 from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, partition_prefixes, readings_prefixes
 from citypulse_batch.report import RELOADED, build_report
 from citypulse_batch.retention import LAKE_PREFIXES, expired_keys
@@ -132,6 +132,23 @@ def test_a_late_object_is_found_left_out_of_compaction_and_loaded_again_with_its
     keys = lake.list_keys(readings, ".parquet")
     assert [is_part(k) for k in keys] == [True] and ledger.loaded(lake, readings) == set(keys)
     assert steps.load(Interval.hour(hour.start + 2 * HOUR)).get(RELOADED) is None
+    # A retry of the run that loaded it again (its load task failed after, say) finds the hour
+    # again, so that its later steps still run for it (found by a review).
+    assert list(steps.load(Interval.hour(hour.start + HOUR))[RELOADED]) == ["2026-03-02T10:00:00Z"]
+
+
+def test_another_runs_compaction_in_progress_is_neither_undone_nor_taken_for_late(loaded) -> None:
+    """Runs of a backfill overlap: another hour's look back must not undo a compaction still
+    being written, nor take its parts for late objects (found by a review)."""
+    lake, _, hour = loaded
+    (readings,) = readings_prefixes(hour)
+    part = readings + "compacted-0123456789abcdef-00000-of-00002.parquet"
+    lake.client.put_object(Bucket=lake.bucket, Key=part, Body=b"PAR1 being written")
+    manifest = f"{manifest_prefix(readings)}0123456789abcdef.json"
+    lake.write_json(manifest, {"state": "writing", "inputs": [], "parts": [part]})
+
+    assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == []
+    assert part in lake.list_keys(readings, ".parquet") and lake.read_json(manifest) is not None
 
 
 def test_an_object_in_the_ledger_but_gone_is_not_late(loaded) -> None:
@@ -224,25 +241,22 @@ def test_retention_forgets_a_ledger_with_its_partition() -> None:
     assert expired_keys([key], INTERVAL_START + HOUR - timedelta(seconds=1)) == []
 
 
-def test_a_run_builds_again_the_daily_marts_of_the_days_it_completes() -> None:
-    """The daily DAG builds a day's marts at midnight, maybe before its last hour is loaded, and
-    before any of its hours loaded again later (found by a review): the run that loads the
-    day's last hour, or loads one of its hours again, builds them again."""
+def test_a_run_builds_again_the_daily_marts_of_the_ended_days_it_loaded_again() -> None:
+    """The daily DAG built a day's marts before an hour of it was loaded again: the run that
+    loads it again builds them again, once the day has ended (found by a review)."""
 
     def at(text: str) -> datetime:
         return datetime.fromisoformat(text)
 
-    def days(start: str, hours: list[str]) -> list[str]:
-        return [d.to_json()["start"] for d in steps.days_completed(Interval.hour(at(start)), hours)]
+    def days(start: str, hours: list[str], now: str) -> list[str]:
+        return [d.to_json()["start"] for d in steps.days_completed(Interval.hour(at(start)), hours, at(now))]
 
-    assert days("2026-03-02T10:00:00Z", []) == []
-    assert days("2026-03-02T23:00:00Z", []) == ["2026-03-02T00:00:00Z"]
-    assert days("2026-03-02T10:00:00Z", ["2026-03-02T07:00:00Z"]) == []  # the day is not over
-    assert days("2026-03-03T02:00:00Z", ["2026-03-02T21:00:00Z", "2026-03-02T22:00:00Z"]) == ["2026-03-02T00:00:00Z"]
-    assert days("2026-03-02T23:00:00Z", ["2026-03-01T23:00:00Z", "2026-03-02T20:00:00Z"]) == [
-        "2026-03-01T00:00:00Z",
-        "2026-03-02T00:00:00Z",
-    ]
+    assert days("2026-03-02T23:00:00Z", [], "2026-03-03T00:05:00Z") == []
+    assert days("2026-03-02T10:00:00Z", ["2026-03-02T07:00:00Z"], "2026-03-02T11:05:00Z") == []  # not over
+    late = ["2026-03-02T21:00:00Z", "2026-03-02T22:00:00Z", "2026-03-03T00:00:00Z"]
+    assert days("2026-03-03T02:00:00Z", late, "2026-03-03T03:05:00Z") == ["2026-03-02T00:00:00Z"]
+    # A backfill of an old hour that loads others of its (long ended) day again.
+    assert days("2026-03-02T10:00:00Z", ["2026-03-02T07:00:00Z"], "2026-12-07T12:00:00Z") == ["2026-03-02T00:00:00Z"]
 
     built: list[dict[str, str]] = []
 

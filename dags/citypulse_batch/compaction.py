@@ -82,8 +82,12 @@ def is_part(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith(COMPACTED)
 
 
-def settle(lake: Lake, prefix: str) -> list[str]:
-    """Finish or undo what a stopped run left in the partition (see the module's steps)."""
+def settle(lake: Lake, prefix: str, *, undo: bool = True) -> list[str]:
+    """Finish or undo what a stopped run left in the partition (see the module's steps).
+
+    `undo=False` finishes committed generations only and leaves a `writing` one alone: a reader
+    that is not the partition's own run (another hour's look back, `ledger.late_hours`) cannot
+    tell a stopped generation from one still being written (runs of a backfill overlap)."""
     settled = []
     for key in lake.list_keys(manifest_prefix(prefix), ".json"):
         manifest = lake.read_json(key)
@@ -93,28 +97,41 @@ def settle(lake: Lake, prefix: str) -> list[str]:
         if manifest["state"] == "written":
             _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
             settled.append(f"finished {generation}")
-        else:
+        elif undo:
             lake.delete(manifest["parts"])
             lake.delete([key])
             settled.append(f"undid {generation}")
     return settled
 
 
+def parts_in_writing(lake: Lake, prefix: str) -> set[str]:
+    """The parts that the partition's uncommitted (`writing`) generations name."""
+    parts: set[str] = set()
+    for key in lake.list_keys(manifest_prefix(prefix), ".json"):
+        manifest = lake.read_json(key)
+        if manifest is not None and manifest["state"] == "writing":
+            parts.update(manifest["parts"])
+    return parts
+
+
 def _finish(
     lake: Lake, prefix: str, manifest: str, inputs: list[str], parts: list[str], etags: dict[str, str] | None
-) -> None:
+) -> int:
     """Step 4, after the commit: the ledger names the parts instead of the inputs, then the
     inputs and the manifest are deleted. Each step is idempotent (a settle repeats them).
 
     An input written again since it was listed (`etags`: a processor's retry lands a batch
     under the same key) is not the object the part holds: it is kept, and being out of the
-    ledger now, its hour is loaded again and it is gathered by a later run."""
+    ledger now, its hour is loaded again and it is gathered by a later run. Returns how many
+    inputs were kept so."""
     ledger.swap(lake, prefix, inputs, parts)
+    deleted = inputs
     if etags is not None:
         now = lake.etags(prefix, ".parquet")
-        inputs = [key for key in inputs if now.get(key, etags.get(key)) == etags.get(key)]
-    lake.delete(inputs)
+        deleted = [key for key in inputs if now.get(key, etags.get(key)) == etags.get(key)]
+    lake.delete(deleted)
     lake.delete([manifest])
+    return len(inputs) - len(deleted)  # the inputs kept
 
 
 def _groups(objects: Sequence[tuple[str, int]], target_bytes: int) -> list[list[tuple[str, int]]]:
@@ -227,8 +244,8 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
         settle(lake, prefix)  # undo now what the next run would; it does if this fails too
         raise
     lake.write_json(manifest, {"state": "written", "inputs": keys, "parts": parts, "etags": etags})
-    _finish(lake, prefix, manifest, keys, parts, etags)
-    summary.objects_after = len(objects) - len(inputs) + len(parts)
+    kept = _finish(lake, prefix, manifest, keys, parts, etags)
+    summary.objects_after = len(objects) - len(inputs) + kept + len(parts)
     summary.bytes_after = summary.bytes_before - sum(size for _, size in inputs) + written
     return summary
 

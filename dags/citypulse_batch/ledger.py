@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, partition_prefixes
 
@@ -38,33 +39,57 @@ def loaded(lake: Lake, prefix: str) -> set[str] | None:
     return None if document is None else set(document["keys"])
 
 
-def record(lake: Lake, prefix: str, keys: Iterable[str]) -> None:
-    """The warehouse now holds the rows of exactly these keys of the partition."""
-    lake.write_json(ledger_key(prefix), {"keys": sorted(keys)})
+def record(lake: Lake, prefix: str, keys: Iterable[str], reloaded_by: str | None = None) -> None:
+    """The warehouse now holds the rows of exactly these keys of the partition; `reloaded_by`:
+    the run (its hour) that loaded the partition again as late, which a retry of that run's
+    load must find again (`late_hours`)."""
+    document: dict[str, Any] = {"keys": sorted(keys)}
+    if reloaded_by is not None:
+        document["reloaded_by"] = reloaded_by
+    lake.write_json(ledger_key(prefix), document)
+
+
+def _document(lake: Lake, prefix: str) -> dict[str, Any] | None:
+    return lake.read_json(ledger_key(prefix))
 
 
 def swap(lake: Lake, prefix: str, inputs: Iterable[str], parts: Iterable[str]) -> None:
     """The compaction's parts hold the rows of its inputs: the ledger names the parts instead.
     Idempotent (a settle repeats it); a partition without a ledger keeps none."""
-    keys = loaded(lake, prefix)
-    if keys is not None:
-        record(lake, prefix, (keys - set(inputs)) | set(parts))
+    document = _document(lake, prefix)
+    if document is not None:
+        keys = (set(document["keys"]) - set(inputs)) | set(parts)
+        record(lake, prefix, keys, document.get("reloaded_by"))
 
 
 def late_hours(lake: Lake, interval: Interval, lookback_hours: int) -> list[datetime]:
     """The hours of the `lookback_hours` before `interval` that a run has loaded and whose
-    partitions have gained objects since (not in their ledger), oldest first. What a stopped
-    compaction left there is settled first: its parts are not late objects."""
-    from citypulse_batch.compaction import settle
+    partitions have gained objects since (not in their ledger), oldest first; and those this
+    run (`interval`) loaded again already (a retry of its load: the later steps must still run
+    for them). A committed compaction there is finished first, and the parts of one still being
+    written (another run's, in a backfill) are not late objects."""
+    from citypulse_batch.compaction import parts_in_writing, settle
 
+    me = run_name(interval)
     late = []
     for n in range(lookback_hours, 0, -1):
         hour = interval.start - timedelta(hours=n)
         for prefix in partition_prefixes(Interval.hour(hour)):
-            keys = loaded(lake, prefix)
-            if keys is not None and settle(lake, prefix):
-                keys = loaded(lake, prefix)
-            if keys is not None and not keys.issuperset(lake.list_keys(prefix, ".parquet")):
+            document = _document(lake, prefix)
+            if document is None:
+                continue
+            if document.get("reloaded_by") == me:
+                late.append(hour)
+                break
+            if settle(lake, prefix, undo=False):
+                document = _document(lake, prefix) or document
+            present = set(lake.list_keys(prefix, ".parquet")) - parts_in_writing(lake, prefix)
+            if not set(document["keys"]).issuperset(present):
                 late.append(hour)
                 break
     return late
+
+
+def run_name(interval: Interval) -> str:
+    """How a ledger names the run that loaded its partition again (`record`'s `reloaded_by`)."""
+    return interval.to_json()["start"]

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,8 @@ def run_step(
 
     With `reloaded`, the step also runs for each earlier hour the run's load loaded again
     (`load`: objects reached it after its own run), after the data interval's; their
-    summaries go under `RELOADED`, by hour. `completed_days` then runs for each day this run
-    completes (`days_completed`), its summaries under `DAYS`."""
+    summaries go under `RELOADED`, by hour. `completed_days` then runs for each ended day of
+    those hours (`days_completed`), its summaries under `DAYS`."""
     from citypulse_batch.airflow_compat import task_failure
 
     interval = Interval(context["data_interval_start"], context["data_interval_end"])
@@ -126,7 +126,7 @@ def run_step(
 
 def run_hours(step: Step, interval: Interval, hours: list[str], completed_days: Step | None = None) -> dict[str, Any]:
     """`step` of the interval, then of each hour in `hours` (ISO starts), whose summaries go
-    under `RELOADED`; then `completed_days` of each day the run completes (`days_completed`),
+    under `RELOADED`; then `completed_days` of each ended day of those hours (`days_completed`),
     under `DAYS`. A step that fails on one of them fails with the summaries so far."""
     summary = step(interval)
     runs = [(RELOADED, hour, Interval.hour(datetime.fromisoformat(hour)), step) for hour in hours]
@@ -143,21 +143,12 @@ def run_hours(step: Step, interval: Interval, hours: list[str], completed_days: 
     return summary
 
 
-def days_completed(interval: Interval, hours: list[str]) -> list[Interval]:
-    """The whole UTC days an hourly run completes: the interval's day when the interval ends it
-    (its last hour), and the day of each hour loaded again that lies before the interval's
-    day. Their daily marts were built at midnight, maybe before the day's last hour was loaded,
-    and certainly before an hour loaded again later: the run builds them again."""
-
-    def day_of(moment: datetime) -> datetime:
-        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-
-    first = day_of(interval.start)
-    days = {day_of(datetime.fromisoformat(hour)) for hour in hours} - {first}
-    days = {d for d in days if d < first}
-    if interval.end == day_of(interval.end) and interval.end > first:
-        days.add(interval.end - timedelta(days=1))
-    return [Interval(day, day + timedelta(days=1)) for day in sorted(days)]
+def days_completed(interval: Interval, hours: list[str], now: datetime | None = None) -> list[Interval]:
+    """The whole UTC days of the hours this run loaded again (`hours`) that have ended by `now`:
+    the daily DAG built their daily marts already, before these hours' late objects were in."""
+    now = now or datetime.now(UTC)
+    days = {datetime.fromisoformat(hour).replace(hour=0) for hour in hours}
+    return [Interval(day, day + timedelta(days=1)) for day in sorted(days) if day + timedelta(days=1) <= now]
 
 
 def load(interval: Interval) -> dict[str, Any]:
@@ -165,20 +156,24 @@ def load(interval: Interval) -> dict[str, Any]:
     of the `late_lookback_hours` before it whose partitions gained objects after its load
     (`ledger.late_hours`): a late reading reaches the warehouse, and the later steps of this
     run build, check and compact its hour again (`run_step`)."""
-    from citypulse_batch.ledger import late_hours
+    from citypulse_batch.ledger import late_hours, run_name
 
     engine, the_lake = warehouse(), lake()
     late = late_hours(the_lake, interval, int(setting("late_lookback_hours")))
     summary = load_settled(engine, interval, the_lake).to_json()
     if late:
+        # Each ledger names this run, so that a retry of this task finds the hour again even
+        # once its ledger is complete (the later steps must still run for it).
         summary[RELOADED] = {
-            Interval.hour(hour).to_json()["start"]: load_settled(engine, Interval.hour(hour), the_lake).to_json()
+            Interval.hour(hour).to_json()["start"]: load_settled(
+                engine, Interval.hour(hour), the_lake, reloaded_by=run_name(interval)
+            ).to_json()
             for hour in late
         }
     return summary
 
 
-def load_settled(engine: Any, interval: Interval, the_lake: Lake) -> Any:
+def load_settled(engine: Any, interval: Interval, the_lake: Lake, reloaded_by: str | None = None) -> Any:
     """`engine.load` of the interval, once any compaction of its partitions that stopped (a
     rerun of the hour) is settled: the load never reads a part beside its own inputs. Then the
     ledger of each partition records the objects it read (`citypulse_batch.ledger`)."""
@@ -190,7 +185,7 @@ def load_settled(engine: Any, interval: Interval, the_lake: Lake) -> Any:
     listing = list_partitions(the_lake, interval)
     summary = engine.load(interval, the_lake, listing)
     for prefix, keys in listing.items():
-        ledger.record(the_lake, prefix, keys)
+        ledger.record(the_lake, prefix, keys, reloaded_by)
     return summary
 
 

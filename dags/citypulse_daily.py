@@ -13,8 +13,9 @@ Place in the flow: the batch path's daily housekeeping, after the day's hourly r
    gates') to `<docs_dir>/gx/index.html` (or the lake's `docs/gx/`),
 
 and every task's failure puts `PipelineFailed` on the bus. The build waits until an hour past
-the day's end (`DAILY_BUILD_DELAY`): the hourly run of the day's last hour starts at midnight
-too, and the daily marts must include it. An hour of the day loaded again later (late objects)
+the day's end (`DAILY_BUILD_DELAY`, `steps.daily_build_due`): the hourly run of the day's last
+hour starts at midnight too, and the daily marts must include it. A run by hand of a day not
+over yet (the demo) builds at once. An hour of the day loaded again later (late objects)
 builds the day's daily marts again in that hourly run (`steps.days_completed`).
 
 Thin like `citypulse_hourly`: task bodies are in `citypulse_batch.steps`.
@@ -25,7 +26,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.providers.standard.sensors.date_time import DateTimeSensor
 from airflow.sdk import dag, task
 
 from citypulse_batch.airflow_compat import CronDataIntervalTimetable
@@ -66,15 +66,13 @@ def _run(step_name: str, context: dict[str, Any]) -> None:
     doc_md=__doc__,
 )
 def citypulse_daily() -> None:
-    # Until the day's last hourly run has loaded it (it starts at midnight, as this DAG does);
-    # a rerun or backfill of a past day is past the time at once.
-    wait_for_last_hour = DateTimeSensor(
-        task_id="wait_for_last_hour",
-        target_time=f"{{{{ (data_interval_end + macros.timedelta(minutes={DAILY_BUILD_DELAY})).isoformat() }}}}",
-        mode="reschedule",
-        poke_interval=300,
-        timeout=timedelta(hours=3).total_seconds(),
+    @task.sensor(
+        task_id="wait_for_last_hour", mode="reschedule", poke_interval=300, timeout=timedelta(hours=3).total_seconds()
     )
+    def wait_for_last_hour(**context: Any) -> bool:
+        from citypulse_batch.steps import daily_build_due
+
+        return daily_build_due(context["data_interval_end"], datetime.now(UTC), timedelta(minutes=DAILY_BUILD_DELAY))
 
     @task(task_id="dbt_build_daily", execution_timeout=timedelta(hours=1))
     def dbt_build_daily(**context: Any) -> None:
@@ -93,7 +91,7 @@ def citypulse_daily() -> None:
         _run("data_docs", context)
 
     # Retention after the build (the build reads the day); docs last, describing what is left.
-    wait_for_last_hour >> dbt_build_daily() >> retention() >> [dbt_docs(), data_docs()]
+    wait_for_last_hour() >> dbt_build_daily() >> retention() >> [dbt_docs(), data_docs()]
 
 
 daily_dag = citypulse_daily()

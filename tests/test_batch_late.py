@@ -9,7 +9,7 @@ loaded with its hour again by `steps.load`, whose later steps run that hour agai
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +272,14 @@ def test_a_run_builds_again_the_daily_marts_of_the_ended_days_it_loaded_again() 
     assert list(summary["days"]) == ["2026-03-02T00:00:00Z"]
     report = build_report(Interval.hour(at("2026-03-03T00:00:00Z")), "d", "r", {"dbt": summary})
     assert report["daily_marts_built"] == ["2026-03-02T00:00:00Z"]
+
+
+def test_the_daily_build_waits_an_hour_past_its_day_unless_the_day_is_not_over() -> None:
+    """The day's last hourly run starts at midnight with the daily run: the build waits an hour.
+    A run by hand of a day still going (the demo) builds at once; a past day too."""
+    end = datetime(2026, 3, 3, tzinfo=UTC)
+    hour = timedelta(hours=1)
+    assert not steps.daily_build_due(end, end + timedelta(minutes=5), hour)  # scheduled, just after midnight
+    assert steps.daily_build_due(end, end + hour, hour)
+    assert steps.daily_build_due(end, end - 10 * hour, hour)  # the day is not over: by hand
+    assert steps.daily_build_due(end, end + timedelta(days=270), hour)  # a backfill

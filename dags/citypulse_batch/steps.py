@@ -143,6 +143,13 @@ def run_hours(step: Step, interval: Interval, hours: list[str], completed_days: 
     return summary
 
 
+def daily_build_due(day_end: datetime, now: datetime, delay: timedelta) -> bool:
+    """Whether the daily build of the day ending at `day_end` may run at `now`: `delay` after
+    the day's end, by when its last hourly run (which starts at the day's end too) has loaded
+    it; at once for a day not over yet (a run by hand: what is there is what there is)."""
+    return now >= day_end + delay or now < day_end
+
+
 def days_completed(interval: Interval, hours: list[str], now: datetime | None = None) -> list[Interval]:
     """The whole UTC days of the hours this run loaded again (`hours`) that have ended by `now`:
     the daily DAG built their daily marts already, before these hours' late objects were in."""

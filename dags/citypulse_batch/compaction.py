@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import secrets
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,36 +82,47 @@ def is_part(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith(COMPACTED)
 
 
-def settle(lake: Lake, prefix: str, *, undo: bool = True) -> list[str]:
-    """Finish or undo what a stopped run left in the partition (see the module's steps).
-
-    `undo=False` finishes committed generations only and leaves a `writing` one alone: a reader
-    that is not the partition's own run (another hour's look back, `ledger.late_hours`) cannot
-    tell a stopped generation from one still being written (runs of a backfill overlap)."""
-    settled = []
+def _manifests(lake: Lake, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, manifest) of each generation the partition has (one deleted since the listing,
+    settled by someone else, is left out)."""
     for key in lake.list_keys(manifest_prefix(prefix), ".json"):
         manifest = lake.read_json(key)
-        if manifest is None:  # deleted since the listing: settled by someone else
-            continue
-        generation = key.rsplit("/", 1)[-1].removesuffix(".json")
+        if manifest is not None:
+            yield key, manifest
+
+
+def _generation(key: str) -> str:
+    return key.rsplit("/", 1)[-1].removesuffix(".json")
+
+
+def settle(lake: Lake, prefix: str) -> list[str]:
+    """Finish or undo what a stopped run left in the partition (see the module's steps)."""
+    settled = []
+    for key, manifest in _manifests(lake, prefix):
         if manifest["state"] == "written":
             _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
-            settled.append(f"finished {generation}")
-        elif undo:
+            settled.append(f"finished {_generation(key)}")
+        else:
             lake.delete(manifest["parts"])
             lake.delete([key])
-            settled.append(f"undid {generation}")
+            settled.append(f"undid {_generation(key)}")
     return settled
 
 
-def parts_in_writing(lake: Lake, prefix: str) -> set[str]:
-    """The parts that the partition's uncommitted (`writing`) generations name."""
-    parts: set[str] = set()
-    for key in lake.list_keys(manifest_prefix(prefix), ".json"):
-        manifest = lake.read_json(key)
-        if manifest is not None and manifest["state"] == "writing":
-            parts.update(manifest["parts"])
-    return parts
+def settle_committed(lake: Lake, prefix: str) -> tuple[bool, set[str]]:
+    """`settle` for a reader that is not the partition's own run (another hour's look back,
+    `ledger.late_hours`): it cannot tell a stopped generation from one still being written
+    (runs of a backfill overlap), so it finishes committed generations only. Whether it
+    finished any, and the parts of those still `writing`, which it leaves alone."""
+    finished = False
+    writing: set[str] = set()
+    for key, manifest in _manifests(lake, prefix):
+        if manifest["state"] == "written":
+            _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
+            finished = True
+        else:
+            writing.update(manifest["parts"])
+    return finished, writing
 
 
 def _finish(

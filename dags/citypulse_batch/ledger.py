@@ -35,7 +35,7 @@ def ledger_key(prefix: str) -> str:
 
 def loaded(lake: Lake, prefix: str) -> set[str] | None:
     """The partition's keys the warehouse holds the rows of; None when it has no ledger."""
-    document = lake.read_json(ledger_key(prefix))
+    document = _document(lake, prefix)
     return None if document is None else set(document["keys"])
 
 
@@ -68,7 +68,7 @@ def late_hours(lake: Lake, interval: Interval, lookback_hours: int) -> list[date
     run (`interval`) loaded again already (a retry of its load: the later steps must still run
     for them). A committed compaction there is finished first, and the parts of one still being
     written (another run's, in a backfill) are not late objects."""
-    from citypulse_batch.compaction import parts_in_writing, settle
+    from citypulse_batch.compaction import settle_committed
 
     me = run_name(interval)
     late = []
@@ -81,9 +81,10 @@ def late_hours(lake: Lake, interval: Interval, lookback_hours: int) -> list[date
             if document.get("reloaded_by") == me:
                 late.append(hour)
                 break
-            if settle(lake, prefix, undo=False):
+            finished, writing = settle_committed(lake, prefix)
+            if finished:
                 document = _document(lake, prefix) or document
-            present = set(lake.list_keys(prefix, ".parquet")) - parts_in_writing(lake, prefix)
+            present = set(lake.list_keys(prefix, ".parquet")) - writing
             if not set(document["keys"]).issuperset(present):
                 late.append(hour)
                 break

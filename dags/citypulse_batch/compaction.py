@@ -218,7 +218,9 @@ def _write_part(
 def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES) -> PartitionCompaction:
     """Gather the partition's small objects (and small parts) into parts; idempotent."""
     summary = PartitionCompaction(prefix, settled=settle(lake, prefix))
-    objects = lake.list_objects(prefix, ".parquet")
+    # Sizes for the groups, ETags for the deletes (`_finish`), from one listing.
+    entries = lake.list_entries(prefix, ".parquet")
+    objects = [(key, size) for key, size, _ in entries]
     summary.objects_before = summary.objects_after = len(objects)
     summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
     # Only objects the warehouse holds the rows of: one that arrived after the load waits, as
@@ -232,8 +234,8 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     if len(inputs) < 2:
         return summary
     keys = [key for key, _ in inputs]
-    listed = lake.etags(prefix, ".parquet")
-    etags = {key: listed[key] for key in keys if key in listed}
+    chosen = set(keys)
+    etags = {key: etag for key, _, etag in entries if key in chosen}
     # A new name every run: the same inputs seen again (every one re-landed) must not rewrite,
     # or on a stop delete, the parts that already hold them.
     generation = secrets.token_hex(8)

@@ -155,16 +155,21 @@ class Lake:
 
     def list_objects(self, prefix: str, suffix: str = "") -> list[tuple[str, int]]:
         """(key, size in bytes) of the objects under a prefix ending in `suffix`, sorted by key."""
-        return sorted((o["Key"], int(o["Size"])) for o in self._contents(prefix, suffix))
+        return [(key, size) for key, size, _ in self.list_entries(prefix, suffix)]
 
     def etags(self, prefix: str, suffix: str = "") -> dict[str, str]:
         """The ETag of each object under a prefix ending in `suffix`: it changes when an object
         is written again with other content."""
-        return {o["Key"]: str(o["ETag"]) for o in self._contents(prefix, suffix)}
+        return {key: etag for key, _, etag in self.list_entries(prefix, suffix)}
 
-    def _contents(self, prefix: str, suffix: str) -> Iterator[dict[str, Any]]:
+    def list_entries(self, prefix: str, suffix: str = "") -> list[tuple[str, int, str]]:
+        """(key, size in bytes, ETag) of the objects under a prefix ending in `suffix`, sorted by
+        key: one listing for a caller that needs both."""
+        entries = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            yield from (o for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
+            contents = (o for o in page.get("Contents", ()) if o["Key"].endswith(suffix))
+            entries.extend((o["Key"], int(o["Size"]), str(o["ETag"])) for o in contents)
+        return sorted(entries)
 
     def delete(self, keys: Sequence[str]) -> None:
         """Delete the objects (gone ones too: S3 deletes are idempotent); raise if any could not be."""

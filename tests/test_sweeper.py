@@ -27,7 +27,7 @@ from streaming.processor.core import MINUTE_MS, Alert, DetectorSettings, detect_
 from streaming.processor.handler import Processor
 from streaming.processor.state import SensorState, ZoneState
 from streaming.processor.store import AlertPublisher
-from streaming.processor.sweeper import SWEEP_INTERVAL_S, Sweeper, scheduled_time_ms
+from streaming.processor.sweeper import SWEEP_INTERVAL_S, Sweeper, processing_lag_ms, scheduled_time_ms
 from streaming.registry import generate_city
 
 CITY = generate_city(sensors=48, zones=2, seed=4)
@@ -67,6 +67,30 @@ def test_a_silent_sensor_is_raised_once_per_episode() -> None:
     later: list[Alert] = []
     detect_silence(state, BASE_MS + 3 * SILENCE, later, DetectorSettings())
     assert len(first) == 1 and [a.detail["sensor_id"] for a in later] == ["S-recent"]
+
+
+def _committed(shard: str | None, received_ms: int) -> ZoneState:
+    state = ZoneState("Z", marker_shard=shard)
+    state.sensors = {
+        "S-a": SensorState(last_received_ms=received_ms - 5000),
+        "S-b": SensorState(last_received_ms=received_ms),
+    }
+    return state
+
+
+def test_the_processing_lag_of_a_shard_is_its_latest_commit_clock_less_what_it_had_received() -> None:
+    lags = processing_lag_ms(
+        [
+            (BASE_MS + 10 * MINUTE_MS, _committed("s-0", BASE_MS)),  # an older commit of s-0
+            (BASE_MS + 20 * MINUTE_MS, _committed("s-0", BASE_MS + 12 * MINUTE_MS)),  # its latest
+            # The same batch's zone that sent only a broken message: its newest receive is older.
+            (BASE_MS + 20 * MINUTE_MS, _committed("s-0", BASE_MS + 3 * MINUTE_MS)),
+            (BASE_MS + 5 * MINUTE_MS, _committed("s-1", BASE_MS + 5 * MINUTE_MS)),  # caught up
+            (BASE_MS, _committed("s-2", BASE_MS + 2000)),  # a receive stamped ahead of the clock: no lag
+            (BASE_MS + 30 * MINUTE_MS, _committed(None, 0)),  # never committed: no shard
+        ]
+    )
+    assert lags == {"s-0": 8 * MINUTE_MS, "s-1": 0, "s-2": 0}
 
 
 def test_the_sweep_judges_silence_as_of_its_scheduled_time() -> None:
@@ -128,9 +152,11 @@ class Stack:
         self.sqs = sqs
         self.received: list[dict[str, Any]] = []
 
-    def send(self, minute: int, sensors: list = SENSORS) -> int:
-        """One gateway message per gateway of the zone, received at BASE_MS + `minute` min."""
+    def send(self, minute: int, sensors: list = SENSORS, lag_ms: int = 0) -> int:
+        """One gateway message per gateway of `sensors`, received at BASE_MS + `minute` min and
+        applied `lag_ms` later by the processor's clock."""
         received = BASE_MS + minute * MINUTE_MS
+        self.processor.clock = lambda: (received + lag_ms) / 1000
         by_gateway: dict[str, list] = {}
         for s in sensors:
             by_gateway.setdefault(s.gateway_id, []).append(s)
@@ -186,6 +212,27 @@ def test_a_zone_gone_quiet_gets_one_sensor_silent_per_sensor_and_episode(aws_env
     assert per_sensor == Counter({s.sensor_id: 2 for s in SENSORS})  # two episodes, one alert each
     assert len({e["detail"]["event_id"] for e in delivered}) == len(delivered)
     assert all(e["detail"]["zone_id"] == ZONE for e in delivered)
+
+
+@pytest.mark.integration
+def test_a_processor_behind_the_street_raises_only_the_zone_quiet_on_the_street(aws_env: dict[str, str]) -> None:
+    """The processor applies one zone's readings ten minutes late (a backlog after an outage);
+    the other zone of its shard has gone quiet on the street. By the clock both look quiet; the
+    sweep raises only the quiet one."""
+    stack = Stack()
+    other = [s for s in CITY.sensors if s.zone_id == CITY.zones[1].zone_id]
+    stack.send(0, SENSORS + other)
+    lag = 10 * MINUTE_MS
+    last = 0
+    for minute in range(1, 13):
+        last = stack.send(minute, lag_ms=lag)
+    swept = stack.sweeper.sweep(last + lag)  # the street's time: the zone's readings applied 10 min late
+    assert swept.lag_ms == {stack.builder.shard_id: lag}
+    assert sorted(a.detail["sensor_id"] for a in swept.alerts) == sorted(s.sensor_id for s in other)
+    assert not any(s.silent for s in stack.state().sensors.values())
+    # The backlog drains: the processor catches up with the street and the zone is still reporting.
+    caught_up = stack.send(22)
+    assert stack.sweeper.sweep(caught_up + 1000).alerts == []
 
 
 @pytest.mark.integration

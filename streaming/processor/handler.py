@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -69,6 +69,9 @@ class Processor:
     registry: dict[str, Sensor]
     zones: set[str]
     detectors: DetectorSettings = field(default_factory=DetectorSettings)
+    # The commit's clock: each zone's item records it (`updated_at`), and the sweeper reads the
+    # processor's lag behind the street from it (`sweeper.processing_lag_ms`).
+    clock: Callable[[], float] = time.time
     # The batch's reads, and its writes before the commit point, go out at once (`run_all`).
     _io: ThreadPoolExecutor = field(default_factory=lambda: io_pool("processor"), init=False, repr=False)
 
@@ -109,7 +112,7 @@ class Processor:
             ],
             self._io,
         )
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock() * 1000)
         out = apply_batch(decoded, zone_states, minutes, shard_counters, now_ms, self.detectors)
 
         first, last = records[0], records[-1]

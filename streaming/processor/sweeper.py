@@ -23,12 +23,23 @@ commit drops. So:
   sweep, under the same event id, which consumers drop (as for any redelivered alert);
 * alerts go out before the write, as the processor's go before its commit: a crash in between
   sends them again next sweep under the same ids, and never loses one.
+
+Silence is judged as of how far the processor has got, not by the clock alone. After an outage,
+or under a backlog, the processor applies readings minutes after the street sent them; by the
+clock every sensor of the late shard would look quiet, and a sweep would raise ~50,000 alerts for
+readings still in the stream. Each shard's lag is read off its latest commit: the commit's clock
+(`updated_at`) less the newest receive time it applied (`processing_lag_ms`), and the shard's
+zones are judged as of the sweep's time less that lag. A zone quiet on the street while its
+shard's other zones are applied stays silent by that measure, so it is still raised; a shard
+whose processor has stopped altogether keeps the lag of its last commit (the stream's iterator
+age alarm is what reports a stopped processor).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -56,11 +67,36 @@ class SweepResult:
     alerts: list[Alert] = field(default_factory=list)  # SensorSilent raised (and published)
     written: int = 0  # zone states updated with their new silent marks
     conflicts: int = 0  # zones the processor (or another sweep) wrote meanwhile: left to the next sweep
+    lag_ms: dict[str, int] = field(default_factory=dict)  # per shard, `processing_lag_ms`
+
+
+def received_through(state: ZoneState) -> int:
+    """The newest receive time the zone's state holds: of the last reading its sensors applied."""
+    return max((s.last_received_ms for s in state.sensors.values()), default=0)
+
+
+def processing_lag_ms(zones: Iterable[tuple[int, ZoneState]]) -> dict[str, int]:
+    """Per shard, how far behind the street the processor was at its latest commit there: the
+    commit's clock less the newest receive time it had applied. `zones` are (commit clock,
+    state) pairs; a state names the shard of its last commit. A batch commits its zones at one
+    clock reading, and the zone most up to date is the one that says how far the shard has got
+    (a zone that only sent a broken message has an older receive time). A state never committed
+    names no shard."""
+    latest: dict[str, tuple[int, int]] = {}  # shard → (commit clock, lag)
+    for updated_at, state in zones:
+        shard = state.marker_shard
+        if shard is None:
+            continue
+        lag = max(0, updated_at - received_through(state))
+        seen = latest.get(shard)
+        if seen is None or updated_at > seen[0] or (updated_at == seen[0] and lag < seen[1]):
+            latest[shard] = (updated_at, lag)
+    return {shard: lag for shard, (_, lag) in latest.items()}
 
 
 @dataclass
 class Sweeper:
-    """Reads every zone state of the processor table, raises what the clock says is silent."""
+    """Reads every zone state of the processor table, raises the sensors gone quiet on the street."""
 
     dynamodb: Any
     table: str
@@ -78,21 +114,21 @@ class Sweeper:
         )
 
     def sweep(self, now_ms: int) -> SweepResult:
-        result = SweepResult()
+        """Raise the sensors quiet for the silence threshold as of `now_ms` less their shard's
+        processing lag, publish them, and mark them silent in their zones' states."""
         pages = self.dynamodb.get_paginator("scan").paginate(
             TableName=self.table,
             ConsistentRead=True,
             FilterExpression="sk = :state",
             ExpressionAttributeValues={":state": {"S": "state"}},
         )
-        for page in pages:
-            for item in page["Items"]:
-                result.zones += 1
-                state = ZoneState.from_bytes(item["state"]["B"])
-                raised: list[Alert] = []
-                detect_silence(state, now_ms, raised, self.settings)
-                if not raised:
-                    continue
+        zones = [(item, ZoneState.from_bytes(item["state"]["B"])) for page in pages for item in page["Items"]]
+        result = SweepResult(zones=len(zones))
+        result.lag_ms = processing_lag_ms((int(item["updated_at"]["N"]), state) for item, state in zones)
+        for item, state in zones:
+            raised: list[Alert] = []
+            detect_silence(state, now_ms - result.lag_ms.get(state.marker_shard or "", 0), raised, self.settings)
+            if raised:
                 self.alerts.publish(raised)
                 result.alerts += raised
                 if self._write_back(item, state):
@@ -153,11 +189,14 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     result = _sweeper().sweep(scheduled_time_ms(event))
     metrics.add_metric(name="SilentSensorsSwept", unit=MetricUnit.Count, value=len(result.alerts))
     metrics.add_metric(name="SweepConflicts", unit=MetricUnit.Count, value=result.conflicts)
+    lag = max(result.lag_ms.values(), default=0)
+    metrics.add_metric(name="SweepProcessingLag", unit=MetricUnit.Milliseconds, value=lag)
     summary = {
         "zones": result.zones,
         "alerts": len(result.alerts),
         "written": result.written,
         "conflicts": result.conflicts,
+        "processing_lag_ms": result.lag_ms,
     }
     logger.info("sweep done", extra=summary)
     return summary

@@ -19,6 +19,7 @@ from streaming.processor.core import (
     Record,
     apply_batch,
     decode_batch,
+    detect_silence,
 )
 from streaming.processor.state import DEDUPE_WINDOW, MinuteAggregate, SensorState, ZoneState, state_document
 from streaming.registry import City, generate_city
@@ -307,6 +308,42 @@ def _split(share: float, high: float, low: float, sensors: list[str] = ZONE_SENS
     """The first `share` of `sensors` read `high`, the rest `low`."""
     k = round(share * len(sensors))
     return {sid: high if i < k else low for i, sid in enumerate(sensors)}
+
+
+def test_a_congested_zone_gone_dark_ends_its_episode_for_silence() -> None:
+    """Found by a review: a zone whose gateways all stopped stayed congested until readings
+    returned, since only closed minutes could clear it. Once every sensor that reported is
+    silent, the episode ends (reason "silent", an id of its own); readings that come back
+    jammed raise the next episode."""
+    store, b = Store(), StreamBuilder()
+    zone = CITY.zones[0].zone_id
+    silence = DetectorSettings().silence_ms
+    (raised,) = _zone_batch(store, b, dict.fromkeys(ZONE_SENSORS, 0.95), BASE_MS + 10_000, 0).alerts
+    assert raised.detail_type == "CongestionDetected"
+    _zone_batch(store, b, dict.fromkeys(ZONE_SENSORS[:2], 0.9), BASE_MS + MINUTE_MS + 10_000, 1)  # then nobody
+    state = store.zones[zone]
+    last_received = BASE_MS + MINUTE_MS + 10_100
+    some_quiet: list = []
+    detect_silence(state, last_received + silence - 1, some_quiet, DetectorSettings())
+    assert {a.detail_type for a in some_quiet} == {"SensorSilent"} and state.congestion.congested
+    dark: list = []
+    detect_silence(state, last_received + silence, dark, DetectorSettings())
+    assert [a.detail_type for a in dark] == ["SensorSilent", "SensorSilent", "CongestionCleared"]
+    cleared = dark[-1]
+    assert cleared.event_id == f"CongestionCleared/{raised.detail['episode_id']}/silent"
+    assert cleared.detail["reason"] == "silent" and cleared.detail["episode_id"] == raised.detail["episode_id"]
+    n = len(ZONE_SENSORS)
+    assert cleared.detail["congestion_index"] == round((0.95 * (n - 2) + 0.9 * 2) / n, 4)
+    assert cleared.detail["cleared_at"] == format_ts(BASE_MS + 2 * MINUTE_MS)  # the end of its last minute
+    assert cleared.detail["duration_minutes"] == 2
+    assert not state.congestion.congested and state.congestion.episode_start_minute is None
+    assert state.congestion.episode == 1
+    again: list = []
+    detect_silence(state, last_received + 3 * silence, again, DetectorSettings())
+    assert again == []  # the zone stays dark: nothing more
+    back = _zone_batch(store, b, dict.fromkeys(ZONE_SENSORS, 0.95), BASE_MS + 20 * MINUTE_MS, 20).alerts
+    (second,) = [a for a in back if a.detail_type == "CongestionDetected"]
+    assert second.detail["episode_id"] == f"{zone}/2"
 
 
 def test_a_zone_jammed_now_raises_in_the_same_batch() -> None:

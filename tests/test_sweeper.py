@@ -152,7 +152,7 @@ class Stack:
         self.sqs = sqs
         self.received: list[dict[str, Any]] = []
 
-    def send(self, minute: int, sensors: list = SENSORS, lag_ms: int = 0) -> int:
+    def send(self, minute: int, sensors: list = SENSORS, lag_ms: int = 0, congestion: float = 0.2) -> int:
         """One gateway message per gateway of `sensors`, received at BASE_MS + `minute` min and
         applied `lag_ms` later by the processor's clock."""
         received = BASE_MS + minute * MINUTE_MS
@@ -161,7 +161,9 @@ class Stack:
         for s in sensors:
             by_gateway.setdefault(s.gateway_id, []).append(s)
         records = [
-            self.builder.gateway_record(g, [reading(s, minute, received - 1000) for s in g], received)
+            self.builder.gateway_record(
+                g, [reading(s, minute, received - 1000, congestion=congestion) for s in g], received
+            )
             for g in by_gateway.values()
         ]
         self.processor.process(records)
@@ -170,17 +172,22 @@ class Stack:
     def state(self) -> ZoneState:
         return next(s for s in self.processor.store.scan_zone_states() if s.zone_id == ZONE)
 
-    def alerts(self, expected: int, deadline_s: float = 30.0) -> list[dict[str, Any]]:
-        """Every SensorSilent the bus delivered so far, waiting until `expected` have arrived."""
+    def item(self) -> dict[str, Any]:
+        """The zone's item in the processor table, as stored."""
+        key = {"pk": {"S": f"zone#{ZONE}"}, "sk": {"S": "state"}}
+        return self.sweeper.dynamodb.get_item(TableName=self.sweeper.table, Key=key, ConsistentRead=True)["Item"]
+
+    def alerts(self, expected: int, kind: str = "SensorSilent", deadline_s: float = 30.0) -> list[dict[str, Any]]:
+        """Every alert of `kind` the bus delivered so far, waiting until `expected` have arrived."""
         end = time.monotonic() + deadline_s
         while True:
             resp = self.sqs.receive_message(QueueUrl=self.queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
             for m in resp.get("Messages", []):
                 self.received.append(orjson.loads(m["Body"]))
                 self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=m["ReceiptHandle"])
-            silent = [e for e in self.received if e["detail-type"] == "SensorSilent"]
-            if len(silent) >= expected or time.monotonic() > end:
-                return silent
+            of_kind = [e for e in self.received if e["detail-type"] == kind]
+            if len(of_kind) >= expected or time.monotonic() > end:
+                return of_kind
 
 
 @pytest.mark.integration
@@ -212,6 +219,23 @@ def test_a_zone_gone_quiet_gets_one_sensor_silent_per_sensor_and_episode(aws_env
     assert per_sensor == Counter({s.sensor_id: 2 for s in SENSORS})  # two episodes, one alert each
     assert len({e["detail"]["event_id"] for e in delivered}) == len(delivered)
     assert all(e["detail"]["zone_id"] == ZONE for e in delivered)
+
+
+@pytest.mark.integration
+def test_a_congested_zone_gone_dark_is_cleared_by_the_sweep(aws_env: dict[str, str]) -> None:
+    """The zone's sensors all read a jam (raised at once by the severe rule), then its gateways
+    stop: the sweep that finds them all silent ends the episode, on the bus and in the item."""
+    stack = Stack()
+    t0 = stack.send(0, congestion=0.95)
+    assert stack.item()["congested"] == {"BOOL": True}
+    swept = stack.sweeper.sweep(t0 + SILENCE)
+    assert Counter(a.detail_type for a in swept.alerts) == {"SensorSilent": len(SENSORS), "CongestionCleared": 1}
+    assert (swept.written, swept.conflicts) == (1, 0)
+    assert stack.item()["congested"] == {"BOOL": False} and not stack.state().congestion.congested
+    (cleared,) = stack.alerts(expected=1, kind="CongestionCleared")
+    assert cleared["detail"]["reason"] == "silent"
+    assert cleared["detail"]["event_id"] == f"CongestionCleared/{ZONE}/1/silent"
+    assert stack.sweeper.sweep(t0 + 3 * SILENCE).alerts == []  # still dark: nothing more
 
 
 @pytest.mark.integration

@@ -1245,8 +1245,7 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
             c.peak_index = max(c.peak_index, mean)
             c.streak = c.streak + 1 if mean <= s.congestion_clear else 0
             if c.streak >= s.congestion_min_minutes:
-                out.alerts.append(_congestion_alert("CongestionCleared", state, minute, mean))
-                c.congested, c.streak, c.episode_start_minute, c.peak_index = False, 0, None, 0.0
+                _clear_congestion(state, out.alerts, minute, mean, reason="readings")
 
 
 def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> None:
@@ -1297,6 +1296,20 @@ def _raise_congestion(
     out.alerts.append(_congestion_alert("CongestionDetected", state, minute, mean, **decided))
 
 
+def _clear_congestion(state: ZoneState, alerts: list[Alert], minute: int, mean: float, reason: str) -> None:
+    """End the zone's episode with its `CongestionCleared`: the one place an episode ends.
+    `reason`: "readings" (closed minutes at or below the clear threshold) or "silent" (the zone
+    went dark, `detect_silence`). A clear for silence has an id of its own: a sweep whose write
+    loses to a processor commit that brought readings back may have sent it while the episode
+    goes on, and the episode's own clear must not be dropped as its copy."""
+    alert = _congestion_alert("CongestionCleared", state, minute, mean, reason=reason)
+    if reason != "readings":
+        alert = replace(alert, event_id=f"{alert.event_id}/{reason}")
+    alerts.append(alert)
+    c = state.congestion
+    c.congested, c.streak, c.episode_start_minute, c.peak_index = False, 0, None, 0.0
+
+
 def _congestion_alert(kind: str, state: ZoneState, minute: int, mean: float, **decided: Any) -> Alert:
     """A congestion event. `decided`: what a `CongestionDetected` adds, the `rule` that raised it
     ("sustained": closed minutes; "severe": the zone's sensors now) and when (`detected_at`, event
@@ -1325,7 +1338,13 @@ def detect_silence(state: ZoneState, now_ms: int, alerts: list[Alert], s: Detect
     """Mark sensors quiet for `silence_ms` before `now_ms` (receive time) silent, with one
     `SensorSilent` each. The processor calls it with the batch's receive time; the sweeper
     (`sweeper.py`), for zones that send nothing at all, with the clock. The id depends only on
-    the sensor's last receive time, so whichever notices first, the episode has one id."""
+    the sensor's last receive time, so whichever notices first, the episode has one id.
+
+    A congested zone whose every reporting sensor is then silent has gone dark: no closed minute
+    can clear its episode any more, and it would show congested until readings return. Its
+    episode ends (`CongestionCleared`, reason "silent", its congestion index the mean of the
+    sensors' last readings, cleared at the end of the last minute its readings reached).
+    Readings that come back congested raise a new episode by the usual rules."""
     for sensor_id, sensor in state.sensors.items():
         if not sensor.silent and sensor.last_received_ms and now_ms - sensor.last_received_ms >= s.silence_ms:
             # A new object, not a change: the fast path shares unchanged sensors with the prior state.
@@ -1343,3 +1362,8 @@ def detect_silence(state: ZoneState, now_ms: int, alerts: list[Alert], s: Detect
                     },
                 )
             )
+    if state.congestion.congested:
+        reporting = [sensor for sensor in state.sensors.values() if sensor.last_received_ms]
+        if reporting and all(sensor.silent for sensor in reporting):
+            mean = sum(sensor.congestion_index for sensor in reporting) / len(reporting)
+            _clear_congestion(state, alerts, state.watermark_ms // MINUTE_MS, mean, reason="silent")

@@ -7,7 +7,9 @@ schedule rule every `SWEEP_INTERVAL_S`; locally `infra/local/schedule.py` invoke
 handler on the same rate) that reads every zone's committed state, runs the same detector with
 the scheduled time as "now", publishes the alerts and marks the sensors silent in the zone's
 state, so that each episode is raised once, whoever notices it first (the alert id depends only
-on the sensor's last receive time).
+on the sensor's last receive time). A congested zone gone dark (every reporting sensor silent)
+has its episode ended by the same detector (`CongestionCleared`, reason "silent"), and the
+item's `congested` attribute written with the state.
 
 Writing beside the processor: the processor is the zone item's writer and commits with an
 unconditional put of the whole item (docs/architecture.md §4). The sweeper writes back only the
@@ -145,6 +147,7 @@ class Sweeper:
             ":updated": item["updated_at"],
             ":marker": item["marker_seq"],
             ":next": {"N": str(sweeps + 1)},
+            ":congested": {"BOOL": state.congestion.congested},  # a dark zone's episode ended
         }
         condition = "updated_at = :updated AND marker_seq = :marker AND "
         if "sweeps" in item:
@@ -156,7 +159,7 @@ class Sweeper:
             self.dynamodb.update_item(
                 TableName=self.table,
                 Key={"pk": item["pk"], "sk": item["sk"]},
-                UpdateExpression="SET #state = :new, sweeps = :next",
+                UpdateExpression="SET #state = :new, sweeps = :next, congested = :congested",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#state": "state"},
                 ExpressionAttributeValues=values,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from infra.local.kinesis_resume import CheckpointError
@@ -315,7 +316,6 @@ def test_redrive_holds_records_their_zone_has_moved_past_and_delivers_the_rest(
     stream: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     import boto3
-    import orjson
 
     from infra.local.poller import dead_letters, redrive
 
@@ -369,3 +369,40 @@ def test_redrive_holds_records_their_zone_has_moved_past_and_delivers_the_rest(
     assert redrive_once() == (20, 0)
     assert sorted(delivered) == sorted(r["Data"] for r in records)
     assert dead_letters(sqs, queue_url) == []
+
+
+class _SlowQueue:
+    """An SQS queue at the unit boundary whose every receive takes 30 s of its clock: messages
+    hidden by a receive come back once their visibility timeout has run out, as SQS's do."""
+
+    def __init__(self, n: int) -> None:
+        self.now = 0
+        self.hidden_until = {f"m-{i:03d}": 0 for i in range(n)}
+        self.receives = 0
+
+    def receive_message(self, QueueUrl: str, MaxNumberOfMessages: int, VisibilityTimeout: int) -> dict[str, Any]:
+        self.receives += 1
+        assert self.receives < 100, "the read went round the queue again and again"
+        visible = [m for m, until in self.hidden_until.items() if until <= self.now][:MaxNumberOfMessages]
+        for m in visible:
+            self.hidden_until[m] = self.now + VisibilityTimeout
+        self.now += 30
+        body = {"KinesisBatchInfo": {"shardId": "shardId-0", "startSequenceNumber": "1"}}
+        return {
+            "Messages": [{"MessageId": m, "Body": orjson.dumps({**body, "id": m}), "ReceiptHandle": m} for m in visible]
+        }
+
+    def change_message_visibility(self, QueueUrl: str, ReceiptHandle: str, VisibilityTimeout: int) -> None:
+        self.hidden_until[ReceiptHandle] = self.now + VisibilityTimeout
+
+
+def test_reading_a_queue_slower_than_a_minute_returns_each_message_once() -> None:
+    """Found by a review: reads hid each message for 60 s, so a queue that took longer to read
+    brought its first messages back and the read went round it for ever."""
+    from infra.local.poller import dead_letters
+
+    queue = _SlowQueue(45)
+    read = dead_letters(queue, "q")
+    assert sorted(m["id"] for m, _ in read) == sorted(queue.hidden_until)
+    assert queue.receives == 6  # five pages of ten, then an empty receive
+    assert all(until <= queue.now for until in queue.hidden_until.values())  # all visible again

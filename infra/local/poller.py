@@ -289,19 +289,28 @@ def read_range(kinesis: Any, stream_name: str, shard_id: str, start: str, end: s
     raise CheckpointError(f"{shard_id}: records up to {end} are no longer in the stream (past its retention?)")
 
 
+# How long a read of the on-failure queue hides each message it has received: long enough to
+# read a queue of tens of thousands of failed batches before the first come back.
+READ_VISIBILITY_S = 600
+
+
 def dead_letters(sqs: Any, queue_url: str, *, delete: bool = False) -> list[tuple[dict[str, Any], str]]:
     """Every message on the on-failure queue as (payload, receipt handle), oldest batch first
-    per shard. Each is received with a visibility timeout; unless the caller means to delete
-    them (`delete`), they are made visible again at once, so reading the queue consumes nothing.
-    A message a crashed reader left hidden reappears after the timeout."""
+    per shard. Each is received with a visibility timeout (`READ_VISIBILITY_S`); unless the
+    caller means to delete them (`delete`), they are made visible again at once, so reading the
+    queue consumes nothing. A message a crashed reader left hidden reappears after the timeout.
+    A queue too long to read within the timeout would bring its first messages back; a receive
+    that brings back only messages read already ends the read, rather than going round the
+    queue for ever."""
     seen: dict[str, tuple[dict[str, Any], str]] = {}
     while True:
-        resp = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=60)
+        resp = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=READ_VISIBILITY_S)
         messages = resp.get("Messages", [])
-        if not messages:
-            break
+        fresh = [m for m in messages if m["MessageId"] not in seen]
         for m in messages:
             seen[m["MessageId"]] = (orjson.loads(m["Body"]), m["ReceiptHandle"])
+        if not fresh:
+            break
     if not delete:
         for _, handle in seen.values():
             sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)

@@ -147,6 +147,20 @@ def test_stuck_sensors_are_counted_per_zone_and_city_wide() -> None:
     assert overview["sensors"]["stuck"] == 2 and overview["sensors"]["registered"] == 24
 
 
+def test_a_zone_gone_dark_shows_no_current_index() -> None:
+    """Found by a review: a zone whose sensors all went silent showed its last open minute's
+    index as the current one ("heavy" at 0.95) after its episode had ended for silence."""
+    sensors, live = _live_zone()
+    live.state.open_minutes = {29_916_666: [3, 2.85]}
+    lit = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)["congestion"]
+    assert (lit["level"], lit["current_index"]) == ("heavy", 0.95)
+    for s in live.state.sensors.values():
+        s.silent = True
+    dark = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)
+    assert (dark["congestion"]["level"], dark["congestion"]["current_index"]) == ("unknown", None)
+    assert dark["sensors"]["reporting"] == 0
+
+
 def test_a_sensor_shows_its_run_and_its_own_duplicates_and_late() -> None:
     sensors, live = _live_zone()
     stuck = sensor_view(sensors[0], live.state.sensors[sensors[0].sensor_id], live.updated_at_ms)["live"]

@@ -149,7 +149,9 @@ function alertText(a) {
     return ['raised', `Congestion in ${a.zone_id}`, `index ${fmt(d.congestion_index, 2)}${why}`];
   }
   if (a.type === 'CongestionCleared') {
-    return ['cleared', `Cleared in ${a.zone_id}`, `after ${d.duration_minutes} min, peak ${fmt(d.peak_congestion_index, 2)}`];
+    // "silent": the zone went dark (its sensors stopped), which ends an episode unconfirmed.
+    const how = d.reason === 'silent' ? 'Sensors silent in' : 'Cleared in';
+    return ['cleared', `${how} ${a.zone_id}`, `after ${d.duration_minutes} min, peak ${fmt(d.peak_congestion_index, 2)}`];
   }
   if (a.type === 'SensorSilent') return ['silent', `Sensor ${a.sensor_id} silent`, `zone ${a.zone_id}, ${d.silent_for_s} s`];
   if (a.type === 'SensorStuck') {

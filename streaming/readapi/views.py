@@ -101,11 +101,12 @@ def current_index(state: ZoneState) -> float | None:
 
 def zone_view(zone: Zone, live: LiveZone | None, registered_sensors: int, now_ms: int) -> dict[str, Any]:
     state = live.state if live else None
-    index = current_index(state) if state else None
     congested = bool(state and state.congestion.congested)
     silent = sum(1 for s in state.sensors.values() if s.silent) if state else 0
     stuck = sum(1 for s in state.sensors.values() if s.stuck) if state else 0
     reporting = len(state.sensors) - silent if state else 0
+    # A zone gone dark (every sensor silent) has no current minute: its last one is stale.
+    index = current_index(state) if state and reporting else None
     start = state.congestion.episode_start_minute if state and congested else None
     return {
         "zone_id": zone.zone_id,

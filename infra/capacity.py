@@ -212,7 +212,7 @@ def measure_zone_state_bytes(sample_zones: int = 4, seed: int = 7) -> StateSizes
     sensors = sum(len(z.sensors) for z in states)
     blobs = [(z, z.to_bytes()) for z in states]
     now_ms = max(z.watermark_ms for z in states)
-    overhead = [dynamodb_item_bytes(zone_state_item(z, blob, now_ms)) - len(blob) for z, blob in blobs]
+    overhead = [dynamodb_item_bytes(zone_state_item(z, blob, now_ms, now_ms)) - len(blob) for z, blob in blobs]
     return StateSizes(sum(len(b) for _, b in blobs) / sensors, len(blobs), sensors, sum(overhead) / len(overhead))
 
 

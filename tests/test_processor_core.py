@@ -341,6 +341,16 @@ def test_a_congested_zone_gone_dark_ends_its_episode_for_silence() -> None:
     again: list = []
     detect_silence(state, last_received + 3 * silence, again, DetectorSettings())
     assert again == []  # the zone stays dark: nothing more
+    # Batches that bring no valid reading (found by a review: the severe vote counted the silent
+    # sensors' last values and raised a new episode in each, which the silence clear then ended).
+    resent = _zone_records(b, dict.fromkeys(ZONE_SENSORS[:2], 0.9), BASE_MS + MINUTE_MS + 10_000, 1)
+    for records in (
+        _zone_records(b, dict.fromkeys(ZONE_SENSORS[:1], 7.0), BASE_MS + 9 * MINUTE_MS, 9),  # out of range
+        [b.record(r.data) for r in resent],  # a gateway's last message sent again
+    ):
+        out = store.run(records)
+        assert out.alerts == [] and out.counts["stored"] == 0
+    assert not store.zones[zone].congestion.congested and store.zones[zone].congestion.episode == 1
     back = _zone_batch(store, b, dict.fromkeys(ZONE_SENSORS, 0.95), BASE_MS + 20 * MINUTE_MS, 20).alerts
     (second,) = [a for a in back if a.detail_type == "CongestionDetected"]
     assert second.detail["episode_id"] == f"{zone}/2"

@@ -43,11 +43,11 @@ def _crash_once(p: Processor) -> Callable[[], bool]:
     real = p.store.save_zone_states
     fired: list[bool] = []
 
-    def flaky(states: Any, now_ms: int, minutes: Any) -> None:
+    def flaky(states: Any, now_ms: int, minutes: Any, received_through: int) -> None:
         if not fired:
             fired.append(True)
             raise RuntimeError("injected crash before the commit point")
-        real(states, now_ms, minutes)
+        real(states, now_ms, minutes, received_through)
 
     p.store.save_zone_states = flaky  # type: ignore[method-assign]
     return lambda: bool(fired)
@@ -180,9 +180,9 @@ def test_a_retry_after_some_zones_committed_keeps_the_lake_rows_of_the_others(aw
     faulty = fresh_processor(CITY)
     real = faulty.store.save_zone_states
 
-    def partly(states: Any, now_ms: int, minutes: Any) -> None:
+    def partly(states: Any, now_ms: int, minutes: Any, received_through: int) -> None:
         first = min(states)
-        real({first: states[first]}, now_ms, minutes)  # one zone commits, then the batch fails
+        real({first: states[first]}, now_ms, minutes, received_through)  # one zone commits, then the batch fails
         raise RuntimeError("injected: the other zones' commit failed")
 
     faulty.store.save_zone_states = partly  # type: ignore[method-assign]

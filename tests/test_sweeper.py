@@ -69,25 +69,15 @@ def test_a_silent_sensor_is_raised_once_per_episode() -> None:
     assert len(first) == 1 and [a.detail["sensor_id"] for a in later] == ["S-recent"]
 
 
-def _committed(shard: str | None, received_ms: int) -> ZoneState:
-    state = ZoneState("Z", marker_shard=shard)
-    state.sensors = {
-        "S-a": SensorState(last_received_ms=received_ms - 5000),
-        "S-b": SensorState(last_received_ms=received_ms),
-    }
-    return state
-
-
 def test_the_processing_lag_of_a_shard_is_its_latest_commit_clock_less_what_it_had_received() -> None:
     lags = processing_lag_ms(
         [
-            (BASE_MS + 10 * MINUTE_MS, _committed("s-0", BASE_MS)),  # an older commit of s-0
-            (BASE_MS + 20 * MINUTE_MS, _committed("s-0", BASE_MS + 12 * MINUTE_MS)),  # its latest
-            # The same batch's zone that sent only a broken message: its newest receive is older.
-            (BASE_MS + 20 * MINUTE_MS, _committed("s-0", BASE_MS + 3 * MINUTE_MS)),
-            (BASE_MS + 5 * MINUTE_MS, _committed("s-1", BASE_MS + 5 * MINUTE_MS)),  # caught up
-            (BASE_MS, _committed("s-2", BASE_MS + 2000)),  # a receive stamped ahead of the clock: no lag
-            (BASE_MS + 30 * MINUTE_MS, _committed(None, 0)),  # never committed: no shard
+            ("s-0", BASE_MS + 10 * MINUTE_MS, BASE_MS),  # an older commit of s-0
+            ("s-0", BASE_MS + 20 * MINUTE_MS, BASE_MS + 12 * MINUTE_MS),  # its latest
+            ("s-1", BASE_MS + 5 * MINUTE_MS, BASE_MS + 5 * MINUTE_MS),  # caught up
+            ("s-2", BASE_MS, BASE_MS + 2000),  # a receive stamped ahead of the commit's clock: no lag
+            ("s-3", BASE_MS + 30 * MINUTE_MS, 0),  # an item from before the attribute: nothing known
+            (None, BASE_MS + 30 * MINUTE_MS, BASE_MS),  # never committed: no shard
         ]
     )
     assert lags == {"s-0": 8 * MINUTE_MS, "s-1": 0, "s-2": 0}
@@ -197,22 +187,22 @@ def test_a_zone_gone_quiet_gets_one_sensor_silent_per_sensor_and_episode(aws_env
     rest = sorted(s.sensor_id for s in SENSORS[len(half) :])
     t0 = stack.send(0)
     t2 = stack.send(2, half)  # then only half the zone reports, then nobody
-    assert stack.sweeper.sweep(t0 + SILENCE - 1).alerts == []  # not yet
+    assert stack.sweeper.sweep(t0 + SILENCE - 1).silent == []  # not yet
     first = stack.sweeper.sweep(t0 + SILENCE)
     assert (first.written, first.conflicts) == (1, 0)
-    assert sorted(a.detail["sensor_id"] for a in first.alerts) == rest
+    assert sorted(a.detail["sensor_id"] for a in first.silent) == rest
     second = stack.sweeper.sweep(t2 + SILENCE)  # writes over its own earlier write
     assert (second.written, second.conflicts) == (1, 0)
-    assert sorted(a.detail["sensor_id"] for a in second.alerts) == sorted(s.sensor_id for s in half)
+    assert sorted(a.detail["sensor_id"] for a in second.silent) == sorted(s.sensor_id for s in half)
     assert all(s.silent for s in stack.state().sensors.values())
     again = stack.sweeper.sweep(t2 + 3 * SILENCE)  # still quiet: the same episodes, nothing new
-    assert again.alerts == [] and again.written == 0
+    assert again.silent == [] and again.written == 0
 
     # The zone comes back (the processor clears the marks), then goes quiet again: a new episode.
     back = stack.send(20)
     assert not any(s.silent for s in stack.state().sensors.values())
     second = stack.sweeper.sweep(back + SILENCE)
-    assert len(second.alerts) == len(SENSORS)
+    assert len(second.silent) == len(SENSORS)
 
     delivered = stack.alerts(expected=2 * len(SENSORS))
     per_sensor = Counter(e["detail"]["sensor_id"] for e in delivered)
@@ -229,13 +219,52 @@ def test_a_congested_zone_gone_dark_is_cleared_by_the_sweep(aws_env: dict[str, s
     t0 = stack.send(0, congestion=0.95)
     assert stack.item()["congested"] == {"BOOL": True}
     swept = stack.sweeper.sweep(t0 + SILENCE)
-    assert Counter(a.detail_type for a in swept.alerts) == {"SensorSilent": len(SENSORS), "CongestionCleared": 1}
+    assert len(swept.silent) == len(SENSORS) and [a.detail_type for a in swept.cleared] == ["CongestionCleared"]
     assert (swept.written, swept.conflicts) == (1, 0)
     assert stack.item()["congested"] == {"BOOL": False} and not stack.state().congestion.congested
     (cleared,) = stack.alerts(expected=1, kind="CongestionCleared")
     assert cleared["detail"]["reason"] == "silent"
     assert cleared["detail"]["event_id"] == f"CongestionCleared/{ZONE}/1/silent"
-    assert stack.sweeper.sweep(t0 + 3 * SILENCE).alerts == []  # still dark: nothing more
+    assert stack.sweeper.sweep(t0 + 3 * SILENCE).silent == []  # still dark: nothing more
+
+
+@pytest.mark.integration
+def test_a_dark_zone_is_not_cleared_when_its_readings_come_back_during_the_sweep(aws_env: dict[str, str]) -> None:
+    """Found by a review: the sweep sent the dark zone's clear before its write, so a processor
+    commit bringing the jam back in between left consumers told "cleared" while it went on."""
+    stack = Stack()
+    t0 = stack.send(0, congestion=0.95)
+    publish = stack.sweeper.alerts.publish
+
+    def back_in_between(alerts: list[Alert]) -> None:
+        publish(alerts)
+        if any(a.detail_type == "SensorSilent" for a in alerts):
+            stack.send(6, congestion=0.95)  # the gateways come back, still jammed
+
+    stack.sweeper.alerts.publish = back_in_between  # type: ignore[method-assign]
+    raced = stack.sweeper.sweep(t0 + SILENCE)
+    stack.sweeper.alerts.publish = publish  # type: ignore[method-assign]
+    assert (raced.written, raced.conflicts, raced.cleared) == (0, 1, [])
+    assert stack.state().congestion.congested and stack.state().congestion.episode == 1
+    assert stack.item()["congested"] == {"BOOL": True}
+    stack.alerts(expected=len(SENSORS))
+    assert not [e for e in stack.received if e["detail-type"] == "CongestionCleared"]
+
+
+@pytest.mark.integration
+def test_a_zone_sending_only_broken_readings_does_not_hide_a_dark_zone(aws_env: dict[str, str]) -> None:
+    """Found by a review: the lag was read off the sensors' last valid readings, so a shard
+    whose latest commit held only a zone sending broken readings looked 20 minutes behind, and
+    the zone gone dark beside it was never raised."""
+    stack = Stack()
+    other = [s for s in CITY.sensors if s.zone_id == CITY.zones[1].zone_id]
+    stack.send(0, SENSORS + other)
+    last = 0
+    for minute in range(1, 21):  # the other zone goes on sending, every reading out of range
+        last = stack.send(minute, other, congestion=7.0)
+    swept = stack.sweeper.sweep(last)
+    assert swept.lag_ms == {stack.builder.shard_id: 0}
+    assert sorted(a.detail["sensor_id"] for a in swept.silent) == sorted(s.sensor_id for s in SENSORS)
 
 
 @pytest.mark.integration
@@ -252,11 +281,11 @@ def test_a_processor_behind_the_street_raises_only_the_zone_quiet_on_the_street(
         last = stack.send(minute, lag_ms=lag)
     swept = stack.sweeper.sweep(last + lag)  # the street's time: the zone's readings applied 10 min late
     assert swept.lag_ms == {stack.builder.shard_id: lag}
-    assert sorted(a.detail["sensor_id"] for a in swept.alerts) == sorted(s.sensor_id for s in other)
+    assert sorted(a.detail["sensor_id"] for a in swept.silent) == sorted(s.sensor_id for s in other)
     assert not any(s.silent for s in stack.state().sensors.values())
     # The backlog drains: the processor catches up with the street and the zone is still reporting.
     caught_up = stack.send(22)
-    assert stack.sweeper.sweep(caught_up + 1000).alerts == []
+    assert stack.sweeper.sweep(caught_up + 1000).silent == []
 
 
 @pytest.mark.integration
@@ -283,8 +312,8 @@ def test_a_processor_commit_during_a_sweep_is_not_overwritten(aws_env: dict[str,
     # The next sweep decides on the new state: only the sensors still quiet, under the same ids.
     retry = stack.sweeper.sweep(last + SILENCE)
     quiet = {s.sensor_id for s in SENSORS[len(half) :]}
-    assert {a.detail["sensor_id"] for a in retry.alerts} == quiet
-    assert {a.event_id for a in retry.alerts} <= {a.event_id for a in raced.alerts}
+    assert {a.detail["sensor_id"] for a in retry.silent} == quiet
+    assert {a.event_id for a in retry.silent} <= {a.event_id for a in raced.silent}
     assert (retry.written, retry.conflicts) == (1, 0)
     assert {sid for sid, s in stack.state().sensors.items() if s.silent} == quiet
     assert stack.state().counters == state.counters

@@ -133,6 +133,9 @@ class DecodedBatch:
     unattributed: list[tuple[Record, ContractError, bytes, Envelope | None]] = field(default_factory=list)
     last_sequence: dict[str, int] = field(default_factory=dict)  # shard → highest seq in batch
     sent_at: list[int] = field(default_factory=list)  # gateway publish times, for latency metrics
+    # The newest receive time of the batch's records: how far the stream has been read (the
+    # sweeper reads the processor's lag behind the street from it, `sweeper.processing_lag_ms`).
+    received_through: int = 0
 
     def minute_keys(self) -> set[tuple[str, int]]:
         """(zone, minute) of every valid reading: the aggregates phase 2 needs loaded."""
@@ -166,6 +169,8 @@ def _open_envelope(
     except ContractError as exc:
         out.unattributed.append((rec, _detached(exc), rec.data, None))
         return None
+    if env.received_at_ms > out.received_through:
+        out.received_through = env.received_at_ms
     if env.zone_id not in zones:
         unknown = ContractError("unknown_zone", f"topic zone {env.zone_id} is not in the registry")
         out.unattributed.append((rec, unknown, env.payload, env))
@@ -1250,8 +1255,8 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
 
 def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> None:
     """Raise at once when most of the zone is jammed now: at least `severe_share` of the sensors
-    reporting within `severe_window_ms` of the watermark (and at least `severe_min_sensors` of
-    them) read `congestion_severe` or more in their latest reading. A vote of the sensors' live
+    reporting within `severe_window_ms` of the watermark and not silent (and at least
+    `severe_min_sensors` of them) read `congestion_severe` or more in their latest reading. A vote of the sensors' live
     values, so one faulty sensor cannot raise it. The episode starts in the watermark's minute
     (a retry that groups the records otherwise may decide in another batch, hence another
     minute; the episode's number, its id, stays the same). Clearing is the closed minutes' rule."""
@@ -1263,7 +1268,10 @@ def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
     reporting = severe = 0
     total = 0.0
     for sensor in state.sensors.values():
-        if sensor.last_ts_ms >= since:
+        # A silent sensor's value is stale: it votes no more than a sensor outside the window
+        # (else a zone gone dark, its episode ended for silence, would raise again on its last
+        # values with each batch that brings no valid reading).
+        if sensor.last_ts_ms >= since and not sensor.silent:
             reporting += 1
             index = sensor.congestion_index
             total += index

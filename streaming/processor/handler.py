@@ -128,7 +128,8 @@ class Processor:
             ],
             self._io,
         )
-        self.store.save_zone_states(out.zone_states, now_ms, {**minutes, **out.minutes})  # the commit point
+        # The commit point.
+        self.store.save_zone_states(out.zone_states, now_ms, {**minutes, **out.minutes}, decoded.received_through)
         self.store.save_shard_counters(out.shard_counters)
 
         committed_ms = int(time.time() * 1000)

@@ -247,12 +247,15 @@ class StateStore:
         states: Mapping[str, ZoneState],
         now_ms: int,
         minutes: Mapping[tuple[str, int], MinuteAggregate],
+        received_through: int,
     ) -> None:
         """The commit point: the zones' states, each item one write. `minutes`: the batch's
         zone-minute aggregates as the metrics table now holds them (those it read, those it
-        wrote), held from here on for the committed zones (`load_zones`)."""
+        wrote), held from here on for the committed zones (`load_zones`). `now_ms` and
+        `received_through`: the commit's clock and the batch's newest receive time (`zone_state_item`)."""
         blobs = {zone: s.to_bytes() for zone, s in states.items()}
-        self._batch_write(self.processor_table, [zone_state_item(s, blobs[zone], now_ms) for zone, s in states.items()])
+        items = [zone_state_item(s, blobs[zone], now_ms, received_through) for zone, s in states.items()]
+        self._batch_write(self.processor_table, items)
         for zone, s in states.items():
             self._remember(zone, blobs[zone], s)
         for (zone, minute), agg in minutes.items():
@@ -286,10 +289,12 @@ class StateStore:
         return out
 
 
-def zone_state_item(state: ZoneState, blob: bytes, now_ms: int) -> dict[str, Any]:
+def zone_state_item(state: ZoneState, blob: bytes, now_ms: int, received_through: int = 0) -> dict[str, Any]:
     """A zone's item in the processor table: its state (`blob`, `state.to_bytes()`), and beside it
-    what the sweeper's conditional write and the operators read without parsing it."""
-    return {
+    what the sweeper's conditional write and the operators read without parsing it. `now_ms`:
+    the commit's clock; `received_through`: the newest receive time of the committing batch
+    (0: unknown), so the commit's clock less it is the processor's lag behind the street."""
+    item = {
         "pk": {"S": f"zone#{state.zone_id}"},
         "sk": {"S": "state"},
         "zone_id": {"S": state.zone_id},
@@ -298,6 +303,9 @@ def zone_state_item(state: ZoneState, blob: bytes, now_ms: int) -> dict[str, Any
         "marker_seq": {"S": str(state.marker_seq)},
         "updated_at": _n(now_ms),
     }
+    if received_through:
+        item["received_through"] = _n(received_through)
+    return item
 
 
 def zone_set_tag(zone_ids: Iterable[str | None]) -> str:

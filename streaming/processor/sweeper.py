@@ -26,15 +26,17 @@ commit drops. So:
 * alerts go out before the write, as the processor's go before its commit: a crash in between
   sends them again next sweep under the same ids, and never loses one.
 
-Silence is judged as of how far the processor has got, not by the clock alone. After an outage,
-or under a backlog, the processor applies readings minutes after the street sent them; by the
-clock every sensor of the late shard would look quiet, and a sweep would raise ~50,000 alerts for
-readings still in the stream. Each shard's lag is read off its latest commit: the commit's clock
-(`updated_at`) less the newest receive time it applied (`processing_lag_ms`), and the shard's
-zones are judged as of the sweep's time less that lag. A zone quiet on the street while its
-shard's other zones are applied stays silent by that measure, so it is still raised; a shard
-whose processor has stopped altogether keeps the lag of its last commit (the stream's iterator
-age alarm is what reports a stopped processor).
+Silence is judged as of how far the processor has got, not by the clock alone. Under a backlog
+the processor applies readings minutes after the street sent them; by the clock every sensor of
+the late shard would look quiet, and a sweep would raise ~50,000 alerts for readings still in the
+stream. Each zone item records the clock of the commit that wrote it and the newest receive time
+of the batch it committed (`received_through`, any record of the batch, valid or not); a
+shard's latest commit gives its lag (`processing_lag_ms`), and its zones are judged as of the
+sweep's time less that lag. A zone quiet on the street while its shard is read is still raised.
+What the sweep cannot tell apart: a processor that has stopped altogether commits nothing, so the
+lag of its last commit stands and the shard's sensors are raised by the clock, as when every zone
+of the shard goes dark (the iterator-age alarms report a stopped processor); and a zone whose
+shard was split keeps its parent's last lag until a child shard commits it.
 """
 
 from __future__ import annotations
@@ -66,34 +68,27 @@ SWEEP_INTERVAL_S = 60
 @dataclass
 class SweepResult:
     zones: int = 0  # zone states read
-    alerts: list[Alert] = field(default_factory=list)  # SensorSilent raised (and published)
+    silent: list[Alert] = field(default_factory=list)  # SensorSilent raised (and published)
+    cleared: list[Alert] = field(default_factory=list)  # CongestionCleared of zones gone dark (committed, published)
     written: int = 0  # zone states updated with their new silent marks
     conflicts: int = 0  # zones the processor (or another sweep) wrote meanwhile: left to the next sweep
     lag_ms: dict[str, int] = field(default_factory=dict)  # per shard, `processing_lag_ms`
 
 
-def received_through(state: ZoneState) -> int:
-    """The newest receive time the zone's state holds: of the last reading its sensors applied."""
-    return max((s.last_received_ms for s in state.sensors.values()), default=0)
-
-
-def processing_lag_ms(zones: Iterable[tuple[int, ZoneState]]) -> dict[str, int]:
+def processing_lag_ms(commits: Iterable[tuple[str | None, int, int]]) -> dict[str, int]:
     """Per shard, how far behind the street the processor was at its latest commit there: the
-    commit's clock less the newest receive time it had applied. `zones` are (commit clock,
-    state) pairs; a state names the shard of its last commit. A batch commits its zones at one
-    clock reading, and the zone most up to date is the one that says how far the shard has got
-    (a zone that only sent a broken message has an older receive time). A state never committed
-    names no shard."""
-    latest: dict[str, tuple[int, int]] = {}  # shard → (commit clock, lag)
-    for updated_at, state in zones:
-        shard = state.marker_shard
-        if shard is None:
+    commit's clock less the newest receive time of the batch it committed (the items'
+    `updated_at` and `received_through`, `store.zone_state_item`). `commits` are (shard, clock,
+    received through) of each zone item: the shard of the state's last commit, None for a state
+    never committed; received through 0 for an item written before the attribute existed."""
+    latest: dict[str, tuple[int, int]] = {}  # shard → (commit clock, received through)
+    for shard, at_ms, received_through in commits:
+        if shard is None or not received_through:
             continue
-        lag = max(0, updated_at - received_through(state))
         seen = latest.get(shard)
-        if seen is None or updated_at > seen[0] or (updated_at == seen[0] and lag < seen[1]):
-            latest[shard] = (updated_at, lag)
-    return {shard: lag for shard, (_, lag) in latest.items()}
+        if seen is None or at_ms > seen[0]:
+            latest[shard] = (at_ms, received_through)
+    return {shard: max(0, at_ms - received) for shard, (at_ms, received) in latest.items()}
 
 
 @dataclass
@@ -126,17 +121,30 @@ class Sweeper:
         )
         zones = [(item, ZoneState.from_bytes(item["state"]["B"])) for page in pages for item in page["Items"]]
         result = SweepResult(zones=len(zones))
-        result.lag_ms = processing_lag_ms((int(item["updated_at"]["N"]), state) for item, state in zones)
+        result.lag_ms = processing_lag_ms(
+            (state.marker_shard, int(item["updated_at"]["N"]), int(item.get("received_through", {}).get("N", 0)))
+            for item, state in zones
+        )
         for item, state in zones:
             raised: list[Alert] = []
             detect_silence(state, now_ms - result.lag_ms.get(state.marker_shard or "", 0), raised, self.settings)
-            if raised:
-                self.alerts.publish(raised)
-                result.alerts += raised
-                if self._write_back(item, state):
-                    result.written += 1
-                else:
-                    result.conflicts += 1
+            if not raised:
+                continue
+            silent = [a for a in raised if a.detail_type == "SensorSilent"]
+            cleared = [a for a in raised if a.detail_type != "SensorSilent"]
+            # A silent sensor's alert goes out before the write: its id is its last receive time,
+            # so a sweep that loses the write sends it again or a processor raises it alike.
+            self.alerts.publish(silent)
+            result.silent += silent
+            if self._write_back(item, state):
+                result.written += 1
+                # A dark zone's clear only once the state that ends its episode has committed: a
+                # processor commit that brings its readings back first makes the write fail, and
+                # the episode goes on with nothing said to the contrary.
+                self.alerts.publish(cleared)
+                result.cleared += cleared
+            else:
+                result.conflicts += 1
         return result
 
     def _write_back(self, item: dict[str, Any], state: ZoneState) -> bool:
@@ -190,13 +198,15 @@ def scheduled_time_ms(event: dict[str, Any]) -> int:
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point for the EventBridge schedule."""
     result = _sweeper().sweep(scheduled_time_ms(event))
-    metrics.add_metric(name="SilentSensorsSwept", unit=MetricUnit.Count, value=len(result.alerts))
+    metrics.add_metric(name="SilentSensorsSwept", unit=MetricUnit.Count, value=len(result.silent))
+    metrics.add_metric(name="DarkZonesCleared", unit=MetricUnit.Count, value=len(result.cleared))
     metrics.add_metric(name="SweepConflicts", unit=MetricUnit.Count, value=result.conflicts)
     lag = max(result.lag_ms.values(), default=0)
     metrics.add_metric(name="SweepProcessingLag", unit=MetricUnit.Milliseconds, value=lag)
     summary = {
         "zones": result.zones,
-        "alerts": len(result.alerts),
+        "silent": len(result.silent),
+        "cleared": len(result.cleared),
         "written": result.written,
         "conflicts": result.conflicts,
         "processing_lag_ms": result.lag_ms,

@@ -509,7 +509,7 @@ def parse_time(text: str) -> datetime:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=parse_time, default=None, help="UTC, e.g. 2026-11-23T18:00 (default: all)")
-    p.add_argument("--end", type=parse_time, default=None, help="UTC, exclusive (default: now + 1 h)")
+    p.add_argument("--end", type=parse_time, default=None, help="UTC, exclusive (default: the end of the next hour)")
     p.add_argument("--sensors", type=int, default=20, help="how many sensors to list")
 
 

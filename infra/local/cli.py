@@ -1,11 +1,17 @@
 """`citypulse`: the command line of the local platform.
 
-citypulse demo     start everything, play a city-hour through the real flow, run the
-                   hourly DAG, print the accounting (the platform's main job)
-citypulse up       start the local platform (emulators, broker, rule bridge, pollers)
-citypulse status   what is running, where
-citypulse down     stop everything `up` started
-citypulse replay   publish recorded detector data (CSV/Parquet) into the running platform
+citypulse demo       start everything, play a city-hour through the real flow, run the
+                     hourly and daily DAGs, print the accounting (the platform's main job)
+citypulse up         start the local platform (emulators, broker, rule bridge, pollers)
+citypulse status     what is running, where
+citypulse down       stop everything `up` started
+citypulse replay     publish recorded detector data (CSV/Parquet) into the running platform
+citypulse dashboard  serve the live operator dashboard (local, or a deployed stack's read API)
+citypulse airflow    serve the Airflow UI over the local DAG runs
+citypulse backfill   re-run the hourly DAG over a range of hours
+citypulse audit      reconcile received / stored / duplicates / quarantined for a time range
+citypulse load       drive the platform at a rate in real time and report loss and latency
+citypulse plan       AWS capacity and monthly cost, citypulse against the naive design
 """
 
 from __future__ import annotations
@@ -231,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="citypulse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--state-dir", help="where the local platform keeps its state (default: ./.citypulse)")
+    parser.add_argument(
+        "--state-dir", help="where the local platform keeps its state (default: .citypulse in the repository)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def city_flags(p: argparse.ArgumentParser, sensors: int) -> None:
@@ -280,7 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--publishers", type=int, default=0, help="publisher processes (0: one per 1,500 msg/s)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--keep", action="store_true", help="use the running platform instead of a fresh one")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="use the running platform; without it, the running one is stopped and its state (the demo's "
+        "warehouse too) deleted for a fresh one",
+    )
     parameter_flag(p)
     p.set_defaults(func=cmd_load)
     p = sub.add_parser("plan", help="AWS capacity and monthly cost, citypulse vs the naive design")

@@ -38,6 +38,7 @@ from batch_lake import (
     write_fixture_lake,
 )
 
+from citypulse_batch.events import FAILURE_LOG_LINE
 from citypulse_batch.lake import Interval, readings_prefixes
 from infra.local.airflow import DailyRun, HourlyRun, ensure_metadata_db, run_daily, run_hourly
 from infra.local.emulators import Emulator
@@ -284,6 +285,10 @@ def test_out_of_range_row_fails_the_checkpoint_so_nothing_is_published(scenarios
 def test_failed_checkpoint_alerts_pipeline_failed_and_never_completed(scenarios) -> None:
     events = scenarios["bad"].events
     assert [e["detail-type"] for e in events] == ["PipelineFailed"]
+    # The line the stack's DAG-failure metric counts, in what Airflow logged of the run.
+    (run,) = scenarios["bad"].runs
+    logged = run.log_path.read_text()
+    assert logged.count(f"{FAILURE_LOG_LINE}: dag_id=citypulse_hourly task_id=quality_check") == 1, run.log_tail()
     detail = events[0]["detail"]
     assert (detail["dag_id"], detail["task_id"]) == ("citypulse_hourly", "quality_check")
     assert "avg_speed_kmh" in detail["error"]

@@ -599,3 +599,55 @@ def test_the_redrive_role_may_do_what_the_processor_does_and_work_its_queue() ->
     outputs = load_template(MAIN_TEMPLATE)["Outputs"]
     assert outputs["ProcessorEventSourceMappingId"]["Value"] == {"Ref": "ProcessorEventSourceMapping"}
     assert redrive["ReadProcessorSettings"]["Resource"] == {"Fn::GetAtt": ["ProcessorFunction", "Arn"]}
+
+
+def test_every_alarm_is_on_the_dashboard_and_every_citypulse_metric_is_one_the_code_emits() -> None:
+    # Found by a review: the dashboard's alarm widget left alarms out, and no alarm or widget
+    # watched the sweeper's metrics or the processor's reported batch failures.
+    from infra.local.provision import load_template
+
+    resources = load_template(MAIN_TEMPLATE)["Resources"]
+    alarms = {lid for lid, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    body, names = resources["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    dashboard = json.loads(re.sub(r"\$\{([A-Za-z:]+)\}", r"\1", body))
+    (widget,) = [w for w in dashboard["widgets"] if w["type"] == "alarm"]
+    shown = {names[ref]["Fn::GetAtt"][0] for ref in widget["properties"]["alarms"]}
+    assert shown == alarms
+    emitted = set()
+    for path in (REPO_ROOT / "streaming").rglob("*.py"):
+        emitted |= set(re.findall(r'add_metric\(\s*name="(\w+)"', path.read_text()))
+    emitted |= set(re.findall(r'\("\w+", "(\w+)"\)', (REPO_ROOT / "streaming/processor/handler.py").read_text()))
+    watched = {
+        m[1]
+        for w in dashboard["widgets"]
+        if w["type"] == "metric"
+        for m in w["properties"]["metrics"]
+        if m[0] == "citypulse"
+    }
+    watched |= {
+        r["Properties"]["MetricName"]
+        for r in resources.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"].get("Namespace") == "citypulse"
+    }
+    assert watched <= emitted, watched - emitted
+    assert {"BatchFailures", "SilentSensorsSwept", "DarkZonesCleared", "SweepProcessingLag"} <= watched
+
+
+def test_the_stream_lag_alarm_reads_a_metric_both_kinds_of_trigger_report() -> None:
+    # Found by a review: the stream's GetRecords.IteratorAgeMilliseconds has no data when the
+    # trigger reads through an enhanced fan-out consumer (SubscribeToShard): the alarm was blind.
+    from infra.local.provision import load_template
+
+    alarm = load_template(MAIN_TEMPLATE)["Resources"]["StreamIteratorAgeAlarm"]["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/Lambda", "IteratorAge")
+    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "ProcessorFunction"}}]
+
+
+def test_the_dag_failure_metric_counts_the_line_the_failure_callback_logs() -> None:
+    # Found by a review: the filter matched Airflow 2's "Marking task as FAILED", which Airflow 3
+    # logs in the scheduler's log group, not the task log group: the alarm could never fire.
+    from citypulse_batch.events import FAILURE_LOG_LINE
+    from infra.local.provision import load_template
+
+    metric_filter = load_template(MAIN_TEMPLATE)["Resources"]["DagTaskFailuresMetricFilter"]["Properties"]
+    assert metric_filter["FilterPattern"] == f'"{FAILURE_LOG_LINE}"'

@@ -22,6 +22,10 @@ PIPELINE_FAILED = "PipelineFailed"
 # EventBridge rejects entries over 256 KB; error texts are cut well below that.
 _MAX_ERROR_CHARS = 2000
 
+# The line every task that has failed for good logs (its failure callback): the stack's metric
+# filter on MWAA's task log group counts it (DagTaskFailuresMetricFilter; a test holds them equal).
+FAILURE_LOG_LINE = "citypulse task failed"
+
 log = logging.getLogger(__name__)
 
 
@@ -55,15 +59,21 @@ def event_entry(detail_type: str, detail: dict[str, Any], bus: str) -> dict[str,
     }
 
 
+_NAMED = ("dag_id", "task_id", "run_id", "try_number")
+
+
 def on_task_failure(context: dict[str, Any]) -> None:
     """Failure callback of every hourly task: put `PipelineFailed` on the bus.
 
-    Never raises: a broken alert path must not hide the task's own failure in the logs.
+    Never raises: a broken alert path must not hide the task's own failure in the logs. Logs
+    `FAILURE_LOG_LINE` first, which the ops alarm counts, whether or not the event goes out.
     """
+    detail = failure_detail(context)
+    log.error("%s: dag_id=%s task_id=%s run_id=%s try=%s", FAILURE_LOG_LINE, *(detail[k] for k in _NAMED))
     try:
         from airflow.providers.amazon.aws.hooks.eventbridge import EventBridgeHook
 
-        entry = event_entry(PIPELINE_FAILED, failure_detail(context), setting("event_bus"))
+        entry = event_entry(PIPELINE_FAILED, detail, setting("event_bus"))
         response = EventBridgeHook(aws_conn_id=AWS_CONN_ID).conn.put_events(Entries=[entry])
         if response.get("FailedEntryCount"):
             log.error("EventBridge rejected the PipelineFailed event: %s", response.get("Entries"))

@@ -247,7 +247,7 @@ def test_a_dark_zone_is_not_cleared_when_its_readings_come_back_during_the_sweep
     assert (raced.written, raced.conflicts, raced.cleared) == (0, 1, [])
     assert stack.state().congestion.congested and stack.state().congestion.episode == 1
     assert stack.item()["congested"] == {"BOOL": True}
-    stack.alerts(expected=len(SENSORS))
+    assert len(stack.alerts(expected=len(SENSORS))) == len(SENSORS)  # the bus delivers: the check below can fail
     assert not [e for e in stack.received if e["detail-type"] == "CongestionCleared"]
 
 

@@ -1,10 +1,12 @@
-"""The synthetic-traffic Lambda (streaming/devices/synthetic_lambda.py) against a fake iot-data client."""
+"""The synthetic-traffic Lambda (streaming/devices/synthetic_lambda.py): its minute against a fake
+iot-data client, and once through the real client to the emulator's IoT Core."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,3 +121,45 @@ def test_consecutive_invocations_draw_new_noise_and_no_sensor_repeats_itself() -
     repeating = [s for s, c in counts.items() if len(c) == 12 and len(set(c)) == 1 and c[0]]
     assert len(counts) == 300 and repeating == []
     assert sum(len(set(c)) > 3 for c in counts.values()) > 250
+
+
+@pytest.mark.integration
+def test_the_handler_publishes_through_the_real_iot_data_client(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same minute through boto3's iot-data client to the emulator's IoT Core, read back
+    through a topic rule with an SQS action (found by a review: only a fake client ever saw the
+    deployed Lambda's one call)."""
+    import boto3
+
+    monkeypatch.setenv("CITYPULSE_SYNTHETIC_SENSORS", "300")
+    monkeypatch.setenv("CITYPULSE_SYNTHETIC_SEED", "3")
+    sqs, iot = boto3.client("sqs"), boto3.client("iot")
+    queue = sqs.create_queue(QueueName="synthetic-lambda-feed")["QueueUrl"]
+    rule = "synthetic_lambda_feed"
+    iot.create_topic_rule(
+        ruleName=rule,
+        topicRulePayload={
+            "sql": "SELECT topic() AS topic, * FROM 'citypulse/telemetry/#'",
+            "actions": [{"sqs": {"queueUrl": queue, "roleArn": "arn:aws:iam::000000000000:role/rule"}}],
+            "ruleDisabled": False,
+        },
+    )
+    try:
+        result = synthetic_lambda.handler({"time": "2026-11-23T18:05:00Z"}, None)
+        received: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while len(received) < result["messages"] and time.monotonic() < deadline:
+            got = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            for m in got.get("Messages", []):
+                received.append(json.loads(m["Body"]))
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=m["ReceiptHandle"])
+    finally:
+        iot.delete_topic_rule(ruleName=rule)
+    gateways = generate_city(sensors=300, seed=3).gateways()
+    assert len(received) == result["messages"] == len(gateways) + result["duplicates"]
+    for body in received:
+        _, _, zone_id, gateway_id = body.pop("topic").split("/")
+        assert (body["gateway_id"], body["zone_id"]) == (gateway_id, zone_id)
+        assert {r["sensor_id"] for r in message_readings(body)} <= {s.sensor_id for s in gateways[gateway_id]}
+    assert {b["gateway_id"] for b in received} == set(gateways)

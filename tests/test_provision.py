@@ -336,22 +336,26 @@ def test_unsupported_resource_type_fails_before_deploying(
 def test_resource_needing_a_removed_stand_in_fails_loudly(
     local_aws: tuple[Emulator, Emulator, dict[str, str]], code_root: Path, tmp_path: Path
 ) -> None:
-    template = tmp_path / "needs-esm.yaml"
+    # A stand-in without placeholders: auto scaling, which nothing local does.
+    template = tmp_path / "needs-scaling.yaml"
     template.write_text(
         "Resources:\n"
         "  Queue:\n"
         "    Type: AWS::SQS::Queue\n"
-        "  Mapping:\n"
-        "    Type: AWS::Lambda::EventSourceMapping\n"
+        "  Scaling:\n"
+        "    Type: AWS::ApplicationAutoScaling::ScalableTarget\n"
         "    Properties:\n"
-        "      FunctionName: f\n"
-        "      EventSourceArn: !GetAtt Queue.Arn\n"
+        "      MinCapacity: 1\n"
+        "      MaxCapacity: 2\n"
+        "      ResourceId: table/t\n"
+        "      ScalableDimension: dynamodb:table:ReadCapacityUnits\n"
+        "      ServiceNamespace: dynamodb\n"
         "Outputs:\n"
-        "  MappingId:\n"
-        "    Value: !Ref Mapping\n"
+        "  ScalingId:\n"
+        "    Value: !Ref Scaling\n"
     )
-    with pytest.raises(ProvisionError, match=r"output MappingId -> Mapping"):
-        provision(template, "needsesm", local_aws[2], code_root=code_root)
+    with pytest.raises(ProvisionError, match=r"output ScalingId -> Scaling"):
+        provision(template, "needsscaling", local_aws[2], code_root=code_root)
 
 
 @pytest.mark.integration

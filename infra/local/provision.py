@@ -106,6 +106,7 @@ STAND_INS: Mapping[str, StandIn] = {
         "instead",
         "infra/local/poller.py (local event-source poller on kinesalite)",
         "ministack would poll its own, unused Kinesis stream",
+        placeholders=True,  # the redrive role's grant to pause it, its id's output
         resolve=True,
     ),
     "AWS::IoT::TopicRule": StandIn(
@@ -177,6 +178,7 @@ STAND_INS: Mapping[str, StandIn] = {
         "instead",
         "no stand-in needed",
         "ministack's CloudFormation refuses metric-math alarms, and nothing throttles a local table",
+        placeholders=True,  # the operations dashboard's alarm widget
     ),
     # The NAT path to the internet (EgressMode nat): nothing local talks beyond loopback.
     "AWS::EC2::EIP": StandIn("instead", "no stand-in needed", _NO_EGRESS, placeholders=True),

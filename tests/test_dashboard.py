@@ -331,6 +331,22 @@ def test_a_cursor_cannot_be_replayed_against_another_query(server: DashboardServ
     assert status == 400 and body["error"]["parameter"] == "cursor"
 
 
+@pytest.mark.parametrize("host", ["attacker.example:{port}", "127.0.0.1:1", "localhost", ""])
+def test_a_request_for_another_host_is_refused(server: DashboardServer, host: str) -> None:
+    """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 sends its own Host
+    (found by a review: the server answered it, and over a deployed stack signs what it forwards)."""
+    port = server.httpd.server_address[1]
+    for path in ("api/overview", "index.html"):
+        request = urllib.request.Request(server.url + path, headers={"Host": host.format(port=port)})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 421
+    for name in ("127.0.0.1", "localhost"):
+        request = urllib.request.Request(server.url + "api/overview", headers={"Host": f"{name}:{port}"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+
+
 def test_write_methods_are_refused(server: DashboardServer) -> None:
     request = urllib.request.Request(server.url + "api/zones", data=b"{}", method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:

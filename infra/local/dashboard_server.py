@@ -139,8 +139,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, code: str, message: str) -> None:
         self._send(*_error_body(status, code, message))
 
+    def _foreign_host(self) -> bool:
+        """True unless the request names this server by a loopback name and its own port. A page
+        of another site whose name an attacker has rebound to 127.0.0.1 (DNS rebinding) would
+        otherwise be "same-origin" with the dashboard and read its API, which over a deployed
+        stack signs each call with the operator's credentials."""
+        port = self.server.server_address[1]
+        allowed = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+        return (self.headers.get("Host") or "").lower() not in allowed
+
     def do_GET(self) -> None:
-        if len(self.path) > MAX_URL_CHARS:
+        if self._foreign_host():
+            self._error(421, "misdirected_request", "the dashboard answers to 127.0.0.1 or localhost only")
+        elif len(self.path) > MAX_URL_CHARS:
             self._error(414, "url_too_long", f"the URL is over {MAX_URL_CHARS} characters")
         elif self.path == API_PREFIX or self.path.startswith((API_PREFIX + "/", API_PREFIX + "?")):
             self._api()

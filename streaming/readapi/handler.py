@@ -36,6 +36,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from streaming.readapi.alerts import AlertLog, DynamoAlertLog
 from streaming.readapi.params import (
+    MAX_TS_MS,
+    MIN_TS_MS,
     MINUTE_MS,
     ApiError,
     bad,
@@ -262,7 +264,8 @@ def get_zone_metrics(
     query = {"zone": zone_id, "from": from_, "to": to, "step": step, "limit": limit}
     if cursor is not None:
         position = decode_cursor(cursor, "metrics", query)
-        end = position_int(position, 1)
+        # Bounded as a query's times are: a forged cursor must not reach dates no clock can print.
+        end = position_int(position, 1, MIN_TS_MS // MINUTE_MS, MAX_TS_MS // MINUTE_MS)
         first = position_int(position, 0, max(0, end - MAX_RANGE_MINUTES[step]), end - 1)
     else:
         first, end = _metrics_window(from_, to, step)
@@ -366,7 +369,7 @@ def list_alerts(
     before = None
     if cursor is not None:
         position = decode_cursor(cursor, "alerts", query)
-        before, since_ms = position_str(position), position_int(position, 1)
+        before, since_ms = position_str(position), position_int(position, 1, MIN_TS_MS, MAX_TS_MS - 1)
     alerts, next_key = d.alerts.page(
         since_ms=since_ms, before_key=before, limit=limit, detail_type=type_, zone_id=zone_id
     )

@@ -20,8 +20,8 @@ from streaming.contract import is_plain_id
 MINUTE_MS = 60_000
 # The oldest and newest instants a time parameter may name: the live store keeps 7 days, and
 # anything far outside that is a typo or a probe, not a question worth a query.
-_MIN_TS_MS = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp() * 1000)
-_MAX_TS_MS = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp() * 1000)
+MIN_TS_MS = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp() * 1000)
+MAX_TS_MS = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp() * 1000)
 _MAX_TIME_TEXT = 40
 _MAX_CURSOR_TEXT = 512
 _ID_RULE = "a letter or digit, then letters, digits, '_', '.', ':' or '-'; at most 64 characters"
@@ -76,7 +76,7 @@ def parse_time(parameter: str, value: str) -> int:
         if parsed.tzinfo is None:
             raise bad(parameter, f"{_show(value)} has no UTC offset: add Z (UTC) or +hh:mm")
         ts = int(parsed.timestamp() * 1000)
-    if not _MIN_TS_MS <= ts < _MAX_TS_MS:
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
         raise bad(parameter, f"{_show(value)} is outside 2000-01-01..2100-01-01")
     return ts
 

@@ -83,3 +83,15 @@ def test_profile_has_no_password_field_for_redshift() -> None:
     raw = yaml.safe_load(Path(find_project_dir() / "profiles.yml").read_text())
     redshift = raw["citypulse"]["outputs"]["redshift"]
     assert "password" not in redshift and "user" not in redshift
+
+
+def test_a_value_in_a_redshift_literal_cannot_end_it_early() -> None:
+    """Redshift reads a backslash in a string literal as an escape: a role name or lake key
+    ending in one, then a quote, would end the literal and run the rest as SQL (found by a
+    security review; DuckDB's and PostgreSQL's literals take the backslash as itself)."""
+    from airflow.sdk import Connection
+
+    extra = {**CONNECTION["extra"], "copy_iam_role": "arn:aws:iam::1:role/x\\'; drop table raw.readings; --"}
+    named = warehouse_from_connection(Connection(conn_id="w", **{**CONNECTION, "extra": json.dumps(extra)}))
+    assert isinstance(named, RedshiftWarehouse)
+    assert named._iam_role == "iam_role 'arn:aws:iam::1:role/x\\\\''; drop table raw.readings; --'"

@@ -361,7 +361,14 @@ def _httpfs_extension() -> str:
 
 
 def _quote(value: str) -> str:
+    """A string literal for DuckDB and PostgreSQL, whose literals take a backslash as itself."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def _redshift_quote(value: str) -> str:
+    """A string literal for Redshift, which reads a backslash in one as an escape: doubled as
+    its own QUOTE_LITERAL does, else a value ending in a backslash would end the literal early."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def duckdb_s3_secret_sql(lake: Lake) -> str:
@@ -593,7 +600,7 @@ class RedshiftWarehouse(Warehouse):
 
     @property
     def _iam_role(self) -> str:
-        return "iam_role default" if not self.copy_iam_role else f"iam_role {_quote(self.copy_iam_role)}"
+        return "iam_role default" if not self.copy_iam_role else f"iam_role {_redshift_quote(self.copy_iam_role)}"
 
     def dbt_env(self) -> dict[str, str]:
         return {f"CITYPULSE_REDSHIFT_{k.upper()}": v for k, v in self.dbt_params.items()}
@@ -628,11 +635,11 @@ class RedshiftWarehouse(Warehouse):
         # One COPY per listed file rather than per prefix: a prefix would also pick up any
         # stray object, and the list is what the summary counts.
         for key in keys:
-            cur.execute(f"copy {table} from {_quote(lake.uri(key))} {self._iam_role} format as parquet")
+            cur.execute(f"copy {table} from {_redshift_quote(lake.uri(key))} {self._iam_role} format as parquet")
 
     def _stage_csv(self, cur: Any, table: str, lake: Lake, key: str, columns: Sequence[Column]) -> None:
         cur.execute(
-            f"copy {table} ({_names(columns)}) from {_quote(lake.uri(key))} "
+            f"copy {table} ({_names(columns)}) from {_redshift_quote(lake.uri(key))} "
             f"{self._iam_role} format as csv ignoreheader 1"
         )
 

@@ -323,7 +323,7 @@ def test_deploy_assumes_the_oidc_role_per_environment() -> None:
     assert "schedule" in teardown["on"] and teardown["jobs"]["teardown"]["environment"] == "ephemeral"
     # The OIDC trust in the IaC names the same role the workflows assume, for this repository's environments.
     oidc = (REPO_ROOT / "infra" / "cloudformation" / "github-oidc.yaml").read_text()
-    assert "RoleName: citypulse-github-deploy" in oidc
+    assert "RoleName: citypulse-github-deploy" in oidc and "RoleName: citypulse-github-deploy-prod" in oidc
     assert "token.actions.githubusercontent.com:sub: !Sub repo:${GitHubRepository}:environment:*" in oidc
 
 
@@ -651,3 +651,34 @@ def test_the_dag_failure_metric_counts_the_line_the_failure_callback_logs() -> N
 
     metric_filter = load_template(MAIN_TEMPLATE)["Resources"]["DagTaskFailuresMetricFilter"]["Properties"]
     assert metric_filter["FilterPattern"] == f'"{FAILURE_LOG_LINE}"'
+
+
+def test_only_prods_own_jobs_may_change_the_prod_stack() -> None:
+    # Found by a security review: one deploy role trusted every environment's jobs, a labelled
+    # pull request's preview (which runs its own branch's scripts) included, and could change
+    # citypulse-prod: prod's required reviewers could be stepped around.
+    from infra.local.provision import load_template
+
+    resources = load_template(REPO_ROOT / "infra" / "cloudformation" / "github-oidc.yaml")["Resources"]
+    sub = "token.actions.githubusercontent.com:sub"
+    prod_jobs = {"Fn::Sub": "repo:${GitHubRepository}:environment:prod"}
+
+    def trust(role: str) -> dict[str, Any]:
+        (statement,) = resources[role]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        return statement["Condition"]
+
+    assert trust("GitHubDeployRole")["StringNotEquals"][sub] == prod_jobs
+    assert trust("GitHubProdDeployRole")["StringEquals"][sub] == prod_jobs
+    prod_stack = "arn:${AWS::Partition}:cloudformation:${AWS::Region}:${AWS::AccountId}:stack/citypulse-prod/*"
+    (deny,) = [s for s in _statements(resources, "GitHubDeployRole") if s["Effect"] == "Deny"]
+    assert {"Fn::Sub": prod_stack} in deny["Resource"] and "cloudformation:*" in deny["Action"]
+    for statement in _statements(resources, "GitHubProdDeployRole"):
+        targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        for target in targets:
+            text = json.dumps(target)
+            assert "citypulse-prod" in text or "smoke" in text, (statement["Sid"], text)
+    # What both do whatever their environment is one managed policy, tied to no stack.
+    common = resources["GitHubDeployCommon"]["Properties"]["PolicyDocument"]["Statement"]
+    assert not [s for s in common if "stack/" in json.dumps(s.get("Resource"))]
+    for role in ("GitHubDeployRole", "GitHubProdDeployRole"):
+        assert resources[role]["Properties"]["ManagedPolicyArns"] == [{"Ref": "GitHubDeployCommon"}]

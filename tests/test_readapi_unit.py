@@ -21,10 +21,11 @@ from streaming.readapi.views import (
     aggregate_minutes,
     congestion_level,
     overview_view,
+    parse_zones,
     sensor_view,
     zone_view,
 )
-from streaming.registry import generate_city
+from streaming.registry import generate_city, zones_csv
 from streaming.unprocessed import StoreError
 
 
@@ -300,3 +301,14 @@ def test_a_forged_cursor_beyond_any_clock_is_a_400_not_a_crash(clock: list[int])
         sep = "&" if "?" in path else "?"
         status, body = _get(f"{path}{sep}cursor={cursor}")
         assert (status, body["error"]["parameter"]) == (400, "cursor"), body
+
+
+def test_a_zones_file_with_a_zone_id_that_is_not_an_id_is_refused() -> None:
+    """The read API names zones by id in keys, paths and the page (whose map draws them as
+    HTML): a zones.csv row whose id is markup is refused (found by a security review)."""
+    good = zones_csv(CITY)
+    assert [z.zone_id for z in parse_zones(good)] == [z.zone_id for z in CITY.zones]
+    header, first, *rest = good.decode().splitlines()
+    hostile = first.replace(CITY.zones[0].zone_id, "<img src=x>", 1)
+    with pytest.raises(ValueError, match="not plain ids"):
+        parse_zones("\n".join([header, hostile, *rest]).encode())

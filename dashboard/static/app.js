@@ -39,10 +39,14 @@ function zoneStyle(feature) {
   };
 }
 
+// Leaflet puts tooltips and div icons in as HTML: the registry's names go in as text.
+const HTML_ESCAPES = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
+const esc = (text) => String(text).replace(/[&<>"']/g, (ch) => HTML_ESCAPES[ch]);
+
 function tooltip(p) {
   const c = p.congestion;
   const s = p.sensors;
-  return `<b>${p.zone_id}</b> ${p.name}<br>${c.level}` +
+  return `<b>${esc(p.zone_id)}</b> ${esc(p.name)}<br>${esc(c.level)}` +
     `${c.current_index !== null ? ` · index ${fmt(c.current_index, 2)}` : ''}` +
     `${c.since ? `<br>congested since ${hhmm(c.since)}Z` : ''}` +
     `<br>sensors ${s.reporting}/${s.registered} reporting${s.silent ? `, ${s.silent} silent` : ''}`;
@@ -62,7 +66,7 @@ function drawMap(collection) {
   if (collection.features.length <= 100) { // labels stay legible up to a 10 x 10 grid
     state.labels = L.layerGroup(collection.features.map((f) => L.marker([f.properties.lat, f.properties.lon], {
       interactive: false, keyboard: false,
-      icon: L.divIcon({ className: 'zone-label', html: f.properties.zone_id, iconSize: [60, 14], iconAnchor: [30, 7] }),
+      icon: L.divIcon({ className: 'zone-label', html: esc(f.properties.zone_id), iconSize: [60, 14], iconAnchor: [30, 7] }),
     }))).addTo(map);
   }
   if (!state.fitted && collection.features.length) {

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streaming.contract import is_plain_id
 from streaming.processor.state import SensorState, ZoneState
 from streaming.readapi.params import MINUTE_MS, format_ts
 from streaming.registry import ZONE_COLUMNS, Sensor, Zone
@@ -55,7 +56,12 @@ def parse_zones(data: bytes) -> list[Zone]:
     header = next(reader, None)
     if header != ZONE_COLUMNS:
         raise ValueError(f"zones header {header} != expected {ZONE_COLUMNS}")
-    return [Zone(z, name, t, int(r), int(c), float(lat), float(lon)) for z, name, t, r, c, lat, lon in reader]
+    zones = [Zone(z, name, t, int(r), int(c), float(lat), float(lon)) for z, name, t, r, c, lat, lon in reader]
+    # A zone id is an id, as the contract has it: it names the zone in keys, paths and the page.
+    bad = [z.zone_id for z in zones if not is_plain_id(z.zone_id)]
+    if bad:
+        raise ValueError(f"zones.csv has zone ids that are not plain ids: {[b[:40] for b in bad[:5]]}")
+    return zones
 
 
 def zone_half_extent(zones: Sequence[Zone]) -> tuple[float, float]:

@@ -312,3 +312,29 @@ def test_a_zones_file_with_a_zone_id_that_is_not_an_id_is_refused() -> None:
     hostile = first.replace(CITY.zones[0].zone_id, "<img src=x>", 1)
     with pytest.raises(ValueError, match="not plain ids"):
         parse_zones("\n".join([header, hostile, *rest]).encode())
+
+
+def test_the_city_window_is_read_once_an_interval_and_cut_to_each_request() -> None:
+    """`/ingestion` read one Query per zone per request, so one caller could drive the live
+    tables at 256 Queries a request (found by a security review). The real Queries run against
+    the emulator in tests/test_dashboard.py; here the per-zone read is counted."""
+    from streaming.readapi.sources import CITY_WINDOW_MINUTES, LiveSource
+
+    source = LiveSource(None, None, "state", "metrics", "lake")
+    reads: list[tuple[str, int, int]] = []
+
+    def minute_rows(zone_id: str, first: int, last: int) -> list[MinuteRow]:
+        reads.append((zone_id, first, last))
+        return [MinuteRow(m, 1, 1, 0.0, 0, 0.0, 0, 0.0) for m in range(first, last + 1)]
+
+    source.minute_rows = minute_rows  # type: ignore[method-assign]
+    source.registry = lambda: Registry.build(CITY.zones, {s.sensor_id: s for s in CITY.sensors})  # type: ignore[method-assign]
+    now = 29_000_000
+    for minutes in (60, 1, 360, 60):
+        rows = source.city_minute_rows(now - minutes + 1, now)
+        assert {z: [r.minute for r in v] for z, v in rows.items()} == {
+            z.zone_id: list(range(now - minutes + 1, now + 1)) for z in CITY.zones
+        }
+    assert reads == [(z.zone_id, now - CITY_WINDOW_MINUTES + 1, now) for z in CITY.zones]
+    source.city_minute_rows(now - 59, now + 1)  # the minute turned: read again
+    assert len(reads) == 2 * len(CITY.zones)

@@ -49,7 +49,7 @@ from streaming.readapi.params import (
     position_str,
     require_id,
 )
-from streaming.readapi.sources import LiveSource
+from streaming.readapi.sources import CITY_WINDOW_MINUTES, LiveSource
 from streaming.readapi.views import (
     aggregate_minutes,
     ingestion_view,
@@ -379,7 +379,7 @@ def list_alerts(
 
 @app.get("/ingestion")
 def get_ingestion(
-    minutes: Annotated[int, Query(ge=1, le=360, description="how many recent minutes")] = 60,
+    minutes: Annotated[int, Query(ge=1, le=CITY_WINDOW_MINUTES, description="how many recent minutes")] = 60,
 ) -> dict[str, Any]:
     d = deps()
     now = d.now_ms()

@@ -29,7 +29,7 @@ from batch_lake import (
 )
 
 from citypulse_batch import ledger, steps
-from citypulse_batch.compaction import compact, compact_partition, is_part, manifest_prefix
+from citypulse_batch.compaction import compact, compact_partition, is_part, manifest_prefix, now_ms
 from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, partition_prefixes, readings_prefixes
 from citypulse_batch.report import RELOADED, build_report
 from citypulse_batch.retention import LAKE_PREFIXES, expired_keys
@@ -145,10 +145,38 @@ def test_another_runs_compaction_in_progress_is_neither_undone_nor_taken_for_lat
     part = readings + "compacted-0123456789abcdef-00000-of-00002.parquet"
     lake.client.put_object(Bucket=lake.bucket, Key=part, Body=b"PAR1 being written")
     manifest = f"{manifest_prefix(readings)}0123456789abcdef.json"
-    lake.write_json(manifest, {"state": "writing", "inputs": [], "parts": [part]})
+    lake.write_json(manifest, {"state": "writing", "inputs": [], "parts": [part], "started_ms": now_ms()})
 
     assert ledger.late_hours(lake, Interval.hour(hour.start + HOUR), 6) == []
     assert part in lake.list_keys(readings, ".parquet") and lake.read_json(manifest) is not None
+
+
+def test_a_load_beside_a_live_compaction_of_its_hour_neither_undoes_it_nor_reads_its_parts(
+    tmp_path: Path, fixture_lake: FixtureLake
+) -> None:
+    """Found by a review: run H+1 loaded hour H again while run H was compacting it; its load
+    settled the partition, deleting H's part and manifest, and H then committed and deleted its
+    inputs: the partition lost rows. A live generation is now left alone by every other run."""
+    lake = session_lake(fixture_lake.bucket)
+    warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    hour = Interval(fixture_lake.start, fixture_lake.end)
+    first = load_settled(warehouse, hour, lake)
+    (readings,) = readings_prefixes(hour)
+    inputs = lake.list_keys(readings, ".parquet")
+    # Run H's compaction as another run sees it mid-way: its manifest `writing`, a part uploaded
+    # (here a copy of an input: rows the inputs hold too).
+    part = readings + "compacted-0123456789abcdef-00000-of-00002.parquet"
+    lake.client.copy_object(Bucket=lake.bucket, Key=part, CopySource={"Bucket": lake.bucket, "Key": inputs[0]})
+    manifest = f"{manifest_prefix(readings)}0123456789abcdef.json"
+    lake.write_json(manifest, {"state": "writing", "inputs": inputs, "parts": [part], "started_ms": now_ms()})
+
+    again = load_settled(warehouse, hour, lake, reloaded_by="2026-03-02T11:00:00Z")
+
+    # Its rows loaded once: the live part is no one's rows yet, and it is still there.
+    assert (again.rows_loaded, again.duplicates_dropped) == (first.rows_loaded, first.duplicates_dropped)
+    assert part in lake.list_keys(readings, ".parquet") and lake.read_json(manifest) is not None
+    assert ledger.loaded(lake, readings) == set(inputs)
+    assert compact_partition(lake, readings).skipped  # nor does another run compact it meanwhile
 
 
 def test_an_object_in_the_ledger_but_gone_is_not_late(loaded) -> None:

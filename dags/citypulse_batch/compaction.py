@@ -19,14 +19,17 @@ with a manifest outside every table location (`compaction/<partition>/<generatio
    then the inputs are deleted (but one written again since the listing: its ETag changed, so
    it is kept, out of the ledger, for its hour to be loaded again), then the manifest.
 
-Every run first settles what a stopped one left: a `writing` generation's parts are deleted
-(its inputs are all still there), a `written` one's step 4 is done. Only objects the ledger
+Every run, and every load, first settles what others left (`settle`): a `written` generation's
+step 4 is done; a `writing` one's parts are deleted (its inputs are all still there) once it is
+older than `STALE_AFTER_MS`, so that a stopped run's work is undone but a live one's is not:
+runs overlap (a backfill's runs, the run of an hour beside a later hour's run that loads it
+again), and a run cannot tell another's generation being written from one stopped. Until then
+its parts are no rows for anyone (`settle` names them; loads and look backs leave them out),
+and a run that would compact the partition leaves it to the live one. Only objects the ledger
 says the warehouse holds are inputs: one that arrived after the load (a late reading) stays as
-it is until a later run loads its hour again (`ledger.late_hours`), and is gathered then. One
-run a partition at a time: the hourly DAG runs one interval at a time (`max_active_runs=1`).
-Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; the
-hourly load settles the partition before it reads (a rerun of the hour after a stopped
-compaction), and would drop them as duplicates anyway. A batch the processor writes again
+it is until a later run loads its hour again (`ledger.late_hours`), and is gathered then.
+Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; a load
+settles the partition before it reads, and would drop them as duplicates anyway. A batch the processor writes again
 after its object was compacted (a Kinesis retry long after the first delivery) lands beside
 the part, is loaded with its hour again and gathered then: raw duplicates in the lake, as a
 bisected retry leaves, which the load drops and counts.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +54,13 @@ COMPACTED = "compacted-"
 # newcomers; a larger one is left as it is.
 TARGET_BYTES = 256 * 2**20
 ROW_GROUP_ROWS = 2**20  # rows a row group holds (the processor's files hold a batch's)
+# A `writing` generation this old was stopped (the compaction task's timeout is 30 minutes):
+# younger, it may be another run's, still at work.
+STALE_AFTER_MS = 2 * 3600 * 1000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class CompactionError(RuntimeError):
@@ -95,34 +106,30 @@ def _generation(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(".json")
 
 
-def settle(lake: Lake, prefix: str) -> list[str]:
-    """Finish or undo what a stopped run left in the partition (see the module's steps)."""
-    settled = []
+@dataclass(slots=True)
+class Settled:
+    """What `settle` did, and the parts of generations still being written (no one's rows yet)."""
+
+    done: list[str] = field(default_factory=list)
+    writing: set[str] = field(default_factory=set)
+
+
+def settle(lake: Lake, prefix: str) -> Settled:
+    """Finish what a stopped run committed, undo what a stopped run left writing, and leave
+    alone a generation younger than `STALE_AFTER_MS` (see the module's steps). A manifest from
+    before the start time was recorded counts as stopped."""
+    settled = Settled()
     for key, manifest in _manifests(lake, prefix):
         if manifest["state"] == "written":
             _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
-            settled.append(f"finished {_generation(key)}")
+            settled.done.append(f"finished {_generation(key)}")
+        elif now_ms() - manifest.get("started_ms", 0) < STALE_AFTER_MS:
+            settled.writing.update(manifest["parts"])
         else:
             lake.delete(manifest["parts"])
             lake.delete([key])
-            settled.append(f"undid {_generation(key)}")
+            settled.done.append(f"undid {_generation(key)}")
     return settled
-
-
-def settle_committed(lake: Lake, prefix: str) -> tuple[bool, set[str]]:
-    """`settle` for a reader that is not the partition's own run (another hour's look back,
-    `ledger.late_hours`): it cannot tell a stopped generation from one still being written
-    (runs of a backfill overlap), so it finishes committed generations only. Whether it
-    finished any, and the parts of those still `writing`, which it leaves alone."""
-    finished = False
-    writing: set[str] = set()
-    for key, manifest in _manifests(lake, prefix):
-        if manifest["state"] == "written":
-            _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
-            finished = True
-        else:
-            writing.update(manifest["parts"])
-    return finished, writing
 
 
 def _finish(
@@ -217,7 +224,8 @@ def _write_part(
 
 def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES) -> PartitionCompaction:
     """Gather the partition's small objects (and small parts) into parts; idempotent."""
-    summary = PartitionCompaction(prefix, settled=settle(lake, prefix))
+    settled = settle(lake, prefix)
+    summary = PartitionCompaction(prefix, settled=settled.done)
     # Sizes for the groups, ETags for the deletes (`_finish`), from one listing.
     entries = lake.list_entries(prefix, ".parquet")
     objects = [(key, size) for key, size, _ in entries]
@@ -231,6 +239,9 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
         for key, size in objects
         if (loaded is None or key in loaded) and (not is_part(key) or size < target_bytes // 2)
     ]
+    if settled.writing:  # another run is compacting it now
+        summary.skipped = "another run's compaction of it is being written"
+        return summary
     if len(inputs) < 2:
         return summary
     keys = [key for key, _ in inputs]
@@ -242,7 +253,8 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     groups = _groups(inputs, target_bytes)
     parts = [f"{prefix}{COMPACTED}{generation}-{n:05d}-of-{len(groups):05d}.parquet" for n in range(len(groups))]
     manifest = f"{manifest_prefix(prefix)}{generation}.json"
-    lake.write_json(manifest, {"state": "writing", "inputs": keys, "parts": parts, "etags": etags})
+    started = {"inputs": keys, "parts": parts, "etags": etags, "started_ms": now_ms()}
+    lake.write_json(manifest, {"state": "writing", **started})
     filesystem = lake.filesystem()
     written = 0
     try:
@@ -254,9 +266,11 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
                 summary.rows_rewritten += rows
                 written += size
     except BaseException:
-        settle(lake, prefix)  # undo now what the next run would; it does if this fails too
+        # Undo now what a later settle would once it is stale: this generation only.
+        lake.delete(parts)
+        lake.delete([manifest])
         raise
-    lake.write_json(manifest, {"state": "written", "inputs": keys, "parts": parts, "etags": etags})
+    lake.write_json(manifest, {"state": "written", **started})
     kept = _finish(lake, prefix, manifest, keys, parts, etags)
     summary.objects_after = len(objects) - len(inputs) + kept + len(parts)
     summary.bytes_after = summary.bytes_before - sum(size for _, size in inputs) + written

@@ -68,7 +68,7 @@ def late_hours(lake: Lake, interval: Interval, lookback_hours: int) -> list[date
     run (`interval`) loaded again already (a retry of its load: the later steps must still run
     for them). A committed compaction there is finished first, and the parts of one still being
     written (another run's, in a backfill) are not late objects."""
-    from citypulse_batch.compaction import settle_committed
+    from citypulse_batch.compaction import settle
 
     me = run_name(interval)
     late = []
@@ -81,10 +81,10 @@ def late_hours(lake: Lake, interval: Interval, lookback_hours: int) -> list[date
             if document.get("reloaded_by") == me:
                 late.append(hour)
                 break
-            finished, writing = settle_committed(lake, prefix)
-            if finished:
+            settled = settle(lake, prefix)
+            if settled.done:
                 document = _document(lake, prefix) or document
-            present = set(lake.list_keys(prefix, ".parquet")) - writing
+            present = set(lake.list_keys(prefix, ".parquet")) - settled.writing
             if not set(document["keys"]).issuperset(present):
                 late.append(hour)
                 break

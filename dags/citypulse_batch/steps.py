@@ -181,15 +181,20 @@ def load(interval: Interval) -> dict[str, Any]:
 
 
 def load_settled(engine: Any, interval: Interval, the_lake: Lake, reloaded_by: str | None = None) -> Any:
-    """`engine.load` of the interval, once any compaction of its partitions that stopped (a
-    rerun of the hour) is settled: the load never reads a part beside its own inputs. Then the
-    ledger of each partition records the objects it read (`citypulse_batch.ledger`)."""
+    """`engine.load` of the interval, once the compactions of its partitions are settled: one
+    that stopped is finished or undone, and the parts of one still being written (another
+    run's: runs overlap) are left out, so the load never reads a part beside its own inputs.
+    Then the ledger of each partition records the objects it read (`citypulse_batch.ledger`)."""
     from citypulse_batch import ledger
     from citypulse_batch.compaction import settle
 
+    writing = set()
     for prefix in partition_prefixes(interval):
-        settle(the_lake, prefix)
-    listing = list_partitions(the_lake, interval)
+        writing |= settle(the_lake, prefix).writing
+    listing = {
+        prefix: [key for key in keys if key not in writing]
+        for prefix, keys in list_partitions(the_lake, interval).items()
+    }
     summary = engine.load(interval, the_lake, listing)
     for prefix, keys in listing.items():
         ledger.record(the_lake, prefix, keys, reloaded_by)

@@ -194,6 +194,13 @@ class Warehouse(ABC):
         for table, columns in RAW_TABLES.items():
             cur.execute(create_table_sql(f"{RAW_SCHEMA}.{table}", columns))
 
+    # How a load holds the raw tables until it commits, so that two loads of one hour (runs
+    # overlap: a backfill's beside the scheduled one, a later hour's look back) take turns: each
+    # deletes what the other inserted. Without it, under READ COMMITTED, the second's delete
+    # misses the first's uncommitted rows and the hour holds every reading twice (found by a
+    # review). None: the engine has one writer at a time anyway (DuckDB).
+    lock_raw_sql: str | None = None
+
     def load(self, interval: Interval, lake: Lake, listing: Mapping[str, Sequence[str]] | None = None) -> LoadSummary:
         """Replace the interval in `raw.readings` and `raw.quarantine_counts`, and the registry.
 
@@ -210,6 +217,8 @@ class Warehouse(ABC):
 
         with self.transaction() as cur:
             self.ensure_raw_tables(cur)
+            if self.lock_raw_sql:
+                cur.execute(self.lock_raw_sql)
             self._stage_files(cur, "stage_readings", lake, reading_keys, READINGS_COLUMNS)
             self._stage_files(cur, "stage_quarantine", lake, quarantine_keys, QUARANTINE_STAGE_COLUMNS)
             self._staging_table(cur, "stage_sensor_registry", RAW_TABLES["sensor_registry"])
@@ -495,6 +504,8 @@ class DuckDBWarehouse(Warehouse):
 
 class PostgresWarehouse(Warehouse):
     engine = "postgres"
+    # Blocks another load's writes (and this lock), not the readers.
+    lock_raw_sql = f"lock table {', '.join(f'{RAW_SCHEMA}.{t}' for t in RAW_TABLES)} in share row exclusive mode"
 
     def __init__(self, host: str, port: int, user: str, password: str, dbname: str) -> None:
         self.params = {"host": host, "port": port, "user": user, "password": password, "dbname": dbname}
@@ -592,6 +603,7 @@ class RedshiftWarehouse(Warehouse):
     """
 
     engine = "redshift"
+    lock_raw_sql = f"lock {', '.join(f'{RAW_SCHEMA}.{t}' for t in RAW_TABLES)}"
 
     def __init__(self, conn_id: str, copy_iam_role: str | None, dbt_params: dict[str, str]) -> None:
         self.conn_id = conn_id

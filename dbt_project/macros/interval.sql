@@ -51,9 +51,18 @@
 {%- endmacro %}
 
 
-{#- Pre-hook of incremental marts: clear the interval's buckets before they are re-inserted. -#}
+{#- Pre-hook of incremental marts: clear the interval's buckets before they are re-inserted.
+    Two builds of one interval at once (overlapping runs; the daily DAG beside an hourly run's
+    rebuild of the same day) would each miss the other's uncommitted rows and leave them twice:
+    on PostgreSQL and Redshift the delete first locks the mart until the build commits (the
+    hook runs inside the model's transaction). DuckDB has one writer at a time. -#}
 {% macro delete_interval(column, grain_minutes=15) -%}
     {%- if is_incremental() -%}
+        {%- if target.type == 'postgres' -%}
+            lock table {{ this }} in share row exclusive mode;
+        {%- elif target.type == 'redshift' -%}
+            lock {{ this }};
+        {%- endif %}
         delete from {{ this }} where {{ interval_window(column, grain_minutes) }}
     {%- endif -%}
 {%- endmacro %}

@@ -31,6 +31,7 @@ AWS differ only by configuration: Airflow connections `aws_default` and
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from airflow.providers.amazon.aws.operators.eventbridge import EventBridgePutEventsOperator
@@ -116,7 +117,8 @@ def citypulse_hourly() -> None:
     def compact_lake(**context: Any) -> None:
         from citypulse_batch import steps
 
-        run_step(steps.compact, context)
+        # The run names its generations: a retry of this task undoes its stopped attempt's at once.
+        run_step(partial(steps.compact, run=context["run_id"]), context)
 
     @task(task_id="dbt_build", execution_timeout=timedelta(minutes=45))
     def dbt_build(**context: Any) -> None:

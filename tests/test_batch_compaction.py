@@ -142,9 +142,11 @@ def test_a_run_failing_while_it_writes_leaves_the_partition_as_it_was(
     assert lake.list_keys(manifest_prefix(partition)) == []
 
 
+@pytest.mark.parametrize("next_by", ["its retry", "a later run, once stale"])
 def test_a_run_that_dies_while_it_writes_is_undone_by_the_next(
-    fixture_lake: FixtureLake, partition: str, monkeypatch: pytest.MonkeyPatch
+    fixture_lake: FixtureLake, partition: str, monkeypatch: pytest.MonkeyPatch, next_by: str
 ) -> None:
+    owner = "scheduled__2026-03-02T10:00:00+00:00"
     lake = session_lake(fixture_lake.bucket)
     rows = _rows(lake, partition)
     target = min(size for _, size in lake.list_objects(partition))
@@ -152,16 +154,20 @@ def test_a_run_that_dies_while_it_writes_is_undone_by_the_next(
     # worker leaves. The partition then holds the inputs and a part: rows twice.
     dying = session_lake(fixture_lake.bucket, FailingClient(lake.client, upload_file=2, delete_objects=1))
     with pytest.raises(ConnectionError):
-        compact_partition(dying, partition, target_bytes=target)
+        compact_partition(dying, partition, target_bytes=target, owner=owner)
     assert sum(_rows(lake, partition).values()) > sum(rows.values())
     assert len(lake.list_keys(manifest_prefix(partition))) == 1
-    # Young, it may be a live run's (runs overlap): left alone, its part no one's rows yet.
-    young = compact_partition(lake, partition)
+    # Young, it may be a live run's (runs overlap): another run leaves it alone, its part no
+    # one's rows yet.
+    young = compact_partition(lake, partition, owner="another run")
     assert young.settled == [] and young.skipped and len(lake.list_keys(manifest_prefix(partition))) == 1
-    started = compaction.now_ms()
-    monkeypatch.setattr(compaction, "now_ms", lambda: started + compaction.STALE_AFTER_MS)
+    if next_by == "a later run, once stale":
+        started = compaction.now_ms()
+        monkeypatch.setattr(compaction, "now_ms", lambda: started + compaction.STALE_AFTER_MS)
 
-    summary = compact_partition(lake, partition)
+    # Its own task's retry (found by a review: it skipped its own stopped attempt for 2 h), or
+    # any run once the generation is stale.
+    summary = compact_partition(lake, partition, owner=owner if next_by == "its retry" else "another run")
 
     assert len(summary.settled) == 1 and summary.settled[0].startswith("undid ")
     assert _rows(lake, partition) == rows

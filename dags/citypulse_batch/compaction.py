@@ -20,12 +20,16 @@ with a manifest outside every table location (`compaction/<partition>/<generatio
    it is kept, out of the ledger, for its hour to be loaded again), then the manifest.
 
 Every run, and every load, first settles what others left (`settle`): a `written` generation's
-step 4 is done; a `writing` one's parts are deleted (its inputs are all still there) once it is
-older than `STALE_AFTER_MS`, so that a stopped run's work is undone but a live one's is not:
-runs overlap (a backfill's runs, the run of an hour beside a later hour's run that loads it
-again), and a run cannot tell another's generation being written from one stopped. Until then
-its parts are no rows for anyone (`settle` names them; loads and look backs leave them out),
-and a run that would compact the partition leaves it to the live one. Only objects the ledger
+step 4 is done; a `writing` one's parts are deleted (its inputs are all still there) when the
+run that wrote it is the one settling (its task's retry: the attempt before was stopped) or
+once it is older than `STALE_AFTER_MS`, so that a stopped run's work is undone but a live
+one's is not: runs overlap (a backfill's runs, the run of an hour beside a later hour's run
+that loads it again), and a run cannot tell another's generation being written from one
+stopped. Until then its parts are no rows for anyone (`settle` names them; loads and look
+backs leave them out), and a run that would compact the partition leaves it to the live one.
+Two runs that start compacting one partition at the same moment can still both write parts:
+its rows then lie twice in the lake (the warehouse load drops and counts them as duplicates)
+until conditional writes close it. Only objects the ledger
 says the warehouse holds are inputs: one that arrived after the load (a late reading) stays as
 it is until a later run loads its hour again (`ledger.late_hours`), and is gathered then.
 Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; a load
@@ -114,16 +118,19 @@ class Settled:
     writing: set[str] = field(default_factory=set)
 
 
-def settle(lake: Lake, prefix: str) -> Settled:
+def settle(lake: Lake, prefix: str, owner: str | None = None) -> Settled:
     """Finish what a stopped run committed, undo what a stopped run left writing, and leave
-    alone a generation younger than `STALE_AFTER_MS` (see the module's steps). A manifest from
-    before the start time was recorded counts as stopped."""
+    alone a generation younger than `STALE_AFTER_MS` unless `owner` (the settling run) wrote it
+    (see the module's steps). A manifest from before the start time was recorded counts as
+    stopped."""
     settled = Settled()
     for key, manifest in _manifests(lake, prefix):
         if manifest["state"] == "written":
             _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
             settled.done.append(f"finished {_generation(key)}")
-        elif now_ms() - manifest.get("started_ms", 0) < STALE_AFTER_MS:
+        elif (owner is None or manifest.get("owner") != owner) and (
+            now_ms() - manifest.get("started_ms", 0) < STALE_AFTER_MS
+        ):
             settled.writing.update(manifest["parts"])
         else:
             lake.delete(manifest["parts"])
@@ -222,9 +229,12 @@ def _write_part(
     return rows, path.stat().st_size, first
 
 
-def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES) -> PartitionCompaction:
-    """Gather the partition's small objects (and small parts) into parts; idempotent."""
-    settled = settle(lake, prefix)
+def compact_partition(
+    lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES, owner: str | None = None
+) -> PartitionCompaction:
+    """Gather the partition's small objects (and small parts) into parts; idempotent. `owner`:
+    the run compacting (its generations are its own to undo when it runs again)."""
+    settled = settle(lake, prefix, owner)
     summary = PartitionCompaction(prefix, settled=settled.done)
     # Sizes for the groups, ETags for the deletes (`_finish`), from one listing.
     entries = lake.list_entries(prefix, ".parquet")
@@ -253,7 +263,7 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     groups = _groups(inputs, target_bytes)
     parts = [f"{prefix}{COMPACTED}{generation}-{n:05d}-of-{len(groups):05d}.parquet" for n in range(len(groups))]
     manifest = f"{manifest_prefix(prefix)}{generation}.json"
-    started = {"inputs": keys, "parts": parts, "etags": etags, "started_ms": now_ms()}
+    started = {"inputs": keys, "parts": parts, "etags": etags, "started_ms": now_ms(), "owner": owner}
     lake.write_json(manifest, {"state": "writing", **started})
     filesystem = lake.filesystem()
     written = 0
@@ -277,7 +287,9 @@ def compact_partition(lake: Lake, prefix: str, target_bytes: int = TARGET_BYTES)
     return summary
 
 
-def compact(lake: Lake, prefixes: Sequence[str], target_bytes: int = TARGET_BYTES) -> dict[str, Any]:
+def compact(
+    lake: Lake, prefixes: Sequence[str], target_bytes: int = TARGET_BYTES, owner: str | None = None
+) -> dict[str, Any]:
     """Compact each partition; the totals and each partition's summary (for XCom and the run report).
 
     A partition that cannot be compacted as it is (`CompactionError`: mixed schemas, say, in
@@ -286,7 +298,7 @@ def compact(lake: Lake, prefixes: Sequence[str], target_bytes: int = TARGET_BYTE
     partitions = []
     for prefix in prefixes:
         try:
-            partitions.append(compact_partition(lake, prefix, target_bytes))
+            partitions.append(compact_partition(lake, prefix, target_bytes, owner))
         except CompactionError as exc:
             objects = lake.list_objects(prefix, ".parquet")
             size = sum(s for _, s in objects)

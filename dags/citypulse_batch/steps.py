@@ -201,11 +201,12 @@ def load_settled(engine: Any, interval: Interval, the_lake: Lake, reloaded_by: s
     return summary
 
 
-def compact(interval: Interval) -> dict[str, Any]:
-    """Gather the interval's lake partitions (readings and quarantine) into a few large objects."""
+def compact(interval: Interval, run: str | None = None) -> dict[str, Any]:
+    """Gather the interval's lake partitions (readings and quarantine) into a few large objects.
+    `run`: the DAG run compacting (a retry of its task undoes what its stopped attempt left)."""
     from citypulse_batch import compaction
 
-    return compaction.compact(lake(), partition_prefixes(interval))
+    return compaction.compact(lake(), partition_prefixes(interval), owner=run)
 
 
 def build(interval: Interval) -> dict[str, Any]:

@@ -406,3 +406,14 @@ def test_reading_a_queue_slower_than_a_minute_returns_each_message_once() -> Non
     assert sorted(m["id"] for m, _ in read) == sorted(queue.hidden_until)
     assert queue.receives == 6  # five pages of ten, then an empty receive
     assert all(until <= queue.now for until in queue.hidden_until.values())  # all visible again
+
+
+def test_a_queue_too_long_to_read_within_the_timeout_is_refused_not_read_in_part() -> None:
+    """Found by a review of the fix above: a read that outlasted the visibility timeout stopped
+    at the first page that came back and returned part of the queue as the whole."""
+    from infra.local.poller import READ_VISIBILITY_S, DeadLetterReadError, dead_letters
+
+    queue = _SlowQueue(10 * (READ_VISIBILITY_S // 30) + 50)  # 30 s a receive: longer than the timeout
+    with pytest.raises(DeadLetterReadError, match="came back"):
+        dead_letters(queue, "q")
+    assert all(until <= queue.now for until in queue.hidden_until.values())  # all visible again

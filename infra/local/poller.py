@@ -294,26 +294,45 @@ def read_range(kinesis: Any, stream_name: str, shard_id: str, start: str, end: s
 READ_VISIBILITY_S = 600
 
 
+class DeadLetterReadError(RuntimeError):
+    """The on-failure queue could not be read whole within the visibility timeout."""
+
+
 def dead_letters(sqs: Any, queue_url: str, *, delete: bool = False) -> list[tuple[dict[str, Any], str]]:
     """Every message on the on-failure queue as (payload, receipt handle), oldest batch first
     per shard. Each is received with a visibility timeout (`READ_VISIBILITY_S`); unless the
     caller means to delete them (`delete`), they are made visible again at once, so reading the
     queue consumes nothing. A message a crashed reader left hidden reappears after the timeout.
-    A queue too long to read within the timeout would bring its first messages back; a receive
-    that brings back only messages read already ends the read, rather than going round the
-    queue for ever."""
+
+    A message received twice means the read outlasted the timeout: the first messages came
+    back, and the read can no longer tell the queue's end from its beginning. It stops and
+    raises `DeadLetterReadError` (with the messages made visible again) rather than go round the
+    queue for ever or hand back part of it as the whole."""
     seen: dict[str, tuple[dict[str, Any], str]] = {}
-    while True:
-        resp = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=READ_VISIBILITY_S)
-        messages = resp.get("Messages", [])
-        fresh = [m for m in messages if m["MessageId"] not in seen]
-        for m in messages:
-            seen[m["MessageId"]] = (orjson.loads(m["Body"]), m["ReceiptHandle"])
-        if not fresh:
-            break
-    if not delete:
+
+    def release() -> None:
         for _, handle in seen.values():
             sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)
+
+    try:
+        while True:
+            got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=READ_VISIBILITY_S)
+            messages = got.get("Messages", [])
+            if not messages:
+                break
+            again = [m["MessageId"] for m in messages if m["MessageId"] in seen]
+            for m in messages:
+                seen[m["MessageId"]] = (orjson.loads(m["Body"]), m["ReceiptHandle"])
+            if again:
+                raise DeadLetterReadError(
+                    f"{queue_url}: message {again[0]} came back after {len(seen)} were read: reading the"
+                    f" queue took longer than its {READ_VISIBILITY_S} s visibility timeout; read it in parts"
+                )
+    except BaseException:
+        release()
+        raise
+    if not delete:
+        release()
 
     def oldest_first(item: tuple[dict[str, Any], str]) -> tuple[str, int]:
         batch = item[0]["KinesisBatchInfo"]

@@ -370,6 +370,8 @@ def list_alerts(
     if cursor is not None:
         position = decode_cursor(cursor, "alerts", query)
         before, since_ms = position_str(position), position_int(position, 1, MIN_TS_MS, MAX_TS_MS - 1)
+        if before <= format_ts(since_ms):  # a page before `since`: none of ours (a store refuses lo > hi)
+            raise bad("cursor", "is malformed")
     alerts, next_key = d.alerts.page(
         since_ms=since_ms, before_key=before, limit=limit, detail_type=type_, zone_id=zone_id
     )

@@ -172,13 +172,16 @@ class LiveSource:
 
     def city_minute_rows(self, first_minute: int, last_minute: int) -> dict[str, list[MinuteRow]]:
         """Every zone's minute rows over a window of at most `CITY_WINDOW_MINUTES`: one Query
-        per zone, a few in parallel. The widest window, up to `last_minute`, is read at most once
-        per `city_ttl_s` (or when the minute turns) and cut to each request's: a caller asking
-        again and again, or for every width in turn, costs the live tables one read of the city
-        per interval, not one a request (found by a security review: a Query per zone a request)."""
+        per zone, a few in parallel. What was read is kept for `city_ttl_s` (until the minute
+        turns) and cut to each request's window; a wider window than kept is read whole hours
+        at a time. A caller asking again and again, or for every width in turn, costs the live
+        tables a few reads of the city per interval, not one a request (found by a security
+        review: a Query per zone a request), and the page's own 90-minute poll reads 120.
+        """
 
         def load() -> tuple[int, int, dict[str, list[MinuteRow]]]:
-            first = last_minute - CITY_WINDOW_MINUTES + 1
+            width = -(-(last_minute - first_minute + 1) // 60) * 60
+            first = last_minute - min(width, CITY_WINDOW_MINUTES) + 1
             zones = [z.zone_id for z in self.registry().zones]
             with ThreadPoolExecutor(max_workers=16) as pool:
                 return first, last_minute, dict(pool.map(lambda z: (z, self.minute_rows(z, first, last_minute)), zones))

@@ -631,6 +631,21 @@ def test_every_alarm_is_on_the_dashboard_and_every_citypulse_metric_is_one_the_c
     }
     assert watched <= emitted, watched - emitted
     assert {"BatchFailures", "SilentSensorsSwept", "DarkZonesCleared", "SweepProcessingLag"} <= watched
+    # Environments may share an account: every citypulse metric shown or alarmed on is this
+    # environment's (found by a review: prod's alarm fired on dev's failures).
+    for widget in dashboard["widgets"]:
+        for metric in widget["properties"].get("metrics", []):
+            if metric[0] == "citypulse":
+                assert metric[4:6] == ["environment", "EnvName"], metric
+    for r in resources.values():
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"].get("Namespace") == "citypulse":
+            assert {"Name": "environment", "Value": {"Ref": "EnvName"}} in r["Properties"]["Dimensions"]
+    for function in ("ProcessorFunction", "SweeperFunction"):
+        variables = resources[function]["Properties"]["Environment"]["Variables"]
+        assert variables["CITYPULSE_ENV_NAME"] == {"Ref": "EnvName"}, function
+    for module in ("handler.py", "sweeper.py"):
+        code = (REPO_ROOT / "streaming" / "processor" / module).read_text()
+        assert 'set_default_dimensions(environment=os.environ.get("CITYPULSE_ENV_NAME"' in code, module
 
 
 def test_the_stream_lag_alarm_reads_a_metric_both_kinds_of_trigger_report() -> None:

@@ -32,6 +32,8 @@ from streaming.unprocessed import StoreError
 
 logger = Logger(service="citypulse-processor")
 metrics = Metrics(namespace="citypulse", service="processor")
+# Environments may share an account: each one's metrics carry its name (the template sets it).
+metrics.set_default_dimensions(environment=os.environ.get("CITYPULSE_ENV_NAME", "local"))
 
 # Latency histogram buckets (ms, upper bounds) logged per batch so that percentiles can
 # be merged exactly across batches; CloudWatch gets the same values through EMF.

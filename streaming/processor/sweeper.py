@@ -60,6 +60,8 @@ from streaming.processor.store import AlertPublisher, client_config
 
 logger = Logger(service="citypulse-sweeper")
 metrics = Metrics(namespace="citypulse", service="sweeper")
+# Environments may share an account: each one's metrics carry its name (the template sets it).
+metrics.set_default_dimensions(environment=os.environ.get("CITYPULSE_ENV_NAME", "local"))
 
 # The schedule rule's rate (the template's SweeperSchedule says the same; a test holds them equal).
 SWEEP_INTERVAL_S = 60

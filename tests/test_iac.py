@@ -599,6 +599,10 @@ def test_the_redrive_role_may_do_what_the_processor_does_and_work_its_queue() ->
     outputs = load_template(MAIN_TEMPLATE)["Outputs"]
     assert outputs["ProcessorEventSourceMappingId"]["Value"] == {"Ref": "ProcessorEventSourceMapping"}
     assert redrive["ReadProcessorSettings"]["Resource"] == {"Fn::GetAtt": ["ProcessorFunction", "Arn"]}
+    # The sweeper too: with no commits it would judge every sensor silent (found by a review).
+    sweeper = redrive["PauseTheSweeper"]
+    assert sweeper["Resource"] == {"Fn::GetAtt": ["SweeperSchedule", "Arn"]}
+    assert set(sweeper["Action"]) == {"events:DisableRule", "events:EnableRule"}
 
 
 def test_every_alarm_is_on_the_dashboard_and_every_citypulse_metric_is_one_the_code_emits() -> None:

@@ -504,7 +504,8 @@ class DuckDBWarehouse(Warehouse):
 
 class PostgresWarehouse(Warehouse):
     engine = "postgres"
-    # Blocks another load's writes (and this lock), not the readers.
+    # Blocks another load's writes (and this lock), not the readers. Redshift's LOCK blocks
+    # reads too: a daily build reading raw waits out a load.
     lock_raw_sql = f"lock table {', '.join(f'{RAW_SCHEMA}.{t}' for t in RAW_TABLES)} in share row exclusive mode"
 
     def __init__(self, host: str, port: int, user: str, password: str, dbname: str) -> None:

@@ -35,7 +35,9 @@ shard's latest commit gives its lag (`processing_lag_ms`), and its zones are jud
 sweep's time less that lag. A zone quiet on the street while its shard is read is still raised.
 What the sweep cannot tell apart: a processor that has stopped altogether commits nothing, so the
 lag of its last commit stands and the shard's sensors are raised by the clock, as when every zone
-of the shard goes dark (the iterator-age alarms report a stopped processor); and a zone whose
+of the shard goes dark (the processor's error, batch-failure and
+iterator-age alarms report a failing one; a trigger paused by hand reports nothing, so a
+redrive pauses the sweeper too); and a zone whose
 shard was split keeps its parent's last lag until a child shard commits it.
 """
 

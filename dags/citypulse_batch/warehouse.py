@@ -194,11 +194,12 @@ class Warehouse(ABC):
         for table, columns in RAW_TABLES.items():
             cur.execute(create_table_sql(f"{RAW_SCHEMA}.{table}", columns))
 
-    # How a load holds the raw tables until it commits, so that two loads of one hour (runs
+    # How a load holds `raw.readings` until it commits, so that two loads of one hour (runs
     # overlap: a backfill's beside the scheduled one, a later hour's look back) take turns: each
     # deletes what the other inserted. Without it, under READ COMMITTED, the second's delete
     # misses the first's uncommitted rows and the hour holds every reading twice (found by a
-    # review). None: the engine has one writer at a time anyway (DuckDB).
+    # review). Every load takes it first, so the other raw tables are held in turn as well.
+    # None: the engine has one writer at a time anyway (DuckDB).
     lock_raw_sql: str | None = None
 
     def load(self, interval: Interval, lake: Lake, listing: Mapping[str, Sequence[str]] | None = None) -> LoadSummary:
@@ -506,7 +507,7 @@ class PostgresWarehouse(Warehouse):
     engine = "postgres"
     # Blocks another load's writes (and this lock), not the readers. Redshift's LOCK blocks
     # reads too: a daily build reading raw waits out a load.
-    lock_raw_sql = f"lock table {', '.join(f'{RAW_SCHEMA}.{t}' for t in RAW_TABLES)} in share row exclusive mode"
+    lock_raw_sql = f"lock table {RAW_SCHEMA}.readings in share row exclusive mode"
 
     def __init__(self, host: str, port: int, user: str, password: str, dbname: str) -> None:
         self.params = {"host": host, "port": port, "user": user, "password": password, "dbname": dbname}
@@ -604,7 +605,7 @@ class RedshiftWarehouse(Warehouse):
     """
 
     engine = "redshift"
-    lock_raw_sql = f"lock {', '.join(f'{RAW_SCHEMA}.{t}' for t in RAW_TABLES)}"
+    lock_raw_sql = f"lock {RAW_SCHEMA}.readings"
 
     def __init__(self, conn_id: str, copy_iam_role: str | None, dbt_params: dict[str, str]) -> None:
         self.conn_id = conn_id

@@ -13,9 +13,9 @@ item's `congested` attribute written with the state.
 
 Writing beside the processor: the processor is the zone item's writer and commits with an
 unconditional put of the whole item (docs/architecture.md §4). The sweeper writes back only the
-`state` attribute, and only if the item is still the version it read — the processor's commit
-marker (`marker_seq`, `updated_at`) and the sweeper's own `sweeps` counter, which a processor
-commit drops. So:
+`state` and `congested` attributes, and only if the item is still the version it read — the
+processor's commit marker (`marker_seq`, `updated_at`) and the sweeper's own `sweeps` counter,
+which a processor commit drops. So:
 
 * the processor commits between the sweeper's read and write: the condition fails and the
   sweeper writes nothing (the processor's update is never clobbered); the next sweep retries
@@ -23,8 +23,9 @@ commit drops. So:
 * the processor read the item before the sweeper's write and commits after it: its put replaces
   the silent marks. A sensor still quiet is raised again, by the processor's detector or the next
   sweep, under the same event id, which consumers drop (as for any redelivered alert);
-* alerts go out before the write, as the processor's go before its commit: a crash in between
-  sends them again next sweep under the same ids, and never loses one.
+* `SensorSilent` alerts go out before the write, as the processor's go before its commit: a
+  crash in between sends them again next sweep under the same ids, and never loses one. A dark
+  zone's clear goes out after the write has committed the ended episode (docs/reliability.md).
 
 Silence is judged as of how far the processor has got, not by the clock alone. Under a backlog
 the processor applies readings minutes after the street sent them; by the clock every sensor of
@@ -35,10 +36,9 @@ shard's latest commit gives its lag (`processing_lag_ms`), and its zones are jud
 sweep's time less that lag. A zone quiet on the street while its shard is read is still raised.
 What the sweep cannot tell apart: a processor that has stopped altogether commits nothing, so the
 lag of its last commit stands and the shard's sensors are raised by the clock, as when every zone
-of the shard goes dark (the processor's error, batch-failure and
-iterator-age alarms report a failing one; a trigger paused by hand reports nothing, so a
-redrive pauses the sweeper too); and a zone whose
-shard was split keeps its parent's last lag until a child shard commits it.
+of the shard goes dark (the processor's error, batch-failure and iterator-age alarms report a
+failing one; a trigger paused by hand reports nothing, so a redrive pauses the sweeper too);
+and a zone whose shard was split keeps its parent's last lag until a child shard commits it.
 """
 
 from __future__ import annotations

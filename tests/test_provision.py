@@ -145,6 +145,7 @@ def test_provision_creates_every_resource_of_the_template(
         "CITYPULSE_PROCESSOR_STATE_TABLE": "citypulse-local-processor-state",
         "CITYPULSE_EVENT_BUS": "citypulse-local-alerts",
         "CITYPULSE_REGISTRY_KEY": "registry/sensor_registry.csv",
+        "CITYPULSE_ENV_NAME": "local",  # the processor's metrics carry their environment
     }
 
 

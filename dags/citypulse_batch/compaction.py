@@ -29,14 +29,16 @@ stopped. Until then its parts are no rows for anyone (`settle` names them; loads
 backs leave them out), and a run that would compact the partition leaves it to the live one.
 Two runs that start compacting one partition at the same moment can still both write parts:
 its rows then lie twice in the lake (the warehouse load drops and counts them as duplicates)
-until conditional writes close it. Only objects the ledger
-says the warehouse holds are inputs: one that arrived after the load (a late reading) stays as
-it is until a later run loads its hour again (`ledger.late_hours`), and is gathered then.
-Between steps 3 and 4 a reader listing the partition sees the inputs' rows twice; a load
-settles the partition before it reads, and would drop them as duplicates anyway. A batch the processor writes again
-after its object was compacted (a Kinesis retry long after the first delivery) lands beside
-the part, is loaded with its hour again and gathered then: raw duplicates in the lake, as a
-bisected retry leaves, which the load drops and counts.
+until conditional writes close it.
+
+Only objects the ledger says the warehouse holds are inputs: one that arrived after the load
+(a late reading) stays as it is until a later run loads its hour again (`ledger.late_hours`),
+and is gathered then. Between steps 3 and 4 a reader listing the partition sees the inputs'
+rows twice; a load settles the partition before it reads, and would drop them as duplicates
+anyway. A batch the processor writes again after its object was compacted (a Kinesis retry
+long after the first delivery) lands beside the part, is loaded with its hour again and
+gathered then: raw duplicates in the lake, as a bisected retry leaves, which the load drops
+and counts.
 """
 
 from __future__ import annotations
@@ -241,6 +243,9 @@ def compact_partition(
     objects = [(key, size) for key, size, _ in entries]
     summary.objects_before = summary.objects_after = len(objects)
     summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
+    if settled.writing:  # another run is compacting it now
+        summary.skipped = "another run's compaction of it is being written"
+        return summary
     # Only objects the warehouse holds the rows of: one that arrived after the load waits, as
     # it is, for its hour to be loaded again (`ledger.late_hours`). No ledger: all of them.
     loaded = ledger.loaded(lake, prefix)
@@ -249,9 +254,6 @@ def compact_partition(
         for key, size in objects
         if (loaded is None or key in loaded) and (not is_part(key) or size < target_bytes // 2)
     ]
-    if settled.writing:  # another run is compacting it now
-        summary.skipped = "another run's compaction of it is being written"
-        return summary
     if len(inputs) < 2:
         return summary
     keys = [key for key, _ in inputs]

@@ -442,6 +442,16 @@ def _statements(resources: dict[str, Any], role: str) -> list[dict[str, Any]]:
     ]
 
 
+def _grants(resources: dict[str, Any], role: str) -> dict[str, set[str]]:
+    """Each action of a role's inline statements → the resources it names (as sorted JSON)."""
+    out: dict[str, set[str]] = {}
+    for statement in _statements(resources, role):
+        targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        for action in [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]:
+            out.setdefault(action, set()).update(json.dumps(t, sort_keys=True) for t in targets)
+    return out
+
+
 def test_the_airflow_tasks_may_write_every_lake_prefix_the_batch_steps_write() -> None:
     # The hourly and daily tasks write reports, GX results, compacted parts and their manifests,
     # docs; compaction and retention delete raw objects. A prefix missing here is an AccessDenied
@@ -521,13 +531,7 @@ def test_the_processor_and_sweeper_roles_grant_exactly_the_dynamodb_calls_their_
         "SweeperRole": {"dynamodb:Scan", "dynamodb:UpdateItem"},
     }
     for role, calls in code.items():
-        granted = {
-            action
-            for statement in _statements(resources, role)
-            for action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
-            if action.startswith("dynamodb:")
-        }
-        assert granted == calls, role
+        assert {action for action in _grants(resources, role) if action.startswith("dynamodb:")} == calls, role
 
 
 def test_the_read_api_and_alert_store_functions_get_what_their_code_reads_and_calls() -> None:
@@ -544,18 +548,10 @@ def test_the_read_api_and_alert_store_functions_get_what_their_code_reads_and_ca
     for lid, env in (("ReadApiFunction", read_env), ("AlertStoreFunction", {"CITYPULSE_ALERTS_TABLE"})):
         assert env <= set(resources[lid]["Properties"]["Environment"]["Variables"]), lid
 
-    def grants(role: str) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        for statement in _statements(resources, role):
-            targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-            for action in [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]:
-                out.setdefault(action, set()).update(json.dumps(t, sort_keys=True) for t in targets)
-        return out
-
     def table(lid: str) -> str:
         return json.dumps({"Fn::GetAtt": [lid, "Arn"]}, sort_keys=True)
 
-    reads = grants("ReadApiRole")
+    reads = _grants(resources, "ReadApiRole")
     assert "batch_get_item" in source["sources.py"] and table("ProcessorStateTable") in reads["dynamodb:BatchGetItem"]
     assert 'get_paginator("query")' in source["sources.py"] and table("ZoneMetricsTable") in reads["dynamodb:Query"]
     assert ".query(" in source["alerts.py"] and table("AlertsTable") in reads["dynamodb:Query"]
@@ -565,11 +561,11 @@ def test_the_read_api_and_alert_store_functions_get_what_their_code_reads_and_ca
     }
     # The store writes an alert and its id's marker in one transaction of two Puts: PutItem each.
     assert ".transact_write_items(" in source["alerts.py"] and '{"Put": {"TableName": table' in source["alerts.py"]
-    assert table("AlertsTable") in grants("AlertStoreRole")["dynamodb:PutItem"]
+    assert table("AlertsTable") in _grants(resources, "AlertStoreRole")["dynamodb:PutItem"]
     # The alert rule feeds the store, and the operators may call the API.
     targets = {t["Id"]: t for t in resources["AlertRule"]["Properties"]["Targets"]}
     assert targets["alert-log"]["Arn"] == {"Fn::GetAtt": ["AlertStoreFunction", "Arn"]}
-    operator = grants("OperatorRole")
+    operator = _grants(resources, "OperatorRole")
     assert operator["execute-api:Invoke"]
     assert resources["ReadApiProxyMethod"]["Properties"]["AuthorizationType"] == "AWS_IAM"
 
@@ -691,11 +687,9 @@ def test_only_prods_own_jobs_may_change_the_prod_stack() -> None:
     prod_stack = "arn:${AWS::Partition}:cloudformation:${AWS::Region}:${AWS::AccountId}:stack/citypulse-prod/*"
     (deny,) = [s for s in _statements(resources, "GitHubDeployRole") if s["Effect"] == "Deny"]
     assert {"Fn::Sub": prod_stack} in deny["Resource"] and "cloudformation:*" in deny["Action"]
-    for statement in _statements(resources, "GitHubProdDeployRole"):
-        targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        for target in targets:
-            text = json.dumps(target)
-            assert "citypulse-prod" in text or "smoke" in text, (statement["Sid"], text)
+    for action, targets in _grants(resources, "GitHubProdDeployRole").items():
+        for text in targets:
+            assert "citypulse-prod" in text or "smoke" in text, (action, text)
     # What both do whatever their environment is one managed policy, tied to no stack.
     common = resources["GitHubDeployCommon"]["Properties"]["PolicyDocument"]["Statement"]
     assert not [s for s in common if "stack/" in json.dumps(s.get("Resource"))]

@@ -1256,10 +1256,11 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
 def _detect_severe(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> None:
     """Raise at once when most of the zone is jammed now: at least `severe_share` of the sensors
     reporting within `severe_window_ms` of the watermark and not silent (and at least
-    `severe_min_sensors` of them) read `congestion_severe` or more in their latest reading. A vote of the sensors' live
-    values, so one faulty sensor cannot raise it. The episode starts in the watermark's minute
-    (a retry that groups the records otherwise may decide in another batch, hence another
-    minute; the episode's number, its id, stays the same). Clearing is the closed minutes' rule."""
+    `severe_min_sensors` of them) read `congestion_severe` or more in their latest reading. A
+    vote of the sensors' live values, so one faulty sensor cannot raise it. The episode starts
+    in the watermark's minute (a retry that groups the records otherwise may decide in another
+    batch, hence another minute; the episode's number, its id, stays the same). Clearing is the
+    closed minutes' rule, or the zone going dark (`detect_silence`)."""
     c = state.congestion
     if c.congested:
         return

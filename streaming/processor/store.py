@@ -289,7 +289,7 @@ class StateStore:
         return out
 
 
-def zone_state_item(state: ZoneState, blob: bytes, now_ms: int, received_through: int = 0) -> dict[str, Any]:
+def zone_state_item(state: ZoneState, blob: bytes, now_ms: int, received_through: int) -> dict[str, Any]:
     """A zone's item in the processor table: its state (`blob`, `state.to_bytes()`), and beside it
     what the sweeper's conditional write and the operators read without parsing it. `now_ms`:
     the commit's clock; `received_through`: the newest receive time of the committing batch

@@ -14,11 +14,11 @@ Place in the flow: the batch path's daily housekeeping, after the day's hourly r
 
 and every task's failure puts `PipelineFailed` on the bus. The build waits until an hour past
 the day's end (`DAILY_BUILD_DELAY`, `steps.daily_build_due`): the hourly run of the day's last
-hour starts at midnight too, and usually ends well within the hour (the wait is on the clock;
-a last hour later than that reaches the daily marts when this DAG runs for the day again,
-docs/batch.md). A run by hand of a day not over yet (the demo) builds at once. An hour of the
-day loaded again later as late builds the day's daily marts again in that hourly run
-(`steps.days_completed`), taking turns with this DAG's build on the marts.
+hour starts at midnight too, and usually ends well within the hour. A run by hand of a day not
+over yet (the demo) builds at once. The build first records in the lake that it has begun
+(`steps.build_daily`): an hourly run that commits one of the day's hours after that (hour 23
+later than the wait, an hour re-run or loaded again as late, a backfill) builds the day's
+daily marts again (`steps.run_hours`), taking turns with this DAG's build on the marts.
 
 Thin like `citypulse_hourly`: task bodies are in `citypulse_batch.steps`.
 """

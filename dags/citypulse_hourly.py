@@ -124,9 +124,9 @@ def citypulse_hourly() -> None:
     def dbt_build(**context: Any) -> None:
         from citypulse_batch import steps
 
-        # ... and the daily marts of an ended day one of whose hours this run loaded again: the
-        # daily DAG built them before the hour's late objects were in.
-        run_step(steps.build, context, completed_days=steps.build_daily)
+        # ... and the daily marts of each day of its hours whose daily build has begun: that
+        # build may have read the day before this run's hours were in (late, or a run late).
+        run_step(steps.build, context, daily=steps.DAILY_MARTS)
 
     @task(task_id="quality_check", execution_timeout=timedelta(minutes=20))
     def quality_check(**context: Any) -> None:

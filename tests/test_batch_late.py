@@ -30,7 +30,15 @@ from batch_lake import (
 
 from citypulse_batch import ledger, steps
 from citypulse_batch.compaction import compact, compact_partition, is_part, manifest_prefix, now_ms
-from citypulse_batch.lake import LEDGER_PREFIX, Interval, Lake, partition_prefixes, readings_prefixes
+from citypulse_batch.lake import (
+    DAILY_BUILDS_PREFIX,
+    LEDGER_PREFIX,
+    Interval,
+    Lake,
+    daily_build_key,
+    partition_prefixes,
+    readings_prefixes,
+)
 from citypulse_batch.report import RELOADED, build_report
 from citypulse_batch.retention import LAKE_PREFIXES, expired_keys
 from citypulse_batch.steps import StepFailed, load_settled, run_hours
@@ -269,37 +277,87 @@ def test_retention_forgets_a_ledger_with_its_partition() -> None:
     assert expired_keys([key], INTERVAL_START + HOUR - timedelta(seconds=1)) == []
 
 
-def test_a_run_builds_again_the_daily_marts_of_the_ended_days_it_loaded_again() -> None:
-    """The daily DAG built a day's marts before an hour of it was loaded again: the run that
-    loads it again builds them again, once the day has ended (found by a review)."""
+def test_retention_forgets_a_daily_build_record_with_its_days_first_hour() -> None:
+    day = INTERVAL_START.replace(hour=0)
+    key = daily_build_key(day)
+    assert key.startswith(DAILY_BUILDS_PREFIX) and DAILY_BUILDS_PREFIX in LAKE_PREFIXES
+    assert expired_keys([key], day + HOUR) == [key]
+    assert expired_keys([key], day + HOUR - timedelta(seconds=1)) == []
+
+
+def test_a_run_builds_again_the_daily_marts_of_its_days_whose_daily_build_has_begun() -> None:
+    """The daily DAG may build a day's marts before one of its hours is in: an hour loaded
+    again as late (found by a review), or an hour whose own run ends after the daily build
+    (hour 23 running late, an hour re-run by hand, a backfill: session 21). The run that
+    commits such an hour builds the day again, whether that hour is its own or a reloaded one;
+    it asks whether the daily build has begun only after its own builds, so that one which
+    begins later reads them; a day whose build has not begun is left to it."""
 
     def at(text: str) -> datetime:
         return datetime.fromisoformat(text)
 
-    def days(start: str, hours: list[str], now: str) -> list[str]:
-        return [d.to_json()["start"] for d in steps.days_completed(Interval.hour(at(start)), hours, at(now))]
-
-    assert days("2026-03-02T23:00:00Z", [], "2026-03-03T00:05:00Z") == []
-    assert days("2026-03-02T10:00:00Z", ["2026-03-02T07:00:00Z"], "2026-03-02T11:05:00Z") == []  # not over
-    late = ["2026-03-02T21:00:00Z", "2026-03-02T22:00:00Z", "2026-03-03T00:00:00Z"]
-    assert days("2026-03-03T02:00:00Z", late, "2026-03-03T03:05:00Z") == ["2026-03-02T00:00:00Z"]
-    # A backfill of an old hour that loads others of its (long ended) day again.
-    assert days("2026-03-02T10:00:00Z", ["2026-03-02T07:00:00Z"], "2026-12-07T12:00:00Z") == ["2026-03-02T00:00:00Z"]
-
-    built: list[dict[str, str]] = []
+    log: list[str] = []
+    begun_days = {"2026-03-02T00:00:00Z", "2026-03-04T00:00:00Z"}
 
     def hourly(interval: Interval) -> dict[str, Any]:
+        log.append("hour " + interval.to_json()["start"])
         return {"success": True}
 
-    def daily(interval: Interval) -> dict[str, Any]:
-        built.append(interval.to_json())
+    def daily_build(interval: Interval) -> dict[str, Any]:
+        log.append("day " + interval.to_json()["start"])
+        if interval.start.day == 4:
+            raise StepFailed("daily dbt build failed", {"success": False, "models_failed": 1})
         return {"success": True, "models_passed": 3}
 
-    summary = run_hours(hourly, Interval.hour(at("2026-03-03T00:00:00Z")), ["2026-03-02T23:00:00Z"], daily)
-    assert built == [{"start": "2026-03-02T00:00:00Z", "end": "2026-03-03T00:00:00Z"}]
-    assert list(summary["days"]) == ["2026-03-02T00:00:00Z"]
-    report = build_report(Interval.hour(at("2026-03-03T00:00:00Z")), "d", "r", {"dbt": summary})
+    def begun(day: Interval) -> bool:
+        log.append("begun? " + day.to_json()["start"])
+        return day.to_json()["start"] in begun_days
+
+    daily = steps.DailyMarts(daily_build, begun)
+    # Its own hour, of a day whose build has begun (a run finishing late, or re-run by hand).
+    summary = run_hours(hourly, Interval.hour(at("2026-03-02T23:00:00Z")), [], daily)
+    assert log == ["hour 2026-03-02T23:00:00Z", "begun? 2026-03-02T00:00:00Z", "day 2026-03-02T00:00:00Z"]
+    assert summary["days"]["2026-03-02T00:00:00Z"] == {"success": True, "models_passed": 3}
+    report = build_report(Interval.hour(at("2026-03-02T23:00:00Z")), "d", "r", {"dbt": summary})
     assert report["daily_marts_built"] == ["2026-03-02T00:00:00Z"]
+
+    # Reloaded hours of two days: each day asked once, after every hour's build; only the
+    # begun one is built; the run's own day (not begun) is left to its daily build.
+    log.clear()
+    summary = run_hours(
+        hourly, Interval.hour(at("2026-03-03T02:00:00Z")), ["2026-03-02T22:00:00Z", "2026-03-02T21:00:00Z"], daily
+    )
+    assert log == [
+        "hour 2026-03-03T02:00:00Z",
+        "hour 2026-03-02T22:00:00Z",
+        "hour 2026-03-02T21:00:00Z",
+        "begun? 2026-03-02T00:00:00Z",
+        "begun? 2026-03-03T00:00:00Z",
+        "day 2026-03-02T00:00:00Z",
+    ]
+    assert list(summary["days"]) == ["2026-03-02T00:00:00Z"]
+
+    # No day begun: nothing built, and no `days` in the summary.
+    log.clear()
+    summary = run_hours(hourly, Interval.hour(at("2026-03-03T05:00:00Z")), [], daily)
+    assert log == ["hour 2026-03-03T05:00:00Z", "begun? 2026-03-03T00:00:00Z"] and "days" not in summary
+
+    # A daily build that fails fails the step with what it found.
+    with pytest.raises(StepFailed) as failed:
+        run_hours(hourly, Interval.hour(at("2026-03-04T00:00:00Z")), [], daily)
+    assert "(2026-03-04T00:00:00Z, days)" in str(failed.value)
+    assert failed.value.summary["days"]["2026-03-04T00:00:00Z"] == {"success": False, "models_failed": 1}
+    assert failed.value.summary["success"] is False
+
+
+def test_an_interval_names_the_whole_days_of_its_hours() -> None:
+    days = Interval(datetime(2026, 3, 2, 22, tzinfo=UTC), datetime(2026, 3, 4, 1, tzinfo=UTC)).days()
+    assert [d.to_json() for d in days] == [
+        {"start": f"2026-03-0{n}T00:00:00Z", "end": f"2026-03-0{n + 1}T00:00:00Z"} for n in (2, 3, 4)
+    ]
+    assert Interval.hour(datetime(2026, 3, 2, 23, tzinfo=UTC)).days() == [
+        Interval(datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 3, tzinfo=UTC))
+    ]
 
 
 def test_the_daily_build_waits_an_hour_past_its_day_unless_the_day_is_not_over() -> None:

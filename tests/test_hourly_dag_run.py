@@ -39,7 +39,7 @@ from batch_lake import (
 )
 
 from citypulse_batch.events import FAILURE_LOG_LINE
-from citypulse_batch.lake import Interval, readings_prefixes
+from citypulse_batch.lake import Interval, daily_build_key, readings_prefixes
 from infra.local.airflow import DailyRun, HourlyRun, ensure_metadata_db, run_daily, run_hourly
 from infra.local.emulators import Emulator
 
@@ -352,6 +352,20 @@ def test_daily_run_builds_data_docs_from_the_stored_validation_results(scenarios
         assert suite in html
     keys = [o["Key"] for o in s3_client(good.env).list_objects_v2(Bucket=good.lake.bucket, Prefix="gx/")["Contents"]]
     assert all(k.startswith("gx/validations/dt=2026-03-02/hour=10/") for k in keys)
+
+
+def test_an_hour_run_again_after_the_daily_build_builds_its_day_again(scenarios) -> None:
+    """The daily run records in the lake that its build began; the hourly runs before it build
+    no day, the run of the hour again after it (the tampered run, by hand) builds the day's
+    daily marts again: that build read the day before the hour's run committed."""
+    good = scenarios["good"]
+    day = good.lake.start.replace(hour=0)
+    body = s3_client(good.env).get_object(Bucket=good.lake.bucket, Key=daily_build_key(day))["Body"].read()
+    assert json.loads(body)["day"] == {"start": "2026-03-02T00:00:00Z", "end": "2026-03-03T00:00:00Z"}
+    assert [run.report["daily_marts_built"] for run in good.runs] == [[], []]
+    assert good.tampered is not None and good.tampered.report["daily_marts_built"] == ["2026-03-02T00:00:00Z"]
+    rebuilt = good.tampered.report["steps"]["dbt"]["days"]["2026-03-02T00:00:00Z"]
+    assert rebuilt["success"] and rebuilt["models_failed"] == 0
 
 
 def test_tampered_mart_fails_the_reconciliation_so_nothing_is_published(scenarios) -> None:

@@ -21,6 +21,8 @@ QUARANTINE_PREFIX = "quarantine/"
 SENSOR_REGISTRY_KEY = "registry/sensor_registry.csv"
 ZONES_KEY = "registry/zones.csv"
 REPORTS_PREFIX = "reports/hourly/"
+# Where the daily DAG records that a day's build has begun (`daily_build_key`).
+DAILY_BUILDS_PREFIX = "reports/daily/"
 # Great Expectations validation results of each hourly run, partitioned like the data.
 GX_RESULTS_PREFIX = "gx/validations/"
 # Compaction manifests, partitioned like the data they describe, outside every table location.
@@ -60,6 +62,11 @@ class Interval:
         while hour < self.end:
             yield hour
             hour += _HOUR
+
+    def days(self) -> list[Interval]:
+        """The whole UTC days its hours fall in, in order."""
+        starts = sorted({hour.replace(hour=0) for hour in self.hours()})
+        return [Interval(day, day + timedelta(days=1)) for day in starts]
 
     def sql_bounds(self) -> tuple[str, str]:
         """Start and end as SQL timestamp literals (UTC, no zone) that Redshift, PostgreSQL and
@@ -117,6 +124,12 @@ def gx_results_prefix(hour: datetime) -> str:
 
 def report_key(interval: Interval) -> str:
     return REPORTS_PREFIX + partition(interval.start) + "report.json"
+
+
+def daily_build_key(day: datetime) -> str:
+    """The record that the daily marts' build of the UTC day starting at `day` has begun,
+    partitioned as the day's first hour (retention forgets it with that hour)."""
+    return DAILY_BUILDS_PREFIX + partition(day) + "build.json"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,10 @@
 Place in the flow: the daily DAG's `retention` task. The horizon is counted back from the
 end of the run's data interval (never from the wall clock), so a rerun or backfill of a day
 deletes exactly what the original run deleted. Lake partitions are whole `dt=/hour=` folders
-(raw readings, quarantine, hourly reports, GX results, compaction manifests); warehouse rows
-are deleted by their time column, in one transaction, then the engine reclaims the space
-where it can (PostgreSQL `VACUUM ANALYZE`, Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
+(raw readings, quarantine, hourly reports and daily build records, GX results, compaction
+manifests, load ledgers); warehouse rows are deleted by their time column, in one
+transaction, then the engine reclaims the space where it can (PostgreSQL `VACUUM ANALYZE`,
+Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from citypulse_batch.lake import (
     COMPACTION_PREFIX,
+    DAILY_BUILDS_PREFIX,
     GX_RESULTS_PREFIX,
     LEDGER_PREFIX,
     QUARANTINE_PREFIX,
@@ -41,6 +43,7 @@ LAKE_PREFIXES = (
     READINGS_PREFIX,
     QUARANTINE_PREFIX,
     REPORTS_PREFIX,
+    DAILY_BUILDS_PREFIX,
     GX_RESULTS_PREFIX,
     COMPACTION_PREFIX,
     LEDGER_PREFIX,

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from citypulse_batch.lake import (
     Interval,
     Lake,
     S3Credentials,
+    daily_build_key,
     gx_results_prefix,
     list_partitions,
     partition_prefixes,
@@ -98,16 +100,23 @@ def warehouse() -> Any:
 Step = Callable[[Interval], dict[str, Any]]
 
 
-def run_step(
-    step: Step, context: Mapping[str, Any], *, reloaded: bool = True, completed_days: Step | None = None
-) -> None:
+@dataclass(frozen=True, slots=True)
+class DailyMarts:
+    """How an hourly run keeps the daily marts whole: `build` builds a day's, `begun` says
+    whether the daily DAG's build of a day has begun (`run_hours`)."""
+
+    build: Step
+    begun: Callable[[Interval], bool]
+
+
+def run_step(step: Step, context: Mapping[str, Any], *, reloaded: bool = True, daily: DailyMarts | None = None) -> None:
     """Run a step for the Airflow task's data interval; its summary goes to XCom key `summary`,
     also when the step fails (then a data verdict fails the task without retries).
 
     With `reloaded`, the step also runs for each earlier hour the run's load loaded again
     (`load`: objects reached it after its own run), after the data interval's; their
-    summaries go under `RELOADED`, by hour. `completed_days` then runs for each ended day of
-    those hours (`days_completed`), its summaries under `DAYS`."""
+    summaries go under `RELOADED`, by hour. `daily`: then the daily marts of those hours' days
+    are built again where the daily build had begun (`run_hours`), under `DAYS`."""
     from citypulse_batch.airflow_compat import task_failure
 
     interval = Interval(context["data_interval_start"], context["data_interval_end"])
@@ -117,45 +126,49 @@ def run_step(
         load_summary = ti.xcom_pull(task_ids="load_warehouse", key="summary") or {}
         hours = list(load_summary.get(RELOADED, {}))
     try:
-        summary = run_hours(step, interval, hours, completed_days)
+        summary = run_hours(step, interval, hours, daily)
     except StepFailed as exc:
         ti.xcom_push(key="summary", value=exc.summary)
         raise task_failure(exc, exc.retryable) from exc
     ti.xcom_push(key="summary", value=summary)
 
 
-def run_hours(step: Step, interval: Interval, hours: list[str], completed_days: Step | None = None) -> dict[str, Any]:
+def run_hours(step: Step, interval: Interval, hours: list[str], daily: DailyMarts | None = None) -> dict[str, Any]:
     """`step` of the interval, then of each hour in `hours` (ISO starts), whose summaries go
-    under `RELOADED`; then `completed_days` of each ended day of those hours (`days_completed`),
-    under `DAYS`. A step that fails on one of them fails with the summaries so far."""
+    under `RELOADED`. Then, with `daily`, `daily.build` of each day of the interval and of those
+    hours whose daily build has begun (`daily.begun`), under `DAYS`: that build may have read
+    the day before this run's own had committed. Asked only now, after them, so that a daily
+    build not begun yet reads what they wrote. A step that fails on one of them fails with the
+    summaries so far."""
     summary = step(interval)
-    runs = [(RELOADED, hour, Interval.hour(datetime.fromisoformat(hour)), step) for hour in hours]
-    if completed_days is not None:
-        runs += [(DAYS, day.to_json()["start"], day, completed_days) for day in days_completed(interval, hours)]
-    for key, name, part, run in runs:
+    reloaded = [(hour, Interval.hour(datetime.fromisoformat(hour))) for hour in hours]
+    _run_parts(summary, RELOADED, reloaded, step)
+    if daily is not None:
+        days = {day.start: day for part in [interval, *(p for _, p in reloaded)] for day in part.days()}
+        begun = [day for _, day in sorted(days.items()) if daily.begun(day)]
+        _run_parts(summary, DAYS, [(day.to_json()["start"], day) for day in begun], daily.build)
+    return summary
+
+
+def _run_parts(summary: dict[str, Any], key: str, parts: list[tuple[str, Interval]], step: Step) -> None:
+    """`step` of each named part, its summary under `summary[key][name]`; the first to fail
+    fails with the summaries so far."""
+    for name, part in parts:
         done = summary.setdefault(key, {})
         try:
-            done[name] = run(part)
+            done[name] = step(part)
         except StepFailed as exc:
             done[name] = exc.summary
             summary["success"] = False  # the run report's verdict on the step
             raise StepFailed(f"{exc} ({name}, {key})", summary, retryable=exc.retryable) from exc
-    return summary
 
 
 def daily_build_due(day_end: datetime, now: datetime, delay: timedelta) -> bool:
     """Whether the daily build of the day ending at `day_end` may run at `now`: `delay` after
-    the day's end, by when its last hourly run (which starts at the day's end too) has loaded
-    it; at once for a day not over yet (a run by hand: what is there is what there is)."""
+    the day's end, by when its last hourly run (which starts at the day's end too) has usually
+    loaded it (one that has not builds the day again: `run_hours`); at once for a day not over
+    yet (a run by hand: what is there is what there is)."""
     return now >= day_end + delay or now < day_end
-
-
-def days_completed(interval: Interval, hours: list[str], now: datetime | None = None) -> list[Interval]:
-    """The whole UTC days of the hours this run loaded again (`hours`) that have ended by `now`:
-    the daily DAG built their daily marts already, before these hours' late objects were in."""
-    now = now or datetime.now(UTC)
-    days = {datetime.fromisoformat(hour).replace(hour=0) for hour in hours}
-    return [Interval(day, day + timedelta(days=1)) for day in sorted(days) if day + timedelta(days=1) <= now]
 
 
 def load(interval: Interval) -> dict[str, Any]:
@@ -338,8 +351,23 @@ def write_report(
 
 
 def build_daily(interval: Interval) -> dict[str, Any]:
-    """`dbt build` of the daily marts (sensor health, corridors, peak profiles) for whole days."""
+    """`dbt build` of the daily marts (sensor health, corridors, peak profiles) for whole days.
+    First it records in the lake that each day's build has begun (`daily_build_key`): an hourly
+    run that commits one of the day's hours after that builds the day again (`run_hours`)."""
+    the_lake = lake()
+    begun_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for day in interval.days():
+        the_lake.write_json(daily_build_key(day.start), {"day": day.to_json(), "begun_at": begun_at})
     return _dbt_build(interval, "daily dbt build", select=setting("dbt_daily_select"))
+
+
+def daily_build_begun(day: Interval) -> bool:
+    """Whether the daily marts' build of `day` has begun (`build_daily` recorded it)."""
+    return lake().read_json(daily_build_key(day.start)) is not None
+
+
+# What the hourly DAG's build keeps the daily marts whole with (`run_hours`).
+DAILY_MARTS = DailyMarts(build_daily, daily_build_begun)
 
 
 def retention(interval: Interval) -> dict[str, Any]:

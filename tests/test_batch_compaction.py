@@ -7,7 +7,9 @@ client that fails on a chosen call, and the next run must leave the rows of a cl
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,74 @@ def test_a_run_that_dies_while_it_writes_is_undone_by_the_next(
     assert _rows(lake, partition) == rows
     assert len(lake.list_keys(partition)) == 1
     assert lake.list_keys(manifest_prefix(partition)) == []
+
+
+def test_two_runs_that_settle_at_once_compact_the_partition_once(
+    fixture_lake: FixtureLake, partition: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both settle before either writes a manifest, so neither sees the other's generation: the
+    lease lets one compact and the other leave it (before it, both wrote a part: rows twice)."""
+    rows = _rows(session_lake(fixture_lake.bucket), partition)
+    both_settled = threading.Barrier(2, timeout=30)
+    settle = compaction.settle
+
+    def settle_then_wait(lake: Lake, prefix: str, owner: str | None = None) -> compaction.Settled:
+        settled = settle(lake, prefix, owner)
+        both_settled.wait()
+        return settled
+
+    monkeypatch.setattr(compaction, "settle", settle_then_wait)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        lakes = [session_lake(fixture_lake.bucket) for _ in range(2)]
+        runs = [pool.submit(compact_partition, lake, partition, owner=f"run {n}") for n, lake in enumerate(lakes)]
+        summaries = [run.result() for run in runs]
+
+    lake = session_lake(fixture_lake.bucket)
+    assert sorted(s.skipped or "" for s in summaries) == ["", "another run is compacting it"]
+    assert _rows(lake, partition) == rows
+    assert len(lake.list_keys(partition)) == 1
+    assert lake.list_keys(manifest_prefix(partition)) == []  # the lease given back
+
+
+@pytest.mark.parametrize("next_by", ["its retry", "a later run, once stale"])
+def test_a_lease_left_by_a_stopped_run_is_given_back_by_its_retry_or_once_stale(
+    fixture_lake: FixtureLake, partition: str, monkeypatch: pytest.MonkeyPatch, next_by: str
+) -> None:
+    """A run killed after it took the lease and before its manifest: no generation to settle,
+    only the lease, which keeps other runs out until it counts as stopped."""
+    owner = "scheduled__2026-03-02T10:00:00+00:00"
+    lake = session_lake(fixture_lake.bucket)
+    rows = _rows(lake, partition)
+    objects = lake.list_objects(partition)
+    assert compaction._take_lease(lake, partition, "killed", owner) is not None
+    assert compaction._take_lease(lake, partition, "another", "another run") is None
+
+    young = compact_partition(lake, partition, owner="another run")
+    assert young.skipped == "another run is compacting it" and lake.list_objects(partition) == objects
+    assert lake.list_keys(manifest_prefix(partition)) == [compaction.lease_key(partition)]
+    if next_by == "a later run, once stale":
+        started = compaction.now_ms()
+        monkeypatch.setattr(compaction, "now_ms", lambda: started + compaction.STALE_AFTER_MS)
+
+    summary = compact_partition(lake, partition, owner=owner if next_by == "its retry" else "another run")
+
+    assert summary.skipped is None and (summary.objects_before, summary.objects_after) == (2, 1)
+    assert _rows(lake, partition) == rows
+    assert lake.list_keys(manifest_prefix(partition)) == []
+
+
+def test_a_lease_is_given_back_only_in_the_version_its_run_wrote(fixture_lake: FixtureLake, partition: str) -> None:
+    """A run whose lease was taken over as stale must not delete its successor's."""
+    lake = session_lake(fixture_lake.bucket)
+    stale = compaction._take_lease(lake, partition, "stale", "run 1")
+    assert stale is not None
+    compaction._give_back(lake, partition, stale)
+    successor = compaction._take_lease(lake, partition, "successor", "run 2")
+    assert successor is not None
+
+    compaction._give_back(lake, partition, stale)  # the stopped run, back late
+
+    assert compaction._read_lease(lake, partition) == successor
 
 
 def test_the_hours_load_settles_a_stopped_compaction_before_it_reads(

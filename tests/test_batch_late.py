@@ -206,8 +206,9 @@ def test_a_compaction_stopped_before_its_ledger_swap_is_settled_not_taken_for_la
     first = load_settled(warehouse, hour, lake)
     (readings,) = readings_prefixes(hour)
     inputs = set(lake.list_keys(readings, ".parquet"))
-    # put_object: the manifest `writing` (1), `written` (2, the commit), the ledger's swap (3).
-    dying = Lake(lake.bucket, FailingClient(lake.client, put_object=3), lake.credentials)
+    # put_object: the lease (1), the manifest `writing` (2), `written` (3, the commit), the
+    # ledger's swap (4).
+    dying = Lake(lake.bucket, FailingClient(lake.client, put_object=4), lake.credentials)
     with pytest.raises(ConnectionError):
         compact_partition(dying, readings)
     assert ledger.loaded(lake, readings) == inputs  # the part is there, not in the ledger yet
@@ -230,7 +231,7 @@ def test_an_input_written_again_during_its_compaction_is_kept_and_loaded_again(
     hour = Interval(fixture_lake.start, fixture_lake.end)
     first = load_settled(warehouse, hour, lake)
     (readings,) = readings_prefixes(hour)
-    dying = Lake(lake.bucket, FailingClient(lake.client, put_object=3), lake.credentials)
+    dying = Lake(lake.bucket, FailingClient(lake.client, put_object=4), lake.credentials)
     with pytest.raises(ConnectionError):
         compact_partition(dying, readings)  # committed; stopped before its ledger swap
     rewritten = next(k for k in fixture_lake.files if k.startswith(readings))

@@ -27,9 +27,14 @@ one's is not: runs overlap (a backfill's runs, the run of an hour beside a later
 that loads it again), and a run cannot tell another's generation being written from one
 stopped. Until then its parts are no rows for anyone (`settle` names them; loads and look
 backs leave them out), and a run that would compact the partition leaves it to the live one.
-Two runs that start compacting one partition at the same moment can still both write parts:
-its rows then lie twice in the lake (the warehouse load drops and counts them as duplicates)
-until conditional writes close it.
+Two runs that settle one partition at the same moment see no generation of the other's: the
+partition's *lease* decides between them. A run takes it once it has settled
+(`compaction/<partition>/lease`, an S3 conditional write that fails if the object exists)
+before it lists anything, and gives it back when it is done or has failed (a delete
+conditional on the ETag it wrote, so it never removes another run's); a run that cannot take
+it leaves the partition to the one that did. A lease left by a stopped run is given back by
+the settle that finishes or undoes its generation, by its own task's retry, or by anyone
+once it is older than `STALE_AFTER_MS`.
 
 Only objects the ledger says the warehouse holds are inputs: one that arrived after the load
 (a late reading) stays as it is until a later run loads its hour again (`ledger.late_hours`),
@@ -43,6 +48,7 @@ and counts.
 
 from __future__ import annotations
 
+import json
 import secrets
 import tempfile
 import time
@@ -50,6 +56,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from botocore.exceptions import ClientError
 
 from citypulse_batch import ledger
 from citypulse_batch.lake import COMPACTION_PREFIX, Lake
@@ -95,6 +103,64 @@ def manifest_prefix(prefix: str) -> str:
     return COMPACTION_PREFIX + prefix
 
 
+def lease_key(prefix: str) -> str:
+    """The partition's lease: held by the one run compacting it (no `.json`: not a manifest)."""
+    return manifest_prefix(prefix) + "lease"
+
+
+# What S3 answers a conditional request whose condition does not hold: 412; 409 when another
+# conditional write of the key is under way; 404 for a conditional delete of no object.
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "409", "412"}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A partition's lease as its holder wrote it, and the ETag that version has."""
+
+    etag: str
+    generation: str
+    owner: str | None
+    started_ms: int
+
+
+def _take_lease(lake: Lake, prefix: str, generation: str, owner: str | None) -> Lease | None:
+    """The partition's lease for this run, or None if another run holds it."""
+    lease = {"generation": generation, "owner": owner, "started_ms": now_ms()}
+    try:
+        put = lake.client.put_object(
+            Bucket=lake.bucket, Key=lease_key(prefix), Body=json.dumps(lease).encode(), IfNoneMatch="*"
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in _CONDITION_FAILED:
+            return None
+        raise
+    return Lease(put["ETag"], generation, owner, lease["started_ms"])
+
+
+def _read_lease(lake: Lake, prefix: str) -> Lease | None:
+    try:
+        got = lake.client.get_object(Bucket=lake.bucket, Key=lease_key(prefix))
+    except lake.client.exceptions.NoSuchKey:
+        return None
+    lease = json.loads(got["Body"].read())
+    return Lease(got["ETag"], lease["generation"], lease.get("owner"), lease.get("started_ms", 0))
+
+
+def _give_back(lake: Lake, prefix: str, lease: Lease) -> None:
+    """Delete the lease if it is still this version (another run's is never removed)."""
+    try:
+        lake.client.delete_object(Bucket=lake.bucket, Key=lease_key(prefix), IfMatch=lease.etag)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in _CONDITION_FAILED:
+            raise
+
+
+def _stopped(started_ms: int, of: str | None, owner: str | None) -> bool:
+    """Whether work begun at `started_ms` by run `of` counts as stopped for run `owner`: its own
+    (a retry), or older than `STALE_AFTER_MS` (see the module's steps)."""
+    return (owner is not None and of == owner) or now_ms() - started_ms >= STALE_AFTER_MS
+
+
 def is_part(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith(COMPACTED)
 
@@ -124,20 +190,25 @@ def settle(lake: Lake, prefix: str, owner: str | None = None) -> Settled:
     """Finish what a stopped run committed, undo what a stopped run left writing, and leave
     alone a generation younger than `STALE_AFTER_MS` unless `owner` (the settling run) wrote it
     (see the module's steps). A manifest from before the start time was recorded counts as
-    stopped."""
+    stopped. The lease goes back with the generation it was taken for, or on its own once it
+    counts as stopped (its run stopped before it wrote a manifest, or after it deleted it)."""
     settled = Settled()
+    lease = _read_lease(lake, prefix)
+    ended: set[str] = set()
     for key, manifest in _manifests(lake, prefix):
         if manifest["state"] == "written":
             _finish(lake, prefix, key, manifest["inputs"], manifest["parts"], manifest.get("etags"))
             settled.done.append(f"finished {_generation(key)}")
-        elif (owner is None or manifest.get("owner") != owner) and (
-            now_ms() - manifest.get("started_ms", 0) < STALE_AFTER_MS
-        ):
+        elif not _stopped(manifest.get("started_ms", 0), manifest.get("owner"), owner):
             settled.writing.update(manifest["parts"])
+            continue
         else:
             lake.delete(manifest["parts"])
             lake.delete([key])
             settled.done.append(f"undid {_generation(key)}")
+        ended.add(_generation(key))
+    if lease is not None and (lease.generation in ended or _stopped(lease.started_ms, lease.owner, owner)):
+        _give_back(lake, prefix, lease)
     return settled
 
 
@@ -238,14 +309,33 @@ def compact_partition(
     the run compacting (its generations are its own to undo when it runs again)."""
     settled = settle(lake, prefix, owner)
     summary = PartitionCompaction(prefix, settled=settled.done)
+    # A new name every run: the same inputs seen again (every one re-landed) must not rewrite,
+    # or on a stop delete, the parts that already hold them.
+    generation = secrets.token_hex(8)
+    lease = None if settled.writing else _take_lease(lake, prefix, generation, owner)
+    if lease is None:  # another run is compacting it now
+        objects = lake.list_objects(prefix, ".parquet")
+        summary.objects_before = summary.objects_after = len(objects)
+        summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
+        summary.skipped = "another run is compacting it"
+        return summary
+    try:
+        _compact_leased(lake, prefix, summary, generation, target_bytes, owner)
+    finally:
+        # Failed or not: a generation left writing or written protects the partition itself.
+        _give_back(lake, prefix, lease)
+    return summary
+
+
+def _compact_leased(
+    lake: Lake, prefix: str, summary: PartitionCompaction, generation: str, target_bytes: int, owner: str | None
+) -> None:
+    """`compact_partition`'s work once its run holds the partition's lease: list, write, commit."""
     # Sizes for the groups, ETags for the deletes (`_finish`), from one listing.
     entries = lake.list_entries(prefix, ".parquet")
     objects = [(key, size) for key, size, _ in entries]
     summary.objects_before = summary.objects_after = len(objects)
     summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
-    if settled.writing:  # another run is compacting it now
-        summary.skipped = "another run's compaction of it is being written"
-        return summary
     # Only objects the warehouse holds the rows of: one that arrived after the load waits, as
     # it is, for its hour to be loaded again (`ledger.late_hours`). No ledger: all of them.
     loaded = ledger.loaded(lake, prefix)
@@ -255,13 +345,10 @@ def compact_partition(
         if (loaded is None or key in loaded) and (not is_part(key) or size < target_bytes // 2)
     ]
     if len(inputs) < 2:
-        return summary
+        return
     keys = [key for key, _ in inputs]
     chosen = set(keys)
     etags = {key: etag for key, _, etag in entries if key in chosen}
-    # A new name every run: the same inputs seen again (every one re-landed) must not rewrite,
-    # or on a stop delete, the parts that already hold them.
-    generation = secrets.token_hex(8)
     groups = _groups(inputs, target_bytes)
     parts = [f"{prefix}{COMPACTED}{generation}-{n:05d}-of-{len(groups):05d}.parquet" for n in range(len(groups))]
     manifest = f"{manifest_prefix(prefix)}{generation}.json"
@@ -286,7 +373,6 @@ def compact_partition(
     kept = _finish(lake, prefix, manifest, keys, parts, etags)
     summary.objects_after = len(objects) - len(inputs) + kept + len(parts)
     summary.bytes_after = summary.bytes_before - sum(size for _, size in inputs) + written
-    return summary
 
 
 def compact(

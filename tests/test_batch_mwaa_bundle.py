@@ -79,13 +79,9 @@ def test_dags_import_from_the_unpacked_bundle_with_only_dags_on_the_path(tmp_pat
 
 
 def test_startup_script_is_valid_posix_sh_and_exports_the_dbt_executable() -> None:
-    import shutil
-
     script = Path(__file__).resolve().parents[1] / "infra" / "mwaa" / "startup.sh"
     checked = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    if shutil.which("shellcheck"):
-        lint = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True, text=True)
-        assert lint.returncode == 0, lint.stdout
+    # ShellCheck reads it as `sh` too: tests/test_shell_scripts.py.
     # The variable the dbt step reads (settings: dbt_executable) is the one the script exports.
     assert 'export CITYPULSE_DBT_EXECUTABLE="$DBT_VENV/bin/dbt"' in script.read_text()

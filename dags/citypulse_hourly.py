@@ -120,7 +120,10 @@ def citypulse_hourly() -> None:
         # The run names its generations: a retry of this task undoes its stopped attempt's at once.
         run_step(partial(steps.compact, run=context["run_id"]), context)
 
-    @task(task_id="dbt_build", execution_timeout=timedelta(minutes=45))
+    # One build at a time across runs (a backfill's beside the scheduled one): the table models
+    # and the registry snapshot are rebuilt whole, and two snapshot merges at once could each
+    # add a current row. (The loads and the incremental marts take turns on their tables.)
+    @task(task_id="dbt_build", execution_timeout=timedelta(minutes=45), max_active_tis_per_dag=1)
     def dbt_build(**context: Any) -> None:
         from citypulse_batch import steps
 

@@ -161,6 +161,13 @@ def test_the_lake_is_compacted_once_loaded_beside_the_build_and_gates_and_before
     assert "compact_lake" in _upstream_closure(dag, "write_report")  # the report says what it did
 
 
+def test_builds_of_overlapping_runs_take_turns(dag: Any) -> None:
+    """A backfill's runs overlap the scheduled one: the table models and the registry snapshot
+    must not be built by two runs at once (two snapshot merges could each add a current row)."""
+    assert dag.get_task("dbt_build").max_active_tis_per_dag == 1
+    assert dag.max_active_runs == 1  # the scheduled runs themselves, one at a time
+
+
 def test_failed_checkpoint_blocks_publish_and_notify_but_not_the_report(dag: Any) -> None:
     assert dag.get_task("publish").trigger_rule == "all_success"
     assert dag.get_task("quicksight_datasets").trigger_rule == "all_success"

@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -483,8 +484,6 @@ def run_backfill(
     the metadata DB through an API server's execution API. Both run only for the backfill, on
     loopback ports picked here, and are stopped when every run is finished or `timeout` passes.
     """
-    import secrets
-
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware (UTC)")
     start, end = start.astimezone(UTC), end.astimezone(UTC)
@@ -574,23 +573,42 @@ def run_backfill(
     return BackfillRun(start, end, states, log_dir, round(time.monotonic() - started, 1))
 
 
+UI_USER = "admin"
+
+
+def ui_password(airflow_home: Path) -> str:
+    """The local Airflow UI's password for `UI_USER`: made once per Airflow home, kept in
+    `<airflow_home>/ui-passwords.json` (mode 0600), the simple auth manager's passwords file."""
+    path = Path(airflow_home) / "ui-passwords.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({UI_USER: secrets.token_urlsafe(18)}, out)
+    return str(json.loads(path.read_text())[UI_USER])
+
+
 def serve_ui(env: Mapping[str, str], airflow_home: Path, port: int = 8080) -> subprocess.Popen[bytes]:
     """Start the Airflow UI (`airflow api-server`) on 127.0.0.1:`port` over this airflow_home.
 
     Returns the process (its own session: stop it with `os.killpg(proc.pid, SIGTERM)`); output
     goes to `<airflow_home>/api-server.log`. It shows the DAG runs `run_hourly`/`run_daily`
-    recorded; it does not start a scheduler. Airflow 3's UI login is the simple auth manager;
-    locally every user is admin (`all_admins`), on loopback only.
+    recorded; it does not start a scheduler. Airflow 3's UI login is the simple auth manager,
+    one admin, `UI_USER` with `ui_password`: on loopback too, since a web page the browser
+    shows may reach loopback (DNS rebinding) and must not find an open admin there.
     """
     airflow_home = Path(airflow_home).resolve()
     ensure_metadata_db(airflow_home, env)
+    ui_password(airflow_home)
     full_env = airflow_environment(env, airflow_home)
     full_env.update(
         {
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{UI_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(airflow_home / "ui-passwords.json"),
         }
     )
     return _start_logged(

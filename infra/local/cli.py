@@ -123,14 +123,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_airflow(args: argparse.Namespace) -> int:
     import signal
 
-    from infra.local.airflow import serve_ui
+    from infra.local.airflow import UI_USER, serve_ui, ui_password
     from infra.local.platform import require_running
 
     state_dir = _state_dir(args)
     info = require_running(state_dir)
     proc = serve_ui(info.env, state_dir / "airflow", port=args.port)
     log = state_dir / "airflow" / "api-server.log"
-    print(f"Airflow UI on http://127.0.0.1:{args.port} (log: {log}); Ctrl-C stops it")
+    password = ui_password(state_dir / "airflow")
+    print(f"Airflow UI on http://127.0.0.1:{args.port}: log in as {UI_USER} / {password} (log: {log}); Ctrl-C stops it")
     try:
         return proc.wait()
     except KeyboardInterrupt:

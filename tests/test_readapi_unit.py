@@ -115,6 +115,10 @@ def test_a_congestion_alert_is_placed_when_its_rule_decided() -> None:
         ("/zones", {"drop": ["1"]}, "unknown_parameter"),
         ("/zones/Z 1", {}, "invalid_parameter"),
         ("/sensors/S-1\x00", {}, "invalid_parameter"),
+        # Found by a review: the router takes a trailing slash, the checks did not.
+        ("/zones/", {"levle": ["congested"]}, "unknown_parameter"),
+        ("/zones/Z-000/metrics/", {"fromm": ["x"]}, "unknown_parameter"),
+        ("/alerts/", {"since": ["1", "2"]}, "repeated_parameter"),
     ],
 )
 def test_query_precheck_refuses_before_routing(path: str, query: dict[str, list[str]], code: str) -> None:
@@ -130,6 +134,7 @@ def _live_zone() -> tuple[list, LiveZone]:
     city = CITY
     now = 1_795_000_000_000
     state = ZoneState(city.zones[0].zone_id)
+    state.watermark_ms = now
     a, b, c = (s.sensor_id for s in city.sensors[:3])
     state.sensors = {
         a: SensorState(hwm=20, last_ts_ms=now, last_received_ms=now, vehicle_count=7, repeat_run=12, stuck=True),
@@ -146,6 +151,55 @@ def test_stuck_sensors_are_counted_per_zone_and_city_wide() -> None:
     empty = zone_view(CITY.zones[0], None, len(sensors), live.updated_at_ms)
     overview = overview_view([view, view, empty], live.updated_at_ms)
     assert overview["sensors"]["stuck"] == 2 and overview["sensors"]["registered"] == 24
+
+
+def test_a_silent_sensor_is_not_counted_stuck_too() -> None:
+    """Found by a review: a stuck sensor keeps its flag until another count arrives, so one
+    whose gateway died was counted silent and stuck for ever."""
+    sensors, live = _live_zone()
+    silent = next(s for s in live.state.sensors.values() if s.silent)
+    silent.stuck = True
+    view = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)
+    assert (view["sensors"]["silent"], view["sensors"]["stuck"]) == (1, 1)
+
+
+def test_a_sensor_whose_clock_runs_ahead_does_not_set_its_zones_level() -> None:
+    """Found by a review: the newest open minute stood for the zone, and a sensor up to five
+    minutes ahead (the processor's future bound) owns it: one at 0.9 among 99 at 0.2 showed the
+    zone "heavy". The current minute is the watermark's (or the newest open one before it)."""
+    sensors, live = _live_zone()
+    minute = live.state.watermark_ms // 60_000
+    live.state.open_minutes = {minute: [99, 99 * 0.2], minute + 4: [1, 0.9]}
+    view = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)["congestion"]
+    assert (view["level"], view["current_index"]) == ("free", 0.2)
+    live.state.open_minutes = {minute - 1: [3, 2.7], minute + 4: [1, 0.1]}  # nothing yet this minute
+    view = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)["congestion"]
+    assert (view["level"], view["current_index"]) == ("heavy", 0.9)
+    live.state.open_minutes = {minute + 4: [1, 0.9]}
+    view = zone_view(CITY.zones[0], live, len(sensors), live.updated_at_ms)["congestion"]
+    assert (view["level"], view["current_index"]) == ("unknown", None)
+
+
+def _ingestion(minutes_with_data: list[int], now_minute: int) -> dict:
+    from streaming.readapi.views import ingestion_view
+
+    rows = {"Z-1": [MinuteRow(m, 600, 0, 0.0, 0, 0.0, 0, 0.0) for m in minutes_with_data]}
+    return ingestion_view(rows, {}, now_minute - 60, now_minute * 60_000 + 30_000)["current"]
+
+
+def test_the_current_ingestion_rate_is_the_last_complete_minutes_and_none_once_stopped() -> None:
+    """Found by a review: "current" was the second-newest minute with data, so a stream stopped
+    half an hour ago still showed its last rate (and a gap, an older minute's)."""
+    now = 29_500_000
+    live = _ingestion(list(range(now - 60, now + 1)), now)  # the minute now still filling
+    assert live == {"minute": format_ts((now - 1) * 60_000), "readings_per_s": 10.0}
+    behind = _ingestion(list(range(now - 60, now)), now)  # read a little behind now
+    assert behind == {"minute": format_ts((now - 2) * 60_000), "readings_per_s": 10.0}
+    gap = _ingestion([now - 5, now], now)  # no readings the minute before: none is the rate
+    assert gap == {"minute": format_ts((now - 1) * 60_000), "readings_per_s": 0.0}
+    stopped = _ingestion(list(range(now - 60, now - 30)), now)
+    assert stopped == {"minute": format_ts((now - 1) * 60_000), "readings_per_s": 0.0}
+    assert _ingestion([], now) == {"minute": None, "readings_per_s": 0.0}
 
 
 def test_a_zone_gone_dark_shows_no_current_index() -> None:
@@ -261,6 +315,22 @@ def test_metric_pages_with_the_default_range_follow_their_cursor_across_a_minute
     windows = [(p["window"]["from"], p["window"]["to"]) for p in pages]
     assert windows[0][0] == "2026-11-23T15:06:00.000Z" and windows[-1][1] == "2026-11-23T18:07:00.000Z"
     assert all(a[1] == b[0] for a, b in pairwise(windows)) and len(windows) == 2
+
+
+@pytest.mark.parametrize(("step", "hours"), [(1, 24), (5, 168), (15, 168)])
+def test_the_longest_range_of_a_step_is_served_and_a_minute_more_is_not(
+    clock: list[int], step: int, hours: int
+) -> None:
+    """Found by a review: the span was judged once aligned to the step and rounded up to the
+    minute, so "the last 24 h" at step 1 and "the last 7 days" at steps 5 and 15 were refused."""
+    zone = CITY.zones[0].zone_id
+    since = format_ts(clock[0] - hours * 3_600_000)
+    for query in (f"from={since}", f"from={since}&to={format_ts(clock[0])}"):  # until now, or until `to`
+        status, page = _get(f"/api/zones/{zone}/metrics?step={step}&limit=1440&{query}")
+        assert status == 200, (query, page)
+    too_long = format_ts(clock[0] - hours * 3_600_000 - 60_000)
+    status, page = _get(f"/api/zones/{zone}/metrics?step={step}&limit=1440&from={too_long}")
+    assert (status, page["error"]["code"]) == (400, "range_too_large")
 
 
 def test_a_store_that_stays_throttled_is_a_503_not_a_500() -> None:

@@ -236,10 +236,12 @@ function pickDefaultZone() {
 }
 
 async function refreshZone() {
-  if (!state.selected) return;
-  const zone = state.zones.find((z) => z.zone_id === state.selected);
-  const metrics = await api(`/zones/${encodeURIComponent(state.selected)}/metrics?step=1&limit=240`);
-  drawZone(metrics, zone);
+  const zoneId = state.selected;
+  if (!zoneId) return;
+  const metrics = await api(`/zones/${encodeURIComponent(zoneId)}/metrics?step=1&limit=240`);
+  // A click on another zone while this answer was on its way: that zone's own request draws.
+  if (zoneId !== state.selected) return;
+  drawZone(metrics, state.zones.find((z) => z.zone_id === zoneId));
 }
 
 function selectZone(zoneId) {

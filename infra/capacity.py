@@ -292,6 +292,16 @@ class Workload:
     glue_crawler_dpu: int = 2
 
     def __post_init__(self) -> None:
+        """ValueError, in the CLI's words, for a workload no city has (the arithmetic would
+        print negative costs, divide by zero, or search for ever)."""
+        if self.sensors < 1:
+            raise ValueError(f"--sensors {self.sensors}: a city has at least one sensor")
+        if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
+            raise ValueError(f"--rate {self.rate_hz}: readings per sensor per second, above 0")
+        if self.gateway_batch < 1:
+            raise ValueError(f"--gateway-batch {self.gateway_batch}: a gateway message holds at least one reading")
+        if not 1 <= self.zones <= self.sensors:
+            raise ValueError(f"--zones {self.zones}: between 1 and the city's {self.sensors:,} sensors")
         batching_window(self.batching_window_s)
 
     @property
@@ -530,23 +540,46 @@ def _shards_at_limits(records_s: float, bytes_s: float, limits: dict[str, Any]) 
     )
 
 
+def busiest_key_fits(records_s: float, bytes_s: float, limits: dict[str, Any], shares: dict[str, float]) -> None:
+    """ValueError if the busiest partition key alone is over one shard's write limits: no
+    stream, provisioned or on demand, can take it (a key's records all go to one shard)."""
+    zone, top = max(shares.items(), key=lambda kv: kv[1])
+    if records_s * top > limits["shard_records_per_second"] or bytes_s * top > limits["shard_bytes_per_second"]:
+        raise ValueError(
+            f"zone {zone} alone would send {records_s * top:,.0f} records/s ({bytes_s * top / 2**20:,.2f} MiB/s) "
+            f"to its shard, over a shard's write limits ({limits['shard_records_per_second']:,} records/s, "
+            f"{limits['shard_bytes_per_second'] / 2**20:g} MiB/s): records are keyed by zone; plan more --zones "
+            "or a larger --gateway-batch"
+        )
+
+
 def provisioned_shards(
     w: Workload, records_s: float, bytes_s: float, limits: dict[str, Any], shares: dict[str, float] | None
 ) -> int:
     """The fewest shards whose hottest shard stays within `w.shard_utilisation` of both write limits.
 
     `shares`: each partition key's share of the records; None for keys so many and so even
-    (one per sensor) that every shard gets the same.
+    (one per sensor) that every shard gets the same. Keyed by zone, a shard beyond the number
+    of keys would only add empty ones: if the hottest shard is still over at that many (hot zones
+    hashed together), no provisioned stream serves the city, and ValueError says so.
     """
-    shards = _shards_at_limits(records_s, bytes_s, limits)
-    while True:
-        hot = 1 / shards if shares is None else hottest_shard_share(shares, shards)
+    u = w.shard_utilisation
+    if shares is None:
+        return _shards_at_limits(records_s / u, bytes_s / u, limits)
+    busiest_key_fits(records_s, bytes_s, limits, shares)
+    start = _shards_at_limits(records_s, bytes_s, limits)
+    for shards in range(start, max(start, len(shares)) + 1):
+        hot = hottest_shard_share(shares, shards)
         if (
-            records_s * hot <= limits["shard_records_per_second"] * w.shard_utilisation
-            and bytes_s * hot <= limits["shard_bytes_per_second"] * w.shard_utilisation
+            records_s * hot <= limits["shard_records_per_second"] * u
+            and bytes_s * hot <= limits["shard_bytes_per_second"] * u
         ):
             return shards
-        shards += 1
+    raise ValueError(
+        f"keyed by {len(shares)} zones, {records_s:,.0f} records/s cannot be spread over provisioned shards with "
+        f"the hottest within {u:.0%} of a shard's write limits: plan with --stream-mode ON_DEMAND (it splits hot "
+        "shards) or more --zones"
+    )
 
 
 def _kinesis(
@@ -566,6 +599,8 @@ def _kinesis(
     out.capacity.update(kinesis_records_per_s=records_s, kinesis_mb_per_s=mb_s)
     month = records_s * SECONDS_PER_MONTH
     if w.stream_mode == "ON_DEMAND":
+        if shares is not None:
+            busiest_key_fits(records_s, records_s * record_bytes, limits, shares)
         kin = p["kinesis_on_demand"]
         gb = month * _units(record_bytes, kin["record_rounding_bytes"]) * kin["record_rounding_bytes"] / GB
         shards = _shards_at_limits(records_s, records_s * record_bytes, limits)
@@ -751,7 +786,9 @@ def render(
     lines += [
         f"{'total':<34}{ours.monthly_usd:>18,.0f}{naive.monthly_usd:>16,.0f}",
         "",
-        f"citypulse is {ratio:.1f}x cheaper than the naive design.",
+        f"citypulse is {ratio:.1f}x cheaper than the naive design."
+        if ratio >= 1
+        else f"citypulse is {1 / ratio:.1f}x dearer than the naive design (too few readings for its batching to pay).",
     ]
     if naive_provisioned is not None:
         lines.append(

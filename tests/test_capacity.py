@@ -377,6 +377,85 @@ def test_evenly_keyed_stream_needs_only_the_shards_its_limits_ask_for() -> None:
     assert provisioned_shards(Workload(**SIZED), 50_000, 50_000 * 567, limits, None) == 63
 
 
+def test_a_zone_over_one_shards_limits_is_refused_in_either_stream_mode() -> None:
+    """Found by a review: `plan --rate 100` searched for ever, adding shards one at a time
+    that no zone's records could reach (a key's records all go to one shard)."""
+    limits = PRICES["kinesis_provisioned"]
+    shares = {"Z-000": 0.5, "Z-001": 0.3, "Z-002": 0.2}
+    with pytest.raises(ValueError, match="zone Z-000 alone would send 1,001 records/s"):
+        provisioned_shards(Workload(**SIZED), 2_002, 1_000, limits, shares)
+    assert provisioned_shards(Workload(**SIZED), 600, 1_000, limits, shares) == 1  # all of it within 80 %
+    with pytest.raises(ValueError, match="alone would send"):
+        plan(Workload(rate_hz=100, stream_mode="ON_DEMAND"))
+
+
+def test_zones_hashed_together_past_as_many_shards_as_zones_are_refused() -> None:
+    """With as many shards as keys, a shard more only adds an empty one: two zones that share a
+    shard at every count up to 2, each alone at 90 % of the 80 % headroom, have no plan."""
+    names = [f"Z-{n:03d}" for n in range(64)]
+    half = {k: hashlib.md5(k.encode()).digest()[0] >> 7 for k in names}
+    a = names[0]
+    b = next(k for k in names[1:] if half[k] == half[a])  # the same half: together at 1 and 2 shards
+    limits = PRICES["kinesis_provisioned"]
+    records_s = 2 * 0.9 * 0.8 * limits["shard_records_per_second"]
+    with pytest.raises(ValueError, match="keyed by 2 zones"):
+        provisioned_shards(Workload(**SIZED), records_s, 1_000, limits, {a: 0.5, b: 0.5})
+    c = next(k for k in names[1:] if half[k] != half[a])  # the other half: apart at 2 shards
+    assert provisioned_shards(Workload(**SIZED), records_s, 1_000, limits, {a: 0.5, c: 0.5}) == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("sensors", 0, "--sensors 0"),
+        ("rate_hz", 0.0, "--rate 0.0"),
+        ("rate_hz", -1.0, "--rate -1.0"),
+        ("rate_hz", math.nan, "--rate nan"),
+        ("rate_hz", math.inf, "--rate inf"),
+        ("gateway_batch", 0, "--gateway-batch 0"),
+        ("zones", 0, "--zones 0"),
+        ("zones", 50_001, "--zones 50001"),
+    ],
+)
+def test_a_workload_no_city_has_is_refused(field: str, value: float, says: str) -> None:
+    """Found by a review: `--rate -1` printed negative costs, `--gateway-batch 0` divided by zero."""
+    with pytest.raises(ValueError, match=says.replace("+", r"\+")):
+        Workload(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--rate", "-1"], "citypulse: plan: --rate -1.0"),
+        (["--sensors", "50000", "--rate", "100"], "alone would send"),
+        (["--sensors", "2000000"], "plan at most 1,000,000"),
+    ],
+)
+def test_the_plan_command_says_what_it_cannot_plan(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.local.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["plan", *argv])
+    assert done.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_small_city_is_planned_over_its_own_zones_and_told_when_batching_does_not_pay(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from infra.local.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--sensors", "100"])  # 256 zones by default: more than its sensors
+    assert done.value.code == 0
+    assert "cheaper than the naive design" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "--sensors", "16"])
+    assert "dearer than the naive design" in capsys.readouterr().out
+
+
 def test_basic_ingest_removes_the_messaging_charge_but_not_the_rules() -> None:
     with_bi, without = plan(Workload(**SIZED)), plan(Workload(basic_ingest=False, **SIZED))
     assert item(with_bi, "IoT Core messaging") == 0

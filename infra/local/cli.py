@@ -196,22 +196,33 @@ def _window_seconds(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# The synthetic city `plan` spreads the sensors over (`capacity.zone_shares`) is built sensor by
+# sensor: a million take ~15 s.
+PLAN_MAX_SENSORS = 1_000_000
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from infra.capacity import Workload, alternatives, naive_plan, plan, render
 
-    w = Workload(
-        sensors=args.sensors,
-        rate_hz=args.rate,
-        gateway_batch=args.gateway_batch,
-        zones=args.zones,
-        basic_ingest=not args.no_basic_ingest,
-        stream_mode=args.stream_mode,
-        table_capacity_mode=args.table_capacity_mode,
-        stream_consumer=args.stream_consumer,
-        batching_window_s=args.batching_window,
-    )
-    provisioned = naive_plan(w, stream_mode="PROVISIONED", table_capacity_mode="PROVISIONED")
-    print(render(plan(w), naive_plan(w), provisioned, alternatives(w)))
+    if args.sensors > PLAN_MAX_SENSORS:
+        raise PlatformError(f"--sensors {args.sensors:,}: plan at most {PLAN_MAX_SENSORS:,} (a city's sensors)")
+    try:
+        w = Workload(
+            sensors=args.sensors,
+            rate_hz=args.rate,
+            gateway_batch=args.gateway_batch,
+            # By default the demo city's zones: 256, fewer in a small city (16 sensors a zone).
+            zones=args.zones if args.zones is not None else min(256, max(1, args.sensors // 16)),
+            basic_ingest=not args.no_basic_ingest,
+            stream_mode=args.stream_mode,
+            table_capacity_mode=args.table_capacity_mode,
+            stream_consumer=args.stream_consumer,
+            batching_window_s=args.batching_window,
+        )
+        provisioned = naive_plan(w, stream_mode="PROVISIONED", table_capacity_mode="PROVISIONED")
+        print(render(plan(w), naive_plan(w), provisioned, alternatives(w)))
+    except ValueError as exc:  # a workload no city has, or one no stream can carry
+        raise PlatformError(f"plan: {exc}") from None
     return 0
 
 
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sensors", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=1.0, help="readings per sensor per second (default 1)")
     p.add_argument("--gateway-batch", type=int, default=32, help="readings per gateway message (default 32)")
-    p.add_argument("--zones", type=int, default=256)
+    p.add_argument("--zones", type=int, default=None, help="zones (default 256; a city under 4,096 sensors: 1 per 16)")
     p.add_argument("--no-basic-ingest", action="store_true", help="publish on normal topics (billed messaging)")
     p.add_argument(
         "--stream-mode",

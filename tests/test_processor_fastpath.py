@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, envelope, reading
 
 from streaming.contract import ContractError, columnar_message, format_ts, gateway_message, parse_ts_ms
-from streaming.processor import columnar
+from streaming.processor import columnar, core
 from streaming.processor.columnar import ColumnBlock, _sent_at_ms, decode_plain
 from streaming.processor.core import (
     MINUTE_MS,
@@ -571,6 +571,160 @@ def test_every_mutation_inside_an_otherwise_valid_gateway_message() -> None:
             else:
                 rs[position][name] = value
             _both([b.gateway_record(sensors, rs, BASE_MS + 4 * MINUTE_MS)], {}, {}, {})
+
+
+def test_a_list_shared_by_every_reading_of_a_v1_message_is_no_event_time() -> None:
+    """Found by a review: a `ts` equal in every reading was taken as the message's one event
+    time before its type was checked, and a list of strings then passed for one time per
+    reading. Two readings sharing a list of two: stored (the reference quarantines them); of
+    one: the batch failed on a zip of unequal lengths (bisected, retried, dead-lettered)."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    ts = BASE_MS + 10 * MINUTE_MS
+    for shared in ([format_ts(ts)] * 2, [format_ts(ts)]):
+        rs = [reading(s, 1, ts) for s in sensors[:2]]
+        for r in rs:
+            r["ts"] = shared
+        out = _both([b.gateway_record(sensors, rs, ts + 1000)], {}, {}, {})
+        assert dict(out.counts) == {"received": 2, "quarantined": 2}
+
+
+def test_a_v2_sent_at_orjson_cannot_read_fails_the_message_on_both_paths() -> None:
+    """Found by a review: the typed decode took any `sent_at`, and msgspec reads a 400-digit
+    integer that orjson refuses: the fast path stored a message the reference quarantines."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    ts = BASE_MS + 10 * MINUTE_MS
+    zone, gw = sensors[0].zone_id, sensors[0].gateway_id
+    v2 = columnar_message(gw, zone, ts, [reading(s, 1, ts) for s in sensors[:3]])
+    sent_at = b'"sent_at":"' + v2["sent_at"].encode() + b'"'
+    for odd, counts in [
+        (b'"sent_at":' + b"9" * 400, {"quarantined_messages": 1}),
+        (b'"sent_at":1795000200000', {"received": 3, "stored": 3}),  # not a timestamp: no latency, readings kept
+    ]:
+        payload = orjson.dumps(v2).replace(sent_at, odd)
+        assert decode_plain(decode_envelope(envelope(payload, zone, gw, ts + 1000))) is None  # the reference's way
+        out = _both([b.record(envelope(payload, zone, gw, ts + 1000))], {}, {}, {})
+        assert dict(out.counts) == counts
+
+
+def _minutes_of(sensors: list[Any], minutes: range, make: Any) -> list[BatchOutput]:
+    """A batch a minute of one gateway message, `make(minute) -> (readings, received_ms)`,
+    each meeting the state the one before left, on both paths; their outputs."""
+    b = StreamBuilder(SHARD)
+    zone_states: dict = {}
+    aggregates: dict = {}
+    outs = []
+    for minute in minutes:
+        readings, received = make(minute)
+        out = _both([b.gateway_record(sensors, readings, received, columnar=True)], zone_states, aggregates, {})
+        zone_states, aggregates = out.zone_states, {**aggregates, **out.minutes}
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("bad", ["a value out of range", "a time from the future"])
+def test_one_quarantined_reading_with_a_seq_far_ahead_does_not_lock_its_sensor_out(bad: str) -> None:
+    """Found by a review: a quarantined reading's seq still moved the dedupe window, so one
+    seq of 2**62 put every later reading of the sensor beyond it: late, out of the live values,
+    and the sensor declared silent while it reported."""
+    sensors = GATEWAYS[0][:4]
+
+    def make(minute: int) -> tuple[list[Any], int]:
+        ts = BASE_MS + minute * MINUTE_MS
+        rs = [reading(s, 100 + minute, ts) for s in sensors]
+        if minute == 3:
+            rs[0]["seq"] = 2**62
+            if bad == "a value out of range":
+                rs[0]["vehicle_count"] = 99_999
+            else:
+                rs[0]["ts"] = format_ts(ts + 3_600_000)
+        return rs, ts + 1000
+
+    outs = _minutes_of(sensors, range(10), make)
+    assert dict(outs[3].counts) == {"received": 4, "stored": 3, "quarantined": 1}
+    for out in outs[4:]:
+        assert dict(out.counts) == {"received": 4, "stored": 4} and out.alerts == []
+    sensor = outs[-1].zone_states[sensors[0].zone_id].sensors[sensors[0].sensor_id]
+    assert (sensor.hwm, sensor.silent, sensor.late) == (109, False, 0)
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["its sensor's first reading", "after one good reading"])
+def test_a_quarantined_reading_sent_again_is_still_a_duplicate(history: bool) -> None:
+    """... within a window of its sensor's newest seq, or as the sensor's first reading."""
+    sensors = GATEWAYS[0][:4]
+    messages = [0, 1, 1] if history else [1, 1]  # the minute each message's readings are of
+
+    def make(batch: int) -> tuple[list[Any], int]:
+        minute = messages[batch]
+        rs = [reading(s, 100 + minute, BASE_MS + minute * MINUTE_MS) for s in sensors]
+        if minute == 1:
+            rs[0]["vehicle_count"] = 99_999
+        return rs, BASE_MS + batch * MINUTE_MS + 1000
+
+    *_, bad, again = _minutes_of(sensors, range(len(messages)), make)
+    assert dict(bad.counts) == {"received": 4, "stored": 3, "quarantined": 1}
+    assert dict(again.counts) == {"received": 4, "duplicates": 4}
+
+
+def test_readings_that_arrive_late_keep_their_sensors_from_silence() -> None:
+    """Found by a review: only live readings counted as received, so a congested zone whose
+    gateway's clock stepped 30 minutes back was declared silent, its episode ended for silence,
+    while its jammed readings kept coming (late)."""
+    sensors = GATEWAYS[0][:4]
+
+    def make(minute: int) -> tuple[list[Any], int]:
+        received = BASE_MS + minute * MINUTE_MS + 1000
+        skew = 0 if minute < 4 else -30 * MINUTE_MS
+        return [reading(s, 100 + minute, received - 1000 + skew, 0.95) for s in sensors], received
+
+    outs = _minutes_of(sensors, range(20), make)
+    assert [a.event_id.rsplit("/", 1)[0] for out in outs for a in out.alerts] == ["CongestionDetected/Z-000"]
+    assert all(out.counts["late"] == 4 for out in outs[5:18])
+    zone = outs[-1].zone_states[sensors[0].zone_id]
+    assert zone.congestion.congested and not any(s.silent for s in zone.sensors.values())
+
+
+def test_minutes_from_before_a_severe_episode_neither_clear_nor_peak_it() -> None:
+    """Found by a review: the severe rule opens its episode in the watermark's minute while
+    earlier minutes are still open for stragglers; free-flowing ones closed after it cleared
+    the episode at once, with a duration of -1 minute."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0][:4]
+
+    def record(minute: int, index: float, received_minute: int) -> Record:
+        ts = BASE_MS + minute * MINUTE_MS + 30_000
+        rs = [reading(s, minute, ts, index) for s in sensors]
+        return b.gateway_record(sensors, rs, BASE_MS + received_minute * MINUTE_MS + 31_000, columnar=True)
+
+    zone_states: dict = {}
+    aggregates: dict = {}
+    alerts = []
+    for batch in ([record(10, 0.2, 10)], [record(15, 0.95, 15)], [record(12, 0.2, 15), record(13, 0.2, 15)]):
+        out = _both(batch, zone_states, aggregates, {})
+        zone_states, aggregates = out.zone_states, {**aggregates, **out.minutes}
+        alerts += [a.event_id for a in out.alerts]
+    assert alerts == [f"CongestionDetected/{sensors[0].zone_id}/1"]
+    congestion = zone_states[sensors[0].zone_id].congestion
+    assert congestion.congested and congestion.peak_index == pytest.approx(0.95)
+
+
+def test_only_the_registrys_sensor_ids_are_remembered_by_a_container() -> None:
+    """Found by a review: every sensor id met was kept for the container's life, forged ones
+    too (20 KB ids: 125 KB a message)."""
+    b = StreamBuilder(SHARD)
+    sensors = GATEWAYS[0]
+    zone, gw = sensors[0].zone_id, sensors[0].gateway_id
+    ts = BASE_MS + 10 * MINUTE_MS
+    records = []
+    for k in range(50):
+        forged = {**reading(sensors[0], 1, ts), "sensor_id": f"forged-{k}-" + "x" * 2000}
+        records.append(b.record(envelope(orjson.dumps(forged), zone, gw, ts + 1000)))
+    records.append(b.record(envelope(orjson.dumps(reading(sensors[1], 1, ts)), zone, gw, ts + 1000)))
+    out = _both(records, {}, {}, {})
+    assert dict(out.counts) == {"received": 51, "stored": 1, "quarantined": 50}
+    owners = core._owners_for(REGISTRY)
+    assert sensors[1].sensor_id in owners and not any(k.startswith("forged-") for k in owners)
 
 
 def test_a_bad_reading_in_a_columnar_message_is_quarantined_alone_with_its_row() -> None:

@@ -120,7 +120,9 @@ _PlainColumns = msgspec.defstruct("PlainColumns", _COLUMN_FIELDS, kw_only=True)
 # the reference's way (`parse_readings`), which alone words a rejection.
 _WireMessage = msgspec.defstruct(
     "WireMessage",
-    [("schema_version", int), ("gateway_id", str), ("zone_id", str), ("sent_at", Any, None), *_COLUMN_FIELDS],
+    # `sent_at` a string or absent, as gateways write it: any other value is left to the
+    # reference's parse (an integer too long for orjson fails the whole message there).
+    [("schema_version", int), ("gateway_id", str), ("zone_id", str), ("sent_at", str | None, None), *_COLUMN_FIELDS],
     kw_only=True,
     forbid_unknown_fields=True,
 )
@@ -345,10 +347,12 @@ def _plain_objects(raws: Sequence[Any], zone_id: str) -> Columns | None:
     if zone_ids.count(zone_id) != n:
         return None
     ts = stamps[0]
-    if stamps.count(ts) == n:
-        stamps = ts  # one event time (not a string: `_stamps` defers it)
-    elif type(ts) is not str:
+    if type(ts) is not str:
+        # Not a timestamp: the reference quarantines it. (Shared by every reading, a list of
+        # strings passed for one time per reading, found by a review.)
         return None
+    if stamps.count(ts) == n:
+        stamps = ts  # one event time
     if set(map(type, seqs + vehicles + lanes)) != _INT_ONLY or set(map(type, congestions)) != _FLOAT_ONLY:
         return None
     optional = speeds + occupancies
@@ -511,6 +515,10 @@ def apply_rows(
     dropped: list[int] = []
     stale: list[int] = []
     live_sensors: list[SensorState] = []  # the sensors of the aggregated readings, in order
+    # A late row is received all the same (`core.heard_from`): its receive time.
+    received_of = (
+        origin.received.__getitem__ if type(origin) is RunOrigin else lambda _, at=origin.envelope.received_at_ms: at
+    )
     i = -1
     for sid, seq in zip(sensor_ids, seqs, strict=True):
         i += 1
@@ -531,10 +539,12 @@ def apply_rows(
             if verdict:  # beyond the dedupe window: stored, late
                 s.late += 1
                 stale.append(i)
+                core.heard_from(s, received_of(i))
                 continue
         if late_all or (late_some and stamps[i] < threshold):
             s.late += 1
             stale.append(i)
+            core.heard_from(s, received_of(i))
             continue
         live_sensors.append(s)
     n = i + 1

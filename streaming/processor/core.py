@@ -427,7 +427,11 @@ def owner_of(
     """`_owner(sensor_id)`, looked up once per container (`owners`: `_owners_for(registry)`)."""
     owner = owners.get(sensor_id, _NOT_SEEN)
     if owner is _NOT_SEEN:
-        owner = owners[sensor_id] = _owner(sensor_id, registry)
+        owner = _owner(sensor_id, registry)
+        # Only the registry's ids are kept: any string may come, and a container lives long
+        # (found by a review: forged 20 KB ids grew it by 125 KB a message).
+        if sensor_id in registry:
+            owners[sensor_id] = owner
     return owner
 
 
@@ -1029,7 +1033,7 @@ def _apply_item(
             if item.key is not None:
                 sensor_id, seq = item.key
                 sensor = _sensor(state, sensor_id)
-                if sensor.admit(seq) == DUPLICATE:
+                if sensor.admit_quarantined(seq) == DUPLICATE:
                     # The same invalid reading again (a resent message): quarantined once, counted once.
                     sensor.duplicates += 1
                     state.count("duplicates")
@@ -1055,13 +1059,14 @@ def _apply_item(
     state.count("received")
     counts["received"] += 1
     sensor = _sensor(state, r.sensor_id)
-    verdict = sensor.admit(r.seq)
+    future = r.ts_ms > env.received_at_ms + settings.max_future_skew_ms
+    verdict = sensor.admit_quarantined(r.seq) if future else sensor.admit(r.seq)
     if verdict == DUPLICATE:
         sensor.duplicates += 1
         state.count("duplicates")
         counts["duplicates"] += 1
         return
-    if r.ts_ms > env.received_at_ms + settings.max_future_skew_ms:
+    if future:
         err = ContractError(
             "future_timestamp",
             f"reading {r.sensor_id} seq {r.seq}: ts={format_ts(r.ts_ms)} "
@@ -1086,10 +1091,13 @@ def _apply_item(
     state.count("stored")
     counts["stored"] += 1
     if verdict == BEYOND_WINDOW or r.ts_ms < state.watermark_ms - settings.allowed_lateness_ms:
-        # Kept in the lake (the warehouse load dedupes it), left out of live aggregates.
+        # Kept in the lake (the warehouse load dedupes it), left out of live aggregates; but
+        # received, so the sensor is not silent (found by a review: a gateway whose clock
+        # stepped back was declared dark while its readings kept coming).
         sensor.late += 1
         state.count("late")
         counts["late"] += 1
+        heard_from(sensor, env.received_at_ms)
         return
     _aggregate(state, sensor, r, env, rec, minutes, out, settings)
 
@@ -1202,10 +1210,19 @@ def update_sensors(
             sensor.avg_speed_kmh = speed
             sensor.occupancy_pct = occupancy
             sensor.congestion_index = congestion
+        # `heard_from`, inlined: once per live reading.
         if received_at_ms > sensor.last_received_ms:
             sensor.last_received_ms = received_at_ms
         if sensor.silent:
             sensor.silent = False
+
+
+def heard_from(sensor: SensorState, received_at_ms: int) -> None:
+    """A stored reading of the sensor arrived (live or late): it is not silent."""
+    if received_at_ms > sensor.last_received_ms:
+        sensor.last_received_ms = received_at_ms
+    if sensor.silent:
+        sensor.silent = False
 
 
 def _stuck_alert(
@@ -1239,6 +1256,11 @@ def _close_minutes(state: ZoneState, out: BatchOutput, s: DetectorSettings) -> N
         if minute != state.evaluated_minute + 1:
             c.streak = 0  # minutes without readings between: the minutes are not consecutive
         state.evaluated_minute = max(state.evaluated_minute, minute)
+        if c.congested and minute < c.episode_start_minute:
+            # A straggler's minute from before the episode (the severe rule raises it in the
+            # watermark's minute, later minutes still open): it neither clears nor peaks it
+            # (found by a review: it cleared one with a duration of -1 minute).
+            continue
         if not c.congested:
             c.streak = c.streak + 1 if mean >= s.congestion_raise else 0
             if c.streak >= s.congestion_min_minutes:

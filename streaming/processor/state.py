@@ -83,6 +83,16 @@ class SensorState:
         self.window |= bit
         return NEW
 
+    def admit_quarantined(self, seq: int) -> int:
+        """`admit` for a reading that is quarantined (its resend is then a duplicate, counted
+        once), except that it may not move the window a whole window ahead: one bad `seq` (2**62,
+        say) would put every later reading of the sensor beyond the window, late, out of the
+        live values for good (found by a review). Such a seq is not remembered (NEW), unless the
+        sensor has none yet (a bad first reading sent again stays one quarantined reading)."""
+        if self.hwm >= 0 and seq - self.hwm >= DEDUPE_WINDOW:
+            return NEW
+        return self.admit(seq)
+
 
 # A sensor's fields in `SensorState(*values)` order: the columns of a stored zone state.
 _SENSOR_FIELDS = tuple(f.name for f in fields(SensorState))

@@ -84,6 +84,12 @@ def _counts(table: Any, side: str) -> Any:
     frame = table.to_pandas()
     frame["entity_id"] = frame["entity_id"].astype(str)
     frame["bucket_start"] = frame["bucket_start"].astype("datetime64[us]")
+    # One row per (entity, bucket): a mart may hold several (a sensor moved to another zone in the
+    # bucket has a row in each), and rows twice must show as counts twice: merged as they came,
+    # each copy met its own copy of the raw row and both sums doubled (found by a review).
+    frame = frame.groupby(["entity_id", "bucket_start"], as_index=False, sort=False)[
+        ["reading_count", "vehicle_count"]
+    ].sum()
     return frame.rename(columns={c: f"{side}_{c}" for c in ("reading_count", "vehicle_count")})
 
 

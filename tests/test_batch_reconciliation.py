@@ -88,6 +88,32 @@ def test_a_bucket_counted_wrong_in_one_mart_fails_its_buckets_and_totals() -> No
     assert result.passed == result.evaluated - 2
 
 
+@pytest.mark.parametrize("spec", TRAFFIC_MARTS, ids=lambda spec: spec.table)
+def test_a_mart_that_holds_every_row_twice_fails_its_buckets_and_totals(spec: Any) -> None:
+    """Found by a review: merged as they came, each copy of a mart row met its own copy of the
+    raw row, both sums doubled together, and the gate passed 18 of 18."""
+    readings = _readings()
+    marts = _marts(readings)
+    marts[spec.table] = marts[spec.table] * 2
+    result = _reconcile(_marts(readings), marts)
+    assert {(mart, expectation) for mart, expectation, _ in _failed(result)} == {
+        (spec.table, "expect_column_pair_values_to_be_equal"),
+        (spec.table, "expect_column_sum_to_be_between"),
+    }
+
+
+def test_a_sensor_moved_to_another_zone_in_a_bucket_reconciles_over_its_two_rows() -> None:
+    """A registry change within an hour: the sensor marts hold a row per (sensor, zone, bucket)."""
+    readings = _readings()
+    marts = _marts(readings)
+    sensor_15 = "fct_sensor_traffic_15min"
+    sensor, bucket, count, vehicles = marts[sensor_15][0]
+    marts[sensor_15][0] = (sensor, bucket, 1, vehicles - 5)  # its readings in its old zone ...
+    marts[sensor_15].append((sensor, bucket, count - 1, 5))  # ... and in its new one
+    result = _reconcile(_marts(readings), marts)
+    assert result.success, result.failures
+
+
 def test_a_bucket_missing_from_the_mart_is_a_gap_and_a_shortfall() -> None:
     readings = _readings()
     marts = _marts(readings)

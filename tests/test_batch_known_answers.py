@@ -278,6 +278,38 @@ def test_a_moved_sensor_gets_a_new_current_version_and_keeps_its_history(tmp_pat
     assert [tuple(z) for z in zones] == [("Z-001", 3), ("Z-002", 2)]
 
 
+def test_a_sensor_moved_to_another_zone_within_the_hour_builds_and_reconciles(tmp_path: Path) -> None:
+    """Found by a review: the processor stamps each reading with the zone the registry gave it
+    then, so a sensor moved within an hour has readings of two zones in one bucket; the sensor
+    marts' grain was (sensor, bucket), their unique test failed, and so did every build of the
+    hour (a failed test is a verdict: no retry)."""
+    from citypulse_batch.steps import reconciliation
+
+    warehouse = DuckDBWarehouse(tmp_path / "moved.duckdb")
+    load_city_hour(warehouse, "?")
+    with warehouse.transaction() as cur:
+        # S-3 (Z-002) reads at 10:01; moved to Z-001, it reads there at 10:05: one bucket, two zones.
+        cur.execute(
+            "insert into raw.readings select * replace (timestamp '2026-03-02 10:05:00' as ts, seq + 1000 as seq, "
+            "'Z-001' as zone_id) from raw.readings where sensor_id = 'S-3' and ts < timestamp '2026-03-02 10:02:00'"
+        )
+    summary = run_dbt_build(find_project_dir(), "duckdb", Interval.hour(HOUR), warehouse.dbt_env(), exclude="tag:daily")
+    assert summary.success, summary.failures or summary.error
+    with warehouse.transaction() as cur:
+        cur.execute(
+            "select zone_id, reading_count from marts.fct_sensor_traffic_15min "
+            "where sensor_id = 'S-3' and bucket_start = timestamp '2026-03-02 10:00:00' order by 1"
+        )
+        bucket = [tuple(row) for row in cur.fetchall()]
+        cur.execute(
+            "select zone_id, reading_count from marts.fct_sensor_traffic_hourly where sensor_id = 'S-3' order by 1"
+        )
+        hour = [tuple(row) for row in cur.fetchall()]
+    assert bucket == [("Z-001", 1), ("Z-002", 1)]
+    assert hour == [("Z-001", 1), ("Z-002", 3)]
+    assert reconciliation(warehouse, Interval.hour(HOUR)).success
+
+
 def _unique_failures(summary: DbtSummary) -> list[str]:
     return [f for f in summary.failures if "unique_combination_of_columns_stg_lake__readings" in f]
 

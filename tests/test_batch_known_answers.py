@@ -222,6 +222,22 @@ def test_corridors_peak_profiles_and_dimensions(built: Warehouse) -> None:
     assert sorted(row[1] for row in current) == [s[0] for s in SENSORS]
 
 
+def test_a_day_rebuilt_after_a_sensor_was_retired_keeps_its_readings_in_the_corridors(tmp_path: Path) -> None:
+    """Found by a review: the rankings joined the registry's current versions only, so a day
+    built again (an hour of it loaded again as late) lost the readings of a sensor retired since:
+    Oak Street fell from 3 sensors, 10 readings, 71 vehicles to 2, 7, 58."""
+    warehouse = DuckDBWarehouse(tmp_path / "retired.duckdb")
+    load_city_hour(warehouse, "?")
+    for summary in _build(warehouse):
+        assert summary.success, summary.failures or summary.error
+    with warehouse.transaction() as cur:
+        cur.execute("delete from raw.sensor_registry where sensor_id = 'S-4'")
+    for summary in _build(warehouse):  # the snapshot closes S-4; the day is built again
+        assert summary.success, summary.failures or summary.error
+    corridors = {row[0]: row[4:7] for row in _rows(warehouse, "fct_corridor_rankings") if row[1] == MARCH_2}
+    assert tuple(int(x) for x in corridors["Oak Street"]) == CORRIDORS["Oak Street"][2:5] == (3, 10, 71)
+
+
 def test_the_marts_reconcile_with_raw_and_the_zone_spine_is_whole(built: Warehouse) -> None:
     from citypulse_batch.steps import reconciliation
 

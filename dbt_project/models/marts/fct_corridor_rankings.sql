@@ -14,7 +14,9 @@
     Roads (corridors) ranked per day: the most congested first (`congestion_rank` 1 = highest
     mean congestion index) and the slowest first (`speed_rank` 1 = lowest mean speed). A road
     is the registry's `road_name` across zones and directions. Ties break by road name, so
-    ranks are dense and stable on every engine. Daily, for whole UTC days.
+    ranks are dense and stable on every engine. Daily, for whole UTC days. A sensor's road is its
+    latest version's, current or closed: a day built again later (an hour of it loaded again as
+    late) keeps the readings of a sensor the registry has retired since.
 -#}
 
 with
@@ -34,8 +36,15 @@ sensors as (
         sensor_id,
         road_name
 
-    from {{ ref('dim_sensors') }}
-    where is_current
+    from (
+        select
+            sensor_id,
+            road_name,
+            row_number() over (partition by sensor_id order by valid_from desc) as recency
+
+        from {{ ref('dim_sensors') }}
+    ) as versions
+    where recency = 1
 
 ),
 

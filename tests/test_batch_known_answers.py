@@ -326,6 +326,33 @@ def test_a_sensor_moved_to_another_zone_within_the_hour_builds_and_reconciles(tm
     assert reconciliation(warehouse, Interval.hour(HOUR)).success
 
 
+@pytest.mark.parametrize("engine", ["duckdb", "postgres"])
+def test_the_snapshots_valid_times_are_utc_whatever_the_machines_zone(
+    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """Found by a review: `valid_from` was `now()` in the session's zone, the machine's: in
+    Tokyo, 9 hours ahead of every other time in the warehouse."""
+    from datetime import UTC
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    if engine == "duckdb":
+        warehouse: Warehouse = DuckDBWarehouse(tmp_path / "tz.duckdb")
+        load_city_hour(warehouse, "?")
+    else:
+        warehouse = PostgresWarehouse(dbname=request.getfixturevalue("postgres_db"), **PG)
+        load_city_hour(warehouse, "%s")
+    before = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    select, exclude = "source:registry+", "tag:daily test_name:relationships"
+    summary = run_dbt_build(find_project_dir(), engine, None, warehouse.dbt_env(), select=select, exclude=exclude)
+    assert summary.success, summary.failures or summary.error
+    after = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=1)
+    with warehouse.transaction() as cur:
+        cur.execute("select min(valid_from), max(valid_from) from marts.dim_sensors")
+        first, last = cur.fetchone()
+    assert before - timedelta(seconds=1) <= first <= last <= after, (first, last, before, after)
+
+
 def _unique_failures(summary: DbtSummary) -> list[str]:
     return [f for f in summary.failures if "unique_combination_of_columns_stg_lake__readings" in f]
 
@@ -401,6 +428,9 @@ def test_the_interval_reaches_dbt_from_the_environment_and_from_vars_by_hand(
     assert window() == bounds.format("2026-03-02 10:00:00", "2026-03-02 11:00:00")
     by_hand = '{"interval_start": "2026-03-02 08:00:00", "interval_end": "2026-03-02 09:00:00"}'
     assert window("--vars", by_hand) == bounds.format("2026-03-02 08:00:00", "2026-03-02 09:00:00")
+    # Bounds with a zone are brought to UTC (found by a review: they failed to compile).
+    aware = '{"interval_start": "2026-03-02T10:00:00+02:00", "interval_end": "2026-03-02T09:00:00Z"}'
+    assert window("--vars", aware) == bounds.format("2026-03-02 08:00:00", "2026-03-02 09:00:00")
 
 
 def test_an_interval_scoped_not_null_test_still_sees_null_times(

@@ -23,7 +23,8 @@
         {%- set moment = modules.datetime.datetime.fromisoformat(value | string | replace('Z', '+00:00')) -%}
         {#- Warehouse timestamps are UTC without a zone: bring an aware bound to UTC first. -#}
         {%- if moment.tzinfo is not none -%}
-            {%- set moment = moment.astimezone(modules.datetime.timezone.utc) -%}
+            {#- (dbt's `modules.datetime` has no `timezone`: the offset is taken off by hand) -#}
+            {%- set moment = (moment - moment.utcoffset()).replace(tzinfo=none) -%}
         {%- endif -%}
         {#- A bound inside a bucket (15 min, hour, day) would split it and duplicate its key. -#}
         {%- if (moment.hour * 60 + moment.minute) % grain_minutes != 0 or moment.second != 0

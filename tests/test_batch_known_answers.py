@@ -9,6 +9,7 @@ from the fixture's table, the arithmetic in the comments.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -328,7 +329,7 @@ def test_a_sensor_moved_to_another_zone_within_the_hour_builds_and_reconciles(tm
 
 @pytest.mark.parametrize("engine", ["duckdb", "postgres"])
 def test_the_snapshots_valid_times_are_utc_whatever_the_machines_zone(
-    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by a review: `valid_from` was `now()` in the session's zone, the machine's: in
     Tokyo, 9 hours ahead of every other time in the warehouse."""
@@ -336,20 +337,21 @@ def test_the_snapshots_valid_times_are_utc_whatever_the_machines_zone(
 
     monkeypatch.setenv("TZ", "Asia/Tokyo")
     monkeypatch.setenv("PGTZ", "Asia/Tokyo")
-    if engine == "duckdb":
-        warehouse: Warehouse = DuckDBWarehouse(tmp_path / "tz.duckdb")
-        load_city_hour(warehouse, "?")
-    else:
-        warehouse = PostgresWarehouse(dbname=request.getfixturevalue("postgres_db"), **PG)
-        load_city_hour(warehouse, "%s")
-    before = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-    select, exclude = "source:registry+", "tag:daily test_name:relationships"
-    summary = run_dbt_build(find_project_dir(), engine, None, warehouse.dbt_env(), select=select, exclude=exclude)
-    assert summary.success, summary.failures or summary.error
-    after = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=1)
-    with warehouse.transaction() as cur:
-        cur.execute("select min(valid_from), max(valid_from) from marts.dim_sensors")
-        first, last = cur.fetchone()
+    with contextlib.ExitStack() as stack:
+        if engine == "duckdb":
+            warehouse: Warehouse = DuckDBWarehouse(tmp_path / "tz.duckdb")
+            load_city_hour(warehouse, "?")
+        else:  # a database of its own: the module's has its snapshot built already
+            warehouse = PostgresWarehouse(dbname=stack.enter_context(postgres_database("citypulse_tz")), **PG)
+            load_city_hour(warehouse, "%s")
+        before = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+        select, exclude = "source:registry+", "tag:daily test_name:relationships"
+        summary = run_dbt_build(find_project_dir(), engine, None, warehouse.dbt_env(), select=select, exclude=exclude)
+        assert summary.success, summary.failures or summary.error
+        after = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=1)
+        with warehouse.transaction() as cur:
+            cur.execute("select min(valid_from), max(valid_from) from marts.dim_sensors")
+            first, last = cur.fetchone()
     assert before - timedelta(seconds=1) <= first <= last <= after, (first, last, before, after)
 
 

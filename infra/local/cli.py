@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from infra.local.platform import DEFAULT_STATE_DIR, PlatformError, PlatformInfo, down, stack_parameter, up
@@ -141,18 +142,14 @@ def cmd_airflow(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
     from infra.local.airflow import run_backfill
     from infra.local.platform import require_running
 
-    def utc(text: str) -> datetime:
-        moment = datetime.fromisoformat(text)
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
+    if args.start >= args.end:
+        raise PlatformError(f"--from {args.start:%Y-%m-%dT%H:%M}Z is not before --to {args.end:%Y-%m-%dT%H:%M}Z")
     state_dir = _state_dir(args)
     info = require_running(state_dir)
-    run = run_backfill(utc(args.start), utc(args.end), info.env, state_dir / "airflow")
+    run = run_backfill(args.start, args.end, info.env, state_dir / "airflow")
     for start, state in sorted(run.run_states.items()):
         print(f"citypulse_hourly {start:%Y-%m-%d %H:%M}Z  {state}")
     print(f"backfill {'succeeded' if run.succeeded else 'FAILED'} in {run.seconds:.0f} s; logs in {run.log_dir}")
@@ -181,6 +178,16 @@ def cmd_load(args: argparse.Namespace) -> int:
     )
     print(render(result))
     return 0 if result.accounted else 1
+
+
+def utc_time(text: str) -> datetime:
+    """An ISO 8601 time (UTC if it has no zone) as an aware UTC datetime; argparse's error if not one."""
+    from infra.local.audit import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (e.g. 2026-03-02T09:00)") from None
 
 
 def _window_seconds(text: str) -> int:
@@ -280,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")
     p.set_defaults(func=cmd_airflow)
     p = sub.add_parser("backfill", help="re-run the hourly DAG for [--from, --to) with Airflow's own backfill")
-    p.add_argument("--from", dest="start", required=True, help="first hour, ISO 8601 (UTC if no zone)")
-    p.add_argument("--to", dest="end", required=True, help="end hour, exclusive, ISO 8601 (UTC if no zone)")
+    p.add_argument("--from", dest="start", type=utc_time, required=True, help="first hour, ISO 8601 (UTC if no zone)")
+    p.add_argument("--to", dest="end", type=utc_time, required=True, help="end hour, exclusive, ISO 8601")
     p.set_defaults(func=cmd_backfill)
     p = sub.add_parser("audit", help="reconcile received / stored / duplicates / quarantined for a time range")
     from infra.local.audit import add_arguments

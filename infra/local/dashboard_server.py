@@ -379,12 +379,13 @@ def serve(
 ) -> None:
     """`citypulse dashboard`: serve the live dashboard until Ctrl-C, over the local platform
     (which must be up) or, with `api_url`, over the deployed read API."""
+    # Whether there is a platform to serve, before the front end's libraries are installed.
+    info = None if api_url else require_running(state_dir)
     ensure_assets(echo)
-    if api_url:
+    if info is None:
         server = DashboardServer(None, host, port, remote=remote_api(api_url)).start()
         echo(f"citypulse dashboard on {server.url} over {api_url} (Ctrl-C to stop)")
     else:
-        info = require_running(state_dir)
         server = DashboardServer(info.env, host, port).start()
         echo(f"citypulse dashboard on {server.url} (API under {server.url}api/ ; Ctrl-C to stop)")
     stop = threading.Event()

@@ -614,8 +614,10 @@ def run_load(
     from streaming.devices.traffic import Incident
 
     sensors = round(rate * tick_s)
-    if sensors < 1:
-        raise ValueError("rate x tick must be at least one sensor")
+    if sensors < 1:  # checked before anything starts or is deleted
+        raise PlatformError(f"--rate {rate:g} x --tick {tick_s:g} s is less than one sensor")
+    if not duration_s > 0 or not warmup_s >= 0:
+        raise PlatformError(f"--duration {duration_s:g} must be above 0 and --warmup {warmup_s:g} at least 0")
     if fresh:
         echo(f"starting the local platform for a {sensors:,}-sensor city")
         info = up(state_dir, sensors=sensors, seed=seed, fresh=True, echo=echo, parameters=parameters)

@@ -56,6 +56,10 @@ TableCapacityMode = Literal["PAY_PER_REQUEST", "PROVISIONED"]  # the template's 
 # How the processor reads the stream (the template's ProcessorStreamConsumer values).
 StreamConsumer = Literal["SHARED_THROUGHPUT", "ENHANCED_FAN_OUT"]
 TEMPLATE_MAX_SHARDS = 64  # the template's ShardCount MaxValue
+# Kinesis Data Streams' default quota of provisioned shards per account in us-east-1 (the price
+# table's region; 200 in most others): Amazon Kinesis Data Streams Developer Guide, "Quotas and
+# limits". The zone-keyed shard search looks that far (or twice an even spread's need).
+KINESIS_SHARD_QUOTA = 500
 # DynamoDB's default per-table quota of read and of write capacity units (provisioned tables),
 # and the template's auto-scaling ceiling.
 TABLE_QUOTA_UNITS = 40_000
@@ -559,16 +563,25 @@ def provisioned_shards(
     """The fewest shards whose hottest shard stays within `w.shard_utilisation` of both write limits.
 
     `shares`: each partition key's share of the records; None for keys so many and so even
-    (one per sensor) that every shard gets the same. Keyed by zone, a shard beyond the number
-    of keys would only add empty ones: if the hottest shard is still over at that many (hot zones
-    hashed together), no provisioned stream serves the city, and ValueError says so.
+    (one per sensor) that every shard gets the same. Keyed by zone, the hottest shard is the
+    zones that hash into one of N equal ranges: more shards part them, but not in order (two
+    zones together at 4 shards may be apart at 5). No count serves a zone that alone is over the
+    headroom; past KINESIS_SHARD_QUOTA (or twice an even spread's need) the search gives up. Both
+    are ValueError, saying what to plan instead.
     """
     u = w.shard_utilisation
     if shares is None:
         return _shards_at_limits(records_s / u, bytes_s / u, limits)
     busiest_key_fits(records_s, bytes_s, limits, shares)
+    zone, top = max(shares.items(), key=lambda kv: kv[1])
+    if records_s * top > limits["shard_records_per_second"] * u or bytes_s * top > limits["shard_bytes_per_second"] * u:
+        raise ValueError(
+            f"zone {zone} alone would take over {u:.0%} of a shard's write limits ({records_s * top:,.0f} "
+            "records/s): no shard count leaves it headroom; plan more --zones or a larger --gateway-batch"
+        )
     start = _shards_at_limits(records_s, bytes_s, limits)
-    for shards in range(start, max(start, len(shares)) + 1):
+    most = max(KINESIS_SHARD_QUOTA, 2 * start)
+    for shards in range(start, most + 1):
         hot = hottest_shard_share(shares, shards)
         if (
             records_s * hot <= limits["shard_records_per_second"] * u
@@ -576,8 +589,8 @@ def provisioned_shards(
         ):
             return shards
     raise ValueError(
-        f"keyed by {len(shares)} zones, {records_s:,.0f} records/s cannot be spread over provisioned shards with "
-        f"the hottest within {u:.0%} of a shard's write limits: plan with --stream-mode ON_DEMAND (it splits hot "
+        f"keyed by {len(shares)} zones, {records_s:,.0f} records/s: no count up to {most} provisioned shards keeps "
+        f"the hottest within {u:.0%} of a shard's write limits; plan with --stream-mode ON_DEMAND (it splits hot "
         "shards) or more --zones"
     )
 

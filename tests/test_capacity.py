@@ -389,19 +389,26 @@ def test_a_zone_over_one_shards_limits_is_refused_in_either_stream_mode() -> Non
         plan(Workload(rate_hz=100, stream_mode="ON_DEMAND"))
 
 
-def test_zones_hashed_together_past_as_many_shards_as_zones_are_refused() -> None:
-    """With as many shards as keys, a shard more only adds an empty one: two zones that share a
-    shard at every count up to 2, each alone at 90 % of the 80 % headroom, have no plan."""
+def test_zones_hashed_together_are_parted_by_more_shards_not_in_order() -> None:
+    """Two zones, each at 90 % of the 80 % headroom: a plan needs them on shards of their own.
+    Kinesis splits the hash range into N equal parts, so a pair together at 2 shards may be apart
+    at a higher count (found by the diff's review: the search stopped at as many shards as keys).
+    """
     names = [f"Z-{n:03d}" for n in range(64)]
-    half = {k: hashlib.md5(k.encode()).digest()[0] >> 7 for k in names}
-    a = names[0]
-    b = next(k for k in names[1:] if half[k] == half[a])  # the same half: together at 1 and 2 shards
+
+    def shard(key: str, shards: int) -> int:
+        return (int.from_bytes(hashlib.md5(key.encode()).digest(), "big") * shards) >> 128
+
     limits = PRICES["kinesis_provisioned"]
     records_s = 2 * 0.9 * 0.8 * limits["shard_records_per_second"]
-    with pytest.raises(ValueError, match="keyed by 2 zones"):
-        provisioned_shards(Workload(**SIZED), records_s, 1_000, limits, {a: 0.5, b: 0.5})
-    c = next(k for k in names[1:] if half[k] != half[a])  # the other half: apart at 2 shards
-    assert provisioned_shards(Workload(**SIZED), records_s, 1_000, limits, {a: 0.5, c: 0.5}) == 2
+    a = names[0]
+    b = next(k for k in names[1:] if shard(k, 2) == shard(a, 2) and shard(k, 3) == shard(a, 3))
+    apart = next(n for n in range(2, 100) if shard(a, n) != shard(b, n))
+    assert apart > 3  # together at 2 and 3 shards ...
+    assert provisioned_shards(Workload(**SIZED), records_s, 1_000, limits, {a: 0.5, b: 0.5}) == apart
+    # ... and a zone alone over the headroom has no count at all.
+    with pytest.raises(ValueError, match="alone would take over 80%"):
+        provisioned_shards(Workload(**SIZED), 2 * 0.81 * 800 / 0.8, 1_000, limits, {a: 0.5, b: 0.5})
 
 
 @pytest.mark.parametrize(

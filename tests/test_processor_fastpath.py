@@ -649,22 +649,41 @@ def test_one_quarantined_reading_with_a_seq_far_ahead_does_not_lock_its_sensor_o
     assert (sensor.hwm, sensor.silent, sensor.late) == (109, False, 0)
 
 
-@pytest.mark.parametrize("history", [False, True], ids=["its sensor's first reading", "after one good reading"])
-def test_a_quarantined_reading_sent_again_is_still_a_duplicate(history: bool) -> None:
-    """... within a window of its sensor's newest seq, or as the sensor's first reading."""
+def test_a_quarantined_reading_sent_again_within_its_sensors_window_is_a_duplicate() -> None:
+    """... and one a whole window ahead of its sensor's newest seq (or its first, when that is
+    one: seq 101 from none) is not remembered, so sent again it is quarantined again."""
     sensors = GATEWAYS[0][:4]
-    messages = [0, 1, 1] if history else [1, 1]  # the minute each message's readings are of
+    # (minute of the readings, whether sensor 0's is bad), batch by batch
+    batches = [(1, True), (1, True), (2, False), (3, True), (3, True)]
 
     def make(batch: int) -> tuple[list[Any], int]:
-        minute = messages[batch]
+        minute, bad = batches[batch]
         rs = [reading(s, 100 + minute, BASE_MS + minute * MINUTE_MS) for s in sensors]
-        if minute == 1:
+        if bad:
             rs[0]["vehicle_count"] = 99_999
         return rs, BASE_MS + batch * MINUTE_MS + 1000
 
-    *_, bad, again = _minutes_of(sensors, range(len(messages)), make)
-    assert dict(bad.counts) == {"received": 4, "stored": 3, "quarantined": 1}
-    assert dict(again.counts) == {"received": 4, "duplicates": 4}
+    counts = [dict(out.counts) for out in _minutes_of(sensors, range(len(batches)), make)]
+    assert counts[0] == {"received": 4, "stored": 3, "quarantined": 1}
+    assert counts[1] == {"received": 4, "duplicates": 3, "quarantined": 1}  # its first reading: not remembered
+    assert counts[3] == {"received": 4, "stored": 3, "quarantined": 1}
+    assert counts[4] == {"received": 4, "duplicates": 4}  # within the window of seq 102: remembered
+
+
+def test_a_sensors_first_reading_quarantined_with_a_seq_far_ahead_does_not_lock_it_out() -> None:
+    """Found by the diff's review: the first version let a first reading's seq through."""
+    sensors = GATEWAYS[0][:4]
+
+    def make(minute: int) -> tuple[list[Any], int]:
+        ts = BASE_MS + minute * MINUTE_MS
+        rs = [reading(s, 100 + minute, ts) for s in sensors]
+        if minute == 0:
+            rs[0]["seq"], rs[0]["vehicle_count"] = 2**62, 99_999
+        return rs, ts + 1000
+
+    outs = _minutes_of(sensors, range(3), make)
+    assert [dict(out.counts) for out in outs[1:]] == [{"received": 4, "stored": 4}] * 2
+    assert outs[-1].zone_states[sensors[0].zone_id].sensors[sensors[0].sensor_id].hwm == 102
 
 
 def test_readings_that_arrive_late_keep_their_sensors_from_silence() -> None:

@@ -87,9 +87,9 @@ class SensorState:
         """`admit` for a reading that is quarantined (its resend is then a duplicate, counted
         once), except that it may not move the window a whole window ahead: one bad `seq` (2**62,
         say) would put every later reading of the sensor beyond the window, late, out of the
-        live values for good (found by a review). Such a seq is not remembered (NEW), unless the
-        sensor has none yet (a bad first reading sent again stays one quarantined reading)."""
-        if self.hwm >= 0 and seq - self.hwm >= DEDUPE_WINDOW:
+        live values for good (found by a review), its first reading's too. Such a seq is not
+        remembered (NEW): sent again, that reading is quarantined again."""
+        if seq - self.hwm >= DEDUPE_WINDOW:
             return NEW
         return self.admit(seq)
 

@@ -267,7 +267,9 @@ def get_zone_metrics(
         position = decode_cursor(cursor, "metrics", query)
         # Bounded as a query's times are: a forged cursor must not reach dates no clock can print.
         end = position_int(position, 1, MIN_TS_MS // MINUTE_MS, MAX_TS_MS // MINUTE_MS)
-        first = position_int(position, 0, max(0, end - MAX_RANGE_MINUTES[step]), end - 1)
+        # A window is the span asked for, aligned down to the step and its end up to the minute
+        # (and "until now" is until the minute after now): up to step + 1 minutes more.
+        first = position_int(position, 0, max(0, end - MAX_RANGE_MINUTES[step] - step - 1), end - 1)
     else:
         first, end = _metrics_window(from_, to, step)
     page_end = min(end, first + limit * step)

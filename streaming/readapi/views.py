@@ -235,6 +235,9 @@ def aggregate_minutes(rows: Iterable[MinuteRow], step: int) -> list[dict[str, An
     return out
 
 
+STOPPED_AFTER_MINUTES = 5
+
+
 def ingestion_view(
     rows_by_zone: dict[str, list[MinuteRow]], live: dict[str, LiveZone], first_minute: int, now_ms: int
 ) -> dict[str, Any]:
@@ -258,12 +261,12 @@ def ingestion_view(
         for m in range(first_minute, now_minute + 1)
     ]
     # The newest complete minute: the one before the minute still filling (the newest with
-    # data, the stream being read a little behind now); with nothing since the minute before
-    # last, the stream has stopped, and the last minute's rate is none.
+    # data, the stream being read somewhat behind now); with no data for STOPPED_AFTER_MINUTES
+    # (the silence rule's 5), the stream has stopped, and the last minute's rate is none.
     newest = max(per_minute, default=None)
     if newest is None:
         complete = None
-    elif newest >= now_minute - 1:
+    elif newest >= now_minute - STOPPED_AFTER_MINUTES:
         complete = newest - 1
     else:
         complete = now_minute - 1

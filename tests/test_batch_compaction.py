@@ -231,6 +231,20 @@ def test_a_lease_left_by_a_stopped_run_is_given_back_by_its_retry_or_once_stale(
     assert lake.list_keys(manifest_prefix(partition)) == []
 
 
+def test_a_lease_whose_put_answer_was_lost_is_still_the_runs_own(fixture_lake: FixtureLake, partition: str) -> None:
+    """botocore retries a put whose answer it lost; if the first landed, the retry's condition
+    fails on the run's own lease (found by the diff's review: the run then took itself for
+    another, and its lease kept every run out for 2 h)."""
+    lake = session_lake(fixture_lake.bucket)
+    first = compaction._take_lease(lake, partition, "mine", "run 1")
+    assert first is not None
+    retried = compaction._take_lease(lake, partition, "mine", "run 1")  # the same generation again
+    assert retried is not None and retried.etag == first.etag
+    assert compaction._take_lease(lake, partition, "theirs", "run 2") is None
+    compaction._give_back(lake, partition, retried)
+    assert compaction._read_lease(lake, partition) is None
+
+
 def test_a_lease_is_given_back_only_in_the_version_its_run_wrote(fixture_lake: FixtureLake, partition: str) -> None:
     """A run whose lease was taken over as stale must not delete its successor's."""
     lake = session_lake(fixture_lake.bucket)

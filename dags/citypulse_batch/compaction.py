@@ -131,9 +131,11 @@ def _take_lease(lake: Lake, prefix: str, generation: str, owner: str | None) -> 
             Bucket=lake.bucket, Key=lease_key(prefix), Body=json.dumps(lease).encode(), IfNoneMatch="*"
         )
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in _CONDITION_FAILED:
-            return None
-        raise
+        if exc.response.get("Error", {}).get("Code") not in _CONDITION_FAILED:
+            raise
+        # botocore retries a put whose answer it lost: the first may have written our lease.
+        held = _read_lease(lake, prefix)
+        return held if held is not None and held.generation == generation else None
     return Lease(put["ETag"], generation, owner, lease["started_ms"])
 
 

@@ -260,18 +260,20 @@ def ingestion_view(
         }
         for m in range(first_minute, now_minute + 1)
     ]
+    watermark = max((z.state.watermark_ms for z in live.values()), default=0)
+    last_write = max((z.updated_at_ms for z in live.values()), default=0)  # the processor's commits only
     # The newest complete minute: the one before the minute still filling (the newest with
-    # data, the stream being read somewhat behind now); with no data for STOPPED_AFTER_MINUTES
-    # (the silence rule's 5), the stream has stopped, and the last minute's rate is none.
+    # data, however far behind now the stream is read: a backlog, a replay); once the processor
+    # has committed nothing for STOPPED_AFTER_MINUTES (the silence rule's 5), the stream has
+    # stopped, and the last minute's rate is none (found by reviews: a stream stopped 30 min ago
+    # showed its last rate; event times alone took a backlog for a stop).
     newest = max(per_minute, default=None)
     if newest is None:
         complete = None
-    elif newest >= now_minute - STOPPED_AFTER_MINUTES:
+    elif now_ms - last_write <= STOPPED_AFTER_MINUTES * MINUTE_MS:
         complete = newest - 1
     else:
         complete = now_minute - 1
-    watermark = max((z.state.watermark_ms for z in live.values()), default=0)
-    last_write = max((z.updated_at_ms for z in live.values()), default=0)
     return {
         "minutes": series,
         "current": {

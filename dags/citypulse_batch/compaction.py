@@ -92,7 +92,14 @@ class PartitionCompaction:
     bytes_after: int = 0
     rows_rewritten: int = 0
     settled: list[str] = field(default_factory=list)
-    skipped: str | None = None  # why the partition was left as it is (`CompactionError`)
+    skipped: str | None = None  # why the partition was left as it is (`CompactionError`, another run)
+
+    def holding(self, objects: Sequence[tuple[str, int]]) -> PartitionCompaction:
+        """Before and after: `objects` (key, size), as the partition holds them until a
+        compaction of it commits."""
+        self.objects_before = self.objects_after = len(objects)
+        self.bytes_before = self.bytes_after = sum(size for _, size in objects)
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,10 +323,7 @@ def compact_partition(
     generation = secrets.token_hex(8)
     lease = None if settled.writing else _take_lease(lake, prefix, generation, owner)
     if lease is None:  # another run is compacting it now
-        objects = lake.list_objects(prefix, ".parquet")
-        summary.objects_before = summary.objects_after = len(objects)
-        summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
-        summary.skipped = "another run is compacting it"
+        summary.holding(lake.list_objects(prefix, ".parquet")).skipped = "another run is compacting it"
         return summary
     try:
         _compact_leased(lake, prefix, summary, generation, target_bytes, owner)
@@ -336,8 +340,7 @@ def _compact_leased(
     # Sizes for the groups, ETags for the deletes (`_finish`), from one listing.
     entries = lake.list_entries(prefix, ".parquet")
     objects = [(key, size) for key, size, _ in entries]
-    summary.objects_before = summary.objects_after = len(objects)
-    summary.bytes_before = summary.bytes_after = sum(size for _, size in objects)
+    summary.holding(objects)
     # Only objects the warehouse holds the rows of: one that arrived after the load waits, as
     # it is, for its hour to be loaded again (`ledger.late_hours`). No ledger: all of them.
     loaded = ledger.loaded(lake, prefix)
@@ -390,9 +393,8 @@ def compact(
         try:
             partitions.append(compact_partition(lake, prefix, target_bytes, owner))
         except CompactionError as exc:
-            objects = lake.list_objects(prefix, ".parquet")
-            size = sum(s for _, s in objects)
-            partitions.append(PartitionCompaction(prefix, len(objects), len(objects), size, size, skipped=str(exc)))
+            left = PartitionCompaction(prefix, skipped=str(exc))
+            partitions.append(left.holding(lake.list_objects(prefix, ".parquet")))
     return {
         "objects_before": sum(p.objects_before for p in partitions),
         "objects_after": sum(p.objects_after for p in partitions),

@@ -515,10 +515,6 @@ def apply_rows(
     dropped: list[int] = []
     stale: list[int] = []
     live_sensors: list[SensorState] = []  # the sensors of the aggregated readings, in order
-    # A late row is received all the same (`core.heard_from`): its receive time.
-    received_of = (
-        origin.received.__getitem__ if type(origin) is RunOrigin else lambda _, at=origin.envelope.received_at_ms: at
-    )
     i = -1
     for sid, seq in zip(sensor_ids, seqs, strict=True):
         i += 1
@@ -539,12 +535,10 @@ def apply_rows(
             if verdict:  # beyond the dedupe window: stored, late
                 s.late += 1
                 stale.append(i)
-                core.heard_from(s, received_of(i))
                 continue
         if late_all or (late_some and stamps[i] < threshold):
             s.late += 1
             stale.append(i)
-            core.heard_from(s, received_of(i))
             continue
         live_sensors.append(s)
     n = i + 1
@@ -553,6 +547,8 @@ def apply_rows(
     # A block's rows share its record, receive time and gateway; a run's travel with its rows.
     block = origin if type(origin) is ColumnBlock else None
     run = origin if type(origin) is RunOrigin else None
+    for j in stale:  # received all the same (`core.heard_from`); each row's sensor is in `own`
+        core.heard_from(own[sensor_ids[j]], block.envelope.received_at_ms if block is not None else run.received[j])
     if stored:  # the reference only creates a lake file it puts a row in
         received_at: int | Sequence[int]
         gateway: str | Sequence[str]

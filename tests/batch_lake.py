@@ -131,6 +131,7 @@ class FixtureLake:
                 "vehicle_count": sum(r["vehicle_count"] for r in rows),
                 "avg_speed_kmh": sum(speeds) / len(speeds) if speeds else None,
                 "active_sensor_count": len({r["sensor_id"] for r in rows}),
+                "speed_reading_count": len(speeds),
             }
         return out
 
@@ -146,16 +147,17 @@ def assert_zone_mart(rows: Iterable[tuple[Any, ...]], lake: FixtureLake) -> None
     """`marts.fct_zone_traffic_15min` rows (in model column order) match the lake's expected traffic."""
     expected = lake.expected_zone_traffic()
     got = {}
-    for zone, start, end, readings, vehicles, speed, _occupancy, _congestion, sensors in rows:
+    for zone, start, end, readings, vehicles, speed, _occupancy, _congestion, sensors, speed_readings in rows:
         assert end - start == timedelta(minutes=15), (zone, start, end)
-        got[(zone, start)] = (readings, int(vehicles), None if speed is None else float(speed), sensors)
+        got[(zone, start)] = (readings, int(vehicles), None if speed is None else float(speed), sensors, speed_readings)
     assert got.keys() == expected.keys()
     for key, want in expected.items():
-        readings, vehicles, speed, sensors = got[key]
-        assert (readings, vehicles, sensors) == (
+        readings, vehicles, speed, sensors, speed_readings = got[key]
+        assert (readings, vehicles, sensors, speed_readings) == (
             want["reading_count"],
             want["vehicle_count"],
             want["active_sensor_count"],
+            want["speed_reading_count"],
         ), key
         # The mart keeps 3 decimals of mean speed.
         assert speed is not None and abs(speed - want["avg_speed_kmh"]) <= 0.0005, key

@@ -38,44 +38,45 @@ def d(text: str) -> Decimal:
     return Decimal(text)
 
 
-# zone, bucket_start, bucket_end, readings, vehicles, speed, occupancy, congestion, sensors
+# zone, bucket_start: readings, vehicles, speed, occupancy, congestion, sensors, readings with a speed
 ZONE_15MIN = {
     # 10:00 S-1 (10, 20, 40, .9) + S-2 (6, 30, 30, .7): 16 vehicles, speed (20+30)/2, occ (40+30)/2, ci 1.6/2
-    ("Z-001", t("10:00")): (2, 16, d("25.000"), d("35.000"), d("0.8000"), 2),
+    ("Z-001", t("10:00")): (2, 16, d("25.000"), d("35.000"), d("0.8000"), 2, 2),
     # 10:15 S-1 (10, 40, 20, .5) + S-2 (8, 50, 10, .5)
-    ("Z-001", t("10:15")): (2, 18, d("45.000"), d("15.000"), d("0.5000"), 2),
+    ("Z-001", t("10:15")): (2, 18, d("45.000"), d("15.000"), d("0.5000"), 2, 2),
     # 10:30 S-1 (10, 60, 5, .2) + S-2 at 10:44:59.999 (4, -, -, .4): speed/occ from S-1 only, ci .6/2
-    ("Z-001", t("10:30")): (2, 14, d("60.000"), d("5.000"), d("0.3000"), 2),
+    ("Z-001", t("10:30")): (2, 14, d("60.000"), d("5.000"), d("0.3000"), 2, 1),
     # 10:45 S-1 at 10:45:00.000 exactly (10, 10, 50, .75)
-    ("Z-001", t("10:45")): (1, 10, d("10.000"), d("50.000"), d("0.7500"), 1),
+    ("Z-001", t("10:45")): (1, 10, d("10.000"), d("50.000"), d("0.7500"), 1, 1),
     # 10:00 S-3 (3, 30, 5, .2) + S-4 (5, 70, 8, .2): speed 100/2, occ 13/2
-    ("Z-002", t("10:00")): (2, 8, d("50.000"), d("6.500"), d("0.2000"), 2),
+    ("Z-002", t("10:00")): (2, 8, d("50.000"), d("6.500"), d("0.2000"), 2, 2),
     # 10:15 S-3 (4, 20, 12, .6)
-    ("Z-002", t("10:15")): (1, 4, d("20.000"), d("12.000"), d("0.6000"), 1),
+    ("Z-002", t("10:15")): (1, 4, d("20.000"), d("12.000"), d("0.6000"), 1, 1),
     # 10:30 S-3 (6, 10, 25, .7) + S-4 (6, 44, 25, .7): speed 54/2
-    ("Z-002", t("10:30")): (2, 12, d("27.000"), d("25.000"), d("0.7000"), 2),
+    ("Z-002", t("10:30")): (2, 12, d("27.000"), d("25.000"), d("0.7000"), 2, 2),
     # 10:45 S-4 (2, 55, 15, .45)
-    ("Z-002", t("10:45")): (1, 2, d("55.000"), d("15.000"), d("0.4500"), 1),
+    ("Z-002", t("10:45")): (1, 2, d("55.000"), d("15.000"), d("0.4500"), 1, 1),
 }
 
 ZONE_HOURLY = {
     # Z-001: 7 readings; vehicles 16+18+14+10 = 58; speed (20+30+40+50+60+10)/6 = 210/6 = 35;
     # occ (40+30+20+10+5+50)/6 = 155/6 = 25.8333; ci (.9+.7+.5+.5+.2+.4+.75)/7 = 3.95/7 = 0.56428
-    ("Z-001", t("10:00")): (7, 58, d("35.000"), d("25.833"), d("0.5643"), 2),
+    ("Z-001", t("10:00")): (7, 58, d("35.000"), d("25.833"), d("0.5643"), 2, 6),
     # Z-002: 6 readings; vehicles 8+4+12+2 = 26; speed (30+70+20+10+44+55)/6 = 229/6 = 38.1667;
     # occ (5+8+12+25+25+15)/6 = 90/6 = 15; ci (.2+.2+.6+.7+.7+.45)/6 = 2.85/6 = 0.475
-    ("Z-002", t("10:00")): (6, 26, d("38.167"), d("15.000"), d("0.4750"), 2),
+    ("Z-002", t("10:00")): (6, 26, d("38.167"), d("15.000"), d("0.4750"), 2, 6),
 }
 
 SENSOR_HOURLY = {
+    # sensor: readings, vehicles, speed, occupancy, congestion, readings with a speed
     # S-1: vehicles 4 x 10; speed (20+40+60+10)/4 = 32.5; occ (40+20+5+50)/4 = 28.75; ci 2.35/4 = 0.5875
-    "S-1": (4, 40, d("32.500"), d("28.750"), d("0.5875")),
+    "S-1": (4, 40, d("32.500"), d("28.750"), d("0.5875"), 4),
     # S-2: 6+8+4 = 18; speed (30+50)/2 (one count-only reading); occ (30+10)/2; ci 1.6/3 = 0.53333
-    "S-2": (3, 18, d("40.000"), d("20.000"), d("0.5333")),
+    "S-2": (3, 18, d("40.000"), d("20.000"), d("0.5333"), 2),
     # S-3: 3+4+6 = 13; speed (30+20+10)/3 = 20; occ (5+12+25)/3 = 14; ci 1.5/3 = 0.5
-    "S-3": (3, 13, d("20.000"), d("14.000"), d("0.5000")),
+    "S-3": (3, 13, d("20.000"), d("14.000"), d("0.5000"), 3),
     # S-4: 5+6+2 = 13; speed (70+44+55)/3 = 169/3 = 56.333; occ (8+25+15)/3 = 16; ci 1.35/3 = 0.45
-    "S-4": (3, 13, d("56.333"), d("16.000"), d("0.4500")),
+    "S-4": (3, 13, d("56.333"), d("16.000"), d("0.4500"), 3),
 }
 
 # Hysteresis on the zone 15-minute ci: Z-001 .8 raises at 10:00, .5 holds, .3 clears at 10:30,
@@ -103,12 +104,14 @@ HEALTH = {
 }
 
 CORRIDORS = {
+    # road: congestion rank, speed rank, sensors, readings, vehicles, speed, occupancy, congestion,
+    #       readings with a speed
     # Oak Street = S-1 + S-2 + S-4: 10 readings from 3 sensors, 40+18+13 = 71 vehicles;
     # speed (20+40+60+10 + 30+50 + 70+44+55)/9 = 379/9 = 42.111; occ (115 + 40 + 48)/9 = 203/9 = 22.556;
     # ci (2.35 + 1.6 + 1.35)/10 = 0.53 -> most congested (1), but faster than Elm (2)
-    "Oak Street": (1, 2, 3, 10, 71, d("42.111"), d("22.556"), d("0.5300")),
+    "Oak Street": (1, 2, 3, 10, 71, d("42.111"), d("22.556"), d("0.5300"), 9),
     # Elm Avenue = S-3 (S-5 silent): 3 readings, 13 vehicles, speed 20, occ 14, ci 0.5
-    "Elm Avenue": (2, 1, 1, 3, 13, d("20.000"), d("14.000"), d("0.5000")),
+    "Elm Avenue": (2, 1, 1, 3, 13, d("20.000"), d("14.000"), d("0.5000"), 3),
 }
 
 PEAK_PROFILES = {
@@ -465,3 +468,46 @@ def test_an_interval_scoped_not_null_test_still_sees_null_times(
     finally:
         con.close()
     assert failures == 1
+
+
+def test_marts_built_before_a_new_column_take_it_in_place(tmp_path: Path) -> None:
+    """A warehouse whose marts predate `speed_reading_count` (built by an earlier release) keeps
+    its history: the next build appends the column (null on the hours built before) instead of
+    failing every run until someone rebuilds the marts from raw, and the peak profiles weigh
+    those hours' speeds as they did then."""
+    warehouse = DuckDBWarehouse(tmp_path / "upgraded.duckdb")
+    load_city_hour(warehouse, "?")
+    for summary in _build(warehouse):
+        assert summary.success, summary.failures or summary.error
+    added = [
+        "fct_zone_traffic_15min",
+        "fct_sensor_traffic_15min",
+        "fct_zone_traffic_hourly",
+        "fct_sensor_traffic_hourly",
+        "fct_corridor_rankings",
+    ]
+    with warehouse.transaction() as cur:
+        for table in added:
+            cur.execute(f"alter table marts.{table} drop column speed_reading_count")
+    project = find_project_dir()
+    next_hour = Interval.hour(HOUR + timedelta(hours=1))
+    later = run_dbt_build(project, warehouse.dbt_target, next_hour, warehouse.dbt_env(), exclude="tag:daily")
+    assert later.success, later.failures or later.error
+    daily = run_dbt_build(project, warehouse.dbt_target, DAY, warehouse.dbt_env(), select="tag:daily")
+    assert daily.success, daily.failures or daily.error
+    zone_hourly = _rows(warehouse, "fct_zone_traffic_hourly")
+    assert [(row[0], row[3], row[-1]) for row in zone_hourly] == [("Z-001", 7, None), ("Z-002", 6, None)]
+    # The daily build rebuilt the day's rankings with the column; profiles read the old hours.
+    assert {row[0]: row[-1] for row in _rows(warehouse, "fct_corridor_rankings")} == {"Oak Street": 9, "Elm Avenue": 3}
+    profiles = {
+        (z, int(dow), int(hour)): (int(n), *rest, bool(peak))
+        for z, dow, hour, n, *rest, peak in _rows(warehouse, "fct_zone_peak_profiles")
+    }
+    assert profiles == PEAK_PROFILES
+    # Rebuilding the old hour fills it in.
+    again = run_dbt_build(project, warehouse.dbt_target, Interval.hour(HOUR), warehouse.dbt_env(), exclude="tag:daily")
+    assert again.success, again.failures or again.error
+    zone_hourly = _rows(warehouse, "fct_zone_traffic_hourly")
+    assert {row[0]: row[1:] for row in zone_hourly} == {
+        z: (start, start + timedelta(hours=1), *values) for (z, start), values in ZONE_HOURLY.items()
+    }

@@ -5,7 +5,7 @@
     environment, read here at run time, leaves dbt's partial parse valid from hour to hour;
     --vars would force a full parse); by hand, --vars interval_start/interval_end work too.
     Incremental marts replace exactly the buckets inside it (delete, then insert, in the
-    model's transaction), so re-running an hour changes nothing. Without an interval an
+    model's transaction: `get_incremental_interval_sql`), so re-running an hour changes nothing. Without an interval an
     incremental build replaces everything.
 #}
 
@@ -52,20 +52,44 @@
 {%- endmacro %}
 
 
-{#- Pre-hook of incremental marts: clear the interval's buckets before they are re-inserted.
-    Two builds of one interval at once (overlapping runs; the daily DAG beside an hourly run's
-    rebuild of the same day) would each miss the other's uncommitted rows and leave them twice:
-    on PostgreSQL and Redshift the delete first locks the mart until the build commits (the
-    hook runs inside the model's transaction). DuckDB has one writer at a time. -#}
-{% macro delete_interval(column, grain_minutes=15) -%}
+{#- How an incremental mart replaces its build's interval: `incremental_strategy='interval'`,
+    the interval's column and grain in the model's meta (`interval_column`,
+    `interval_grain_minutes`, default 15), and `lock_interval()` as its pre-hook. Both steps run
+    in the model's transaction.
+
+    The pre-hook: two builds of one interval at once (overlapping runs; the daily DAG beside an
+    hourly run's rebuild of the same day) would each miss the other's uncommitted rows and leave
+    them twice: on PostgreSQL and Redshift the build first locks the mart until it commits (on
+    Redshift the lock must come first to order the builds' snapshots). DuckDB has one writer at
+    a time.
+
+    The strategy: after dbt has brought the mart's columns up to date (on_schema_change
+    'append_new_columns': a column a later release adds is appended, null on the rows built
+    before it), delete the interval's buckets and insert the new ones. The delete follows the
+    schema change: DuckDB cannot alter a table it has deleted from in the same transaction, so
+    a delete in the pre-hook failed the first rebuild after an upgrade. -#}
+{% macro lock_interval() -%}
     {%- if is_incremental() -%}
         {%- if target.type == 'postgres' -%}
-            lock table {{ this }} in share row exclusive mode;
+            lock table {{ this }} in share row exclusive mode
         {%- elif target.type == 'redshift' -%}
-            lock {{ this }};
-        {%- endif %}
-        delete from {{ this }} where {{ interval_window(column, grain_minutes) }}
+            lock {{ this }}
+        {%- endif -%}
     {%- endif -%}
+{%- endmacro %}
+
+
+{% macro get_incremental_interval_sql(arg_dict) -%}
+    {%- set meta = config.get('meta') or {} -%}
+    {%- if 'interval_column' not in meta -%}
+        {{ exceptions.raise_compiler_error("incremental_strategy 'interval' needs meta.interval_column (" ~ this ~ ")") }}
+    {%- endif -%}
+    {%- set target_relation = arg_dict['target_relation'] -%}
+    {%- set columns = get_quoted_csv(arg_dict['dest_columns'] | map(attribute='name')) -%}
+    delete from {{ target_relation }}
+    where {{ interval_window(meta['interval_column'], meta.get('interval_grain_minutes', 15)) }};
+    insert into {{ target_relation }} ({{ columns }})
+    select {{ columns }} from {{ arg_dict['temp_relation'] }}
 {%- endmacro %}
 
 

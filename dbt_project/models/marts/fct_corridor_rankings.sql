@@ -1,9 +1,10 @@
 {{
     config(
         materialized='incremental',
-        incremental_strategy='append',
-        pre_hook="{{ delete_interval('ranking_date', 1440) }}",
-        on_schema_change='fail',
+        incremental_strategy='interval',
+        meta={'interval_column': 'ranking_date', 'interval_grain_minutes': 1440},
+        pre_hook="{{ lock_interval() }}",
+        on_schema_change='append_new_columns',
         tags=['daily'],
         dist='all',
         sort=['ranking_date', 'congestion_rank'],
@@ -83,7 +84,8 @@ final as (
         vehicle_count,
         avg_speed_kmh,
         avg_occupancy_pct,
-        avg_congestion_index
+        avg_congestion_index,
+        speed_reading_count
 
     from per_road
 

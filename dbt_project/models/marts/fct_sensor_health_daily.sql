@@ -1,9 +1,10 @@
 {{
     config(
         materialized='incremental',
-        incremental_strategy='append',
-        pre_hook="{{ delete_interval('reading_date', 1440) }}",
-        on_schema_change='fail',
+        incremental_strategy='interval',
+        meta={'interval_column': 'reading_date', 'interval_grain_minutes': 1440},
+        pre_hook="{{ lock_interval() }}",
+        on_schema_change='append_new_columns',
         tags=['daily'],
         dist='sensor_id',
         sort=['reading_date', 'sensor_id'],

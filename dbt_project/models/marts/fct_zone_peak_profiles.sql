@@ -11,8 +11,8 @@
     The typical week of each zone: per zone x weekday (0 = Sunday ... 6 = Saturday, UTC) x
     hour of day, the mean over the observed hours of vehicles per hour; speed and congestion
     over those hours' readings (each hour's mean weighted by its reading count, not one hour
-    one vote: an hour of an outage with a few readings must not weigh like a full one; for
-    speed the hour's readings stand for its readings with a speed); and whether this is the
+    one vote: an hour of an outage with a few readings must not weigh like a full one; the
+    speed by the hour's readings that have one); and whether this is the
     zone's peak hour of that weekday (most vehicles; ties to the earlier hour). Rebuilt whole
     by the daily DAG from fct_zone_traffic_hourly. Counts are averaged as numerics: Redshift's
     AVG of an integer column is an integer.
@@ -28,8 +28,10 @@ hours as (
         cast(extract(hour from hour_start) as integer) as hour_of_day,
         cast(vehicle_count as numeric(18, 3)) as vehicle_count,
         reading_count,
-        case when avg_speed_kmh is not null then reading_count end as speed_weight,
-        avg_speed_kmh * reading_count as speed_total,
+        -- An hour built before the marts had speed_reading_count (null: added 2026-12-07)
+        -- weighs its speed by all its readings, as the profiles did until then.
+        coalesce(speed_reading_count, case when avg_speed_kmh is not null then reading_count end) as speed_weight,
+        avg_speed_kmh * coalesce(speed_reading_count, reading_count) as speed_total,
         avg_congestion_index * reading_count as congestion_total
 
     from {{ ref('fct_zone_traffic_hourly') }}

@@ -1,9 +1,10 @@
 {{
     config(
         materialized='incremental',
-        incremental_strategy='append',
-        pre_hook="{{ delete_interval('bucket_start') }}",
-        on_schema_change='fail',
+        incremental_strategy='interval',
+        meta={'interval_column': 'bucket_start', 'interval_grain_minutes': 15},
+        pre_hook="{{ lock_interval() }}",
+        on_schema_change='append_new_columns',
         dist='zone_id',
         sort=['bucket_start', 'zone_id'],
     )
@@ -52,7 +53,8 @@ final as (
         avg_speed_kmh,
         avg_occupancy_pct,
         avg_congestion_index,
-        active_sensor_count
+        active_sensor_count,
+        speed_reading_count
 
     from aggregated
 

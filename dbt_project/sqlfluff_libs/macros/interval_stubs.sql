@@ -4,5 +4,5 @@
     and {{ column }} < cast('2026-01-02 00:00:00' as timestamp)
 {%- endmacro %}
 
-{% macro delete_interval(column, grain_minutes=15) -%}
+{% macro lock_interval() -%}
 {%- endmacro %}

@@ -31,7 +31,7 @@ from typing import Any
 from airflow.sdk import dag, task
 
 from citypulse_batch.airflow_compat import CronDataIntervalTimetable
-from citypulse_batch.events import on_task_failure
+from citypulse_batch.events import on_run_failure, on_task_failure
 
 # How long after the day's end its daily marts are built: the day's last hourly run (which starts
 # at midnight too, then crawls and loads) must have loaded it by then.
@@ -63,6 +63,8 @@ def _run(step_name: str, context: dict[str, Any]) -> None:
     catchup=False,
     max_active_runs=1,
     dagrun_timeout=timedelta(hours=6),
+    # A run that times out skips its unfinished tasks, whose callbacks never run.
+    on_failure_callback=on_run_failure,
     default_args=DEFAULT_ARGS,
     tags=["citypulse", "batch", "daily"],
     doc_md=__doc__,

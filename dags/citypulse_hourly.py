@@ -35,17 +35,13 @@ from functools import partial
 from typing import Any
 
 from airflow.providers.amazon.aws.operators.eventbridge import EventBridgePutEventsOperator
-from airflow.providers.amazon.aws.operators.glue_crawler import (
-    GlueCrawlerCreateOperator,
-    GlueCrawlerRunOperator,
-    GlueCrawlerUpdateOperator,
-)
 from airflow.providers.amazon.aws.operators.quicksight import QuickSightCreateIngestionOperator
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import dag, task
 
+from citypulse_batch import airflow_compat
 from citypulse_batch.airflow_compat import CronDataIntervalTimetable
-from citypulse_batch.events import HOURLY_LOAD_COMPLETED, SOURCE, on_task_failure
+from citypulse_batch.events import HOURLY_LOAD_COMPLETED, SOURCE, on_run_failure, on_task_failure
 from citypulse_batch.lake import readings_wildcard
 from citypulse_batch.settings import setting, setting_list
 from citypulse_batch.steps import crawler_config, run_step
@@ -71,6 +67,8 @@ DEFAULT_ARGS: dict[str, Any] = {
     # One run at a time: the crawler cannot run twice at once and DuckDB has one writer.
     max_active_runs=1,
     dagrun_timeout=timedelta(hours=4),
+    # A run that times out skips its unfinished tasks, whose callbacks never run.
+    on_failure_callback=on_run_failure,
     default_args=DEFAULT_ARGS,
     tags=["citypulse", "batch", "hourly"],
     doc_md=__doc__,
@@ -88,22 +86,30 @@ def citypulse_hourly() -> None:
         timeout=timedelta(hours=2).total_seconds(),
     )
 
-    @task.branch(task_id="crawler_exists", execution_timeout=timedelta(minutes=5))
-    def crawler_exists() -> str:
-        from citypulse_batch import steps
+    if airflow_compat.CRAWLER_LIFECYCLE_OPERATORS:
 
-        return "update_crawler" if steps.crawler_exists() else "create_crawler"
+        @task.branch(task_id="crawler_exists", execution_timeout=timedelta(minutes=5))
+        def crawler_exists() -> str:
+            from citypulse_batch import steps
 
-    create_crawler = GlueCrawlerCreateOperator(task_id="create_crawler", config=crawler_config())
-    update_crawler = GlueCrawlerUpdateOperator(task_id="update_crawler", config=crawler_config())
-    run_crawler = GlueCrawlerRunOperator(
-        task_id="run_crawler",
-        crawler_name="{{ citypulse_setting('glue_crawler') }}",
-        poll_interval=5,
-        # A retry after a lost response must wait for the crawl it started, not fail on it.
-        fail_on_already_running=False,
-        trigger_rule="none_failed_min_one_success",
-    )
+            return "update_crawler" if steps.crawler_exists() else "create_crawler"
+
+        create_crawler = airflow_compat.GlueCrawlerCreateOperator(task_id="create_crawler", config=crawler_config())
+        update_crawler = airflow_compat.GlueCrawlerUpdateOperator(task_id="update_crawler", config=crawler_config())
+        run_crawler = airflow_compat.GlueCrawlerRunOperator(
+            task_id="run_crawler",
+            crawler_name="{{ citypulse_setting('glue_crawler') }}",
+            poll_interval=5,
+            # A retry after a lost response must wait for the crawl it started, not fail on it.
+            fail_on_already_running=False,
+            trigger_rule="none_failed_min_one_success",
+        )
+        wait_for_partition >> crawler_exists() >> [create_crawler, update_crawler] >> run_crawler
+    else:  # MWAA's Airflow 3.0.x provider: one operator creates or updates, then runs
+        from airflow.providers.amazon.aws.operators.glue_crawler import GlueCrawlerOperator
+
+        run_crawler = GlueCrawlerOperator(task_id="run_crawler", config=crawler_config(), poll_interval=5)
+        wait_for_partition >> run_crawler
 
     @task(task_id="load_warehouse")
     def load_warehouse(**context: Any) -> None:
@@ -190,7 +196,6 @@ def citypulse_hourly() -> None:
         execution_timeout=timedelta(minutes=5),
     )
 
-    branch = crawler_exists()
     loaded = load_warehouse()
     built = dbt_build()
     compacted = compact_lake()
@@ -198,7 +203,7 @@ def citypulse_hourly() -> None:
     reconciled = reconcile_marts()
     report = write_report()
 
-    wait_for_partition >> branch >> [create_crawler, update_crawler] >> run_crawler >> loaded
+    run_crawler >> loaded
     loaded >> built >> [checked, reconciled] >> datasets
     loaded >> compacted
     [loaded, built, checked, reconciled, compacted] >> report

@@ -68,7 +68,7 @@ def test_dag_file_parses_without_io_or_heavy_imports(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def dag(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def dags(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with pytest.MonkeyPatch.context() as patch:
         # Airflow reads its home at import: keep its files out of the developer's ~/airflow.
         patch.setenv("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow-home")))
@@ -77,7 +77,12 @@ def dag(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
         bag = DagBag(dag_folder=str(DAGS))
         assert bag.import_errors == {}
-        yield bag.dags["citypulse_hourly"]
+        yield bag.dags
+
+
+@pytest.fixture(scope="module")
+def dag(dags: dict[str, Any]) -> Any:
+    return dags["citypulse_hourly"]
 
 
 def _upstream_closure(dag: Any, task_id: str) -> set[str]:
@@ -108,8 +113,10 @@ def test_dag_is_acyclic_and_only_the_dags_folder_dag_is_found(dag: Any) -> None:
     assert len(state) == len(dag.task_ids) == 14
 
 
-def test_every_task_has_owner_retries_backoff_timeout_and_failure_alert(dag: Any) -> None:
-    from citypulse_batch.events import on_task_failure
+def test_every_task_has_owner_retries_backoff_timeout_and_failure_alert(dag: Any, dags: dict[str, Any]) -> None:
+    from citypulse_batch.events import on_run_failure, on_task_failure
+
+    assert dags["citypulse_daily"].on_failure_callback == dag.on_failure_callback == on_run_failure
 
     assert dag.owner == "citypulse-data"
     assert {"citypulse", "batch", "hourly"} <= set(dag.tags)
@@ -213,3 +220,104 @@ def test_settings_come_from_variables_then_environment_and_missing_ones_say_wher
     monkeypatch.delenv("CITYPULSE_LAKE_BUCKET", raising=False)
     with pytest.raises(MissingSettingError, match=r"citypulse_lake_bucket.*CITYPULSE_LAKE_BUCKET"):
         setting("lake_bucket")
+
+
+def test_the_warehouse_connection_is_read_where_airflow_3_0_keeps_its_hook(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """MWAA runs Airflow 3.0.x, whose Task SDK has no `BaseHook` (it moved there in 3.1): the
+    steps' `from airflow.sdk import BaseHook` failed every warehouse task when it ran (found by
+    a review). They take it from core there."""
+    import types
+
+    from airflow.hooks.base import BaseHook as CoreBaseHook
+
+    from citypulse_batch import steps
+    from citypulse_batch.warehouse import DuckDBWarehouse
+
+    asked = []
+
+    def get_connection(conn_id: str) -> Any:
+        asked.append(conn_id)
+        return types.SimpleNamespace(
+            conn_id=conn_id, conn_type="duckdb", schema=str(tmp_path / "w.duckdb"), extra_dejson={}
+        )
+
+    monkeypatch.setattr(CoreBaseHook, "get_connection", staticmethod(get_connection))
+    monkeypatch.setitem(sys.modules, "airflow.sdk", types.ModuleType("airflow.sdk"))  # 3.0's: no BaseHook
+    warehouse = steps.warehouse()
+    assert isinstance(warehouse, DuckDBWarehouse) and warehouse.path == tmp_path / "w.duckdb"
+    assert asked == ["citypulse_warehouse"]
+
+
+def test_a_run_that_fails_with_no_task_failing_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run past its dagrun_timeout has its unfinished tasks skipped: no task callback runs, so
+    the run's own callback puts PipelineFailed on the bus (found by a review: it failed
+    silently). A run failed by a task was announced by the task: not twice."""
+    import types
+
+    from airflow.providers.amazon.aws.hooks import eventbridge
+
+    from citypulse_batch import events
+
+    sent: list[dict[str, Any]] = []
+
+    class Hook:
+        def __init__(self, aws_conn_id: str) -> None:
+            self.conn = types.SimpleNamespace(put_events=lambda Entries: sent.extend(Entries) or {})
+
+    monkeypatch.setattr(eventbridge, "EventBridgeHook", Hook)
+    monkeypatch.setattr(events, "setting", lambda name: "citypulse-bus")
+    dag = types.SimpleNamespace(dag_id="citypulse_hourly")
+    run = "scheduled__2026-03-02T10:00:00+00:00"
+    events.on_run_failure({"dag": dag, "run_id": run, "reason": "task_failure"})
+    assert sent == []
+    events.on_run_failure({"dag": dag, "run_id": run, "reason": "timed_out"})
+    assert [(e["DetailType"], e["EventBusName"]) for e in sent] == [("PipelineFailed", "citypulse-bus")]
+    detail = json.loads(sent[0]["Detail"])
+    assert (detail["dag_id"], detail["run_id"], detail["reason"]) == ("citypulse_hourly", run, "timed_out")
+    assert detail["error"] == "the run failed: timed_out"
+
+
+_OLD_PROVIDER_PROBE = r"""
+import json, runpy, sys
+
+# The Amazon provider MWAA's Airflow 3.0.x constraints pin predates the crawler lifecycle
+# operators (2026): only the combined GlueCrawlerOperator is there.
+from airflow.providers.amazon.aws.operators import glue_crawler
+for name in ("GlueCrawlerCreateOperator", "GlueCrawlerUpdateOperator", "GlueCrawlerRunOperator"):
+    delattr(glue_crawler, name)
+
+dag = runpy.run_path(sys.argv[1], run_name="__main__")["hourly_dag"]
+crawl = dag.get_task("run_crawler")
+print(json.dumps({
+    "operator": type(crawl).__name__,
+    "upstream": sorted(crawl.upstream_task_ids),
+    "downstream": sorted(crawl.downstream_task_ids),
+    "config_name": crawl.config["Name"],
+}))
+"""
+
+
+def test_the_dag_imports_with_the_amazon_provider_mwaa_installs(tmp_path: Path) -> None:
+    """MWAA's provider has no crawler lifecycle operators: the DAG imported them and so failed
+    to import at all there (found by a review). It falls back to the combined operator."""
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _OLD_PROVIDER_PROBE, str(DAG_FILE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["operator"] == "GlueCrawlerOperator"
+    assert (probe["upstream"], probe["downstream"]) == (["wait_for_partition"], ["load_warehouse"])
+    assert probe["config_name"]

@@ -68,7 +68,27 @@ def on_task_failure(context: dict[str, Any]) -> None:
     Never raises: a broken alert path must not hide the task's own failure in the logs. Logs
     `FAILURE_LOG_LINE` first, which the ops alarm counts, whether or not the event goes out.
     """
+    _announce(failure_detail(context))
+
+
+def on_run_failure(context: dict[str, Any]) -> None:
+    """Failure callback of both DAGs, for a run that failed with no task failing: a run past
+    its `dagrun_timeout` has its unfinished tasks skipped (no task callback runs, and the
+    report is skipped with them), so without this it failed silently (found by a review). A
+    run failed by a task was announced by that task's own callback: not again."""
+    reason = context.get("reason")
+    if reason == "task_failure":
+        return
     detail = failure_detail(context)
+    dag = context.get("dag")
+    detail["dag_id"] = detail["dag_id"] or getattr(dag, "dag_id", None)
+    detail["run_id"] = detail["run_id"] or context.get("run_id")
+    detail["reason"] = reason
+    detail["error"] = detail["error"] or f"the run failed: {reason}"
+    _announce(detail)
+
+
+def _announce(detail: dict[str, Any]) -> None:
     log.error("%s: dag_id=%s task_id=%s run_id=%s try=%s", FAILURE_LOG_LINE, *(detail[k] for k in _NAMED))
     try:
         from airflow.providers.amazon.aws.hooks.eventbridge import EventBridgeHook

@@ -90,11 +90,10 @@ def lake() -> Lake:
 
 def warehouse() -> Any:
     """The warehouse adapter the `citypulse_warehouse` connection's type selects."""
-    from airflow.sdk import BaseHook
-
+    from citypulse_batch.airflow_compat import base_hook
     from citypulse_batch.warehouse import warehouse_from_connection
 
-    return warehouse_from_connection(BaseHook.get_connection(WAREHOUSE_CONN_ID))
+    return warehouse_from_connection(base_hook().get_connection(WAREHOUSE_CONN_ID))
 
 
 Step = Callable[[Interval], dict[str, Any]]

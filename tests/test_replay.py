@@ -4,6 +4,7 @@ and CSV / Parquet files published through a real broker and the rule bridge into
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -152,6 +153,23 @@ def test_readings_are_grouped_per_gateway_per_minute_on_a_schedule_scaled_by_spe
         (T0 + 80_000) // 60_000,
         (T0 + 320_000) // 60_000,
     ]
+
+
+def test_a_gateway_serving_two_zones_sends_each_zone_its_own_message(registry: dict[str, Any]) -> None:
+    """A message is published on its zone's topic and the processor checks every reading's zone
+    against it: a gateway's readings of two zones went out under the last zone seen in the file,
+    and the other zone's were quarantined `zone_mismatch` (found by a review)."""
+    a, b = list(registry.values())[:2]
+    moved = dataclasses.replace(b, gateway_id=a.gateway_id, zone_id="Z-OTHER")
+    spanning = {**registry, b.sensor_id: moved}
+    plan = plan_replay(
+        [Row(a.sensor_id, T0 + 1_000, 3), Row(b.sensor_id, T0 + 2_000, 4)], spanning, unknown_zone="Z-000"
+    )
+    assert sorted((m.gateway_id, m.zone_id, [r["sensor_id"] for r in m.readings]) for m in plan.messages) == sorted(
+        [(a.gateway_id, a.zone_id, [a.sensor_id]), (a.gateway_id, "Z-OTHER", [b.sensor_id])]
+    )
+    for m in plan.messages:
+        assert all(r["zone_id"] == m.zone_id for r in m.readings)
 
 
 def test_detectors_reporting_more_than_once_a_minute_get_per_second_seqs(registry: dict[str, Any]) -> None:

@@ -10,8 +10,9 @@ rule ──▶ Kinesis ──▶ processor. Only the source of the readings diff
    ``congestion_index`` and ``lane`` optional. A field not mapped is read from a column of
    its own name when the file has one.
 2. ``plan_replay``: each row becomes a contract reading of the registry sensor with that id,
-   and readings are grouped per gateway per minute into gateway messages, as the roadside
-   gateway would send them. A detector id that is not in the registry is published anyway
+   and readings are grouped per gateway, zone and minute into gateway messages, as the
+   roadside gateway would send them (on its zone's topic: a gateway serving two zones sends
+   one message each). A detector id that is not in the registry is published anyway
    (by the gateway ``gw-replay``, in a zone of the registry), and the processor quarantines
    it as ``unknown_sensor``: the replay shows what the platform makes of the file, it does
    not clean it. Each message gets a send time offset: the recorded time since the first
@@ -251,12 +252,13 @@ def plan_replay(
     unknown_zone: str,
     max_readings: int = MAX_READINGS_PER_MESSAGE,
 ) -> ReplayPlan:
-    """Group `rows` into gateway messages per gateway per minute, with send offsets for `speed`."""
+    """Group `rows` into gateway messages per gateway, zone and minute (a message is published
+    on its zone's topic: a gateway serving two zones sends one each), with send offsets for
+    `speed`."""
     if not speed > 0:
         raise ReplayError(f"--speed must be > 0 (1 = real time), not {speed}")
     seq_unit_s = _seq_unit(rows)
-    groups: dict[tuple[int, str], list[tuple[int, dict[str, Any]]]] = {}
-    zones: dict[str, str] = {}
+    groups: dict[tuple[int, str, str], list[tuple[int, dict[str, Any]]]] = {}
     unknown: set[str] = set()
     for row in rows:
         sensor = registry.get(row.sensor_id)
@@ -278,17 +280,16 @@ def plan_replay(
         if row.occupancy_pct is not None:
             reading["occupancy_pct"] = row.occupancy_pct
         minute_ms = row.ts_ms // MINUTE_MS * MINUTE_MS
-        groups.setdefault((minute_ms, gateway_id), []).append((row.ts_ms, reading))
-        zones[gateway_id] = zone_id
+        groups.setdefault((minute_ms, gateway_id, zone_id), []).append((row.ts_ms, reading))
     messages: list[ScheduledMessage] = []
-    first = min((m for m, _ in groups), default=0)
-    for (minute_ms, gateway_id), items in sorted(groups.items()):
+    first = min((m for m, _, _ in groups), default=0)
+    for (minute_ms, gateway_id, zone_id), items in sorted(groups.items()):
         items.sort(key=lambda item: (item[0], item[1]["sensor_id"]))
         offset = 0.0 if math.isinf(speed) else (minute_ms - first) / 1000 / speed
         for i in range(0, len(items), max_readings):
             chunk = [r for _, r in items[i : i + max_readings]]
-            for part in _within_payload_limit(gateway_id, zones[gateway_id], chunk):
-                messages.append(ScheduledMessage(offset, gateway_id, zones[gateway_id], minute_ms, tuple(part)))
+            for part in _within_payload_limit(gateway_id, zone_id, chunk):
+                messages.append(ScheduledMessage(offset, gateway_id, zone_id, minute_ms, tuple(part)))
     return ReplayPlan(messages, len(rows), unknown, seq_unit_s, speed)
 
 

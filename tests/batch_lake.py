@@ -237,8 +237,9 @@ def write_fixture_lake(
         quarantined(start + timedelta(minutes=6), "out_of_range", "shardId-0:2:0"),  # redelivered
         quarantined(start + timedelta(minutes=9), "bad_timestamp", "shardId-1:7:3"),
     ]
-    # An undecodable message is quarantined whole: its base64 is far longer than any id.
-    q_rows[3]["raw"] = "eyJyZWFkaW5ncyI6IFt" * 200
+    # An undecodable message is quarantined whole: the base64 of a gateway's 100 KB message,
+    # beyond the widest varchar Redshift has (65,535 bytes; a review found it failed the load).
+    q_rows[3]["raw"] = "eyJyZWFkaW5ncyI6IFt" * 7020
     later = [quarantined(start + timedelta(hours=1, minutes=1), "out_of_range", "shardId-0:9:0")]
     put_parquet(s3, bucket, f"quarantine/{partition(start)}part-0.parquet", q_rows, quarantine_arrow_schema())
     put_parquet(

@@ -14,7 +14,8 @@ Whatever the engine, a load is one transaction: stage the interval's files (temp
 copied into; on DuckDB temporary views over the Parquet, read once by the insert), delete
 exactly `[start, end)` by `ts` from `raw.readings`, insert the staged rows
 deduplicated on (`sensor_id`, `seq`), replace the registry tables and the interval's
-quarantine counts. Running it twice leaves the same tables. The DDL of `raw.readings` comes
+quarantine counts (counted from three columns of the quarantine files: `quarantine_counts`).
+Running it twice leaves the same tables. The DDL of `raw.readings` comes
 from `streaming.contract.warehouse_columns()`, the registry's from `streaming.registry`.
 """
 
@@ -43,7 +44,7 @@ from citypulse_batch.lake import (
     readings_prefixes,
     sql_timestamp,
 )
-from streaming.contract import KEY_FIELDS, QUARANTINE_FIELDS, lake_arrow_schema, warehouse_columns
+from streaming.contract import KEY_FIELDS, lake_arrow_schema, warehouse_columns
 from streaming.registry import Sensor, Zone
 
 RAW_SCHEMA = "raw"
@@ -55,6 +56,51 @@ Column = tuple[str, str, bool]  # name, SQL type, nullable
 _PY_SQL_TYPES = {"str": "varchar(256)", "int": "bigint", "float": "double precision"}
 
 
+def _quote(value: str) -> str:
+    """A string literal for DuckDB and PostgreSQL, whose literals take a backslash as itself."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _redshift_quote(value: str) -> str:
+    """A string literal for Redshift, which reads a backslash in one as an escape: doubled as
+    its own QUOTE_LITERAL does, else a value ending in a backslash would end the literal early."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def quarantine_counts(lake: Lake, keys: Sequence[str], interval: Interval) -> list[tuple[datetime, str, int]]:
+    """(receive hour, reason code, quarantined) of the interval's quarantine files, a redelivered
+    record counted once (it keeps its `source_id`), in hour and reason order.
+
+    Counted here, from three columns of each file, rather than by staging the files in the
+    warehouse: a quarantined message keeps its whole payload in `raw` (base64; up to 128 KB of
+    MQTT payload), which outgrows Redshift's widest varchar (65,535 bytes), and Redshift's
+    Parquet COPY must load every column and cannot truncate. One rejected message then failed
+    its hour's load on Redshift and PostgreSQL, every retry alike (found by a review)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from streaming.parquet import read_parquet
+
+    if not keys:
+        return []
+    table = pa.concat_tables(
+        read_parquet(lake.read(key), columns=["received_at", "reason_code", "source_id"]) for key in keys
+    )
+    received = table["received_at"]
+    start = pa.scalar(interval.start, received.type)
+    end = pa.scalar(interval.end, received.type)
+    table = table.filter(pc.and_(pc.greater_equal(received, start), pc.less(received, end)))
+    table = table.append_column("hour", pc.floor_temporal(table["received_at"], unit="hour"))
+    grouped = table.group_by(["hour", "reason_code"]).aggregate([("source_id", "count_distinct")])
+    rows = zip(
+        grouped["hour"].to_pylist(),
+        grouped["reason_code"].to_pylist(),
+        grouped["source_id_count_distinct"].to_pylist(),
+        strict=True,
+    )
+    return sorted((hour, reason, int(count)) for hour, reason, count in rows)
+
+
 def registry_columns(record: type) -> list[Column]:
     """Columns of a registry table, from the registry's record dataclass (the CSV header)."""
     return [(f.name, _PY_SQL_TYPES[str(f.type)], False) for f in dataclasses.fields(record)]
@@ -63,10 +109,6 @@ def registry_columns(record: type) -> list[Column]:
 READINGS_COLUMNS: list[Column] = warehouse_columns()
 # Quarantine keeps the original bytes (a whole gateway message, base64, can be kilobytes):
 # staged in the widest varchar all three engines accept, and only counted afterwards.
-QUARANTINE_STAGE_COLUMNS: list[Column] = [
-    (name, "varchar(65535)" if sql_type.startswith("varchar") else sql_type, nullable)
-    for name, sql_type, nullable in warehouse_columns(QUARANTINE_FIELDS)
-]
 QUARANTINE_COUNTS_COLUMNS: list[Column] = [
     ("received_hour", "timestamp", False),
     ("reason_code", "varchar(256)", False),
@@ -201,6 +243,8 @@ class Warehouse(ABC):
     # review). Every load takes it first, so the other raw tables are held in turn as well.
     # None: the engine has one writer at a time anyway (DuckDB).
     lock_raw_sql: str | None = None
+    # A string literal of this engine's SQL.
+    quote: ClassVar[Callable[[str], str]] = staticmethod(_quote)
 
     def load(self, interval: Interval, lake: Lake, listing: Mapping[str, Sequence[str]] | None = None) -> LoadSummary:
         """Replace the interval in `raw.readings` and `raw.quarantine_counts`, and the registry.
@@ -221,7 +265,6 @@ class Warehouse(ABC):
             if self.lock_raw_sql:
                 cur.execute(self.lock_raw_sql)
             self._stage_files(cur, "stage_readings", lake, reading_keys, READINGS_COLUMNS)
-            self._stage_files(cur, "stage_quarantine", lake, quarantine_keys, QUARANTINE_STAGE_COLUMNS)
             self._staging_table(cur, "stage_sensor_registry", RAW_TABLES["sensor_registry"])
             self._staging_table(cur, "stage_zones", RAW_TABLES["zones"])
             self._stage_csv(cur, "stage_sensor_registry", lake, SENSOR_REGISTRY_KEY, RAW_TABLES["sensor_registry"])
@@ -248,18 +291,17 @@ class Warehouse(ABC):
             cur.execute(f"select count(*) from {RAW_SCHEMA}.readings where {in_interval}")
             rows_loaded = int(cur.fetchone()[0])
 
-            received = f"received_at >= {start} and received_at < {end}"
             cur.execute(
                 f"delete from {RAW_SCHEMA}.quarantine_counts where received_hour >= {start} and received_hour < {end}"
             )
-            # Quarantine is partitioned by receive time; a redelivered record keeps its source_id.
-            cur.execute(
-                f"insert into {RAW_SCHEMA}.quarantine_counts ({_names(QUARANTINE_COUNTS_COLUMNS)})\n"
-                f"select date_trunc('hour', received_at), reason_code, count(distinct source_id)\n"
-                f"from stage_quarantine\n"
-                f"where {received}\n"
-                f"group by date_trunc('hour', received_at), reason_code"
-            )
+            counted = quarantine_counts(lake, quarantine_keys, interval)
+            if counted:
+                values = ",\n".join(
+                    f"({sql_timestamp(hour)}, {self.quote(reason)}, {count})" for hour, reason, count in counted
+                )
+                cur.execute(
+                    f"insert into {RAW_SCHEMA}.quarantine_counts ({_names(QUARANTINE_COUNTS_COLUMNS)}) values\n{values}"
+                )
             cur.execute(
                 f"select reason_code, sum(quarantined_count) from {RAW_SCHEMA}.quarantine_counts "
                 f"where received_hour >= {start} and received_hour < {end} group by reason_code"
@@ -368,17 +410,6 @@ def _httpfs_extension() -> str:
         / "httpfs.duckdb_extension"
     )
     return str(path)
-
-
-def _quote(value: str) -> str:
-    """A string literal for DuckDB and PostgreSQL, whose literals take a backslash as itself."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _redshift_quote(value: str) -> str:
-    """A string literal for Redshift, which reads a backslash in one as an escape: doubled as
-    its own QUOTE_LITERAL does, else a value ending in a backslash would end the literal early."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def duckdb_s3_secret_sql(lake: Lake) -> str:
@@ -606,6 +637,7 @@ class RedshiftWarehouse(Warehouse):
 
     engine = "redshift"
     lock_raw_sql = f"lock {RAW_SCHEMA}.readings"
+    quote = staticmethod(_redshift_quote)
 
     def __init__(self, conn_id: str, copy_iam_role: str | None, dbt_params: dict[str, str]) -> None:
         self.conn_id = conn_id

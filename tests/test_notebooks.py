@@ -191,3 +191,23 @@ def test_speed_flow_recovers_the_traffic_models_lane_capacities(studies: tuple[D
         # The model caps a lane at floor(capacity / 60) vehicles a minute: the true ceiling.
         truth = CAPACITY_PER_LANE[zone_types] // 60 * 60
         assert abs(capacity - truth) <= 0.1 * truth, (road, capacity, truth)
+
+
+def test_coverage_counts_no_silence_outside_the_data(studies: tuple[Demo, Path], tmp_path: Path) -> None:
+    """A range wider than the data, or given with a zone, once padded every day it named as a
+    silent day of every sensor: "60 sensors below 95 %", all "silent for the whole range" (found
+    by a review). Only the days the mart holds count."""
+    demo, out = studies
+    wide_start = DEFAULT_START - timedelta(days=2)
+    wide_end = DEFAULT_START + timedelta(days=8)
+    run_all(
+        str(demo.path),
+        tmp_path,
+        start=f"{wide_start:%Y-%m-%dT%H:%M:%SZ}",
+        end=f"{wide_end:%Y-%m-%d}",
+        notebooks=("coverage",),
+    )
+    text = findings(tmp_path, "coverage")
+    # The same sensors, completeness and silent detectors as over the data's own days.
+    assert text.splitlines()[:3] == findings(out, "coverage").splitlines()[:3]
+    assert f"**Silent for the whole range:** {demo.dead_sensor} -" in text

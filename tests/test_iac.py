@@ -500,6 +500,25 @@ def test_the_dags_crawler_settings_are_the_templates() -> None:
     assert crawler["Targets"]["S3Targets"][0]["Path"] == {"Fn::Sub": "s3://${LakeBucket}/raw/readings/"}
 
 
+def test_redshift_serverless_gets_subnets_in_three_availability_zones() -> None:
+    """Redshift Serverless refuses a workgroup without subnets in three AZs (AWS: "at least three
+    subnets, and they must span across three Availability Zones"); the stack gave it two, which
+    no local run could show (found by a review)."""
+    from infra.local.provision import load_template
+
+    resources = load_template(MAIN_TEMPLATE)["Resources"]
+    subnets = resources["RedshiftWorkgroup"]["Properties"]["SubnetIds"]
+    zones = set()
+    for ref in subnets:
+        zone = resources[ref["Ref"]]["Properties"]["AvailabilityZone"]
+        assert zone["Fn::Select"][1] == {"Fn::GetAZs": ""}, ref
+        zones.add(zone["Fn::Select"][0])
+    assert len(subnets) == len(zones) >= 3
+    # ... and no two subnets of the VPC share an address block.
+    blocks = [r["Properties"]["CidrBlock"] for r in resources.values() if r["Type"] == "AWS::EC2::Subnet"]
+    assert len({json.dumps(b, sort_keys=True) for b in blocks}) == len(blocks)
+
+
 def _dynamodb_calls(source: str) -> set[str]:
     """The DynamoDB actions a module's client calls need: `.update_item(`, a "scan" paginator, or
     an operation named for `streaming.unprocessed` to send until processed ("batch_get_item")."""

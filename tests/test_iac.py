@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -517,6 +518,69 @@ def test_redshift_serverless_gets_subnets_in_three_availability_zones() -> None:
     # ... and no two subnets of the VPC share an address block.
     blocks = [r["Properties"]["CidrBlock"] for r in resources.values() if r["Type"] == "AWS::EC2::Subnet"]
     assert len({json.dumps(b, sort_keys=True) for b in blocks}) == len(blocks)
+
+
+def _allow_statements(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(resource, statement) of every Allow statement in a template's policies."""
+    if isinstance(node, dict):
+        if isinstance(node.get("Statement"), list):
+            for statement in node["Statement"]:
+                if statement.get("Effect") == "Allow":
+                    yield where, statement
+        for key, value in node.items():
+            yield from _allow_statements(value, where or key)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _allow_statements(value, where)
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_no_action_is_granted_on_resources_it_cannot_apply_to(template: Path) -> None:
+    """An action with no resource type (CreateEventSourceMapping, glue:CreateCrawler, ...) is
+    authorised against "*": granted only on ARNs it never applies, so the stack's create failed
+    in AWS while every local check passed (found by a review). cfn-lint's table of IAM actions
+    (the service authorization reference) says which have a resource type."""
+    import cfnlint
+
+    from infra.local.provision import load_template
+
+    table = json.loads((Path(cfnlint.__file__).parent / "data/AdditionalSpecs/Policies.json").read_text())
+    wrong = []
+    for resource, statement in _allow_statements(load_template(template).get("Resources", {})):
+        if statement.get("Resource") in ("*", ["*"]):
+            continue
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        for action in actions:
+            service, name = action.split(":")
+            if "*" in name:
+                continue
+            known = table[service]["Actions"].get(name.lower())
+            assert known is not None, f"{resource} {statement.get('Sid')}: unknown action {action}"
+            if not known.get("Resources"):
+                wrong.append(f"{resource} {statement.get('Sid')}: {action}")
+    assert wrong == []
+
+
+def test_the_engineer_may_encrypt_with_the_key_of_the_artifacts_bucket() -> None:
+    """The artifacts bucket (bootstrap stack) is encrypted with its own key: the engineer role's
+    grant on the stack's DataKey alone left it unable to upload a package (found by a review)."""
+    from infra.local.provision import load_template
+
+    bootstrap = load_template(REPO_ROOT / "infra" / "cloudformation" / "github-oidc.yaml")["Resources"]
+    bucket_key = bootstrap["ArtifactsBucket"]["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    key_name = bucket_key["ServerSideEncryptionByDefault"]["KMSMasterKeyID"]["Fn::GetAtt"][0]
+    (alias,) = (
+        r["Properties"]["AliasName"]
+        for r in bootstrap.values()
+        if r["Type"] == "AWS::KMS::Alias" and r["Properties"]["TargetKeyId"] == {"Ref": key_name}
+    )
+    engineer = load_template(MAIN_TEMPLATE)["Resources"]["EngineerRole"]
+    aliases = [
+        s.get("Condition", {}).get("ForAnyValue:StringEquals", {}).get("kms:ResourceAliases")
+        for _, s in _allow_statements(engineer)
+        if "kms:GenerateDataKey" in s["Action"]
+    ]
+    assert alias in aliases
 
 
 def _dynamodb_calls(source: str) -> set[str]:

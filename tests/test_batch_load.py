@@ -322,3 +322,36 @@ def test_two_loads_of_one_hour_at_once_leave_each_reading_once(
         cur.execute("select count(*), count(distinct (sensor_id, seq)) from raw.readings")
         rows, distinct = cur.fetchone()
     assert rows == distinct > 0
+
+
+def test_redshift_copies_an_hours_files_in_one_command_from_a_manifest(lake: Lake, interval: Interval) -> None:
+    """One COPY per lake object ran an hour's ~14,000 processor files one after another, which
+    Redshift serialises (found by a review). The load now COPYs exactly the listed files in one
+    command from a manifest (Parquet manifests must give each file's size), deleted after."""
+    from citypulse_batch.lake import LOAD_MANIFESTS_PREFIX, list_partitions, readings_prefixes
+    from citypulse_batch.warehouse import READINGS_COLUMNS, RedshiftWarehouse
+
+    listing = list_partitions(lake, interval)
+    keys = [k for p in readings_prefixes(interval) for k in listing[p]]
+    assert len(keys) >= 2
+    statements: list[str] = []
+    manifests: dict[str, Any] = {}
+
+    class Cursor:
+        def execute(self, sql: str) -> None:  # Redshift reads the manifest while the COPY runs
+            statements.append(sql)
+            uri = sql.split("'")[1]
+            key = uri.removeprefix(f"s3://{lake.bucket}/")
+            manifests[key] = lake.read_json(key)
+
+    RedshiftWarehouse("citypulse_warehouse", None, {})._stage_parquet(
+        Cursor(), "stage_readings", lake, keys, READINGS_COLUMNS
+    )
+    assert len(statements) == 1 and statements[0].endswith("iam_role default format as parquet manifest")
+    ((key, manifest),) = manifests.items()
+    assert key.startswith(LOAD_MANIFESTS_PREFIX + "dt=") and "/hour=" in key
+    sizes = {k: size for p in readings_prefixes(interval) for k, size in lake.list_objects(p)}
+    assert manifest == {
+        "entries": [{"url": lake.uri(k), "mandatory": True, "meta": {"content_length": sizes[k]}} for k in keys]
+    }
+    assert lake.read_json(key) is None  # deleted once the COPY has read it

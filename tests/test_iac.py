@@ -473,6 +473,7 @@ def test_the_airflow_tasks_may_write_every_lake_prefix_the_batch_steps_write() -
         lake.GX_RESULTS_PREFIX,
         lake.COMPACTION_PREFIX,
         lake.LEDGER_PREFIX,
+        lake.LOAD_MANIFESTS_PREFIX,
         "docs/",
     ]
     for prefix in prefixes:

@@ -29,6 +29,8 @@ GX_RESULTS_PREFIX = "gx/validations/"
 COMPACTION_PREFIX = "compaction/"
 # Which objects of each partition the warehouse holds the rows of (`citypulse_batch.ledger`).
 LEDGER_PREFIX = "ledger/"
+# The Redshift load's COPY manifests (one per load, deleted after it), partitioned like the data.
+LOAD_MANIFESTS_PREFIX = "load-manifests/"
 
 _HOUR = timedelta(hours=1)
 

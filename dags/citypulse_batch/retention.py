@@ -4,9 +4,9 @@ Place in the flow: the daily DAG's `retention` task. The horizon is counted back
 end of the run's data interval (never from the wall clock), so a rerun or backfill of a day
 deletes exactly what the original run deleted. Lake partitions are whole `dt=/hour=` folders
 (raw readings, quarantine, hourly reports and daily build records, GX results, compaction
-manifests, load ledgers); warehouse rows are deleted by their time column, in one
-transaction, then the engine reclaims the space where it can (PostgreSQL `VACUUM ANALYZE`,
-Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
+manifests, load ledgers, a stopped Redshift load's COPY manifest); warehouse rows are deleted
+by their time column, in one transaction, then the engine reclaims the space where it can
+(PostgreSQL `VACUUM ANALYZE`, Redshift `VACUUM DELETE ONLY`, DuckDB `CHECKPOINT`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from citypulse_batch.lake import (
     DAILY_BUILDS_PREFIX,
     GX_RESULTS_PREFIX,
     LEDGER_PREFIX,
+    LOAD_MANIFESTS_PREFIX,
     QUARANTINE_PREFIX,
     READINGS_PREFIX,
     REPORTS_PREFIX,
@@ -47,6 +48,7 @@ LAKE_PREFIXES = (
     GX_RESULTS_PREFIX,
     COMPACTION_PREFIX,
     LEDGER_PREFIX,
+    LOAD_MANIFESTS_PREFIX,  # a load stopped between writing its manifest and deleting it
 )
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 

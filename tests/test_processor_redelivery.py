@@ -192,3 +192,43 @@ def test_a_retry_after_some_zones_committed_keeps_the_lake_rows_of_the_others(aw
     faulty.process(records)  # the retry: the committed zone's records are skipped
 
     assert _snapshot(faulty) == _snapshot(clean)
+
+
+def test_a_redrive_holds_a_record_of_no_known_zone_the_shard_has_moved_past(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead-lettered record on an unknown zone's topic is decided by its shard's marker, not a
+    zone's. The redrive asked only the zone states, so once the mapping had quarantined a later
+    unknown-zone record, the dead one was redriven into a skip and its queue message deleted:
+    no quarantine row, no count (found by a review). It is held now; one the shard has not
+    passed is delivered and quarantined."""
+    from streaming.processor import handler
+    from streaming.processor.envelope import rule_envelope
+
+    p = fresh_processor(CITY)
+    monkeypatch.setattr(handler, "_processor", lambda: p)
+    b = StreamBuilder()
+    by_zone = {sensors[0].zone_id: sensors for sensors in CITY.gateways().values()}
+    sensors_a, sensors_b = list(by_zone.values())[:2]  # two gateways of two zones
+    ts = BASE_MS + 59_999
+    zone_a = b.gateway_record(sensors_a, [reading(s, 0, ts) for s in sensors_a], ts + 500)
+    dead_unknown = b.record(rule_envelope(b'{"x":1}', "Z-NOT-IN-REGISTRY", "gw-x", ts + 600))
+    # Meanwhile the mapping moved on: zone B's data and another unknown-zone message.
+    zone_b = b.gateway_record(sensors_b, [reading(s, 0, ts) for s in sensors_b], ts + 700)
+    live_unknown = b.record(rule_envelope(b'{"y":2}', "Z-OTHER-UNKNOWN", "gw-y", ts + 800))
+    p.process([zone_b, live_unknown])
+    later_unknown = b.record(rule_envelope(b'{"z":3}', "Z-LATER-UNKNOWN", "gw-z", ts + 900))
+
+    def shape(rec: Record, zone: str) -> dict[str, Any]:
+        return {"PartitionKey": zone, "SequenceNumber": str(rec.sequence_number), "Data": rec.data}
+
+    dead = [
+        shape(zone_a, sensors_a[0].zone_id),
+        shape(dead_unknown, "Z-NOT-IN-REGISTRY"),
+        shape(later_unknown, "Z-LATER-UNKNOWN"),
+    ]
+    held = handler.records_already_applied(zone_a.shard_id, dead)
+    assert held == [str(dead_unknown.sequence_number)]
+    redriven = [r for r in (zone_a, dead_unknown, later_unknown) if str(r.sequence_number) not in held]
+    counts = p.process(redriven)["counts"]
+    assert (counts["quarantined_messages"], counts.get("redelivered_records", 0)) == (1, 0)

@@ -164,17 +164,37 @@ def _processor() -> Processor:
 
 def records_already_applied(shard_id: str, records: list[dict[str, Any]]) -> list[str]:
     """Sequence numbers of Kinesis `records` (GetRecords shape; the partition key is the zone)
-    that their zone's state has already moved past, so the processor would skip them as
-    redeliveries. A redrive of the on-failure queue asks this first: a dead-lettered record
+    that the processor would skip as redeliveries, because what decides for them has already
+    moved past them. A redrive of the on-failure queue asks this first: a dead-lettered record
     whose zone has since committed later records cannot be told from one that was applied, so
-    it is held on the queue (and counted by the audit) rather than delivered into a skip."""
-    states = _processor().store.load_zone_states({r["PartitionKey"] for r in records})
-    return [
+    it is held on the queue (and counted by the audit) rather than delivered into a skip.
+
+    A record of no known zone (an unknown zone's topic, a broken envelope) is decided by its
+    shard's marker, not a zone's: decoded here as the processor decodes it, it is held when the
+    shard has moved past it. Without that, such a record was redriven into a skip and its queue
+    message deleted: no quarantine row, no count (found by a review)."""
+    processor = _processor()
+    decoded = decode_batch(
+        [Record(shard_id, int(r["SequenceNumber"]), bytes(r["Data"])) for r in records],
+        processor.registry,
+        processor.zones,
+    )
+    unattributed = {rec.sequence_number for rec, *_ in decoded.unattributed}
+    attributed = [r for r in records if int(r["SequenceNumber"]) not in unattributed]
+    states = processor.store.load_zone_states({r["PartitionKey"] for r in attributed})
+    held = [
         r["SequenceNumber"]
-        for r in records
+        for r in attributed
         if (state := states.get(r["PartitionKey"])) is not None
         and state.already_applied(shard_id, int(r["SequenceNumber"]))
     ]
+    if unattributed:
+        counters = processor.store.load_shard_counters([shard_id]).get(shard_id)
+        marker = counters.marker_seq if counters is not None else -1
+        held += [
+            r["SequenceNumber"] for r in records if (seq := int(r["SequenceNumber"])) in unattributed and seq <= marker
+        ]
+    return held
 
 
 def records_from_event(event: dict[str, Any]) -> list[Record]:

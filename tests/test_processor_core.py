@@ -11,7 +11,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from kinesis_records import BASE_MS, StreamBuilder, city_minutes, envelope, reading
 
-from streaming.contract import format_ts
+from streaming.contract import ContractError, format_ts
 from streaming.processor.core import (
     MINUTE_MS,
     BatchOutput,
@@ -21,7 +21,9 @@ from streaming.processor.core import (
     decode_batch,
     detect_silence,
 )
+from streaming.processor.envelope import RECEIVED_END_MS, RECEIVED_MIN_MS, decode_envelope
 from streaming.processor.state import DEDUPE_WINDOW, MinuteAggregate, SensorState, ZoneState, state_document
+from streaming.processor.store import _hour_path
 from streaming.registry import City, generate_city
 
 CITY = generate_city(sensors=400, zones=4, seed=3)
@@ -190,6 +192,27 @@ def test_broken_envelopes_and_messages_are_quarantined_and_counted() -> None:
     assert out.counts["quarantined_messages"] == 4
     codes = sorted(r for cols in out.quarantine.values() for r in cols.columns["reason_code"])
     assert codes == ["bad_envelope", "bad_json", "unknown_zone", "wrong_type"]
+
+
+@pytest.mark.parametrize("received_at", [1, RECEIVED_MIN_MS - 1, RECEIVED_END_MS, 2**62, 2**63, 2**64 - 1])
+def test_an_envelope_with_no_plausible_receive_time_is_quarantined_not_fatal(received_at: int) -> None:
+    """The rule writes the broker's clock; a `received_at` of year 10000 or 2**63 (a writer other
+    than the rule) was taken, and failed the batch where the lake named the hour or wrote the
+    timestamp (found by a review): every good record of the batch was retried with it. It is a
+    bad envelope now, on the typed path and the untyped one alike."""
+    s0 = CITY.sensors[0]
+    data = envelope(b"{}", s0.zone_id, s0.gateway_id, BASE_MS).replace(
+        b'"received_at":%d' % BASE_MS, b'"received_at":%d' % received_at
+    )
+    with pytest.raises(ContractError) as refused:
+        decode_envelope(data)
+    assert refused.value.code == "bad_envelope"
+    b = StreamBuilder()
+    good = b.gateway_record([s0], [reading(s0, 0, BASE_MS)], BASE_MS + 500)
+    out = Store().run([b.record(data), good])
+    assert (out.counts["quarantined_messages"], out.counts["stored"]) == (1, 1)
+    for hour in out.quarantine:  # the lake can name and write its hour
+        assert _hour_path(hour).startswith("dt=20")
 
 
 def test_forged_gateway_cannot_report_for_sensors_it_does_not_own() -> None:

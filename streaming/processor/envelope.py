@@ -20,7 +20,16 @@ import msgspec
 import orjson
 import pybase64
 
-from streaming.contract import GATEWAY_V1, GATEWAY_V2, ColumnarReadings, ContractError, is_plain_id, parse_ts_ms
+from streaming.contract import (
+    EARLIEST_TS,
+    GATEWAY_V1,
+    GATEWAY_V2,
+    LATEST_TS,
+    ColumnarReadings,
+    ContractError,
+    is_plain_id,
+    parse_ts_ms,
+)
 
 # IoT Core caps a message at 128 KB; a reading is ~200 bytes, so ~650 fit. Anything far
 # beyond is not a gateway we built.
@@ -59,10 +68,17 @@ def _plain_id(value: Any, name: str) -> str:
     return value
 
 
+# The receive times an envelope may carry: the contract's time range. The rule writes the
+# broker's clock; anything else (year 10000, 2**63) is not a receive time and once failed the
+# batch when the lake wrote it (found by a review), or defeated the future-timestamp check.
+RECEIVED_MIN_MS = int(EARLIEST_TS.timestamp() * 1000)
+RECEIVED_END_MS = int(LATEST_TS.timestamp() * 1000)
+
+
 class _RuleEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     """The rule's envelope exactly as the topic rule's SQL projects it, for a typed decode.
-    `received_at` is bounded to int64 (msgspec's limit for bounds); orjson reads integers up to
-    2**64 - 1, so a larger one goes the untyped way, which takes it. `payload` is decoded from
+    `received_at` is bounded to the contract's time range; one outside goes the untyped way,
+    which words the rejection. `payload` is decoded from
     its base64 in the same pass: msgspec takes exactly what `pybase64.b64decode(validate=True)`
     takes (standard alphabet, padded, nothing else; a property test holds them together), and
     a string it refuses goes the untyped way, which words the rejection."""
@@ -70,7 +86,7 @@ class _RuleEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     payload: bytes
     zone_id: str
     gateway_id: str
-    received_at: Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+    received_at: Annotated[int, msgspec.Meta(ge=RECEIVED_MIN_MS, lt=RECEIVED_END_MS)]
     client_id: str | None = None
 
 
@@ -122,8 +138,11 @@ def _decode_untyped(data: bytes) -> Envelope:
     zone_id = _plain_id(env.get("zone_id"), "zone_id")
     gateway_id = _plain_id(env.get("gateway_id"), "gateway_id")
     received_at = env.get("received_at")
-    if type(received_at) is not int or received_at <= 0:
-        raise ContractError("bad_envelope", f"envelope received_at={received_at!r:.40} is not epoch ms")
+    if type(received_at) is not int or not RECEIVED_MIN_MS <= received_at < RECEIVED_END_MS:
+        raise ContractError(
+            "bad_envelope",
+            f"envelope received_at={received_at!r:.40} is not epoch ms in {EARLIEST_TS:%Y}-{LATEST_TS:%Y}",
+        )
     encoded = env.get("payload")
     if not isinstance(encoded, str):
         raise ContractError("bad_envelope", "envelope has no base64 payload")

@@ -19,8 +19,11 @@ rule ──▶ Kinesis ──▶ processor. Only the source of the readings diff
    minute divided by ``speed`` (1 = real time, 60 = an hour a minute, ``inf`` = at once).
 3. ``run_replay``: connects one ``Gateway`` per gateway id and publishes on the schedule.
 
-``seq`` (per-sensor monotonic) is the reading's epoch minute, as for the simulator, or its
-epoch second when a detector reports more often than once a minute. ``congestion_index``,
+``seq`` (per-sensor monotonic) is the reading's epoch second, whatever the file's resolution:
+seqs then keep rising from one replay to the next (a file of 30-second data and then one of
+minutes, say). Choosing the unit per file, as it once was, made a later file's seqs fall and
+the processor took every reading of it as late (found by a review). A detector with two rows in
+one second is refused, naming it. ``congestion_index``,
 required by the contract, is derived when the file has none: from occupancy (the traffic
 model's diagram: occupancy 97.5 % = jam density), else from speed against the sensor's speed
 limit, else 0.
@@ -223,7 +226,6 @@ class ReplayPlan:
     messages: list[ScheduledMessage]
     rows: int
     unknown_sensors: set[str] = field(default_factory=set)
-    seq_unit_s: int = 60
     speed: float = 1.0
 
     @property
@@ -257,7 +259,7 @@ def plan_replay(
     `speed`."""
     if not speed > 0:
         raise ReplayError(f"--speed must be > 0 (1 = real time), not {speed}")
-    seq_unit_s = _seq_unit(rows)
+    _refuse_two_rows_in_a_second(rows)
     groups: dict[tuple[int, str, str], list[tuple[int, dict[str, Any]]]] = {}
     unknown: set[str] = set()
     for row in rows:
@@ -270,7 +272,7 @@ def plan_replay(
             "sensor_id": row.sensor_id,
             "zone_id": zone_id,
             "ts": format_ts(row.ts_ms),
-            "seq": row.ts_ms // (seq_unit_s * 1000),
+            "seq": row.ts_ms // 1000,
             "vehicle_count": row.vehicle_count,
             "congestion_index": congestion_from(row, sensor.speed_limit_kmh if sensor else None),
             "lane": row.lane if row.lane is not None else (sensor.lane if sensor else 1),
@@ -290,7 +292,7 @@ def plan_replay(
             chunk = [r for _, r in items[i : i + max_readings]]
             for part in _within_payload_limit(gateway_id, zone_id, chunk):
                 messages.append(ScheduledMessage(offset, gateway_id, zone_id, minute_ms, tuple(part)))
-    return ReplayPlan(messages, len(rows), unknown, seq_unit_s, speed)
+    return ReplayPlan(messages, len(rows), unknown, speed)
 
 
 # A publish time as long as any the replay will write (`device_message`'s sent_at).
@@ -313,13 +315,17 @@ def _within_payload_limit(gateway_id: str, zone_id: str, readings: list[dict[str
     ]
 
 
-def _seq_unit(rows: list[Row]) -> int:
-    """Seconds per seq step: a minute if no detector reports twice in a minute, else a second."""
-    for unit in (60, 1):
-        seen: set[tuple[str, int]] = set()
-        if all(not ((key := (r.sensor_id, r.ts_ms // (unit * 1000))) in seen or seen.add(key)) for r in rows):
-            return unit
-    raise ReplayError("a detector has two rows in the same second: (sensor_id, seq) would not be unique")
+def _refuse_two_rows_in_a_second(rows: list[Row]) -> None:
+    """(sensor_id, seq) must be unique: seq is the epoch second."""
+    seen: set[tuple[str, int]] = set()
+    for row in rows:
+        key = (row.sensor_id, row.ts_ms // 1000)
+        if key in seen:
+            raise ReplayError(
+                f"detector {row.sensor_id!r:.80} has two rows in the second {format_ts(key[1] * 1000)} "
+                "((sensor_id, seq) would not be unique; seq is the reading's epoch second)"
+            )
+        seen.add(key)
 
 
 @dataclass

@@ -262,10 +262,13 @@ class LocalCA:
     # -- revocation -------------------------------------------------------------------------
 
     def revoke(self, name: str) -> int:
-        """Revoke the cached client certificate for ``name`` and rewrite the CRL; returns its serial.
+        """Revoke every certificate issued for ``name`` and rewrite the CRL; returns the serial
+        of the current one.
 
-        Mosquitto reads ``crlfile`` when its listener starts, so a running broker must be
-        restarted to enforce a new revocation.
+        Every one: a renewal (``renew=True``, or near expiry) replaces the cached certificate
+        but leaves the earlier ones valid, so revoking only the current one left a leaked key,
+        rotated away, still able to connect (found by a review). Mosquitto reads ``crlfile``
+        when its listener starts, so a running broker must be restarted to enforce it.
         """
         _validate_name(name)
         cert_path = self._clients_dir / f"{name}.crt"
@@ -273,10 +276,14 @@ class LocalCA:
             if not cert_path.exists():
                 raise CertificateError(f"no certificate issued for {name!r}")
             serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+            serials = {serial, *(int(s) for s in self._issued().get(name, ()))}
             revoked = self._revoked()
-            if all(r["serial"] != str(serial) for r in revoked):
-                revoked.append({"serial": str(serial), "name": name, "revoked_at": _now().isoformat()})
-                _write_public(self.directory / "revoked.json", orjson.dumps(revoked, option=orjson.OPT_INDENT_2))
+            known = {r["serial"] for r in revoked}
+            now = _now().isoformat()
+            revoked += [
+                {"serial": str(s), "name": name, "revoked_at": now} for s in sorted(serials) if str(s) not in known
+            ]
+            _write_public(self.directory / "revoked.json", orjson.dumps(revoked, option=orjson.OPT_INDENT_2))
             self._write_crl(revoked)
             return serial
 
@@ -328,10 +335,18 @@ class LocalCA:
         if san is not None:
             builder = builder.add_extension(san, critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
+        # Every serial issued to a name, before the certificate exists: revoke takes them all.
+        issued = self._issued()
+        issued.setdefault(name, []).append(str(serial))
+        _write_public(self.directory / "issued.json", orjson.dumps(issued, option=orjson.OPT_INDENT_2))
         # Key first, certificate last: a certificate on disk implies its key is complete.
         _write_private(key_path, _key_pem(key))
         _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return Identity(name=name, cert_path=cert_path, key_path=key_path, serial=serial)
+
+    def _issued(self) -> dict[str, list[str]]:
+        path = self.directory / "issued.json"
+        return orjson.loads(path.read_bytes()) if path.exists() else {}
 
     def _revoked(self) -> list[dict[str, str]]:
         path = self.directory / "revoked.json"

@@ -257,6 +257,26 @@ def test_gateway_publishes_survive_a_broker_restart(ca: LocalCA, tmp_path: Path)
         own.stop()
 
 
+def test_disconnecting_while_the_broker_is_down_fails_every_unacknowledged_publish(ca: LocalCA, tmp_path: Path) -> None:
+    """Publishes queued while the broker was down never completed once the gateway disconnected:
+    their futures stayed pending for good and the stats counted them neither acked nor failed
+    (found by a review). `disconnect` fails them."""
+    own = start_broker(tmp_path / "broker", ca)
+    gw = gateway(ca, own, "gw-00051")
+    try:
+        gw.connect(TIMEOUT)
+        own.kill()
+        gw.wait_online(False, TIMEOUT)
+        futures = [gw.publish_telemetry("Z-5", f"m{i}".encode()) for i in range(5)]
+        gw.disconnect()
+        assert all(f.done() and isinstance(f.exception(), GatewayError) for f in futures)
+        stats = gw.stats
+        assert (stats.published, stats.acked, stats.failed) == (5, 0, 5)
+        assert gw.flush(0).in_flight == 0
+    finally:
+        own.stop()
+
+
 def test_the_broker_binds_loopback_only_and_has_no_plain_listener(broker: Broker) -> None:
     config = broker.config_path.read_text()
     listeners = [line for line in config.splitlines() if line.startswith("listener ")]

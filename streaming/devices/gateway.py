@@ -146,6 +146,7 @@ class Gateway:
         self._online = False
         self._closing = False
         self._pending_resubmit: deque[tuple[str, bytes, Future[None]]] = deque()
+        self._unsettled: set[Future[None]] = set()  # published, neither acknowledged nor failed
         self._published = self._acked = self._failed = self._resubmitted = self._refused = 0
         self._interruptions = self._resumptions = 0
         self._connection = mqtt_connection_builder.mtls_from_path(
@@ -181,7 +182,11 @@ class Gateway:
         return bool(result.get("session_present", False))
 
     def disconnect(self, timeout: float = 10.0) -> None:
-        """Disconnect now; publishes not yet acknowledged fail. Call ``flush()`` first to avoid that."""
+        """Disconnect now; publishes not yet acknowledged fail. Call ``flush()`` first to avoid that.
+
+        Every one fails, including those the SDK still held in its offline queue, which it
+        never completes once disconnected: their futures stayed pending for good, counted
+        neither acked nor failed (found by a review)."""
         with self._lock:
             self._closing = True
             self._online = False
@@ -189,7 +194,13 @@ class Gateway:
             self._pending_resubmit.clear()
         for _topic, _payload, fut in pending:
             self._settle(fut, GatewayError("gateway disconnected before the message was resubmitted"))
-        self._connection.disconnect().result(timeout)
+        try:
+            self._connection.disconnect().result(timeout)
+        finally:
+            with self._lock:
+                left = list(self._unsettled)
+            for fut in left:
+                self._settle(fut, GatewayError("gateway disconnected before the broker acknowledged the message"))
 
     def __enter__(self) -> Gateway:
         self.connect()
@@ -227,6 +238,7 @@ class Gateway:
         future.set_running_or_notify_cancel()
         with self._lock:
             self._published += 1
+            self._unsettled.add(future)
         self._submit(topic, bytes(payload), future)
         return future
 
@@ -303,7 +315,11 @@ class Gateway:
         self._settle(future, exc)
 
     def _settle(self, future: Future[None], exc: BaseException | None) -> None:
+        """Resolve a publish once: an SDK callback after `disconnect` failed it is ignored."""
         with self._settled:
+            if future not in self._unsettled:
+                return
+            self._unsettled.discard(future)
             if exc is None:
                 self._acked += 1
             else:

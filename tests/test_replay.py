@@ -81,13 +81,33 @@ def test_times_are_read_from_iso_strings_datetimes_and_epoch_numbers() -> None:
         expected,
         expected / 1000,
         str(expected / 1000),
+        expected * 1000,  # epoch microseconds
+        expected * 1_000_000,  # epoch nanoseconds (int64 Parquet, pandas)
+        str(expected * 1_000_000),
     ):
         assert parse_time_ms(value) == expected, value
+    # ISO's basic form is a date, not 20,260,302 epoch seconds (1970); found by a review.
+    assert parse_time_ms("20260302") == parse_time_ms("2026-03-02T00:00:00Z")
+    for outside in (1, 10**19, "1969-12-31", 4_102_444_800_000):  # the contract's 2000-2100 only
+        with pytest.raises(ValueError, match="is outside 2000-2100"):
+            parse_time_ms(outside)
     with pytest.raises(ValueError):
         parse_time_ms("yesterday")
     for endless in ("inf", float("-inf"), "nan", float("nan")):
         with pytest.raises(ValueError):  # not an OverflowError the replay would not catch
             parse_time_ms(endless)
+
+
+def test_a_detector_id_column_read_as_floats_names_the_detectors(tmp_path: Path) -> None:
+    """pandas writes an integer id column with a gap as float64: 401234.0 became detector
+    "401234.0" and the gap detector "nan", both unknown (found by a review)."""
+    path = tmp_path / "float_ids.parquet"
+    pq.write_table(pa.table({"t": ["2026-03-02T07:00:00Z"] * 2, "det": [401234.0, float("nan")], "flow": [3, 4]}), path)
+    with pytest.raises(ReplayError, match=r"sensor_id .* is empty"):
+        read_rows(path, ColumnMap.parse("ts=t,sensor_id=det,vehicle_count=flow"))
+    pq.write_table(pa.table({"t": ["2026-03-02T07:00:00Z"], "det": [401234.0], "flow": [3]}), path)
+    (row,) = read_rows(path, ColumnMap.parse("ts=t,sensor_id=det,vehicle_count=flow"))
+    assert row.sensor_id == "401234"
 
 
 def test_a_nan_measurement_is_a_gap_and_an_infinite_one_is_refused(tmp_path: Path) -> None:

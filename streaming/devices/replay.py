@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 
-from streaming.contract import MAX_MQTT_PAYLOAD_BYTES, device_message, format_ts
+from streaming.contract import EARLIEST_TS, LATEST_TS, MAX_MQTT_PAYLOAD_BYTES, device_message, format_ts
 from streaming.devices.gateway import Gateway
 from streaming.registry import Sensor
 
@@ -148,12 +148,17 @@ def _row(record: Mapping[str, Any], columns: Mapping[str, str]) -> Row:
     def value(name: str) -> Any:
         column = columns.get(name)
         v = record.get(column) if column is not None else None
-        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+        # NaN is how pandas and many exports write an empty cell, of any column.
+        empty = v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v))
+        return None if empty else v
 
     sensor_id, ts, count = value("sensor_id"), value("ts"), value("vehicle_count")
     for name, v in (("sensor_id", sensor_id), ("ts", ts), ("vehicle_count", count)):
         if v is None:
             raise ValueError(f"{name} (column {columns[name]!r}) is empty")
+    # A numeric id column with a gap is float64 in pandas' files: 401234.0 is detector 401234.
+    if isinstance(sensor_id, float) and sensor_id.is_integer():
+        sensor_id = int(sensor_id)
     return Row(
         sensor_id=str(sensor_id).strip(),
         ts_ms=parse_time_ms(ts),
@@ -185,29 +190,51 @@ def _integral(v: Any, name: str) -> int:
     return int(f)
 
 
+# Epoch numbers by magnitude: seconds stay below 1e11 until year 5138, milliseconds below 1e14,
+# microseconds below 1e17; nanoseconds (int64 Parquet and pandas times) from there.
+_EPOCH_DIVISORS_TO_MS = ((1e17, 1_000_000), (1e14, 1000), (1e11, 1))
+_EARLIEST_MS = (EARLIEST_TS - _EPOCH) // timedelta(milliseconds=1)
+_LATEST_MS = (LATEST_TS - _EPOCH) // timedelta(milliseconds=1)
+
+
 def parse_time_ms(value: Any) -> int:
-    """A recorded time → epoch ms: ISO-8601 (no zone = UTC), a datetime, or epoch seconds/milliseconds."""
+    """A recorded time → epoch ms: ISO-8601 (no zone = UTC; basic forms such as ``20260302``
+    too), a datetime, or epoch seconds, milliseconds, microseconds or nanoseconds. A time outside
+    the contract's range is refused here, naming it: a nanosecond time once passed as
+    milliseconds and failed the replay later with an overflow, and ``20260302`` was read as a
+    1970 epoch second (found by a review)."""
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"time {value!r} is not a number of epoch seconds or milliseconds")
-        # Epoch milliseconds from 1973 on are > 1e11; epoch seconds stay below until year 5138.
-        return int(value) if abs(value) >= 1e11 else round(value * 1000)
+        for floor, divisor in _EPOCH_DIVISORS_TO_MS:
+            if abs(value) >= floor:
+                return _in_range(int(value) // divisor, value)
+        return _in_range(round(value * 1000), value)  # epoch seconds
     else:
         text = str(value).strip()
         try:
-            return parse_time_ms(float(text))
-        except ValueError:
-            pass
-        try:
             dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError as e:
-            raise ValueError(f"time {text!r} is neither ISO-8601 nor epoch seconds/milliseconds") from e
+        except ValueError:
+            try:  # an integer as such: a float would cost a nanosecond time its last digits
+                number: int | float = int(text)
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise ValueError(f"time {text!r} is neither ISO-8601 nor an epoch number") from None
+            return parse_time_ms(number)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     # Integer arithmetic: a float timestamp can be off by a millisecond.
-    return (dt - _EPOCH) // timedelta(milliseconds=1)
+    return _in_range((dt - _EPOCH) // timedelta(milliseconds=1), value)
+
+
+def _in_range(ms: int, value: Any) -> int:
+    if not _EARLIEST_MS <= ms < _LATEST_MS:
+        raise ValueError(f"time {value!r:.40} is outside {EARLIEST_TS:%Y}-{LATEST_TS:%Y}")
+    return ms
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,24 @@ def test_coverage_counts_no_silence_outside_the_data(studies: tuple[Demo, Path],
     # The same sensors, completeness and silent detectors as over the data's own days.
     assert text.splitlines()[:3] == findings(out, "coverage").splitlines()[:3]
     assert f"**Silent for the whole range:** {demo.dead_sensor} -" in text
+
+
+def test_the_studies_say_what_a_quiet_quarter_hour_lacks_rather_than_fail(
+    studies: tuple[Demo, Path], tmp_path: Path
+) -> None:
+    """A range with no congestion episode failed the hot-spots map, and one in which no corridor
+    could be fitted failed the speed-flow study, before their findings could say so (found by a
+    review)."""
+    demo, _ = studies
+    start = DEFAULT_START + timedelta(days=1, hours=8)
+    end = start + timedelta(minutes=15)
+    run_all(
+        str(demo.path),
+        tmp_path,
+        start=f"{start:%Y-%m-%dT%H:%M}",
+        end=f"{end:%Y-%m-%dT%H:%M}",
+        notebooks=("hot_spots", "speed_flow"),
+    )
+    assert findings(tmp_path, "hot_spots").startswith("No congestion episode started in the range")
+    assert findings(tmp_path, "speed_flow").startswith("No corridor's data make a speed-flow diagram:")
+    assert "under 30 quarters" in findings(tmp_path, "speed_flow")

@@ -14,7 +14,7 @@ Run: `python -m infra.mwaa.bundle [out.zip]` (the Makefile's `mwaa-bundle` targe
 
 from __future__ import annotations
 
-import sys
+import argparse
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,5 +66,11 @@ def build(out: Path = DEFAULT_OUT) -> Path:
     return out
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the MWAA bundle of the citypulse DAGs.")
+    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT, help=f"the zip (default {DEFAULT_OUT})")
+    print(build(parser.parse_args(argv).out))
+
+
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT))
+    main()

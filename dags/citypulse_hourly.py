@@ -150,8 +150,15 @@ def citypulse_hourly() -> None:
         run_step(steps.reconcile, context)
 
     @task(task_id="quicksight_datasets", execution_timeout=timedelta(minutes=5))
-    def quicksight_datasets() -> list[str]:
-        return setting_list("quicksight_dataset_ids")
+    def quicksight_datasets(**context: Any) -> list[str]:
+        from citypulse_batch import steps
+
+        run_type = context["dag_run"].run_type
+        run_type = str(getattr(run_type, "value", run_type))  # DagRunType, a str enum
+        datasets = steps.datasets_to_refresh(run_type, setting_list("quicksight_dataset_ids"))
+        if not datasets:
+            print(f"a {run_type} run refreshes no QuickSight dataset (the next scheduled run does)")
+        return datasets
 
     # Runs whatever happened upstream (all_done): the report is how a failed hour is explained.
     @task(task_id="write_report", trigger_rule="all_done", retries=1, execution_timeout=timedelta(minutes=5))

@@ -321,3 +321,17 @@ def test_the_dag_imports_with_the_amazon_provider_mwaa_installs(tmp_path: Path) 
     assert probe["operator"] == "GlueCrawlerOperator"
     assert (probe["upstream"], probe["downstream"]) == (["wait_for_partition"], ["load_warehouse"])
     assert probe["config_name"]
+
+
+def test_a_backfill_refreshes_no_quicksight_dataset() -> None:
+    """QuickSight allows 32 manual refreshes of a dataset a day (8 on Standard edition); the
+    schedule takes 24, and each backfilled hour refreshed every dataset again, failing the
+    publish, and the run, on good data (found by a review). A backfill's hours reach the
+    dashboards with the next scheduled run's full refresh."""
+    from airflow.utils.types import DagRunType
+
+    from citypulse_batch.steps import datasets_to_refresh
+
+    assert datasets_to_refresh(DagRunType.BACKFILL_JOB.value, ["zone", "sensor"]) == []
+    for run_type in (DagRunType.SCHEDULED, DagRunType.MANUAL):
+        assert datasets_to_refresh(run_type.value, ["zone", "sensor"]) == ["zone", "sensor"]

@@ -69,6 +69,18 @@ def crawler_config() -> dict[str, Any]:
     }
 
 
+# QuickSight allows 32 manual SPICE refreshes of a dataset in 24 hours (Enterprise edition; 8 on
+# Standard). The hourly schedule takes 24; a backfill of 9 hours more would fail its publish,
+# and the run with it, on good data (found by a review).
+NO_REFRESH_RUN_TYPES = frozenset({"backfill"})
+
+
+def datasets_to_refresh(run_type: str, configured: list[str]) -> list[str]:
+    """The QuickSight datasets a run refreshes: every configured one, except in a backfill,
+    whose hours the next scheduled run's refresh (a full one) brings in with its own."""
+    return [] if run_type in NO_REFRESH_RUN_TYPES else configured
+
+
 def crawler_exists() -> bool:
     from airflow.providers.amazon.aws.hooks.glue_crawler import GlueCrawlerHook
 

@@ -41,7 +41,7 @@ SERVER_CN = "localhost"
 
 # The CN becomes the MQTT username and client id, and is substituted into ACL patterns
 # (`citypulse/telemetry/+/%u`): MQTT wildcards or separators in it would widen the ACL.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _CA_VALIDITY = dt.timedelta(days=3650)
 _LEAF_VALIDITY = dt.timedelta(days=825)
@@ -118,7 +118,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _validate_name(name: str) -> None:
-    if not _NAME_RE.match(name):
+    # The whole name: `match` with `$` let "gw-001\n" through (found by a review).
+    if not _NAME_RE.fullmatch(name):
         raise CertificateError(
             f"invalid certificate name {name!r}: use 1-64 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit"

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from infra.local.broker import TELEMETRY_FILTER, Broker, start_broker
 from infra.local.certs import Identity, LocalCA
 from streaming.contract import MAX_MQTT_PAYLOAD_BYTES
-from streaming.devices.gateway import Gateway, GatewayError, chunk_by_budget, telemetry_topic
+from streaming.devices.gateway import Gateway, GatewayError, chunk_by_budget, connect_all, telemetry_topic
 
 pytestmark = pytest.mark.integration
 
@@ -294,3 +294,23 @@ def test_chunk_by_budget_keeps_each_message_under_its_byte_and_item_limits() -> 
         assert 100 + sum(map(len, g)) + len(g) - 1 <= 700
     with pytest.raises(ValueError):
         list(chunk_by_budget([b"x" * 700], max_bytes=700, envelope_bytes=100))
+
+
+def test_when_one_gateway_cannot_connect_the_others_are_disconnected(ca: LocalCA, broker: Broker) -> None:
+    """A run connects its gateways in parallel; one refused raised before the run's `try`, and
+    the others stayed connected (found by a review, with a revoked certificate)."""
+    made: dict[str, Gateway] = {}
+
+    def connect(gateway_id: str) -> Gateway:
+        if gateway_id == "gw-00062":
+            raise GatewayError("gw-00062 could not connect: refused")
+        gw = made[gateway_id] = gateway(ca, broker, gateway_id)
+        gw.connect(TIMEOUT)
+        return gw
+
+    with pytest.raises(GatewayError, match="gw-00062 could not connect"):
+        connect_all(["gw-00060", "gw-00062", "gw-00061"], connect)
+    assert sorted(made) == ["gw-00060", "gw-00061"]
+    for gw in made.values():
+        with pytest.raises(GatewayError, match="is closed"):
+            gw.publish_telemetry("Z-6", b"x")

@@ -36,7 +36,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 
 from streaming.contract import EARLIEST_TS, LATEST_TS, MAX_MQTT_PAYLOAD_BYTES, device_message, format_ts
-from streaming.devices.gateway import Gateway
+from streaming.devices.gateway import Gateway, connect_all
 from streaming.registry import Sensor
 
 REPLAY_GATEWAY = "gw-replay"  # delivers the readings of detectors the registry does not know
@@ -380,8 +380,7 @@ def run_replay(
     stop = stop or threading.Event()
     gateway_ids = sorted({m.gateway_id for m in plan.messages})
     result = ReplayResult(gateways=len(gateway_ids))
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        connections = dict(zip(gateway_ids, pool.map(connect, gateway_ids), strict=True))
+    connections = connect_all(gateway_ids, connect)
     futures: list[Future[None]] = []
     started = clock()
     try:

@@ -15,13 +15,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import orjson
 
 from streaming.contract import ContractError, device_message, validate_reading
-from streaming.devices.gateway import Gateway
+from streaming.devices.gateway import Gateway, connect_all
 from streaming.devices.traffic import TrafficModel
 
 
@@ -66,9 +66,7 @@ def run_simulation(
     stop = stop or threading.Event()
     gateways = model.city.gateways()
     result = SimulationResult(gateways=len(gateways), started_at=time.time())
-    # TLS handshakes dominate start-up with hundreds of devices: connect them in parallel.
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        connections = dict(zip(gateways, pool.map(connect, gateways), strict=True))
+    connections = connect_all(gateways, connect)
     plans = {gw: model.send_plan(gw, minutes) for gw in gateways}
     # The last messages each gateway sent, byte for byte, for duplicates and bursts to resend.
     keep = max(1, model.faults.burst_messages[1])

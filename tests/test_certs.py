@@ -108,7 +108,6 @@ def test_revocation_lands_in_the_signed_crl(ca: LocalCA, tmp_path: Path) -> None
         ca.revoke("gw-never-issued")
 
 
-
 def test_revoking_a_name_revokes_the_certificates_it_was_renewed_from(ca: LocalCA) -> None:
     """A renewal replaces the cached certificate and left the earlier one valid: rotating a
     leaked key and then revoking the device left the leaked key able to connect (found by a
@@ -122,6 +121,7 @@ def test_revoking_a_name_revokes_the_certificates_it_was_renewed_from(ca: LocalC
     assert crl.get_revoked_certificate_by_serial_number(leaked.serial) is not None
     assert crl.get_revoked_certificate_by_serial_number(current.serial) is not None
     assert crl.get_revoked_certificate_by_serial_number(other.serial) is None
+
 
 def test_device_keys_are_ec_p256_signed_by_the_ca_with_sha256(ca: LocalCA) -> None:
     # P-256 keys issue at ~1,500 certificates/s on 2 cores: a fleet's worth in seconds, where

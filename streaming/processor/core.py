@@ -132,7 +132,8 @@ class DecodedBatch:
     by_zone: dict[str, list[_Item | columnar.ColumnBlock]] = field(default_factory=dict)
     unattributed: list[tuple[Record, ContractError, bytes, Envelope | None]] = field(default_factory=list)
     last_sequence: dict[str, int] = field(default_factory=dict)  # shard → highest seq in batch
-    sent_at: list[int] = field(default_factory=list)  # gateway publish times, for latency metrics
+    # (record, gateway publish time) of each message that has one, for latency metrics.
+    sent_at: list[tuple[Record, int]] = field(default_factory=list)
     # The newest receive time of the batch's records: how far the stream has been read (the
     # sweeper reads the processor's lag behind the street from it, `sweeper.processing_lag_ms`).
     received_through: int = 0
@@ -189,7 +190,7 @@ def _open_message(
         items.append(_Item(rec, env, -1, None, None, _detached(exc)))
         return None
     if sent_at_ms is not None:
-        out.sent_at.append(sent_at_ms)
+        out.sent_at.append((rec, sent_at_ms))
     return raws
 
 
@@ -329,7 +330,7 @@ def _decode(records: Iterable[Record], registry: Mapping[str, Sensor], zones: se
             block = columnar.block_of(rec, env, plain.columns, members_here, ts_cache, plain.stamps)
             if block is not None:
                 if plain.sent_at_ms is not None:
-                    out.sent_at.append(plain.sent_at_ms)
+                    out.sent_at.append((rec, plain.sent_at_ms))
                 items.append(block)
                 continue
         else:
@@ -744,6 +745,9 @@ class BatchOutput:
     shard_counters: dict[str, ShardCounters] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Records skipped as applied before (a redelivery): their messages' latency was measured
+    # when they were applied; measured again, a retry would skew the latency histograms.
+    redelivered: set[tuple[str, int]] = field(default_factory=set)  # (shard, sequence number)
 
 
 def _reading_bytes(raw: Any, env: Envelope) -> bytes:
@@ -816,6 +820,7 @@ def _apply(
             out.shard_counters[rec.shard_id] = sc
         if rec.sequence_number <= sc.marker_seq:
             out.counts["redelivered_records"] += 1
+            out.redelivered.add((rec.shard_id, rec.sequence_number))
             continue
         sc.marker_seq = rec.sequence_number
         sc.count("quarantined_messages")
@@ -861,6 +866,7 @@ def _apply_zone_reference(
         if state.already_applied(rec.shard_id, rec.sequence_number):
             if item.index <= 0:
                 counts["redelivered_records"] += 1
+                out.redelivered.add((rec.shard_id, rec.sequence_number))
             continue
         last_record = rec
         latest_received = max(latest_received, item.envelope.received_at_ms)
@@ -948,6 +954,7 @@ def _apply_zone_fast(
         if applied:
             if item.index <= 0:
                 redelivered += 1
+                out.redelivered.add((rec.shard_id, rec.sequence_number))
             continue
         if type(item) is columnar.ColumnBlock:
             if run:

@@ -141,7 +141,12 @@ class Processor:
             "counts": dict(out.counts),
             "alerts": len(out.alerts),
             "alert_types": [a.detail_type for a in out.alerts],
-            "latency_ms_histogram": latency_histogram(committed_ms - sent for sent in decoded.sent_at),
+            "latency_ms_histogram": latency_histogram(
+                committed_ms - sent
+                for rec, sent in decoded.sent_at
+                if (rec.shard_id, rec.sequence_number) not in out.redelivered
+            ),
+            "redelivered": out.redelivered,
             "committed_ms": committed_ms,
             "duration_ms": round((time.time() - started) * 1000, 1),
         }
@@ -236,8 +241,11 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     # From each record's arrival in the stream to the commit: the batching window and the
     # invocation, without the way from the device to the stream (IoT Core, the rule).
     committed_s = summary["committed_ms"] / 1000
+    redelivered = summary.pop("redelivered")
     summary["stream_ms_histogram"] = latency_histogram(
-        (committed_s - r["kinesis"]["approximateArrivalTimestamp"]) * 1000 for r in event["Records"]
+        (committed_s - record["kinesis"]["approximateArrivalTimestamp"]) * 1000
+        for record, rec in zip(event["Records"], records, strict=True)
+        if (rec.shard_id, rec.sequence_number) not in redelivered
     )
     counts = summary["counts"]
     for name, metric in (

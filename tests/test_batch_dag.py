@@ -46,23 +46,23 @@ print(json.dumps({
 """
 
 
-def test_dag_file_parses_without_io_or_heavy_imports(tmp_path: Path) -> None:
+def _run_probe(probe: str, airflow_home: Path) -> dict[str, Any]:
+    """Run a probe script on the DAG file in a fresh interpreter; the JSON it prints last."""
     env = {
         **os.environ,
-        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW_HOME": str(airflow_home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
     }
     done = subprocess.run(
-        [sys.executable, "-c", _PARSE_PROBE, str(DAG_FILE)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [sys.executable, "-c", probe, str(DAG_FILE)], env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_dag_file_parses_without_io_or_heavy_imports(tmp_path: Path) -> None:
+    probe = _run_probe(_PARSE_PROBE, tmp_path)
     assert probe["dag_id"] == "citypulse_hourly"
     assert probe["heavy"] == []
 
@@ -302,22 +302,7 @@ print(json.dumps({
 def test_the_dag_imports_with_the_amazon_provider_mwaa_installs(tmp_path: Path) -> None:
     """MWAA's provider has no crawler lifecycle operators: the DAG imported them and so failed
     to import at all there (found by a review). It falls back to the combined operator."""
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", _OLD_PROVIDER_PROBE, str(DAG_FILE)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    probe = _run_probe(_OLD_PROVIDER_PROBE, tmp_path)
     assert probe["operator"] == "GlueCrawlerOperator"
     assert (probe["upstream"], probe["downstream"]) == (["wait_for_partition"], ["load_warehouse"])
     assert probe["config_name"]

@@ -68,7 +68,7 @@ def publish_minute(city: City, seed: int, minute_start_ms: int, publish: Publish
     # every invocation's noise from the same seeds (minute 0), and the feed would repeat itself
     # minute after minute (every sensor "stuck"). Its fault episodes are drawn from the day's start.
     day_start = minute_start_ms - minute_start_ms % DAY_MS
-    model = TrafficModel(city, seed * 100_000 + day_start // DAY_MS, start_ms=day_start)
+    model = TrafficModel(city, seed * 100_000 + day_start // DAY_MS, start_ms=day_start, sensor_seed=seed)
     minute = (minute_start_ms - day_start) // MINUTE_MS
     sent_at = int(time.time() * 1000)
     jobs: list[tuple[str, bytes]] = []

@@ -198,6 +198,10 @@ class TrafficModel:
     faults: Faults = field(default_factory=Faults)
     spread_delay_minutes: int = 3  # how long a queue takes to back up into the next ring of zones
     spread_decay: float = 0.9  # severity kept per ring
+    # What is fixed about each detector (count-only or not) is drawn from this seed, the run's
+    # when None: a feed that starts a model a day (`synthetic_lambda`) keeps its detectors' kinds
+    # across days instead of drawing them again at every midnight (found by a review).
+    sensor_seed: int | None = None
     _episodes: dict[tuple[str, str], _Episodes] = field(default_factory=dict, init=False, repr=False)
     _count_only: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _congestion: dict[str, list[Congestion]] | None = field(default=None, init=False, repr=False)
@@ -308,7 +312,8 @@ class TrafficModel:
         # A property of the sensor, not of the minute.
         known = self._count_only.get(sensor.sensor_id)
         if known is None:
-            known = random.Random(f"{self.seed}:{sensor.sensor_id}:kind").random() < self.faults.count_only_rate
+            seed = self.seed if self.sensor_seed is None else self.sensor_seed
+            known = random.Random(f"{seed}:{sensor.sensor_id}:kind").random() < self.faults.count_only_rate
             self._count_only[sensor.sensor_id] = known
         return known
 

@@ -98,6 +98,24 @@ def test_a_reading_too_deep_to_reserialise_is_quarantined_with_its_message_bytes
     assert orjson.loads(h.payload)["readings"]  # the message itself was readable
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "reference"])
+def test_a_single_reading_message_is_quarantined_with_its_own_bytes(fast: bool) -> None:
+    """A single-reading message is its reading: quarantine kept it re-serialised, which lost its
+    spacing, its numbers' spelling and a key given twice (a forged seq; found by a review)."""
+    own = OWN[0]
+    payload = (
+        b'{ "sensor_id" : "%s", "zone_id": "%s", "ts": "2026-03-02T07:00:00Z", "seq": 1, "seq": 7,'
+        b' "vehicle_count": -1.0e0, "congestion_index": 0.2, "lane": 1 }'
+        % (own.sensor_id.encode(), own.zone_id.encode())
+    )
+    b = StreamBuilder()
+    records = [b.record(envelope(payload, own.zone_id, own.gateway_id, TS_MS + 500))]
+    decode, apply = (decode_batch, apply_batch) if fast else (decode_batch_reference, apply_batch_reference)
+    out = apply(decode(records, REGISTRY, ZONES), {}, {}, {}, TS_MS)
+    (raw,) = [r for cols in out.quarantine.values() for r in cols.columns["raw"]]
+    assert base64.b64decode(raw) == payload
+
+
 def test_a_batch_leaves_no_cyclic_garbage() -> None:
     """Each phase moves what it built straight to the collector's oldest generation
     (`core._gc_paused`), which is only sound while a batch builds no reference cycles: hostile

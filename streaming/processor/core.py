@@ -32,6 +32,7 @@ import orjson
 
 from streaming.contract import (
     FIELDS_BY_NAME,
+    GATEWAY_V2,
     MAX_SEQ,
     ContractError,
     Reading,
@@ -751,13 +752,28 @@ class BatchOutput:
 
 
 def _reading_bytes(raw: Any, env: Envelope) -> bytes:
-    """The reading re-serialised for quarantine. orjson writes at most 255 levels of nesting but
-    reads 1,024, so a hostile reading can parse and not serialise: then keep the whole message,
-    which holds the original bytes, rather than fail the batch on it forever."""
+    """The bytes quarantine keeps of a reading: the message's own when the message is that one
+    reading (a single-reading message: re-serialised, its spacing, number spelling and repeated
+    keys were lost; found by a review), else the reading re-serialised out of its gateway batch.
+    orjson writes at most 255 levels of nesting but reads 1,024, so a hostile reading can parse
+    and not serialise: then keep the whole message, which holds the original bytes, rather than
+    fail the batch on it forever."""
+    if _is_single_reading(env.payload):
+        return env.payload
     try:
         return orjson.dumps(raw, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError:
         return env.payload
+
+
+def _is_single_reading(payload: bytes) -> bool:
+    """Whether a message is one reading rather than a gateway batch (as `parse_readings` tells
+    them apart). Parsed again: only quarantine asks, and it is rare."""
+    try:
+        msg = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(msg, dict) and "readings" not in msg and msg.get("schema_version") != GATEWAY_V2
 
 
 def _sensor_id_of(raw: Any) -> str | None:

@@ -241,7 +241,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     # From each record's arrival in the stream to the commit: the batching window and the
     # invocation, without the way from the device to the stream (IoT Core, the rule).
     committed_s = summary["committed_ms"] / 1000
-    redelivered = summary.pop("redelivered")
+    redelivered = summary.pop("redelivered", ())
     summary["stream_ms_histogram"] = latency_histogram(
         (committed_s - record["kinesis"]["approximateArrivalTimestamp"]) * 1000
         for record, rec in zip(event["Records"], records, strict=True)

@@ -19,11 +19,12 @@ rule ──▶ Kinesis ──▶ processor. Only the source of the readings diff
    minute divided by ``speed`` (1 = real time, 60 = an hour a minute, ``inf`` = at once).
 3. ``run_replay``: connects one ``Gateway`` per gateway id and publishes on the schedule.
 
-``seq`` (per-sensor monotonic) is the reading's epoch second, whatever the file's resolution:
-seqs then keep rising from one replay to the next (a file of 30-second data and then one of
-minutes, say). Choosing the unit per file, as it once was, made a later file's seqs fall and
-the processor took every reading of it as late (found by a review). A detector with two rows in
-one second is refused, naming it. ``congestion_index``,
+``seq`` (per-sensor monotonic) is the reading's epoch minute, as for the simulator, or its
+epoch second when a detector reports more often than once a minute. So replaying a file of
+sub-minute data and then one of minutes (or the simulator after it) for the same sensors makes
+their seqs fall, and the processor stores the later readings as late: replay one resolution per
+registry. (Epoch seconds for every file, tried and reverted on 2026-12-07, shrank the dedupe
+window of minute data from an hour to a minute and put the simulator after any replay behind.) ``congestion_index``,
 required by the contract, is derived when the file has none: from occupancy (the traffic
 model's diagram: occupancy 97.5 % = jam density), else from speed against the sensor's speed
 limit, else 0.
@@ -253,6 +254,7 @@ class ReplayPlan:
     messages: list[ScheduledMessage]
     rows: int
     unknown_sensors: set[str] = field(default_factory=set)
+    seq_unit_s: int = 60
     speed: float = 1.0
 
     @property
@@ -286,7 +288,7 @@ def plan_replay(
     `speed`."""
     if not speed > 0:
         raise ReplayError(f"--speed must be > 0 (1 = real time), not {speed}")
-    _refuse_two_rows_in_a_second(rows)
+    seq_unit_s = _seq_unit(rows)
     groups: dict[tuple[int, str, str], list[tuple[int, dict[str, Any]]]] = {}
     unknown: set[str] = set()
     for row in rows:
@@ -299,7 +301,7 @@ def plan_replay(
             "sensor_id": row.sensor_id,
             "zone_id": zone_id,
             "ts": format_ts(row.ts_ms),
-            "seq": row.ts_ms // 1000,
+            "seq": row.ts_ms // (seq_unit_s * 1000),
             "vehicle_count": row.vehicle_count,
             "congestion_index": congestion_from(row, sensor.speed_limit_kmh if sensor else None),
             "lane": row.lane if row.lane is not None else (sensor.lane if sensor else 1),
@@ -319,7 +321,7 @@ def plan_replay(
             chunk = [r for _, r in items[i : i + max_readings]]
             for part in _within_payload_limit(gateway_id, zone_id, chunk):
                 messages.append(ScheduledMessage(offset, gateway_id, zone_id, minute_ms, tuple(part)))
-    return ReplayPlan(messages, len(rows), unknown, speed)
+    return ReplayPlan(messages, len(rows), unknown, seq_unit_s, speed)
 
 
 # A publish time as long as any the replay will write (`device_message`'s sent_at).
@@ -342,17 +344,21 @@ def _within_payload_limit(gateway_id: str, zone_id: str, readings: list[dict[str
     ]
 
 
-def _refuse_two_rows_in_a_second(rows: list[Row]) -> None:
-    """(sensor_id, seq) must be unique: seq is the epoch second."""
-    seen: set[tuple[str, int]] = set()
-    for row in rows:
-        key = (row.sensor_id, row.ts_ms // 1000)
-        if key in seen:
-            raise ReplayError(
-                f"detector {row.sensor_id!r:.80} has two rows in the second {format_ts(key[1] * 1000)} "
-                "((sensor_id, seq) would not be unique; seq is the reading's epoch second)"
-            )
-        seen.add(key)
+def _seq_unit(rows: list[Row]) -> int:
+    """Seconds per seq step: a minute if no detector reports twice in a minute (the simulator's
+    unit, for which the processor's dedupe window of 64 steps is an hour), else a second. A
+    detector with two rows in one second is refused, naming it."""
+    for unit in (60, 1):
+        seen: set[tuple[str, int]] = set()
+        twice = next(
+            (r for r in rows if (key := (r.sensor_id, r.ts_ms // (unit * 1000))) in seen or seen.add(key)), None
+        )
+        if twice is None:
+            return unit
+    raise ReplayError(
+        f"detector {twice.sensor_id!r:.80} has two rows in the second {format_ts(twice.ts_ms // 1000 * 1000)} "
+        "((sensor_id, seq) would not be unique)"
+    )
 
 
 @dataclass

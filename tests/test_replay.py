@@ -88,6 +88,10 @@ def test_times_are_read_from_iso_strings_datetimes_and_epoch_numbers() -> None:
         assert parse_time_ms(value) == expected, value
     # ISO's basic form is a date, not 20,260,302 epoch seconds (1970); found by a review.
     assert parse_time_ms("20260302") == parse_time_ms("2026-03-02T00:00:00Z")
+    # ... but a run of digits that fromisoformat would also take is an epoch number (found by
+    # the diff review: "1786010480000" read as 1786-01-01 04:80... and refused).
+    for epoch_ms in (1_786_010_480_000, 1_768_010_100_000, 2_033_010_100_000):
+        assert parse_time_ms(str(epoch_ms)) == epoch_ms
     for outside in (1, 10**19, "1969-12-31", 4_102_444_800_000):  # the contract's 2000-2100 only
         with pytest.raises(ValueError, match="is outside 2000-2100"):
             parse_time_ms(outside)

@@ -215,17 +215,24 @@ def parse_time_ms(value: Any) -> int:
         return _in_range(round(value * 1000), value)  # epoch seconds
     else:
         text = str(value).strip()
-        try:
-            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
+        # A number first, but for eight digits (ISO's basic date, 20260302: as epoch seconds it
+        # would be 1970): fromisoformat takes many runs of digits for a date and time too, and
+        # read epoch milliseconds as 1601-01-01 01:23 (found by a review).
+        number: int | float | None = None
+        if not (len(text) == 8 and text.isdigit()):
             try:  # an integer as such: a float would cost a nanosecond time its last digits
-                number: int | float = int(text)
+                number = int(text)
             except ValueError:
                 try:
                     number = float(text)
                 except ValueError:
-                    raise ValueError(f"time {text!r} is neither ISO-8601 nor an epoch number") from None
+                    number = None
+        if number is not None:
             return parse_time_ms(number)
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"time {text!r} is neither ISO-8601 nor an epoch number") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     # Integer arithmetic: a float timestamp can be off by a millisecond.

@@ -105,7 +105,8 @@ def citypulse_hourly() -> None:
             trigger_rule="none_failed_min_one_success",
         )
         wait_for_partition >> crawler_exists() >> [create_crawler, update_crawler] >> run_crawler
-    else:  # MWAA's Airflow 3.0.x provider: one operator creates or updates, then runs
+    else:  # MWAA's Airflow 3.0.x provider: one operator creates or updates, then runs (it cannot
+        # wait for a crawl already running: a retry after a lost answer fails, and retries)
         from airflow.providers.amazon.aws.operators.glue_crawler import GlueCrawlerOperator
 
         run_crawler = GlueCrawlerOperator(task_id="run_crawler", config=crawler_config(), poll_interval=5)

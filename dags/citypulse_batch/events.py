@@ -75,7 +75,9 @@ def on_run_failure(context: dict[str, Any]) -> None:
     """Failure callback of both DAGs, for a run that failed with no task failing: a run past
     its `dagrun_timeout` has its unfinished tasks skipped (no task callback runs, and the
     report is skipped with them), so without this it failed silently (found by a review). A
-    run failed by a task was announced by that task's own callback: not again."""
+    run failed by a task was announced by that task's own callback: not again. It runs in the
+    DAG processor, so its log line lands in the DAG-processing logs, which the failure metric
+    filter (task logs) does not read: the event on the bus is the announcement."""
     reason = context.get("reason")
     if reason == "task_failure":
         return

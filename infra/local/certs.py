@@ -268,8 +268,10 @@ class LocalCA:
 
         Every one: a renewal (``renew=True``, or near expiry) replaces the cached certificate
         but leaves the earlier ones valid, so revoking only the current one left a leaked key,
-        rotated away, still able to connect (found by a review). Mosquitto reads ``crlfile``
-        when its listener starts, so a running broker must be restarted to enforce it.
+        rotated away, still able to connect (found by a review). The CA knows them from
+        ``issued.json``, kept since 2026-12-07: a certificate renewed away before then is not
+        known and stays valid until it expires. Mosquitto reads ``crlfile`` when its listener
+        starts, so a running broker must be restarted to enforce it.
         """
         _validate_name(name)
         cert_path = self._clients_dir / f"{name}.crt"

@@ -32,6 +32,7 @@ spill to disk), never a silent loss.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -368,6 +369,7 @@ def connect_all(gateway_ids: Iterable[str], connect: Callable[[str], Gateway], w
     if failed:
         for future in futures.values():
             if future.exception() is None:
-                future.result().disconnect()
+                with contextlib.suppress(Exception):  # the first failure is the one to raise
+                    future.result().disconnect()
         raise failed[0]
     return {gateway_id: future.result() for gateway_id, future in futures.items()}

@@ -11,9 +11,9 @@
 }}
 
 {#-
-    Traffic per zone and 15-minute bucket. Incremental by interval: the pre-hook deletes the
-    buckets of [interval_start, interval_end) and this select re-inserts them, in one
-    transaction, so a re-run of the same hour replaces rather than adds.
+    Traffic per zone and 15-minute bucket. Incremental by interval (strategy `interval`): the
+    buckets of [interval_start, interval_end) are deleted and this select re-inserts them, in
+    one transaction, so a re-run of the same hour replaces rather than adds.
 -#}
 
 with

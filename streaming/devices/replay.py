@@ -24,10 +24,11 @@ epoch second when a detector reports more often than once a minute. So replaying
 sub-minute data and then one of minutes (or the simulator after it) for the same sensors makes
 their seqs fall, and the processor stores the later readings as late: replay one resolution per
 registry. (Epoch seconds for every file, tried and reverted on 2026-12-07, shrank the dedupe
-window of minute data from an hour to a minute and put the simulator after any replay behind.) ``congestion_index``,
-required by the contract, is derived when the file has none: from occupancy (the traffic
-model's diagram: occupancy 97.5 % = jam density), else from speed against the sensor's speed
-limit, else 0.
+window of minute data from an hour to a minute and put the simulator after any replay behind.)
+
+``congestion_index``, required by the contract, is derived when the file has none: from
+occupancy (the traffic model's diagram: occupancy 97.5 % = jam density), else from speed
+against the sensor's speed limit, else 0.
 """
 
 from __future__ import annotations

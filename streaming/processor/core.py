@@ -32,7 +32,6 @@ import orjson
 
 from streaming.contract import (
     FIELDS_BY_NAME,
-    GATEWAY_V2,
     MAX_SEQ,
     ContractError,
     Reading,
@@ -42,7 +41,7 @@ from streaming.contract import (
     validate_reading,
 )
 from streaming.processor import columnar
-from streaming.processor.envelope import Envelope, decode_envelope, parse_readings
+from streaming.processor.envelope import Envelope, decode_envelope, is_single_reading, parse_readings
 from streaming.processor.state import (
     BEYOND_WINDOW,
     DUPLICATE,
@@ -767,13 +766,12 @@ def _reading_bytes(raw: Any, env: Envelope) -> bytes:
 
 
 def _is_single_reading(payload: bytes) -> bool:
-    """Whether a message is one reading rather than a gateway batch (as `parse_readings` tells
-    them apart). Parsed again: only quarantine asks, and it is rare."""
+    """Whether a message is one reading rather than a gateway batch (`parse_readings`' rule).
+    Parsed again: only quarantine asks, and it is rare."""
     try:
-        msg = orjson.loads(payload)
+        return is_single_reading(orjson.loads(payload))
     except orjson.JSONDecodeError:
         return False
-    return isinstance(msg, dict) and "readings" not in msg and msg.get("schema_version") != GATEWAY_V2
 
 
 def _sensor_id_of(raw: Any) -> str | None:

@@ -158,6 +158,12 @@ def _envelope(zone_id: str, gateway_id: str, received_at: int, encoded: str) -> 
     return Envelope(zone_id, gateway_id, received_at, payload)
 
 
+def is_single_reading(msg: Any) -> bool:
+    """Whether a parsed message is one reading rather than a gateway batch: an object with no
+    `readings` list that is not a v2 message (columns)."""
+    return isinstance(msg, dict) and "readings" not in msg and msg.get("schema_version") != GATEWAY_V2
+
+
 def parse_readings(env: Envelope) -> tuple[Sequence[Any], int | None]:
     """Parse the message bytes into its raw reading objects (each validated later on its own)
     and the gateway's `sent_at` (epoch ms) when the message is a gateway batch that has one.
@@ -176,10 +182,10 @@ def parse_readings(env: Envelope) -> tuple[Sequence[Any], int | None]:
         raise ContractError(
             "not_an_object", f"message from {env.gateway_id} is {type(msg).__name__}, not a JSON object"
         )
+    if is_single_reading(msg):
+        return [msg], None
     version = msg.get("schema_version")
     columnar = "readings" not in msg and version == GATEWAY_V2
-    if "readings" not in msg and not columnar:
-        return [msg], None
     if version != GATEWAY_V1 and not columnar:
         raise ContractError(
             "unsupported_version",

@@ -10,6 +10,7 @@ against each other.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -88,6 +89,10 @@ def sql_timestamp(moment: datetime) -> str:
 
 def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# A key's `dt=YYYY-MM-DD/hour=HH/` partition (`partition`), its day and hour as groups.
+PARTITION_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 
 
 def partition(hour: datetime) -> str:

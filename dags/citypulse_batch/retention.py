@@ -11,7 +11,6 @@ by their time column, in one transaction, then the engine reclaims the space whe
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +21,7 @@ from citypulse_batch.lake import (
     GX_RESULTS_PREFIX,
     LEDGER_PREFIX,
     LOAD_MANIFESTS_PREFIX,
+    PARTITION_RE,
     QUARANTINE_PREFIX,
     READINGS_PREFIX,
     REPORTS_PREFIX,
@@ -50,7 +50,6 @@ LAKE_PREFIXES = (
     LEDGER_PREFIX,
     LOAD_MANIFESTS_PREFIX,  # a load stopped between writing its manifest and deleting it
 )
-_PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
 
 
 @dataclass(slots=True)
@@ -75,7 +74,7 @@ def expired_keys(keys: list[str], cutoff: datetime) -> list[str]:
     """Keys inside a `dt=/hour=` partition that ends at or before `cutoff`."""
     out = []
     for key in keys:
-        match = _PARTITION.search(key)
+        match = PARTITION_RE.search(key)
         if match is None:
             continue
         hour = datetime.strptime(f"{match[1]} {match[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import re
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -38,6 +37,7 @@ from urllib.parse import urlsplit
 
 from citypulse_batch.lake import (
     LOAD_MANIFESTS_PREFIX,
+    PARTITION_RE,
     SENSOR_REGISTRY_KEY,
     ZONES_KEY,
     Interval,
@@ -55,8 +55,6 @@ RAW_SCHEMA = "raw"
 READ_BATCH_ROWS = 100_000
 
 Column = tuple[str, str, bool]  # name, SQL type, nullable
-
-_PARTITION = re.compile(r"dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/")
 
 _PY_SQL_TYPES = {"str": "varchar(256)", "int": "bigint", "float": "double precision"}
 
@@ -112,8 +110,6 @@ def registry_columns(record: type) -> list[Column]:
 
 
 READINGS_COLUMNS: list[Column] = warehouse_columns()
-# Quarantine keeps the original bytes (a whole gateway message, base64, can be kilobytes):
-# staged in the widest varchar all three engines accept, and only counted afterwards.
 QUARANTINE_COUNTS_COLUMNS: list[Column] = [
     ("received_hour", "timestamp", False),
     ("reason_code", "varchar(256)", False),
@@ -694,7 +690,7 @@ class RedshiftWarehouse(Warehouse):
         missing = [key for key in keys if key not in sizes]
         if missing:
             raise FileNotFoundError(f"{len(missing)} listed lake files are gone, e.g. {lake.uri(missing[0])}")
-        partition = _PARTITION.search(keys[0])
+        partition = PARTITION_RE.search(keys[0])
         manifest = (
             f"{LOAD_MANIFESTS_PREFIX}{partition.group(0) if partition else ''}{table}-{uuid.uuid4().hex}.manifest"
         )

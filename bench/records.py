@@ -39,7 +39,8 @@ def reading(sensor: Sensor, seq: int, ts_ms: int, congestion: float = 0.2) -> di
     }
 
 
-def _event_record(data: bytes, sequence: int, partition_key: str) -> dict[str, Any]:
+def event_record(data: bytes, sequence: int, partition_key: str) -> dict[str, Any]:
+    """One record of the Kinesis event Lambda hands the processor (shard `SHARD_ID`)."""
     return {
         "kinesis": {
             "kinesisSchemaVersion": "1.0",
@@ -108,6 +109,6 @@ def kinesis_events(city: City, kind: str, records: int, batches: int, tick_ms: i
             payload, sensor, received = next(payloads)
             sequence += 1
             data = envelope(payload, sensor.zone_id, sensor.gateway_id, received)
-            event_records.append(_event_record(data, sequence, sensor.zone_id))
+            event_records.append(event_record(data, sequence, sensor.zone_id))
         events.append({"Records": event_records})
     return events

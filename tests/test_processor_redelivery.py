@@ -240,36 +240,17 @@ def test_a_redelivered_batch_measures_no_latency_again(
     """Lambda delivers a committed batch again (an invocation that timed out after its commit):
     nothing is applied, yet every message's latency was logged a second time, later, skewing
     the latency the demo and the load test report (found by a review)."""
-    import base64
-    import types
-
+    from bench.records import SHARD_ID, event_record
+    from infra.local.poller import LambdaContext
     from streaming.processor import handler
 
     p = fresh_processor(CITY)
     monkeypatch.setattr(handler, "_processor", lambda: p)
-    b = StreamBuilder()
+    b = StreamBuilder(SHARD_ID)
     ts = BASE_MS + 59_999
     records = [b.gateway_record(s, [reading(x, 0, ts) for x in s], ts + 500) for s in CITY.gateways().values()]
-    event = {
-        "Records": [
-            {
-                "eventID": f"{r.shard_id}:{r.sequence_number}",
-                "kinesis": {
-                    "sequenceNumber": str(r.sequence_number),
-                    "data": base64.b64encode(r.data).decode(),
-                    "approximateArrivalTimestamp": BASE_MS / 1000,
-                    "partitionKey": "zone",
-                },
-            }
-            for r in records
-        ]
-    }
-    context = types.SimpleNamespace(
-        function_name="processor",
-        memory_limit_in_mb=1024,
-        aws_request_id="request",
-        invoked_function_arn="arn:aws:lambda:us-east-1:000000000000:function:processor",
-    )
+    event = {"Records": [event_record(r.data, r.sequence_number, "zone") for r in records]}
+    context = LambdaContext(function_name="processor", aws_request_id="request")
     logs: list[dict[str, Any]] = []  # the summaries the handler logs
     monkeypatch.setattr(handler.logger, "info", lambda message, extra: logs.append(extra))
     for _ in range(2):

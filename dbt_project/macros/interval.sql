@@ -5,8 +5,8 @@
     environment, read here at run time, leaves dbt's partial parse valid from hour to hour;
     --vars would force a full parse); by hand, --vars interval_start/interval_end work too.
     Incremental marts replace exactly the buckets inside it (delete, then insert, in the
-    model's transaction: `get_incremental_interval_sql`), so re-running an hour changes nothing. Without an interval an
-    incremental build replaces everything.
+    model's transaction: `get_incremental_interval_sql`), so re-running an hour changes
+    nothing. Without an interval an incremental build replaces everything.
 #}
 
 {% macro interval_bounds(grain_minutes=15) -%}
